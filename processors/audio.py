@@ -1,0 +1,78 @@
+"""The one audio loader: any file soundfile or librosa reads, as mono float32 at a target rate."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aiff", ".aif")
+
+
+class AudioError(ValueError):
+    """An unusable audio file; the message names the file and the problem."""
+
+
+def _decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        return data.mean(axis=1), rate
+    except Exception as sf_error:  # soundfile cannot read mp3 on some builds: fall back to librosa
+        try:
+            import librosa
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data, rate = librosa.load(str(path), sr=None, mono=True)
+            return np.asarray(data, dtype=np.float32), int(rate)
+        except Exception:
+            raise AudioError(f"{path}: cannot decode audio ({sf_error})") from None
+
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    if orig_sr == target_sr:
+        return audio
+    import soxr
+
+    return soxr.resample(audio, orig_sr, target_sr, quality="HQ").astype(np.float32)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) -> np.ndarray:
+    """Mono float32 in [-1, 1] at `sample_rate`; raises AudioError naming the file."""
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: file does not exist")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{path}: empty file")
+    audio, rate = _decode(path)
+    if not np.all(np.isfinite(audio)):
+        raise AudioError(f"{path}: contains NaN or inf samples")
+    audio = resample(audio, rate, sample_rate)
+    if len(audio) < min_samples:
+        raise AudioError(f"{path}: too short ({len(audio)} samples at {sample_rate} Hz, need {min_samples})")
+    peak = float(np.abs(audio).max(initial=0.0))
+    if peak > 1.0:
+        warnings.warn(f"{path}: peak {peak:.3f} above 1.0, scaled down to 0.999", stacklevel=2)
+        audio = audio * (0.999 / peak)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def audio_duration(path: str | os.PathLike) -> float:
+    """Duration in seconds from the header when possible (no full decode)."""
+    import soundfile as sf
+
+    try:
+        return float(sf.info(str(path)).duration)
+    except Exception:
+        audio, rate = _decode(path)
+        return len(audio) / rate
+
+
+def list_audio(folder: str | os.PathLike) -> list[str]:
+    """All audio files below `folder`, at any depth, sorted so listings agree across machines."""
+    found = []
+    for root, _dirs, files in os.walk(folder):
+        found += [os.path.join(root, f) for f in files if f.lower().endswith(AUDIO_EXTENSIONS)]
+    return sorted(found)

@@ -1,0 +1,43 @@
+"""Corpus parsers, registered by name.
+
+A parser is `parse(root, dataset, work_dir) -> (train, test)`: it reads the raw corpus at
+`root` (never writing there), may write derived clips under `work_dir`
+(= processed_dir/<dataset>), and returns utterance entries with `Dataset`, `Uid`, `Path`,
+`Duration`, `Singer` (plus `Song`/`Text` where the corpus has them). Listings are sorted, so
+the split is the same on every machine. Finding no utterance is a DatasetError.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+Entry = dict
+Parser = Callable[[Path, str, Path], tuple[list[Entry], list[Entry]]]
+
+CORPORA = (
+    "csd", "kising", "m4singer", "nus48e", "opencpop", "opensinger", "opera",
+    "pjs", "popbutfy", "popcs", "ljspeech", "vctk", "libritts",
+)
+CUSTOM = "custom"
+
+
+class DatasetError(ValueError):
+    """A corpus that cannot be parsed; the message names the folder and the expected layout."""
+
+
+def parser_name(dataset: str, custom: list[str] | tuple[str, ...] = ()) -> str:
+    if dataset in custom:
+        return CUSTOM
+    if dataset.startswith("opencpo"):
+        return "opencpop"
+    if dataset.lower() in CORPORA:
+        return dataset.lower()
+    known = ", ".join(CORPORA)
+    raise DatasetError(f"unknown dataset '{dataset}': known corpora are {known}; list any other folder of audio in use_custom_dataset")
+
+
+def get_parser(dataset: str, custom: list[str] | tuple[str, ...] = ()) -> Parser:
+    module = importlib.import_module(f"processors.datasets.{parser_name(dataset, custom)}")
+    return module.parse

@@ -1,0 +1,33 @@
+"""Any folder of audio (wav/flac/ogg/...), at any depth.
+
+Uid = the path below the root with separators turned into `_`; speaker = the first folder
+below the root (or the dataset name for files at the top). Every 20th utterance, at least
+one, is test, so small custom sets still validate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from processors.audio import AUDIO_EXTENSIONS, list_audio
+from processors.datasets.common import entry, require_found
+
+
+def _uid(relative: Path) -> str:
+    return "_".join(relative.with_suffix("").parts)
+
+
+def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
+    entries = []
+    for path in map(Path, list_audio(root)):
+        relative = path.relative_to(root)
+        speaker = relative.parts[0] if len(relative.parts) > 1 else dataset
+        entries.append(entry(dataset, _uid(relative), path, speaker))
+    require_found(entries, root, f"audio files ({', '.join(AUDIO_EXTENSIONS)}) at any depth")
+    uids = [e["Uid"] for e in entries]
+    if len(set(uids)) != len(uids):
+        raise ValueError(f"{root}: two files map to the same Uid (e.g. a.wav and a.flac side by side)")
+    test_every = 20
+    test = [e for i, e in enumerate(entries) if i % test_every == test_every - 1] or entries[-1:]
+    train = [e for e in entries if e not in test] or entries
+    return train, test

@@ -1,0 +1,158 @@
+"""Stage 1: per-dataset metadata, the speaker tables, and mel/audio features.
+
+Resumable at every level: metadata is reused when present, a feature pair counts as done
+once both files exist (each is written atomically), and unreadable items are skipped and
+listed in `skipped.txt` instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from processors.datasets import get_parser
+from utils.config import check_dataset_paths
+from utils.io import atomic_write_text, load_json, save_json
+
+log = logging.getLogger(__name__)
+AUGMENTATION_SUFFIXES = ("_equalizer", "_formant_shift", "_pitch_shift", "_time_stretch")
+
+
+def speaker_key(entry: dict) -> str:
+    dataset = entry["Dataset"]
+    for suffix in AUGMENTATION_SUFFIXES:
+        dataset = dataset.removesuffix(suffix)
+    return f"{dataset}_{entry['Singer']}"
+
+
+def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, Path]:
+    """Where an entry's (mel, audio) features live: found through its own `Dataset` field."""
+    folder = Path(processed_dir) / entry["Dataset"]
+    return folder / "mels" / f"{entry['Uid']}.npy", folder / "audios" / f"{entry['Uid']}.npy"
+
+
+def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict]]:
+    """Parse the corpus once; later runs reuse train.json/test.json."""
+    out = Path(cfg.preprocess.processed_dir) / dataset
+    train_file, test_file = out / cfg.preprocess.train_file, out / cfg.preprocess.valid_file
+    if train_file.is_file() and test_file.is_file():
+        return load_json(train_file), load_json(test_file)
+    parse = get_parser(dataset, cfg.get("use_custom_dataset") or ())
+    train, test = parse(Path(cfg.dataset_path[dataset]), dataset, out)
+    for split in (train, test):
+        split.sort(key=lambda e: (e["Duration"], e["Uid"]))
+        for index, item in enumerate(split):
+            item["index"] = index
+    save_json(test_file, test)
+    save_json(train_file, train)
+    return train, test
+
+
+def write_speaker_tables(cfg: Any, dataset: str, train: list[dict], test: list[dict]) -> None:
+    out = Path(cfg.preprocess.processed_dir) / dataset
+    everything = train + test
+    speakers = sorted({speaker_key(e) for e in everything})
+    save_json(out / cfg.preprocess.get("spk2id", "singers.json"), {s: i for i, s in enumerate(speakers)})
+    lines = "".join(f"{e['Dataset']}_{e['Uid']}\t{speaker_key(e)}\n" for e in everything)
+    atomic_write_text(out / cfg.preprocess.get("utt2spk", "utt2spk"), lines)
+    save_json(out / "meta_info.json", meta_info(dataset, train, test))
+
+
+def meta_info(dataset: str, train: list[dict], test: list[dict]) -> dict:
+    def hours(items: list[dict]) -> float:
+        return round(sum(e["Duration"] for e in items) / 3600, 4)
+
+    def minutes(items: list[dict]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for e in items:
+            totals[speaker_key(e)] = totals.get(speaker_key(e), 0.0) + e["Duration"] / 60
+        return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+    every = train + test
+    return {
+        "dataset": dataset,
+        "statistics": {"size": len(every), "hours": hours(every)},
+        "train": {"size": len(train), "hours": hours(train)},
+        "test": {"size": len(test), "hours": hours(test)},
+        "singers": {"size": len(minutes(every)), "training_minutes": minutes(train), "minutes": minutes(every)},
+    }
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def extract_one(job: tuple[str, str, str, dict]) -> str | None:
+    """Write one utterance's audio and mel features; return the reason when it is skipped."""
+    from processors.audio import AudioError, load_audio
+    from processors.mel import mel_spectrogram
+    from utils.io import save_npy
+
+    path, mel_path, audio_path, pre = job
+    min_samples = max(int(pre["hop_size"]), (int(pre["n_fft"]) - int(pre["hop_size"])) // 2 + 1)
+    try:
+        audio = load_audio(path, int(pre["sample_rate"]), min_samples=min_samples)
+    except AudioError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - any decoder failure skips the file, it never stops the batch
+        return f"{path}: cannot read ({type(err).__name__}: {err})"
+    mel = mel_spectrogram(audio, pre).numpy()
+    save_npy(audio_path, audio)
+    save_npy(mel_path, mel)
+    return None
+
+
+def extract_features(cfg: Any, dataset: str, entries: list[dict], num_workers: int) -> tuple[int, list[str]]:
+    """Featurise what is not done yet; returns (newly done, skip reasons)."""
+    pre = dict(cfg.preprocess)
+    jobs = []
+    for e in entries:
+        mel_path, audio_path = feature_paths(pre["processed_dir"], e)
+        if not (mel_path.is_file() and audio_path.is_file()):
+            jobs.append((e["Path"], str(mel_path), str(audio_path), pre))
+    skipped: list[str] = []
+    bar = tqdm(total=len(jobs), desc=f"{dataset} features", unit="file", dynamic_ncols=True)
+    if num_workers <= 1:
+        _init_worker()
+        results = map(extract_one, jobs)
+    else:
+        pool = ProcessPoolExecutor(num_workers, mp_context=get_context("fork"), initializer=_init_worker)
+        results = pool.map(extract_one, jobs, chunksize=4)
+    for reason in results:
+        if reason:
+            skipped.append(reason)
+        bar.update()
+    bar.close()
+    if num_workers > 1:
+        pool.shutdown()
+    skipped_file = Path(pre["processed_dir"]) / dataset / "skipped.txt"
+    if skipped:
+        atomic_write_text(skipped_file, "".join(f"{r}\n" for r in skipped))
+        for reason in skipped:
+            log.warning("skipped %s", reason)
+    else:
+        skipped_file.unlink(missing_ok=True)
+    return len(jobs) - len(skipped), skipped
+
+
+def preprocess(cfg: Any, num_workers: int | None = None) -> None:
+    check_dataset_paths(cfg)
+    workers = num_workers or os.cpu_count() or 1
+    for dataset in cfg.dataset:
+        start = time.time()
+        train, test = write_metadata(cfg, dataset)
+        write_speaker_tables(cfg, dataset, train, test)
+        done, skipped = extract_features(cfg, dataset, train + test, workers)
+        log.info(
+            "%s: %d train / %d test utterances; features: %d done, %d skipped, %.1f s",
+            dataset, len(train), len(test), done, len(skipped), time.time() - start,
+        )
