@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from processors.audio import audio_duration
+from processors.audio import AUDIO_EXTENSIONS, audio_duration
 from processors.datasets import DatasetError, Entry
 
 
@@ -16,12 +18,16 @@ def entry(dataset: str, uid: str, path: str | os.PathLike, singer: str, **extra:
 
 
 def require_found(entries: list[Entry], root: Path, layout: str) -> list[Entry]:
+    """Fail loudly on an empty corpus (usually a wrong `dataset_path`) or on clashing Uids."""
     if not entries:
         raise DatasetError(f"{root}: no utterances found; expected {layout}")
+    clashes = [uid for uid, n in Counter(e["Uid"] for e in entries).items() if n > 1]
+    if clashes:
+        raise DatasetError(f"{root}: {len(clashes)} Uids name several files (e.g. '{clashes[0]}')")
     return entries
 
 
-def split_by(entries: list[Entry], is_test) -> tuple[list[Entry], list[Entry]]:
+def split_by(entries: list[Entry], is_test: Callable[[Entry], bool]) -> tuple[list[Entry], list[Entry]]:
     train = [e for e in entries if not is_test(e)]
     test = [e for e in entries if is_test(e)]
     return train, test
@@ -29,3 +35,17 @@ def split_by(entries: list[Entry], is_test) -> tuple[list[Entry], list[Entry]]:
 
 def sorted_files(folder: Path, pattern: str) -> list[Path]:
     return sorted(p for p in folder.glob(pattern) if p.is_file())
+
+
+def audio_in(folder: Path) -> list[Path]:
+    """The audio files directly inside `folder`, sorted (other files such as labels are ignored)."""
+    return sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+
+
+def subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*") if p.is_dir())
+
+
+def descend(root: Path, inner: str) -> Path:
+    """Accept both the documented download root and the folder below it that holds the data."""
+    return root / inner if (root / inner).is_dir() else root

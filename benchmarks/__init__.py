@@ -1,0 +1,1 @@
+"""Benchmarks, run through `bins/vocoder/benchmark.py <name> ...`."""

@@ -1,0 +1,18 @@
+"""Stage 1: metadata and features for every dataset in the config."""
+
+import argparse
+
+from processors.preprocess import preprocess
+from utils.cli import add_common_args, run
+from utils.config import load_config
+
+
+def main(args: argparse.Namespace) -> None:
+    preprocess(load_config(args.config), args.num_workers)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_common_args(parser)
+    parser.add_argument("--num_workers", type=int, default=None, help="extraction processes (default: CPU count)")
+    run(main, parser)

@@ -1,0 +1,1 @@
+"""Objective evaluation of vocoded audio against the ground truth."""

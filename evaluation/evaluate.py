@@ -1,0 +1,201 @@
+"""Score a folder of vocoded audio against a folder of ground truth, file by file.
+
+Outputs in `output_dir`: `metrics.csv` (one row per utterance and system), `summary.json`
+(means, count, missing partners, failures, optional baseline) and, with `plot`, one
+`plots/<name>.png` per utterance. Everything is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.metrics import HIGHER_IS_BETTER, PitchTrack, align, all_metrics, log_mel, pitch_track
+from processors.audio import AudioError, list_audio, load_audio, resample
+from utils.config import REPO_ROOT, load_config
+from utils.io import atomic_write_bytes, atomic_write_text, save_json
+
+log = logging.getLogger(__name__)
+DEFAULT_CONFIG = REPO_ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"
+BASELINES = ("griffinlim",)
+GRIFFIN_LIM_ITERS = 32
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run at all (missing folder, nothing to match); one-line message."""
+
+
+def _index(folder: str | os.PathLike) -> dict[str, str]:
+    """Audio files keyed by their path below `folder` without the extension."""
+    if not os.path.isdir(folder):
+        raise EvaluationError(f"{folder}: folder does not exist")
+    index: dict[str, str] = {}
+    for path in list_audio(folder):
+        key = Path(path).relative_to(folder).with_suffix("").as_posix()
+        if key in index:
+            raise EvaluationError(f"{folder}: two files for '{key}' ({index[key]}, {path})")
+        index[key] = path
+    return index
+
+
+def match_files(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike) -> tuple[list[tuple[str, str, str]], dict]:
+    """(name, ref_path, pred_path) for names in both folders, and the names each folder lacks."""
+    refs, preds = _index(ref_dir), _index(pred_dir)
+    pairs = [(name, refs[name], preds[name]) for name in sorted(refs.keys() & preds.keys())]
+    missing = {"pred": sorted(refs.keys() - preds.keys()), "ref": sorted(preds.keys() - refs.keys())}
+    if not pairs:
+        raise EvaluationError(f"no file names in common between {ref_dir} ({len(refs)} audio files) "
+                              f"and {pred_dir} ({len(preds)} audio files)")
+    return pairs, missing
+
+
+def griffin_lim(ref: np.ndarray, sample_rate: int, pre: Any, n_iter: int = GRIFFIN_LIM_ITERS) -> np.ndarray:
+    """Vocode the project mel of `ref` with Griffin-Lim, sample-aligned with `ref`.
+
+    Our mel frame t is centred on sample t*hop + hop/2 (reflect pad (n_fft-hop)/2, center=False)
+    while librosa's center=True frame t is centred on t*hop, so the inverse is delayed by hop/2.
+    """
+    import librosa
+
+    rate, hop = int(pre["sample_rate"]), int(pre["hop_size"])
+    mel = log_mel(ref, sample_rate, pre)
+    stft = librosa.feature.inverse.mel_to_stft(np.exp(mel), sr=rate, n_fft=int(pre["n_fft"]), power=1.0,
+                                               fmin=float(pre.get("fmin", 0)), fmax=pre.get("fmax"))
+    audio = librosa.griffinlim(stft, n_iter=n_iter, hop_length=hop, win_length=int(pre["win_size"]),
+                               n_fft=int(pre["n_fft"]), center=True, pad_mode="reflect",
+                               length=mel.shape[1] * hop - hop // 2, random_state=0)
+    audio = np.concatenate([np.zeros(hop // 2, np.float32), audio.astype(np.float32)])
+    return resample(audio, rate, sample_rate)
+
+
+def _native_rate(path: str, default: int) -> int:
+    import soundfile as sf
+
+    try:
+        return int(sf.info(path).samplerate)
+    except Exception:  # formats soundfile cannot open are decoded by librosa later; assume the model rate
+        return default
+
+
+def _plot(path: Path, name: str, ref: np.ndarray, pred: np.ndarray, rate: int, pre: Any,
+          tracks: tuple[PitchTrack, PitchTrack]) -> None:
+    """GT and predicted mel side by side, F0 contours below; no pyplot, so no global state."""
+    from matplotlib.figure import Figure
+
+    mels = log_mel(ref, rate, pre), log_mel(pred, rate, pre)
+    seconds = len(ref) / rate
+    fig = Figure(figsize=(12, 6), layout="constrained")
+    grid = fig.add_gridspec(2, 2)
+    for col, (title, mel) in enumerate(zip(("ground truth", "predicted"), mels, strict=True)):
+        ax = fig.add_subplot(grid[0, col])
+        ax.imshow(mel, origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[0]),
+                  vmin=float(mels[0].min()), vmax=float(mels[0].max()))
+        ax.set(title=f"{name}: {title} log-mel", xlabel="s", ylabel="mel bin")
+    ax = fig.add_subplot(grid[1, :])
+    for label, track in zip(("ground truth", "predicted"), tracks, strict=True):
+        ax.plot(track.times, track.f0, label=label, linewidth=1.2)
+    ax.set(title="F0 (pyin)", xlabel="s", ylabel="Hz", xlim=(0, seconds))
+    ax.legend(loc="upper right")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _score(name: str, ref_path: str, pred_path: str, rate: int, pre: Any, baseline: str | None,
+           plot_dir: Path | None) -> dict[str, dict]:
+    """Metrics for one utterance per system; warnings are logged once each, with the name."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hop = max(1, round(int(pre["hop_size"]) * rate / int(pre["sample_rate"])))
+        ref, pred = align(load_audio(ref_path, rate), load_audio(pred_path, rate), hop)
+        ref_track, pred_track = pitch_track(ref, rate), pitch_track(pred, rate)
+        scores = {"pred": all_metrics(ref, pred, rate, pre, tracks=(ref_track, pred_track))}
+        if baseline == "griffinlim":
+            ref_gl, vocoded = align(ref, griffin_lim(ref, rate, pre), hop)
+            scores[baseline] = all_metrics(ref_gl, vocoded, rate, pre, tracks=(ref_track, pitch_track(vocoded, rate)))
+        if plot_dir is not None:
+            _plot(plot_dir / f"{name}.png", name, ref, pred, rate, pre, (ref_track, pred_track))
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        log.warning("%s: %s", name, message)
+    return scores
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean over finite values; None when the metric is disabled or never defined."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def format_table(columns: dict[str, dict[str, float | None]], count: int) -> str:
+    """Metrics as rows, systems (`pred`, baselines) as columns."""
+    names = list(columns)
+    lines = [f"{'metric':<15}{'better':<8}" + "".join(f"{n:>12}" for n in names)]
+    for metric, higher in HIGHER_IS_BETTER.items():
+        cells = (columns[n].get(metric) for n in names)
+        row = "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in cells)
+        lines.append(f"{metric:<15}{'higher' if higher else 'lower':<8}{row}")
+    lines.append(f"({count} utterances; '-': disabled or undefined)")
+    return "\n".join(lines)
+
+
+def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                  sample_rate: int | None = None, plot: bool = False, baseline: str | None = None,
+                  pre: Any = None) -> dict:
+    """Score every file of `pred_dir` against the same-named file of `ref_dir`.
+
+    Audio is resampled to `sample_rate`, or to each reference's own rate; `pre` (mel settings,
+    a config `preprocess` section) defaults to the DiffWave recipe's. Returns the summary, which
+    also lands in `summary.json`: `means`, `count`, `missing` (names absent from `pred` / from
+    `ref`), `failed` (unreadable utterances) and, with a baseline, `baseline.means`.
+    """
+    if baseline is not None and baseline not in BASELINES:
+        raise EvaluationError(f"unknown baseline '{baseline}' (choose from {', '.join(BASELINES)})")
+    pre = pre if pre is not None else load_config(DEFAULT_CONFIG).preprocess
+    pairs, missing = match_files(ref_dir, pred_dir)
+    for side, names in missing.items():
+        if names:
+            log.warning("%d file(s) have no partner in the %s folder: %s", len(names), side, ", ".join(names[:10]))
+    output_dir = Path(output_dir)
+    plot_dir = output_dir / "plots" if plot else None
+    systems = ["pred", *([baseline] if baseline else [])]
+    rows: list[dict] = []
+    failed: dict[str, str] = {}
+    for i, (name, ref_path, pred_path) in enumerate(pairs, 1):
+        log.info("[%d/%d] %s", i, len(pairs), name)
+        rate = sample_rate or _native_rate(ref_path, int(pre["sample_rate"]))
+        try:
+            scores = _score(name, ref_path, pred_path, rate, pre, baseline, plot_dir)
+        except (AudioError, ValueError) as err:
+            log.warning("%s: skipped (%s)", name, err)
+            failed[name] = str(err)
+            continue
+        rows += [{"name": name, "system": system, **scores[system]} for system in systems]
+    if not rows:
+        raise EvaluationError(f"none of the {len(pairs)} matched utterances could be scored")
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["name", "system", *HIGHER_IS_BETTER], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                         for k, v in row.items()})
+    atomic_write_text(output_dir / "metrics.csv", buffer.getvalue())
+
+    means = {s: {m: _mean([r[m] for r in rows if r["system"] == s]) for m in HIGHER_IS_BETTER} for s in systems}
+    summary = {
+        "ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "sample_rate": sample_rate,
+        "count": len(rows) // len(systems), "means": means["pred"], "missing": missing, "failed": failed,
+    }
+    if baseline:
+        summary["baseline"] = {"method": baseline, "means": means[baseline]}
+    save_json(output_dir / "summary.json", summary)
+    print(format_table(means, summary["count"]))
+    return summary

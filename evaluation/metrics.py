@@ -1,0 +1,237 @@
+"""Objective vocoder metrics on aligned mono float32 signals.
+
+Every metric is a pure function `(ref, pred, sample_rate[, pre]) -> float`. Conventions:
+- NaN (with a warning) means "undefined for this input", e.g. a silent reference;
+- None (with one warning per process) means "metric disabled", i.e. its optional package
+  (`pesq`, `pystoi`) is not installed.
+Callers align the signals first with `align`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import cache
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from scipy.fft import dct
+
+from processors.audio import resample
+from processors.mel import mel_spectrogram
+
+SILENCE_PEAK = 1e-4  # about -80 dBFS: below this a reference carries no signal to score against
+F0_MIN, F0_MAX = 65.0, 1050.0  # C2..C6: speech and most singing
+MSTFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (2048, 512, 2048))  # (n_fft, hop, win)
+MCD_ORDER = 24  # cepstral coefficients 1..24 (c0, the energy, is left out as usual)
+MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
+SI_SNR_CAP_DB = 100.0
+PITCH_KEYS = ("f0_rmse_cents", "vuv_f1", "periodicity")
+
+# Metric name -> True when higher is better; the order the CSV and table use.
+HIGHER_IS_BETTER = {
+    "pesq": True, "stoi": True, "mstft": False, "mel_l1": False, "mcd": False,
+    "f0_rmse_cents": False, "vuv_f1": True, "periodicity": False, "si_snr": True,
+}
+
+
+def _np(audio: Any) -> np.ndarray:
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    return np.asarray(audio, dtype=np.float32).reshape(-1)
+
+
+def _silent(ref: np.ndarray) -> bool:
+    """True (with a warning) when the reference is silent, so the metric returns NaN.
+
+    One message for all metrics, so a caller collecting warnings per utterance shows it once.
+    """
+    if np.abs(ref).max(initial=0.0) < SILENCE_PEAK:
+        warnings.warn("reference is silent: metrics against it are undefined (NaN)", stacklevel=3)
+        return True
+    return False
+
+
+@cache
+def _optional(module: str) -> Any:
+    """Import an optional metric package once; warn once when it is missing."""
+    try:
+        return __import__(module)
+    except ImportError:
+        warnings.warn(f"package '{module}' is not installed: its metric is disabled", stacklevel=3)
+        return None
+
+
+def align(ref: Any, pred: Any, hop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Trim both to the shorter length; warn when they differ by more than one hop."""
+    ref, pred = _np(ref), _np(pred)
+    if abs(len(ref) - len(pred)) > hop:
+        warnings.warn(f"lengths differ by more than one hop: ref {len(ref)}, pred {len(pred)} samples; "
+                      "trimmed to the shorter", stacklevel=2)
+    n = min(len(ref), len(pred))
+    return ref[:n], pred[:n]
+
+
+def pesq_wb(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None:
+    """Wide-band PESQ (MOS-LQO, about 1.0-4.64) at 16 kHz."""
+    module = _optional("pesq")
+    if module is None:
+        return None
+    if _silent(ref):
+        return math.nan
+    try:
+        return float(module.pesq(16000, resample(ref, sample_rate, 16000), resample(pred, sample_rate, 16000), "wb"))
+    except Exception as err:  # pesq raises on inputs it finds no speech in
+        warnings.warn(f"pesq failed ({type(err).__name__}: {err}): NaN", stacklevel=2)
+        return math.nan
+
+
+def stoi(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None:
+    """Short-time objective intelligibility (0-1); pystoi resamples to 10 kHz itself."""
+    module = _optional("pystoi")
+    if module is None:
+        return None
+    if _silent(ref):
+        return math.nan
+    return float(module.stoi(ref.astype(np.float64), pred.astype(np.float64), sample_rate, extended=False))
+
+
+def _magnitude(audio: np.ndarray, n_fft: int, hop: int, win: int) -> torch.Tensor:
+    spec = torch.stft(torch.from_numpy(audio), n_fft, hop, win, torch.hann_window(win), return_complex=True)
+    return spec.abs().pow(2).clamp(min=1e-7).sqrt()
+
+
+def mstft(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float:
+    """Multi-resolution STFT distance: spectral convergence + log-magnitude L1, averaged over
+    MSTFT_RESOLUTIONS (the auxiliary loss of Parallel WaveGAN, used here as a metric)."""
+    if _silent(ref):
+        return math.nan
+    total = 0.0
+    for n_fft, hop, win in MSTFT_RESOLUTIONS:
+        a, b = _magnitude(ref, n_fft, hop, win), _magnitude(pred, n_fft, hop, win)
+        total += float(torch.linalg.norm(a - b) / torch.linalg.norm(a))
+        total += float((a.log() - b.log()).abs().mean())
+    return total / len(MSTFT_RESOLUTIONS)
+
+
+def log_mel(audio: np.ndarray, sample_rate: int, pre: Any) -> np.ndarray:
+    """The project's log-mel, at the config's rate (the rate the mel settings are defined for)."""
+    return mel_spectrogram(resample(audio, sample_rate, int(pre["sample_rate"])), pre).numpy()
+
+
+def mel_l1(ref: np.ndarray, pred: np.ndarray, sample_rate: int, pre: Any) -> float:
+    """Mean absolute difference of natural-log mel magnitudes (processors.mel)."""
+    if _silent(ref):
+        return math.nan
+    return float(np.abs(log_mel(ref, sample_rate, pre) - log_mel(pred, sample_rate, pre)).mean())
+
+
+def mcd(ref: np.ndarray, pred: np.ndarray, sample_rate: int, pre: Any) -> float:
+    """Mel cepstral distortion in dB, MFCC-style and without DTW (the signals are aligned).
+
+    Cepstra are the orthonormal DCT-II of the natural-log mel over the mel axis; with
+    coefficients 1..K, per frame MCD = 10/ln(10) * sqrt(2 * sum_k (c_k - c'_k)^2), averaged
+    over all frames. Values follow the MFCC convention, not SPTK mel-cepstra, so compare them
+    only with numbers computed the same way.
+    """
+    if _silent(ref):
+        return math.nan
+    order = min(MCD_ORDER, int(pre["n_mel"]) - 1)
+    c_ref = dct(log_mel(ref, sample_rate, pre), type=2, norm="ortho", axis=0)[1 : order + 1]
+    c_pred = dct(log_mel(pred, sample_rate, pre), type=2, norm="ortho", axis=0)[1 : order + 1]
+    return float(MCD_SCALE * np.sqrt(((c_ref - c_pred) ** 2).sum(axis=0)).mean())
+
+
+def si_snr(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float:
+    """Scale-invariant SNR in dB, capped at SI_SNR_CAP_DB so identical signals stay finite."""
+    if _silent(ref):
+        return math.nan
+    ref64, pred64 = ref.astype(np.float64) - ref.mean(), pred.astype(np.float64) - pred.mean()
+    target = (pred64 @ ref64) / (ref64 @ ref64) * ref64
+    target_energy = float(target @ target)
+    noise_energy = float((pred64 - target) @ (pred64 - target))
+    if target_energy == 0.0:  # pred orthogonal to (or silent against) the reference
+        return -SI_SNR_CAP_DB
+    return 10.0 * math.log10(target_energy / max(noise_energy, target_energy * 10 ** (-SI_SNR_CAP_DB / 10)))
+
+
+class PitchTrack(NamedTuple):
+    """pyin output: f0 in Hz (NaN where unvoiced), voiced flags, voicing probability, frame times."""
+
+    f0: np.ndarray
+    voiced: np.ndarray
+    probability: np.ndarray
+    times: np.ndarray
+
+
+def pitch_track(audio: np.ndarray, sample_rate: int, fmin: float = F0_MIN, fmax: float = F0_MAX) -> PitchTrack:
+    """librosa pyin at a 10 ms hop, with a frame long enough for two periods of fmin."""
+    import librosa
+
+    hop = max(1, round(sample_rate * 0.01))
+    frame_length = 2 * 2 ** math.ceil(math.log2(2 * sample_rate / fmin + 2))
+    audio = audio if len(audio) >= frame_length else np.pad(audio, (0, frame_length - len(audio)))
+    f0, voiced, prob = librosa.pyin(audio, fmin=fmin, fmax=fmax, sr=sample_rate, frame_length=frame_length,
+                                    hop_length=hop)
+    return PitchTrack(f0, voiced, prob, np.arange(len(f0)) * hop / sample_rate)
+
+
+def pitch_scores(ref: PitchTrack, pred: PitchTrack) -> dict[str, float]:
+    """F0 RMSE in cents on frames voiced in both, V/UV F1 (reference voiced = positive), and
+    periodicity error: RMSE between the two pyin voicing probabilities over all frames."""
+    n = min(len(ref.f0), len(pred.f0))
+    rv, pv = ref.voiced[:n].astype(bool), pred.voiced[:n].astype(bool)
+    both = rv & pv
+    if both.any():
+        cents = 1200.0 * np.log2(pred.f0[:n][both] / ref.f0[:n][both])
+        f0_rmse = float(np.sqrt(np.mean(cents**2)))
+    else:
+        warnings.warn("no frame is voiced in both signals: F0 RMSE undefined (NaN)", stacklevel=2)
+        f0_rmse = math.nan
+    tp, fp, fn = int(both.sum()), int((~rv & pv).sum()), int((rv & ~pv).sum())
+    vuv_f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
+    periodicity = float(np.sqrt(np.mean((ref.probability[:n] - pred.probability[:n]) ** 2)))
+    return {"f0_rmse_cents": f0_rmse, "vuv_f1": vuv_f1, "periodicity": periodicity}
+
+
+def f0_metrics(ref: np.ndarray, pred: np.ndarray, sample_rate: int,
+               fmin: float = F0_MIN, fmax: float = F0_MAX) -> dict[str, float]:
+    """F0 RMSE (cents), V/UV F1 and periodicity error from pyin on both signals."""
+    if _silent(ref):
+        return dict.fromkeys(PITCH_KEYS, math.nan)
+    return pitch_scores(pitch_track(ref, sample_rate, fmin, fmax), pitch_track(pred, sample_rate, fmin, fmax))
+
+
+def all_metrics(ref: np.ndarray, pred: np.ndarray, sample_rate: int, pre: Any,
+                tracks: tuple[PitchTrack, PitchTrack] | None = None) -> dict[str, float | None]:
+    """Every metric, keyed and ordered as HIGHER_IS_BETTER; `tracks` reuses pyin output."""
+    ref, pred = _np(ref), _np(pred)
+    if tracks is None:
+        pitch = f0_metrics(ref, pred, sample_rate)
+    else:
+        pitch = dict.fromkeys(PITCH_KEYS, math.nan) if _silent(ref) else pitch_scores(*tracks)
+    return {
+        "pesq": pesq_wb(ref, pred, sample_rate),
+        "stoi": stoi(ref, pred, sample_rate),
+        "mstft": mstft(ref, pred, sample_rate),
+        "mel_l1": mel_l1(ref, pred, sample_rate, pre),
+        "mcd": mcd(ref, pred, sample_rate, pre),
+        **pitch,
+        "si_snr": si_snr(ref, pred, sample_rate),
+    }
+
+
+def cheap_metrics(ref: Any, pred: Any, pre: Any) -> dict[str, float]:
+    """Fast metrics for the trainer's eval points: log-mel L1, M-STFT, and PESQ when installed.
+
+    `ref` and `pred` (numpy or torch, at pre.sample_rate) are aligned here; a missing `pesq`
+    package drops its key so every value can go straight to a scalar logger.
+    """
+    ref, pred = align(ref, pred, int(pre["hop_size"]))
+    sample_rate = int(pre["sample_rate"])
+    out = {"mel_l1": mel_l1(ref, pred, sample_rate, pre), "mstft": mstft(ref, pred, sample_rate)}
+    score = pesq_wb(ref, pred, sample_rate)
+    if score is not None:
+        out["pesq"] = score
+    return out

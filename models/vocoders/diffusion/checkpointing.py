@@ -1,0 +1,115 @@
+"""When to save, what to keep, and the RNG state that makes a resume exact."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.checkpoint import checkpoint_name, save_checkpoint
+from utils.io import load_json, save_json
+
+log = logging.getLogger(__name__)
+
+
+def rng_state() -> dict:
+    """Every RNG the training loop draws from, as plain tensors and numbers (safe to load)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": [list(random.getstate()[1]), random.getstate()[0]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    internal, version = state["python"]
+    random.setstate((version, tuple(internal), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointPolicy:
+    """The original config semantics, plus step-based saving.
+
+    `save_checkpoint_stride[i]` epochs between saves of kind i, each kind keeping its
+    `keep_last[i]` newest checkpoints (-1 keeps all) and running the eval when `run_eval[i]`.
+    `save_checkpoints_steps` > 0 also saves every that many steps (kept like kind 0).
+    `ckpts.json` records each checkpoint with its kinds, so retention survives a resume.
+    """
+
+    def __init__(self, tcfg: Any, root: Path) -> None:
+        self.root = root
+        self.strides = [int(s) for s in tcfg.get("save_checkpoint_stride", [1])]
+        self.keep = self._per_stride(tcfg.get("keep_last", [-1]), -1)
+        self.run_eval = self._per_stride(tcfg.get("run_eval", [True]), True)
+        self.every_steps = int(tcfg.get("save_checkpoints_steps", 0) or 0)
+        record = root / "ckpts.json"
+        self.records: list[dict] = load_json(record)["checkpoints"] if record.is_file() else []
+
+    def _per_stride(self, values: list, default: Any) -> list:
+        values = list(values)
+        return values + [values[-1] if values else default] * (len(self.strides) - len(values))
+
+    def due_by_epoch(self, epoch: int) -> list[str]:
+        return [f"stride{i}" for i, s in enumerate(self.strides) if s > 0 and epoch % s == 0]
+
+    def due_by_step(self, step: int) -> list[str]:
+        return ["steps"] if self.every_steps > 0 and step % self.every_steps == 0 else []
+
+    def wants_eval(self, kinds: list[str]) -> bool:
+        return any(self.run_eval[int(k[6:])] for k in kinds if k.startswith("stride"))
+
+    def _limit(self, kind: str) -> int:
+        if kind.startswith("stride"):
+            return int(self.keep[int(kind[6:])])
+        return int(self.keep[0]) if kind == "steps" else -1
+
+    def save(self, trainer: Any, model: torch.nn.Module, loss: float, rng_states: list[dict], kinds: list[str]) -> Path:
+        files: dict[str, Any] = {
+            "model.safetensors": model.state_dict(),
+            "optimizer.pt": trainer.optimizer.optimizer.state_dict(),
+            "scheduler.pt": trainer.scheduler.state_dict(),
+        }
+        if trainer.ema is not None:
+            files["ema.safetensors"] = trainer.ema.shadow
+        if trainer.accelerator.scaler is not None:
+            files["scaler.pt"] = trainer.accelerator.scaler.state_dict()
+        for rank, state in enumerate(rng_states):
+            files[f"rng_{rank}.pt"] = state
+        state = {"epoch": trainer.epoch, "step": trainer.step, "batch_in_epoch": trainer.batch_in_epoch,
+                 "skipped_steps": trainer.skipped_steps, "loss": loss, "num_processes": len(rng_states)}
+        name = checkpoint_name(trainer.epoch, trainer.step, loss if np.isfinite(loss) else 0.0)
+        try:
+            folder = save_checkpoint(self.root / name, files, state)
+        except OSError as err:
+            raise OSError(f"saving checkpoint {self.root / name} failed ({err}); earlier checkpoints are kept") from None
+        self.records = [r for r in self.records if r["name"] != name] + [{"name": name, "step": trainer.step, "kinds": kinds}]
+        self._prune()
+        log.info("saved %s", folder)
+        return folder
+
+    def _prune(self) -> None:
+        """Drop checkpoints that no kind keeps any more; the newest always stays."""
+        keep = {self.records[-1]["name"]}
+        for kind in {k for r in self.records for k in r["kinds"]}:
+            names = [r["name"] for r in self.records if kind in r["kinds"]]
+            limit = self._limit(kind)
+            keep.update(names if limit < 0 else names[len(names) - limit:] if limit else [])
+        for record in self.records:
+            if record["name"] not in keep:
+                shutil.rmtree(self.root / record["name"], ignore_errors=True)
+        self.records = [r for r in self.records if r["name"] in keep and (self.root / r["name"]).is_dir()]
+        save_json(self.root / "ckpts.json", {"checkpoints": self.records, "latest": self.records[-1]["name"]})

@@ -1,0 +1,153 @@
+"""The DDPM maths, in one place: schedules, training noise, and the samplers.
+
+Used by the trainer, the in-training evaluation and stage 3 alike.
+- full: the T-step ancestral sampler over the training betas;
+- fast: DiffWave's fast sampler over `inference_noise_schedule`, each of its steps mapped
+  to a fractional training step by matching sqrt(alpha_cum);
+- ddim: the deterministic DDIM update on N evenly spaced training steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from utils.config import ConfigError
+
+SAMPLERS = ("fast", "full", "ddim")
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+def training_betas(params: Any) -> Tensor:
+    start, end, steps = params["noise_schedule_factors"]
+    return torch.linspace(float(start), float(end), int(steps), dtype=torch.float64)
+
+
+def alpha_cum(betas: Tensor) -> Tensor:
+    return torch.cumprod(1.0 - betas.double(), dim=0)
+
+
+def add_noise(audio: Tensor, noise: Tensor, t: Tensor, cum: Tensor) -> Tensor:
+    """x_t = sqrt(alpha_cum[t]) x_0 + sqrt(1 - alpha_cum[t]) eps, per item."""
+    a = cum.to(audio.device)[t].float().unsqueeze(-1)
+    return a.sqrt() * audio + (1.0 - a).sqrt() * noise
+
+
+def fractional_steps(train_betas: Tensor, infer_betas: Tensor) -> Tensor:
+    """Training-step positions whose interpolated sqrt(alpha_cum) equals each inference step's."""
+    train = alpha_cum(train_betas).sqrt()
+    target = alpha_cum(infer_betas).sqrt()
+    steps = []
+    for value in target.tolist():
+        if value >= train[0]:
+            steps.append(0.0)
+            continue
+        if value <= train[-1]:
+            steps.append(float(len(train) - 1))
+            continue
+        t = int(torch.searchsorted(-train, torch.tensor(-value, dtype=train.dtype))) - 1
+        steps.append(t + float((train[t] - value) / (train[t] - train[t + 1])))
+    return torch.tensor(steps, dtype=torch.float32)
+
+
+def upsample_factors(cfg: Any) -> list[int]:
+    """The configured factors, or a factorisation of the hop; their product must be the hop."""
+    hop = int(cfg.preprocess.hop_size)
+    factors = cfg.model.diffwave.get("upsample_factors")
+    if not factors:
+        return factorize(hop)
+    if math.prod(int(f) for f in factors) != hop:
+        raise ConfigError(
+            f"{cfg.get('config_path', 'config')}: model.diffwave.upsample_factors {list(factors)} "
+            f"multiply to {math.prod(factors)}, not preprocess.hop_size {hop}"
+        )
+    return [int(f) for f in factors]
+
+
+def factorize(hop: int) -> list[int]:
+    """Two factors as equal as possible (three when the hop is large), largest last."""
+    if hop > 1024:
+        first = next(d for d in range(round(hop ** (1 / 3)), 0, -1) if hop % d == 0)
+        return [first, *factorize(hop // first)]
+    low = next(d for d in range(math.isqrt(hop), 0, -1) if hop % d == 0)
+    return [low, hop // low] if low > 1 else [hop]
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """A reverse walk: per step, the position fed to the step embedding and the schedule values."""
+
+    kind: str
+    positions: Tensor
+    betas: Tensor
+
+    @property
+    def steps(self) -> int:
+        return len(self.positions)
+
+
+def make_plan(params: Any, sampler: str = "fast", steps: int | None = None, betas: Sequence[float] | None = None) -> SamplerPlan:
+    """Build a sampler plan from `model.diffwave` params; `betas` overrides the fast schedule."""
+    train = training_betas(params)
+    if sampler == "full":
+        return SamplerPlan("ddpm", torch.arange(len(train), dtype=torch.float32), train)
+    if sampler in ("fast", "searched"):
+        infer = torch.tensor(betas if betas is not None else params["inference_noise_schedule"], dtype=torch.float64)
+        return SamplerPlan("ddpm", fractional_steps(train, infer), infer)
+    if sampler == "ddim":
+        n = int(steps or 6)
+        if not 1 <= n <= len(train):
+            raise ConfigError(f"ddim steps must be in 1..{len(train)}, got {n}")
+        chosen = torch.linspace(0, len(train) - 1, n).round().long().unique()
+        return SamplerPlan("ddim", chosen.float(), train)
+    raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLERS)}")
+
+
+def _noise(shape: tuple[int, int], lengths: Tensor | None, generators: Sequence[torch.Generator] | None) -> Tensor:
+    """Gaussian noise drawn per item from its own generator, zero past each item's end."""
+    if generators is None:
+        return torch.randn(shape)
+    out = torch.zeros(shape)
+    for b, gen in enumerate(generators):
+        n = shape[1] if lengths is None else int(lengths[b])
+        out[b, :n] = torch.randn(n, generator=gen)
+    return out
+
+
+@torch.no_grad()
+def sample(
+    denoise: Denoiser,
+    plan: SamplerPlan,
+    shape: tuple[int, int],
+    device: torch.device | str = "cpu",
+    lengths: Tensor | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+) -> Tensor:
+    """Run the reverse process from Gaussian noise; `denoise(x, step_positions)` predicts eps."""
+    x = _noise(shape, lengths, generators).to(device)
+    batch = shape[0]
+    if plan.kind == "ddim":
+        cum = alpha_cum(plan.betas)
+        order = plan.positions.long().flip(0)
+        for i, t in enumerate(order.tolist()):
+            eps = denoise(x, torch.full((batch,), float(t), device=device))
+            a = float(cum[t])
+            a_prev = float(cum[order[i + 1]]) if i + 1 < len(order) else 1.0
+            x0 = ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1.0, 1.0)
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        return x.clamp(-1.0, 1.0)
+    betas, cum = plan.betas, alpha_cum(plan.betas)
+    for n in range(plan.steps - 1, -1, -1):
+        eps = denoise(x, plan.positions[n].expand(batch).to(device))
+        beta, a = float(betas[n]), float(cum[n])
+        x = (x - beta / math.sqrt(1 - a) * eps) / math.sqrt(1 - beta)
+        if n > 0:
+            sigma = math.sqrt((1 - float(cum[n - 1])) / (1 - a) * beta)
+            x = x + sigma * _noise(shape, lengths, generators).to(device)
+        x = x.clamp(-1.0, 1.0)
+    return x

@@ -1,0 +1,76 @@
+"""At eval points: vocode a few fixed validation utterances and log audio, mels and metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
+from processors.mel import mel_spectrogram
+from processors.preprocess import feature_paths
+from utils.io import load_npy
+
+log = logging.getLogger(__name__)
+
+
+def mel_image(mel: np.ndarray) -> np.ndarray:
+    """A (1, n_mel, frames) image in [0, 1], low frequencies at the bottom."""
+    low, high = float(mel.min()), float(mel.max())
+    return ((mel - low) / max(high - low, 1e-6))[::-1][None].copy()
+
+
+class EvalLogger:
+    """Uses the fast schedule and at most `eval_seconds` per utterance so eval stays cheap."""
+
+    def __init__(self, cfg: Any, entries: list[dict], writer: Any) -> None:
+        self.cfg, self.writer = cfg, writer
+        count = int(cfg.train.get("eval_utterances", 3))
+        self.entries = sorted(entries, key=lambda e: (e["Dataset"], e["Uid"]))[:count]
+        self.max_frames = int(float(cfg.train.get("eval_seconds", 2.0)) * cfg.preprocess.sample_rate / cfg.preprocess.hop_size)
+        self.logged_truth = False
+
+    def _load(self) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+        hop = int(self.cfg.preprocess.hop_size)
+        items = []
+        for entry in self.entries:
+            mel_path, audio_path = feature_paths(self.cfg.preprocess.processed_dir, entry)
+            mel = load_npy(mel_path)[:, : self.max_frames]
+            items.append((f"{entry['Dataset']}_{entry['Uid']}", torch.from_numpy(mel), load_npy(audio_path)[: mel.shape[1] * hop]))
+        return items
+
+    @torch.no_grad()
+    def log(self, model: torch.nn.Module, step: int) -> None:
+        if self.writer is None or not self.entries:
+            return
+        was_training = model.training
+        items = self._load()
+        device = next(model.parameters()).device
+        vocoder = Vocoder(self.cfg, model, sampler="fast", batch_size=len(items), device=str(device))
+        preds = vocoder([m for _, m, _ in items], [n for n, _, _ in items])
+        model.train(was_training)
+        rate = int(self.cfg.preprocess.sample_rate)
+        totals: dict[str, list[float]] = {}
+        for (name, mel, truth), pred in zip(items, preds):
+            self.writer.add_audio(f"eval/{name}/pred", torch.from_numpy(pred)[None], step, sample_rate=rate)
+            pred_mel = mel_spectrogram(pred, self.cfg.preprocess).numpy()
+            self.writer.add_image(f"eval/{name}/mel_pred", mel_image(pred_mel), step)
+            if not self.logged_truth:
+                self.writer.add_audio(f"eval/{name}/gt", torch.from_numpy(truth)[None], step, sample_rate=rate)
+                self.writer.add_image(f"eval/{name}/mel_gt", mel_image(mel.numpy()), step)
+            for key, value in self._metrics(truth, pred).items():
+                totals.setdefault(key, []).append(value)
+        self.logged_truth = True
+        for key, values in totals.items():
+            self.writer.add_scalar(f"eval/{key}", float(np.mean(values)), step)
+        self.writer.flush()
+
+    def _metrics(self, truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+        try:
+            from evaluation.metrics import cheap_metrics
+        except ImportError:
+            return {}
+        values = cheap_metrics(truth, pred, self.cfg.preprocess)
+        return {k: float(v) for k, v in values.items() if v is not None and np.isfinite(v)}

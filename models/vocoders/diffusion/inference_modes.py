@@ -1,0 +1,150 @@
+"""Stage 3's three modes: vocode a processed dataset's test split, a folder of mels, or a folder of audio.
+
+Bad items are skipped, named in `<output>/skipped.txt`, and never stop the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.vocoders.diffusion.diffusion_vocoder_dataset import load_entries
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
+from processors.audio import AudioError, list_audio, load_audio
+from processors.mel import mel_spectrogram
+from processors.preprocess import feature_paths
+from utils.io import atomic_write_text, load_npy, save_wav
+
+log = logging.getLogger(__name__)
+MODES = ("infer_from_dataset", "infer_from_feature", "infer_from_audio")
+
+
+class InputError(ValueError):
+    """An input folder or file that cannot be vocoded; the message names it."""
+
+
+def safe_name(name: str) -> str:
+    """A file stem that cannot leave the output folder."""
+    cleaned = re.sub(r"[\\/\x00]+", "_", name).strip()
+    cleaned = re.sub(r"^\.+", "_", cleaned)
+    return cleaned or "_"
+
+
+def check_mel(mel: np.ndarray, n_mel: int, source: str) -> torch.Tensor:
+    """A (n_mel, frames) float tensor, or InputError naming the file and the problem."""
+    if mel.dtype == object or not np.issubdtype(mel.dtype, np.number):
+        raise InputError(f"{source}: mel must be a numeric array, got dtype {mel.dtype}")
+    if mel.ndim == 3 and mel.shape[0] == 1:
+        mel = mel[0]
+    if mel.ndim != 2:
+        raise InputError(f"{source}: mel must be 2-D (n_mel, frames), got shape {mel.shape}")
+    if mel.shape[0] != n_mel:
+        if mel.shape[1] == n_mel:
+            log.warning("%s: mel stored as (frames, n_mel) %s; transposed", source, mel.shape)
+            mel = mel.T
+        else:
+            raise InputError(f"{source}: mel has {mel.shape[0]} bins, the model expects n_mel={n_mel} (shape {mel.shape})")
+    if mel.shape[1] == 0:
+        raise InputError(f"{source}: mel has zero frames")
+    if not np.all(np.isfinite(mel)):
+        raise InputError(f"{source}: mel contains NaN or inf")
+    return torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32))
+
+
+def _write_outputs(vocoder: Vocoder, items: list[tuple[str, torch.Tensor, np.ndarray | None]], out: Path) -> int:
+    """Vocode (name, mel, ground truth) items; write pred/ and gt/ wavs atomically as batches finish."""
+    rate = int(vocoder.cfg.preprocess.sample_rate)
+    bar = tqdm(total=len(items), desc="vocoding", unit="utt", dynamic_ncols=True)
+
+    def write(indices: list[int], audios: list[np.ndarray]) -> None:
+        for i, audio in zip(indices, audios):
+            name, _mel, truth = items[i]
+            save_wav(out / "pred" / f"{name}.wav", audio, rate)
+            if truth is not None:
+                save_wav(out / "gt" / f"{name}.wav", truth[: len(audio)], rate)
+        bar.update(len(indices))
+
+    vocoder([m for _, m, _ in items], [n for n, _, _ in items], on_batch=write)
+    bar.close()
+    return len(items)
+
+
+def dataset_items(cfg: Any, datasets: list[str], skipped: list[str]) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+    items = []
+    entries = load_entries(cfg, "valid", datasets)
+    prefix = len(datasets) > 1
+    for entry in entries:
+        mel_path, audio_path = feature_paths(cfg.preprocess.processed_dir, entry)
+        try:
+            mel = check_mel(load_npy(mel_path), int(cfg.preprocess.n_mel), str(mel_path))
+        except (InputError, ValueError) as err:
+            skipped.append(str(err))
+            continue
+        name = safe_name(f"{entry['Dataset']}_{entry['Uid']}" if prefix else entry["Uid"])
+        items.append((name, mel, load_npy(audio_path)))
+    return items
+
+
+def feature_items(cfg: Any, folder: Path, skipped: list[str]) -> list[tuple[str, torch.Tensor, None]]:
+    mel_dir = folder / "mels" if (folder / "mels").is_dir() else folder
+    files = sorted(mel_dir.glob("*.npy"))
+    if not files:
+        raise InputError(f"{folder}: no mel files (expected {folder}/mels/*.npy)")
+    items = []
+    for path in files:
+        try:
+            items.append((safe_name(path.stem), check_mel(load_npy(path), int(cfg.preprocess.n_mel), str(path)), None))
+        except (InputError, ValueError, OSError) as err:
+            skipped.append(str(err))
+    return items
+
+
+def audio_items(cfg: Any, folder: Path, skipped: list[str]) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+    files = list_audio(folder) if folder.is_dir() else []
+    if not files:
+        raise InputError(f"{folder}: no audio files (wav, flac, ogg, mp3, ...) found")
+    pre = cfg.preprocess
+    min_samples = max(int(pre.hop_size), (int(pre.n_fft) - int(pre.hop_size)) // 2 + 1)
+    items = []
+    for path in files:
+        try:
+            audio = load_audio(path, int(pre.sample_rate), min_samples=min_samples)
+        except AudioError as err:
+            skipped.append(str(err))
+            continue
+        name = safe_name(str(Path(path).relative_to(folder).with_suffix("")))
+        items.append((name, mel_spectrogram(audio, pre), audio))
+    return items
+
+
+def run_inference(vocoder: Vocoder, mode: str, output_dir: str | Path, datasets: list[str] | None = None,
+                  feature_dir: str | None = None, audio_dir: str | None = None) -> int:
+    """Vocode everything the mode names into `output_dir`; returns the number of wavs written."""
+    out, skipped, cfg = Path(output_dir), [], vocoder.cfg
+    start = time.time()
+    if mode == "infer_from_dataset":
+        items = dataset_items(cfg, datasets or list(cfg.dataset), skipped)
+    elif mode == "infer_from_feature":
+        items = feature_items(cfg, Path(feature_dir or ""), skipped)
+    elif mode == "infer_from_audio":
+        items = audio_items(cfg, Path(audio_dir or ""), skipped)
+    else:
+        raise InputError(f"unknown infer_mode '{mode}': choose one of {', '.join(MODES)}")
+    written = _write_outputs(vocoder, items, out) if items else 0
+    if skipped:
+        atomic_write_text(out / "skipped.txt", "".join(f"{s}\n" for s in skipped))
+        for reason in skipped:
+            log.warning("skipped %s", reason)
+    seconds = sum(m.shape[-1] for _, m, _ in items) * vocoder.hop / int(cfg.preprocess.sample_rate)
+    elapsed = time.time() - start
+    log.info("%s: %d wavs written to %s, %d skipped; %.1f s of audio in %.1f s (RTF %.2f) with the %s sampler (%d steps)",
+             mode, written, out / "pred", len(skipped), seconds, elapsed, elapsed / max(seconds, 1e-9),
+             vocoder.plan.kind if vocoder.plan.kind == "ddim" else "ddpm", vocoder.plan.steps)
+    return written

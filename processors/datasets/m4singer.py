@@ -1,0 +1,39 @@
+"""M4Singer: twenty singers named by voice part (Alto-1 ... Tenor-7).
+
+Reads `<root>/meta.json` (a list; only `item_name` = `<Singer>#<Song>#<NNNN>` is used) and the
+matching `<root>/<Singer>#<Song>/<NNNN>.wav`. Uid `<Singer>_<Song>_<NNNN>`; Singer = voice part;
+Song = title, kept as written (spaces included: the original drops those songs). Items whose wav
+is missing are logged and left out. Test: (Alto-1, 美错), (Bass-1, 十年), (Soprano-2, 同桌的你),
+(Tenor-5, 爱笑的眼睛); their singers also sing in train.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from processors.datasets.common import entry, require_found, split_by
+from utils.io import load_json
+
+log = logging.getLogger(__name__)
+TEST = {("Alto-1", "美错"), ("Bass-1", "十年"), ("Soprano-2", "同桌的你"), ("Tenor-5", "爱笑的眼睛")}
+LAYOUT = "<root>/meta.json and <root>/<Singer>#<Song>/<NNNN>.wav"
+
+
+def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
+    meta = root / "meta.json"
+    items = sorted({item["item_name"] for item in load_json(meta)}) if meta.is_file() else []
+    entries = []
+    for name in items:
+        if name.count("#") < 2:
+            log.warning("%s: item_name '%s' is not <Singer>#<Song>#<NNNN>, left out", meta, name)
+            continue
+        singer, *title, number = name.split("#")
+        song = "#".join(title)
+        wav = root / f"{singer}#{song}" / f"{number}.wav"
+        if wav.is_file():
+            entries.append(entry(dataset, f"{singer}_{song}_{number}", wav, singer, Song=song))
+        else:
+            log.warning("%s: listed in meta.json as '%s' but missing, left out", wav, name)
+    require_found(entries, root, LAYOUT)
+    return split_by(entries, lambda e: (e["Singer"], e["Song"]) in TEST)

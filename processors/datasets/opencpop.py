@@ -1,0 +1,36 @@
+"""Opencpop: one Mandarin female singer, 100 songs, pre-cut segments with an official split.
+
+Reads `<root>/segments/{train,test}.txt` ("|"-separated; field 1 = utterance id) and
+`<root>/segments/wavs/<id>.wav`; the full songs in `<root>/wavs/` are not used. Any dataset name
+starting with `opencpo` comes here and becomes the `Dataset` field. Uid = the id (`2001000001`);
+Singer `female1`. Test: the official segments/test.txt. Listed ids without a wav are logged and
+left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from processors.datasets.common import entry, require_found
+
+log = logging.getLogger(__name__)
+
+
+def _split(segments: Path, dataset: str, name: str) -> list[dict]:
+    listing = segments / f"{name}.txt"
+    lines = listing.read_text(encoding="utf-8").splitlines() if listing.is_file() else []
+    entries = []
+    for uid in (line.split("|")[0].strip() for line in lines if line.strip()):
+        wav = segments / "wavs" / f"{uid}.wav"
+        if wav.is_file():
+            entries.append(entry(dataset, uid, wav, "female1"))
+        else:
+            log.warning("%s: listed in %s but missing, left out", wav, listing)
+    return entries
+
+
+def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
+    train, test = (_split(root / "segments", dataset, name) for name in ("train", "test"))
+    require_found(train + test, root, "<root>/segments/{train,test}.txt and <root>/segments/wavs/<id>.wav")
+    return train, test

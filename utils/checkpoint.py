@@ -1,0 +1,133 @@
+"""Checkpoints that are safe to load and never half-written.
+
+A checkpoint is a folder `epoch-XXXX_step-XXXXXXX_loss-X.XXXXXX/` holding `model.safetensors`
+(the name accelerate's save_state uses, so stage 3 also reads checkpoints written by
+accelerate), optional `ema.safetensors`, optimizer/scheduler/scaler/RNG state as plain
+tensors (read with `weights_only=True`: no pickled code runs), and `state.json` last.
+It is assembled under a temporary name and renamed, so a folder with its final name is
+always complete.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from utils.io import load_json, save_json
+
+CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d+)_step-(\d+)_loss-([0-9.]+|nan|inf)$")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
+
+
+class CheckpointError(ValueError):
+    """An unusable checkpoint; the message names the file and the problem."""
+
+
+def checkpoint_name(epoch: int, step: int, loss: float) -> str:
+    return f"epoch-{epoch:04d}_step-{step:07d}_loss-{loss:.6f}"
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """torch.load that refuses anything but tensors and plain containers."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
+        raise CheckpointError(f"{path}: refused, the file carries pickled objects that could run code ({first})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from None
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights from a checkpoint folder or file (.safetensors preferred; .bin/.pt read safely)."""
+    path = Path(path)
+    if path.is_dir():
+        found = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+        if found is None:
+            raise CheckpointError(f"{path}: no model weights ({' / '.join(WEIGHT_FILES)}) in this folder")
+        path = found
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+    state = safe_torch_load(path)
+    for key in ("model", "state_dict", "generator"):  # common wrappers of published weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a dictionary of weight tensors")
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Strict load with one clear line for a missing, unexpected or mis-shaped parameter."""
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{source}: parameter '{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}"
+            )
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CheckpointError(f"{source}: weights do not match the model ({detail})")
+    model.load_state_dict(state)
+
+
+def save_checkpoint(folder: Path, files: dict[str, Any], state: dict) -> Path:
+    """Write a complete checkpoint folder atomically: tensors, then state.json, then rename."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name, obj in files.items():
+            if name.endswith(".safetensors"):
+                save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, str(tmp / name))
+            else:
+                torch.save(obj, tmp / name)
+        save_json(tmp / "state.json", state)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "state.json").is_file() and any((folder / n).is_file() for n in WEIGHT_FILES)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest step first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(2)))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder itself, or the newest complete one inside an experiment's checkpoint folder."""
+    path = Path(path)
+    if path.is_dir() and is_complete(path):
+        return path
+    candidates = list_checkpoints(path) or list_checkpoints(path / "checkpoint")
+    if not candidates:
+        raise CheckpointError(f"{path}: no complete checkpoint here (expected epoch-*_step-*_loss-* folders)")
+    return candidates[-1]
+
+
+def read_state(folder: Path) -> dict:
+    return load_json(folder / "state.json")

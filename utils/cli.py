@@ -1,0 +1,44 @@
+"""What every entry point shares: logging, and bad input as one line on stderr, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from utils.checkpoint import CheckpointError
+from utils.config import ConfigError
+
+EXPECTED_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError, OSError)
+
+
+def add_common_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    parser.add_argument("--config", required=config_required, help="JSON5 experiment config")
+    parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def setup_logging(level: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=getattr(logging, level.upper()) if rank == "0" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    logging.captureWarnings(True)
+
+
+def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+    """Parse, run, and turn expected failures into `error: ...` with exit status 1."""
+    args = parser.parse_args()
+    setup_logging(args.log_level)
+    try:
+        main(args)
+    except EXPECTED_ERRORS as err:
+        if args.log_level == "debug":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept", file=sys.stderr)
+        sys.exit(130)
