@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from processors.preprocess import extract_features, write_metadata
+from processors.preprocess import extract_features, feature_pool, write_metadata
 from utils.config import REPO_ROOT, load_config
 
 DATASET = "bench"
@@ -38,8 +38,11 @@ def make_corpus(folder: Path, count: int, seconds: float, rate: int) -> None:
 def run(cfg, entries: list[dict], workers: int, processed: Path) -> float:
     cfg.preprocess.processed_dir = str(processed)
     start = time.perf_counter()
-    done, skipped = extract_features(cfg, DATASET, entries, workers)
+    pool = feature_pool(workers)
+    done, skipped = extract_features(cfg, DATASET, entries, pool)
     seconds = time.perf_counter() - start
+    if pool is not None:
+        pool.shutdown()
     assert done == len(entries) and not skipped, f"{len(skipped)} skipped: {skipped[:1]}"
     return seconds
 

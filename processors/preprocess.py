@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from processors.audio import AudioError, load_audio
 from processors.datasets import get_parser
+from processors.mel import mel_spectrogram
 from utils.config import check_dataset_paths
-from utils.io import atomic_write_text, load_json, save_json
+from utils.io import atomic_write_text, load_json, save_json, save_npy
 
 log = logging.getLogger(__name__)
 AUGMENTATION_SUFFIXES = ("_equalizer", "_formant_shift", "_pitch_shift", "_time_stretch")
@@ -93,10 +95,6 @@ def _init_worker() -> None:
 
 def extract_one(job: tuple[str, str, str, dict]) -> str | None:
     """Write one utterance's audio and mel features; return the reason when it is skipped."""
-    from processors.audio import AudioError, load_audio
-    from processors.mel import mel_spectrogram
-    from utils.io import save_npy
-
     path, mel_path, audio_path, pre = job
     min_samples = max(int(pre["hop_size"]), (int(pre["n_fft"]) - int(pre["hop_size"])) // 2 + 1)
     try:
@@ -111,8 +109,8 @@ def extract_one(job: tuple[str, str, str, dict]) -> str | None:
     return None
 
 
-def extract_features(cfg: Any, dataset: str, entries: list[dict], num_workers: int) -> tuple[int, list[str]]:
-    """Featurise what is not done yet; returns (newly done, skip reasons)."""
+def extract_features(cfg: Any, dataset: str, entries: list[dict], pool: Executor | None = None) -> tuple[int, list[str]]:
+    """Featurise what is not done yet (in `pool` when given); returns (newly done, skip reasons)."""
     pre = dict(cfg.preprocess)
     jobs = []
     for e in entries:
@@ -121,19 +119,12 @@ def extract_features(cfg: Any, dataset: str, entries: list[dict], num_workers: i
             jobs.append((e["Path"], str(mel_path), str(audio_path), pre))
     skipped: list[str] = []
     bar = tqdm(total=len(jobs), desc=f"{dataset} features", unit="file", dynamic_ncols=True)
-    if num_workers <= 1:
-        _init_worker()
-        results = map(extract_one, jobs)
-    else:
-        pool = ProcessPoolExecutor(num_workers, mp_context=get_context("fork"), initializer=_init_worker)
-        results = pool.map(extract_one, jobs, chunksize=4)
+    results = pool.map(extract_one, jobs, chunksize=4) if pool else map(extract_one, jobs)
     for reason in results:
         if reason:
             skipped.append(reason)
         bar.update()
     bar.close()
-    if num_workers > 1:
-        pool.shutdown()
     skipped_file = Path(pre["processed_dir"]) / dataset / "skipped.txt"
     if skipped:
         atomic_write_text(skipped_file, "".join(f"{r}\n" for r in skipped))
@@ -144,15 +135,26 @@ def extract_features(cfg: Any, dataset: str, entries: list[dict], num_workers: i
     return len(jobs) - len(skipped), skipped
 
 
+def feature_pool(workers: int) -> Executor | None:
+    """One pool for every dataset, forked after the heavy imports of this module so workers start at once."""
+    _init_worker()
+    return ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker) if workers > 1 else None
+
+
 def preprocess(cfg: Any, num_workers: int | None = None) -> None:
     check_dataset_paths(cfg)
     workers = num_workers or os.cpu_count() or 1
-    for dataset in cfg.dataset:
-        start = time.time()
-        train, test = write_metadata(cfg, dataset)
-        write_speaker_tables(cfg, dataset, train, test)
-        done, skipped = extract_features(cfg, dataset, train + test, workers)
-        log.info(
-            "%s: %d train / %d test utterances; features: %d done, %d skipped, %.1f s",
-            dataset, len(train), len(test), done, len(skipped), time.time() - start,
-        )
+    pool = feature_pool(workers)
+    try:
+        for dataset in cfg.dataset:
+            start = time.time()
+            train, test = write_metadata(cfg, dataset)
+            write_speaker_tables(cfg, dataset, train, test)
+            done, skipped = extract_features(cfg, dataset, train + test, pool)
+            log.info(
+                "%s: %d train / %d test utterances; features: %d done, %d skipped, %.1f s",
+                dataset, len(train), len(test), done, len(skipped), time.time() - start,
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown()
