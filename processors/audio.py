@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aiff", ".aif")
 
@@ -41,32 +44,48 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) -> np.ndarray:
-    """Mono float32 in [-1, 1] at `sample_rate`; raises AudioError naming the file."""
+    """Mono float32 in [-1, 1] at `sample_rate`; raises AudioError naming the file.
+
+    Stereo is averaged; a float file peaking above 1.0 is scaled down with a warning (not
+    clipped), since clipping would add distortion the vocoder then learns.
+    """
     if not os.path.isfile(path):
         raise AudioError(f"{path}: file does not exist")
     if os.path.getsize(path) == 0:
         raise AudioError(f"{path}: empty file")
     audio, rate = _decode(path)
+    if len(audio) == 0:
+        raise AudioError(f"{path}: no samples (zero-length audio)")
     if not np.all(np.isfinite(audio)):
         raise AudioError(f"{path}: contains NaN or inf samples")
+    peak = float(np.abs(audio).max())
+    if peak > 1.0:
+        log.warning("%s: peak %.3f above 1.0, scaled down to 0.999", path, peak)
+        audio = audio * (0.999 / peak)
     audio = resample(audio, rate, sample_rate)
     if len(audio) < min_samples:
         raise AudioError(f"{path}: too short ({len(audio)} samples at {sample_rate} Hz, need {min_samples})")
-    peak = float(np.abs(audio).max(initial=0.0))
-    if peak > 1.0:
-        warnings.warn(f"{path}: peak {peak:.3f} above 1.0, scaled down to 0.999", stacklevel=2)
-        audio = audio * (0.999 / peak)
+    overshoot = float(np.abs(audio).max())
+    if overshoot > 1.0:  # resampling a near-full-scale file can ring slightly past 1.0
+        audio = audio / overshoot
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
 def audio_duration(path: str | os.PathLike) -> float:
-    """Duration in seconds from the header when possible (no full decode)."""
+    """Duration in seconds from the header when possible (no full decode).
+
+    An undecodable file reads as 0.0 rather than raising: corpus parsers list it, and stage 1
+    then skips it with the loader's reason instead of the whole parse failing.
+    """
     import soundfile as sf
 
     try:
         return float(sf.info(str(path)).duration)
     except Exception:
-        audio, rate = _decode(path)
+        try:
+            audio, rate = _decode(path)
+        except AudioError:
+            return 0.0
         return len(audio) / rate
 
 

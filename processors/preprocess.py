@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing import get_context
@@ -21,7 +22,7 @@ from processors.audio import AudioError, load_audio
 from processors.datasets import get_parser
 from processors.mel import mel_spectrogram
 from utils.config import check_dataset_paths
-from utils.io import atomic_write_text, load_json, save_json, save_npy
+from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy
 
 log = logging.getLogger(__name__)
 AUGMENTATION_SUFFIXES = ("_equalizer", "_formant_shift", "_pitch_shift", "_time_stretch")
@@ -35,9 +36,13 @@ def speaker_key(entry: dict) -> str:
 
 
 def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, Path]:
-    """Where an entry's (mel, audio) features live: found through its own `Dataset` field."""
-    folder = Path(processed_dir) / entry["Dataset"]
-    return folder / "mels" / f"{entry['Uid']}.npy", folder / "audios" / f"{entry['Uid']}.npy"
+    """Where an entry's (mel, audio) features live: found through its own `Dataset` field.
+
+    Names are sanitised, so a Uid such as `../x` from a corpus listing stays inside the folder.
+    """
+    folder = Path(processed_dir) / safe_name(entry["Dataset"])
+    uid = safe_name(entry["Uid"])
+    return folder / "mels" / f"{uid}.npy", folder / "audios" / f"{uid}.npy"
 
 
 def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict]]:
@@ -112,6 +117,8 @@ def extract_one(job: tuple[str, str, str, dict]) -> str | None:
 def extract_features(cfg: Any, dataset: str, entries: list[dict], pool: Executor | None = None) -> tuple[int, list[str]]:
     """Featurise what is not done yet (in `pool` when given); returns (newly done, skip reasons)."""
     pre = dict(cfg.preprocess)
+    for sub in ("mels", "audios"):
+        remove_stale_temps(Path(pre["processed_dir"]) / dataset / sub)
     jobs = []
     for e in entries:
         mel_path, audio_path = feature_paths(pre["processed_dir"], e)
@@ -141,14 +148,42 @@ def feature_pool(workers: int) -> Executor | None:
     return ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker) if workers > 1 else None
 
 
+def feature_bytes(pre: Any, entries: list[dict]) -> int:
+    """Disk needed by the float32 audio and mel features of `entries`, from their durations."""
+    rate, hop, n_mel = int(pre["sample_rate"]), int(pre["hop_size"]), int(pre["n_mel"])
+    header = 128
+    total = 0
+    for e in entries:
+        samples = int(float(e.get("Duration", 0.0)) * rate) + 1
+        total += 4 * samples + 4 * n_mel * (samples // hop) + 2 * header
+    return total
+
+
+def check_disk_space(pre: Any, todo: list[dict]) -> None:
+    """Refuse to start when the features clearly will not fit; say how much they need."""
+    need = feature_bytes(pre, todo)
+    folder = Path(pre["processed_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if need * 1.05 > free:
+        raise OSError(
+            f"{folder}: not enough free disk space for the features of {len(todo)} utterances: "
+            f"need about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
+        )
+    log.info("features need about %.1f MiB; %.1f MiB free in %s", need / 2**20, free / 2**20, folder)
+
+
 def preprocess(cfg: Any, num_workers: int | None = None) -> None:
     check_dataset_paths(cfg)
     workers = num_workers or os.cpu_count() or 1
+    splits = {dataset: write_metadata(cfg, dataset) for dataset in cfg.dataset}
+    todo = [e for train, test in splits.values() for e in train + test
+            if not all(p.is_file() for p in feature_paths(cfg.preprocess.processed_dir, e))]
+    check_disk_space(cfg.preprocess, todo)
     pool = feature_pool(workers)
     try:
-        for dataset in cfg.dataset:
+        for dataset, (train, test) in splits.items():
             start = time.time()
-            train, test = write_metadata(cfg, dataset)
             write_speaker_tables(cfg, dataset, train, test)
             done, skipped = extract_features(cfg, dataset, train + test, pool)
             log.info(

@@ -14,13 +14,14 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from utils.io import load_json, save_json
+from utils.io import load_json, remove_stale_temps, save_json
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d+)_step-(\d+)_loss-([0-9.]+|nan|inf)$")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
@@ -37,12 +38,19 @@ def checkpoint_name(epoch: int, step: int, loss: float) -> str:
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """torch.load that refuses anything but tensors and plain containers."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise CheckpointError(f"{path}: refused, the file carries pickled objects that could run code ({first})") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        detail = f"unsupported global {found.group(1)}" if found else "unsupported pickle content"
+        raise CheckpointError(
+            f"{path}: refused: the file carries pickled objects that could run code ({detail}); "
+            "only tensors and plain containers are loaded"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first})") from None
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -85,21 +93,51 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     model.load_state_dict(state)
 
 
+TEMP_PREFIX = ".tmp-"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Rename out of sight first, then delete: a folder with a checkpoint name is never half-deleted."""
+    if not folder.exists():
+        return
+    doomed = folder.with_name(f"{TEMP_PREFIX}del-{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(folder: Path, files: dict[str, Any], state: dict) -> Path:
-    """Write a complete checkpoint folder atomically: tensors, then state.json, then rename."""
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write a complete checkpoint folder atomically: tensors, then state.json, fsync, then rename.
+
+    Temporary folders (`.tmp-*`) left by an interrupted save are removed here: only the
+    training process writes in this folder, and list_checkpoints never reads them.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f"{TEMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(folder.parent)
+    tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}")
+    tmp.mkdir()
     try:
         for name, obj in files.items():
             if name.endswith(".safetensors"):
                 save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, str(tmp / name))
             else:
                 torch.save(obj, tmp / name)
+            _fsync(tmp / name)
         save_json(tmp / "state.json", state)
-        if folder.exists():
-            shutil.rmtree(folder)
+        _fsync(tmp)
+        remove_checkpoint(folder)
         os.replace(tmp, folder)
+        _fsync(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

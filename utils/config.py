@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,30 +75,66 @@ def _resolve_parent(name: str, child: Path) -> Path:
     raise ConfigError(f"{child}: base_config '{name}' does not exist")
 
 
-def _read(path: Path, chain: tuple[Path, ...]) -> dict:
+def _dotted(data: dict, prefix: str = "") -> list[str]:
+    """Every key at every depth, as `a`, `a.b`, `a.b.c`."""
+    keys = []
+    for key, value in data.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys += _dotted(value, f"{prefix}{key}.")
+    return keys
+
+
+def _join_surrogates(obj: Any) -> Any:
+    """json5 reads a `\\ud83d\\ude00` escape pair (as Python's json.dump writes emoji) as two halves: join them."""
+    if isinstance(obj, str):
+        if not any("\ud800" <= c <= "\udfff" for c in obj):
+            return obj
+        return obj.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+    if isinstance(obj, dict):
+        return {_join_surrogates(k): _join_surrogates(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_surrogates(v) for v in obj]
+    return obj
+
+
+def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
+    """The merged config of `path` and, per dotted key, the file that set it."""
     if path in chain:
         loop = " -> ".join(str(p) for p in (*chain, path))
         raise ConfigError(f"{path}: base_config loops ({loop})")
     try:
-        data = json5.loads(path.read_text(encoding="utf-8"))
+        data = _join_surrogates(json5.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file does not exist") from None
-    except ValueError as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON5 ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be an object")
     parent = data.pop("base_config", None)
+    sources = dict.fromkeys(_dotted(data), str(path))
     if parent:
-        data = merge(_read(_resolve_parent(parent, path), (*chain, path)), data)
-    return data
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: key 'base_config' must be a path string, got {type(parent).__name__}")
+        base, base_sources = _read(_resolve_parent(parent, path), (*chain, path))
+        data, sources = merge(base, data), {**base_sources, **sources}
+    return data, sources
 
 
 def load_config(path: str | os.PathLike) -> AttrDict:
     """Load a JSON5 config, merged over its `base_config` chain."""
     path = Path(path).resolve()
-    cfg = to_attrdict(_read(path, ()))
+    data, sources = _read(path, ())
+    cfg = to_attrdict(data)
     cfg["config_path"] = str(path)
+    object.__setattr__(cfg, "_sources", sources)  # an attribute, not a key: never saved with the config
     return cfg
+
+
+def source_of(cfg: dict, dotted: str) -> str:
+    """The file that set `dotted` (the top config file for keys it does not have)."""
+    sources = cfg.__dict__.get("_sources", {}) if isinstance(cfg, AttrDict) else {}
+    return sources.get(dotted) or str(cfg.get("config_path", "config"))
 
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
@@ -106,23 +143,116 @@ def save_config(cfg: dict, path: str | os.PathLike) -> None:
     atomic_write_text(path, json.dumps(to_plain(cfg), indent=4, ensure_ascii=False))
 
 
-def require(cfg: dict, dotted: str, kind: type | tuple[type, ...], where: str = "") -> Any:
-    """Read `a.b.c`, check its type, and fail with one line naming key and file."""
+def _lookup(cfg: dict, dotted: str) -> tuple[bool, Any]:
+    """(found, value) of `a.b.c`; a section that is not an object is a ConfigError."""
     node: Any = cfg
-    source = where or cfg.get("config_path", "config")
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"{source}: missing required key '{dotted}'")
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict):
+            above = ".".join(parts[:depth])
+            raise ConfigError(f"{source_of(cfg, above)}: key '{above}' must be an object, got {type(node).__name__} {node!r}")
+        if part not in node:
+            return False, None
         node = node[part]
-    ok = isinstance(node, kind) and not (isinstance(node, bool) and bool not in _as_tuple(kind))
-    if not ok:
-        names = "/".join(k.__name__ for k in _as_tuple(kind))
-        raise ConfigError(f"{source}: key '{dotted}' must be {names}, got {type(node).__name__} {node!r}")
-    return node
+    return True, node
 
 
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
+def _is(value: Any, kind: tuple[type, ...]) -> bool:
+    """isinstance where a bool is not a number (JSON `true` is not a batch size)."""
+    return isinstance(value, kind) and not (isinstance(value, bool) and bool not in kind)
+
+
+def require(cfg: dict, dotted: str, kind: type | tuple[type, ...]) -> Any:
+    """Read `a.b.c`, check its type, and fail with one line naming the key and the file that set it."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    found, value = _lookup(cfg, dotted)
+    if not found:
+        raise ConfigError(f"{source_of(cfg, dotted)}: missing required key '{dotted}'")
+    if not _is(value, kinds):
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise ConfigError(f"{source_of(cfg, dotted)}: key '{dotted}' must be {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+INT, NUMBER, STR, LIST, NONE = (int,), (int, float), (str,), (list,), (type(None),)
+GENERATORS = ("diffwave",)
+SAMPLER_NAMES = ("fast", "full", "ddim", "searched")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key must hold, and for which stages (p: preprocess, t: train, i: inference)."""
+
+    kind: tuple[type, ...]
+    stages: str
+    required: bool = True
+    positive: bool = False
+    choices: tuple[str, ...] = ()
+    items: tuple[type, ...] = ()
+
+
+# The keys the recipe reads; anything else in a config is left alone (original configs carry many more).
+SCHEMA: dict[str, Rule] = {
+    "dataset": Rule(LIST, "pt", items=STR),
+    "dataset_path": Rule((dict,), "p"),
+    "use_custom_dataset": Rule(LIST, "p", required=False, items=STR),
+    "log_dir": Rule(STR, "t"),
+    "preprocess.processed_dir": Rule(STR, "pti"),
+    "preprocess.train_file": Rule(STR, "pt"),
+    "preprocess.valid_file": Rule(STR, "pti"),
+    **{f"preprocess.{k}": Rule(INT, "pti", positive=True) for k in ("sample_rate", "n_fft", "win_size", "hop_size", "n_mel")},
+    "preprocess.fmin": Rule(NUMBER, "pti", required=False),
+    "preprocess.fmax": Rule(NUMBER + NONE, "pti", required=False),
+    "preprocess.cut_mel_frame": Rule(INT, "t", positive=True),
+    "model.generator": Rule(STR, "ti", choices=GENERATORS),
+    **{f"model.diffwave.{k}": Rule(INT, "ti", positive=True)
+       for k in ("residual_channels", "residual_layers", "dilation_cycle_length")},
+    "model.diffwave.noise_schedule_factors": Rule(LIST, "ti", items=NUMBER),
+    "model.diffwave.inference_noise_schedule": Rule(LIST, "ti", items=NUMBER),
+    "model.diffwave.upsample_factors": Rule(LIST + NONE, "ti", required=False, items=INT),
+    "train.batch_size": Rule(INT, "t", positive=True),
+    "train.max_epoch": Rule(INT, "t", required=False),
+    "train.max_steps": Rule(INT, "t", required=False),
+    "train.random_seed": Rule(INT, "t", required=False),
+    "train.gradient_accumulation_step": Rule(INT, "t", required=False, positive=True),
+    "train.save_checkpoint_stride": Rule(LIST, "t", required=False, items=INT),
+    "train.keep_last": Rule(LIST, "t", required=False, items=INT),
+    "train.save_checkpoints_steps": Rule(INT, "t", required=False),
+    "train.adamw.lr": Rule(NUMBER, "t", positive=True),
+    "train.adamw.adam_b1": Rule(NUMBER, "t"),
+    "train.adamw.adam_b2": Rule(NUMBER, "t"),
+    "train.exponential_lr.lr_decay": Rule(NUMBER, "t"),
+    "train.ema_decay": Rule(NUMBER, "t", required=False),
+    "train.max_grad_norm": Rule(NUMBER, "t", required=False),
+    "train.mixed_precision": Rule(STR, "t", required=False, choices=("no", "fp16", "bf16")),
+    "train.dataloader.num_worker": Rule(INT, "t", required=False),
+    "inference.batch_size": Rule(INT, "i", required=False, positive=True),
+    "inference.sampler": Rule(STR, "i", required=False, choices=SAMPLER_NAMES),
+}
+STAGES = {"preprocess": "p", "train": "t", "inference": "i"}
+
+
+def validate(cfg: dict, stage: str) -> None:
+    """Check the keys `stage` reads before any work starts: one ConfigError naming key and file."""
+    letter = STAGES[stage]
+    for dotted, rule in SCHEMA.items():
+        if letter not in rule.stages:
+            continue
+        found, value = _lookup(cfg, dotted)
+        if not found:
+            if rule.required:
+                raise ConfigError(f"{source_of(cfg, dotted)}: missing required key '{dotted}' (needed by {stage})")
+            continue
+        where = f"{source_of(cfg, dotted)}: key '{dotted}'"
+        require(cfg, dotted, rule.kind)
+        if rule.positive and value <= 0:
+            raise ConfigError(f"{where} must be positive, got {value!r}")
+        if rule.choices and value not in rule.choices:
+            raise ConfigError(f"{where} is '{value}': choose one of {', '.join(rule.choices)}")
+        for item in value if rule.items and isinstance(value, list) else ():
+            if not _is(item, rule.items):
+                names = " or ".join(k.__name__ for k in rule.items)
+                raise ConfigError(f"{where} must hold {names} values, got {type(item).__name__} {item!r}")
 
 
 def check_dataset_paths(cfg: dict) -> None:
@@ -131,9 +261,8 @@ def check_dataset_paths(cfg: dict) -> None:
     for name in cfg.get("dataset", []):
         path = paths.get(name)
         if path is None:
-            raise ConfigError(f"dataset '{name}' has no entry in dataset_path: add it in {cfg.get('config_path')}")
+            raise ConfigError(f"dataset '{name}' has no entry in dataset_path: add it in {source_of(cfg, 'dataset')}")
         if PLACEHOLDER in str(path) or not str(path).strip():
-            raise ConfigError(
-                f"dataset '{name}' still has the placeholder path '{path}': "
-                f"set dataset_path.{name} in {cfg.get('config_path')}"
-            )
+            top, origin = cfg.get("config_path"), source_of(cfg, f"dataset_path.{name}")
+            where = f"{top} (the placeholder comes from {origin})" if origin != str(top) else top
+            raise ConfigError(f"dataset '{name}' still has the placeholder path '{path}': set dataset_path.{name} in {where}")

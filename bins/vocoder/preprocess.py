@@ -4,11 +4,13 @@ import argparse
 
 from processors.preprocess import preprocess
 from utils.cli import add_common_args, run
-from utils.config import load_config
+from utils.config import load_config, validate
 
 
 def main(args: argparse.Namespace) -> None:
-    preprocess(load_config(args.config), args.num_workers)
+    cfg = load_config(args.config)
+    validate(cfg, "preprocess")
+    preprocess(cfg, args.num_workers)
 
 
 if __name__ == "__main__":

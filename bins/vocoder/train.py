@@ -4,13 +4,12 @@ import argparse
 
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from utils.cli import add_common_args, run
-from utils.config import ConfigError, load_config
+from utils.config import load_config, validate
 
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
-    if cfg.get("model", {}).get("generator") != "diffwave":
-        raise ConfigError(f"{cfg.config_path}: model.generator must be 'diffwave', got {cfg.get('model', {}).get('generator')!r}")
+    validate(cfg, "train")
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
     DiffusionVocoderTrainer(cfg, args.exp_name, args.resume_type, args.checkpoint).train()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from utils.checkpoint import checkpoint_name, save_checkpoint
+from utils.checkpoint import checkpoint_name, remove_checkpoint, save_checkpoint
 from utils.io import load_json, save_json
 
 log = logging.getLogger(__name__)
@@ -110,6 +109,6 @@ class CheckpointPolicy:
             keep.update(names if limit < 0 else names[len(names) - limit:] if limit else [])
         for record in self.records:
             if record["name"] not in keep:
-                shutil.rmtree(self.root / record["name"], ignore_errors=True)
+                remove_checkpoint(self.root / record["name"])  # renamed first: never half-deleted under its name
         self.records = [r for r in self.records if r["name"] in keep and (self.root / r["name"]).is_dir()]
         save_json(self.root / "ckpts.json", {"checkpoints": self.records, "latest": self.records[-1]["name"]})

@@ -73,7 +73,8 @@ def factorize(hop: int) -> list[int]:
     """Two factors as equal as possible (three when the hop is large), largest last."""
     if hop > 1024:
         first = next(d for d in range(round(hop ** (1 / 3)), 0, -1) if hop % d == 0)
-        return [first, *factorize(hop // first)]
+        if first > 1:  # a prime-ish hop has no small factor: keep two
+            return [first, *factorize(hop // first)]
     low = next(d for d in range(math.isqrt(hop), 0, -1) if hop % d == 0)
     return [low, hop // low] if low > 1 else [hop]
 

@@ -61,7 +61,6 @@ class CropDataset(Dataset):
         return crop_pair(mel, audio, self.frames, self.hop, np.random.default_rng(seed))
 
 
-
 def crop_pair(mel: np.ndarray, audio: np.ndarray, frames: int, hop: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
     """Frames [s, s+frames) of the mel and samples [s*hop, (s+frames)*hop) of the audio, zero-padded."""
     available = min(mel.shape[1], len(audio) // hop)
@@ -77,7 +76,7 @@ def crop_pair(mel: np.ndarray, audio: np.ndarray, frames: int, hop: int, rng: np
 
 
 def collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    mels, audios = zip(*batch)
+    mels, audios = zip(*batch, strict=True)
     return torch.stack(mels), torch.stack(audios)
 
 
@@ -105,10 +104,11 @@ class EpochBatchSampler:
         batches = [pairs[i : i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size and len(batches) > 1:
             batches.pop()
-        if len(batches) < self.world:  # every process must take the same number of steps
-            batches = [batches[i % len(batches)] for i in range(self.world)] if batches else []
-        usable = len(batches) - len(batches) % self.world if self.drop_last else len(batches)
-        return batches[:usable]
+        if not self.drop_last:  # evaluation: every item exactly once, shards may be uneven or empty
+            return batches
+        if batches and len(batches) < self.world:  # training: every process must take the same number of steps
+            batches = [batches[i % len(batches)] for i in range(self.world)]
+        return batches[: len(batches) - len(batches) % self.world]
 
     def __len__(self) -> int:
         return len(self._all_batches()[self.rank :: self.world])

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.vocoders.diffusion.chunked import ChunkedDenoiser
 from models.vocoders.diffusion.ddpm import SAMPLERS, make_plan
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
 from utils.checkpoint import load_into, load_weights, resolve_checkpoint
@@ -53,7 +54,8 @@ class Vocoder:
 
     def __init__(self, cfg: Any, model: DiffWave, sampler: str = "fast", steps: int | None = None,
                  batch_size: int = 1, seed: int = 1234, device: str | None = None, precision: str = "fp32",
-                 betas: Sequence[float] | None = None) -> None:
+                 betas: Sequence[float] | None = None, chunk_size: int = 65536, cache_gib: float = 1.0,
+                 tile: int | None = None) -> None:
         if sampler not in (*SAMPLERS, "searched"):
             raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLERS)}")
         if precision not in PRECISIONS:
@@ -67,6 +69,9 @@ class Vocoder:
         self.hop = int(cfg.preprocess.hop_size)
         self.n_mel = int(cfg.preprocess.n_mel)
         self.dtype = PRECISIONS[precision]
+        self.chunk_size = int(chunk_size)
+        self.tile = tile
+        self.cache_bytes = int(float(cache_gib) * 2**30)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -90,9 +95,16 @@ class Vocoder:
         exact = None if len(mels) == 1 else lengths.to(self.device)
         generators = [torch.Generator().manual_seed(utterance_seed(self.seed, n)) for n in names]
 
-        def denoise(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        def autocast_denoise(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
             with self._autocast():
                 return self.model(x, step, padded, exact).float()
+
+        # fp32 runs chunk by chunk (exact, bounded memory, conditioner cached across steps);
+        # fp16/bf16 and wrapped models (DDP during training) use the plain forward
+        chunked = self.dtype is None and isinstance(self.model, DiffWave)
+        denoise = autocast_denoise
+        if chunked:
+            denoise = ChunkedDenoiser(self.model, padded, exact, self.chunk_size, self.cache_bytes, self.tile)
 
         audio = sample(denoise, self.plan, (len(mels), int(lengths.max())), self.device, exact, generators)
         return [audio[i, : int(n)].cpu().numpy() for i, n in enumerate(lengths)]
@@ -108,7 +120,7 @@ class Vocoder:
         for start in range(0, len(order), self.batch_size):
             group = order[start : start + self.batch_size]
             audios = self.batch([mels[i] for i in group], [names[i] for i in group])
-            for i, audio in zip(group, audios):
+            for i, audio in zip(group, audios, strict=True):
                 out[i] = audio
             if on_batch is not None:
                 on_batch(group, audios)
@@ -122,4 +134,13 @@ def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None,
     infer = cfg.get("inference", {})
     options.setdefault("sampler", infer.get("sampler", "fast"))
     options.setdefault("batch_size", infer.get("batch_size", 1))
+    if infer.get("steps") is not None:
+        options.setdefault("steps", infer.get("steps"))
+    for key in ("chunk_size", "cache_gib"):
+        if infer.get(key) is not None:
+            options.setdefault(key, infer.get(key))
+    if options["sampler"] == "searched" and options.get("betas") is None:
+        from models.vocoders.diffusion.schedule_search import searched_betas
+
+        options["betas"] = searched_betas(expt_dir, options.get("steps"))
     return Vocoder(cfg, model, **options)

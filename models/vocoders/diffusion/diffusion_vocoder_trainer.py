@@ -1,11 +1,18 @@
-"""Stage 2: the accelerate DDPM trainer for DiffWave."""
+"""Stage 2: the accelerate DDPM trainer for DiffWave.
+
+Gradient accumulation is done here rather than by `accelerator.accumulate`: windows are
+aligned to the epoch (the last one may be shorter), so every checkpoint sits on a window
+boundary and a resumed run takes exactly the steps the uninterrupted run would.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,8 @@ from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, collate, load_entries
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
-from utils.checkpoint import load_into, load_weights, read_state, resolve_checkpoint, safe_torch_load
+from processors.mel_conventions import write_contract
+from utils.checkpoint import list_checkpoints, load_into, load_weights, read_state, resolve_checkpoint, safe_torch_load
 from utils.config import ConfigError, save_config
 
 log = logging.getLogger(__name__)
@@ -47,33 +55,44 @@ class EMA:
 
 
 def dataloader_workers(cfg: Any) -> int:
+    """`train.dataloader.num_worker`, or (when -1) the spare cores up to 4."""
     wanted = int(cfg.train.get("dataloader", {}).get("num_worker", -1))
     if wanted >= 0:
         return wanted
-    import os
+    return max(0, min(4, len(os.sched_getaffinity(0)) - 1))
 
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 class DiffusionVocoderTrainer:
     def __init__(self, cfg: Any, name: str, resume_type: str | None = None, checkpoint: str | None = None) -> None:
         self.cfg, tcfg = cfg, cfg.train
+        if resume_type not in (None, "", "resume", "finetune"):
+            raise ConfigError(f"unknown --resume_type '{resume_type}': use resume or finetune")
         precision = tcfg.get("mixed_precision", "no")
         if precision not in PRECISIONS:
             raise ConfigError(f"{cfg.config_path}: train.mixed_precision must be one of {PRECISIONS}, got {precision!r}")
-        self.accelerator = Accelerator(
-            mixed_precision=precision, gradient_accumulation_steps=int(tcfg.get("gradient_accumulation_step", 1))
-        )
-        if torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if precision == "fp16" and not cuda:
+            raise ConfigError(f"{cfg.config_path}: train.mixed_precision 'fp16' needs a CUDA GPU (no fp16 grad scaling "
+                              "on CPU); use 'bf16' or 'no'")
+        # cpu=True without CUDA makes a multi-process launch a gloo process group instead of N lone trainers.
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not cuda)
+        self.accum = max(1, int(tcfg.get("gradient_accumulation_step", 1)))
+        if cuda:
             torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32", True))
             torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))
         self.exp_dir = Path(cfg.log_dir) / name
         self.ckpt_dir = self.exp_dir / "checkpoint"
         self.seed = int(tcfg.get("random_seed", 114514))
-        self._seed_everything(self.seed + self.accelerator.process_index)
 
+        seed_everything(self.seed)  # the same initial weights on every process
         self.model = build_diffwave(cfg)
-        self.cum = alpha_cum(training_betas(cfg.model.diffwave))
+        self.cum = alpha_cum(training_betas(cfg.model.diffwave)).to(self.accelerator.device)
         adamw = tcfg.adamw
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=float(adamw.lr), betas=(float(adamw.adam_b1), float(adamw.adam_b2))
@@ -82,14 +101,13 @@ class DiffusionVocoderTrainer:
         decay = float(tcfg.get("ema_decay", 0.0))
         self.ema = EMA(self.model, decay) if decay > 0 else None
         self.epoch, self.step, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
+        seed_everything(self.seed + self.accelerator.process_index)  # different noise per process
 
         if resume_type == "finetune":
             self._finetune(checkpoint)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if resume_type == "resume":
             self._resume(checkpoint or self.ckpt_dir)
-        elif resume_type not in (None, "", "finetune"):
-            raise ConfigError(f"unknown --resume_type '{resume_type}': use resume or finetune")
 
         self._build_data()
         self.policy = CheckpointPolicy(tcfg, self.ckpt_dir)
@@ -99,15 +117,26 @@ class DiffusionVocoderTrainer:
 
             self.exp_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.exp_dir / "args.json")
+            write_contract(cfg.preprocess, self.exp_dir)
             self.writer = SummaryWriter(str(self.exp_dir))
         self.eval_logger = EvalLogger(cfg, self.valid_entries, self.writer)
+        self._log_setup(precision)
 
     # ----- setup -----------------------------------------------------------------
-    @staticmethod
-    def _seed_everything(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+    def _log_setup(self, precision: str) -> None:
+        acc = self.accelerator
+        state = acc.state
+        where = f" (rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})" if acc.num_processes > 1 else ""
+        machines = int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        log.info("accelerate: %s on %s, %d process(es) on %d machine(s)%s; %d torch threads per process (OMP_NUM_THREADS=%s)",
+                 state.distributed_type.value, acc.device, acc.num_processes, machines, where,
+                 torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
+        log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, TF32 %s", precision, self.accum,
+                 self.cfg.train.get("max_grad_norm", 0) or "off",
+                 torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else "n/a (CPU)")
+        if acc.num_processes > 1 and torch.distributed.is_initialized():
+            log.info("process group: backend %s, world size %d, rendezvous port %s", torch.distributed.get_backend(),
+                     torch.distributed.get_world_size(), os.environ.get("MASTER_PORT"))
 
     def _build_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -125,15 +154,14 @@ class DiffusionVocoderTrainer:
             len(self.valid_entries), batch, self.seed, acc.process_index, acc.num_processes, shuffle=False, drop_last=False
         )
         self.valid_loader = self._loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1))
-        log.info(
-            "data: %d train / %d valid utterances; %d process(es), %d torch threads each, %d loader workers",
-            len(train_entries), len(self.valid_entries), acc.num_processes, torch.get_num_threads(), workers,
-        )
+        log.info("data: %d train / %d valid utterances, %d batches of %d per process per epoch, %d persistent loader workers",
+                 len(train_entries), len(self.valid_entries), len(self.train_sampler), batch, workers)
 
     @staticmethod
     def _loader(dataset: CropDataset, sampler: EpochBatchSampler, workers: int) -> DataLoader:
+        # Its own generator: creating an iterator must not draw from the global RNG a resume restores.
         return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, generator=torch.Generator(),
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         )
 
@@ -144,10 +172,14 @@ class DiffusionVocoderTrainer:
         load_into(self.model, load_weights(source), source)
         if self.ema is not None:
             ema_file = source / "ema.safetensors" if source.is_dir() else None
-            self.ema.shadow = load_weights(ema_file) if ema_file and ema_file.is_file() else {
-                k: v.detach().clone().float() for k, v in self.model.state_dict().items()
-            }
-        log.info("finetuning from %s: weights loaded, optimizer and step start fresh", source)
+            if ema_file is not None and ema_file.is_file():
+                shadow = build_diffwave(self.cfg)
+                load_into(shadow, load_weights(ema_file), ema_file)  # the same clear error for a shape mismatch
+                self.ema.shadow = {k: v.detach().clone().float() for k, v in shadow.state_dict().items()}
+            else:
+                self.ema = EMA(self.model, self.ema.decay)
+        log.info("finetuning from %s: weights%s loaded, optimizer and step start fresh", source,
+                 " and EMA" if self.ema is not None else "")
 
     def _resume(self, checkpoint: str | Path) -> None:
         folder = resolve_checkpoint(checkpoint)
@@ -165,49 +197,60 @@ class DiffusionVocoderTrainer:
         rng_file = folder / f"rng_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
             set_rng_state(safe_torch_load(rng_file))
-        log.info("resumed from %s at epoch %d, step %d", folder, self.epoch, self.step)
+        else:
+            log.warning("%s: no RNG state for process %d; the noise differs from the original run",
+                        folder, self.accelerator.process_index)
+        log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.step,
+                 self.batch_in_epoch)
 
     # ----- training --------------------------------------------------------------
-    def _loss(self, mel: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    def _loss(self, model: torch.nn.Module, mel: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         t = torch.randint(0, len(self.cum), (audio.shape[0],), device=audio.device)
         noise = torch.randn_like(audio)
         noisy = add_noise(audio, noise, t, self.cum)
         with self.accelerator.autocast():
-            predicted = self.model(noisy, t, mel)
+            predicted = model(noisy, t, mel)
         return F.l1_loss(predicted.float(), noise)
 
-    def _train_step(self, mel: torch.Tensor, audio: torch.Tensor) -> tuple[float, float | None]:
+    def micro_step(self, mel: torch.Tensor, audio: torch.Tensor, window: int, sync: bool) -> float:
+        """Forward and backward of one batch; returns its loss (NaN/inf when any process's loss was)."""
         acc = self.accelerator
-        with acc.accumulate(self.model):
-            loss = self._loss(mel, audio)
-            finite = bool(torch.isfinite(acc.reduce(loss.detach(), "mean")))
-            if not finite:
-                self.optimizer.zero_grad(set_to_none=True)
-                return float("nan"), None
-            acc.backward(loss)
-            grad_norm = None
-            if acc.sync_gradients:
-                max_norm = float(self.cfg.train.get("max_grad_norm", 0) or math.inf)
-                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.item(), grad_norm
+        with nullcontext() if sync else acc.no_sync(self.model):
+            loss = self._loss(self.model, mel, audio)
+            # Every process backpropagates, so collective calls stay in step; a bad window is dropped at sync.
+            acc.backward(loss / window)
+        return float(acc.reduce(loss.detach(), "mean"))
+
+    def optimizer_step(self, window_ok: bool) -> tuple[bool, float | None]:
+        """Clip and step, or drop the window's gradients; returns (stepped, grad norm)."""
+        grad_norm, stepped = None, False
+        if window_ok:
+            max_norm = float(self.cfg.train.get("max_grad_norm", 0) or math.inf)
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+            # With a grad scaler an inf norm is its overflow signal: it skips the step and lowers the scale.
+            if math.isfinite(grad_norm) or self.accelerator.scaler is not None:
+                self.optimizer.step()
+                stepped = not self.optimizer.step_was_skipped
+        self.optimizer.zero_grad(set_to_none=True)
+        return stepped, grad_norm
 
     @torch.no_grad()
     def validate(self) -> float:
-        self.model.eval()
-        total = torch.zeros(2, device=self.accelerator.device)
-        generator_state = torch.get_rng_state()
-        torch.manual_seed(self.seed)  # the same noise every time, so valid losses compare across epochs
-        for mel, audio in self.valid_loader:
-            mel, audio = mel.to(self.accelerator.device), audio.to(self.accelerator.device)
-            total += torch.stack([self._loss(mel, audio) * len(audio), torch.tensor(float(len(audio)), device=total.device)])
-        torch.set_rng_state(generator_state)
+        """Mean loss over one crop of every test utterance, with the same noise every time."""
+        model = self.accelerator.unwrap_model(self.model)  # uneven shards: no collectives inside the loop
+        model.eval()
+        device = self.accelerator.device
+        total = torch.zeros(2, device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            for mel, audio in self.valid_loader:
+                mel, audio = mel.to(device), audio.to(device)
+                total += torch.stack([self._loss(model, mel, audio) * len(audio), torch.tensor(float(len(audio)), device=device)])
         total = self.accelerator.reduce(total, "sum")
-        self.model.train()
+        model.train()
         return float(total[0] / total[1].clamp(min=1))
 
-    def _log(self, scalars: dict[str, float]) -> None:
+    def _log(self, scalars: dict[str, float | None]) -> None:
         if self.writer is not None:
             for tag, value in scalars.items():
                 if value is not None:
@@ -220,7 +263,8 @@ class DiffusionVocoderTrainer:
             model = acc.unwrap_model(self.model)
             self.policy.save(self, model, loss, rng_states, kinds)
             if self.policy.wants_eval(kinds) or "final" in kinds:
-                self.eval_logger.log(self._inference_weights(model), self.step)
+                with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+                    self.eval_logger.log(self._inference_weights(model), self.step)
         acc.wait_for_everyone()
 
     def _inference_weights(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -230,71 +274,102 @@ class DiffusionVocoderTrainer:
         copy.load_state_dict(self.ema.shadow)
         return copy.to(self.accelerator.device)
 
+    def _too_many_bad(self, bad_in_row: int) -> FloatingPointError:
+        kept = list_checkpoints(self.ckpt_dir)
+        where = f"the last good checkpoint {kept[-1]} is kept" if kept else f"no checkpoint was saved yet in {self.ckpt_dir}"
+        return FloatingPointError(
+            f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (at step {self.step}, epoch "
+            f"{self.epoch}): training stopped; {where}. Lower train.adamw.lr or set train.max_grad_norm"
+        )
+
     def train(self) -> None:
+        try:
+            self._train()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        self.accelerator.end_training()
+
+    def _train(self) -> None:
         acc, tcfg = self.accelerator, self.cfg.train
         max_steps = int(tcfg.get("max_steps", 0) or 0)
         max_epoch = int(tcfg.get("max_epoch", -1))
         max_bad = int(tcfg.get("max_nonfinite_steps", 20))
-        hop = int(self.cfg.preprocess.hop_size)
-        sample_rate = int(self.cfg.preprocess.sample_rate)
-        bad_in_row, loss = 0, float("nan")
+        rate = float(self.cfg.preprocess.sample_rate)
+        bad_in_row = 0
         self.model.train()
         while (max_epoch < 0 or self.epoch < max_epoch) and not (max_steps and self.step >= max_steps):
             self.train_sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            bar = tqdm(total=len(self.train_sampler), initial=0, desc=f"epoch {self.epoch}", disable=not acc.is_main_process,
-                       dynamic_ncols=True, leave=False)
-            epoch_losses, tick = [], time.time()
+            per_epoch = len(self.train_sampler)
+            bar = tqdm(total=per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch}", unit="batch",
+                       disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
+            losses: list[float] = []
+            pending: list[str] = []
+            window_ok, window_audio, epoch_audio, epoch_steps = True, 0.0, 0.0, 0
+            start = tick = time.perf_counter()
+            window_start = self.batch_in_epoch - self.batch_in_epoch % self.accum
             for mel, audio in self.train_loader:
                 mel, audio = mel.to(acc.device), audio.to(acc.device)
-                loss, grad_norm = self._train_step(mel, audio)
+                window = min(self.accum, per_epoch - window_start)
+                sync = self.batch_in_epoch + 1 - window_start >= window
+                loss = self.micro_step(mel, audio, window, sync)
                 self.batch_in_epoch += 1
-                if not math.isfinite(loss):
-                    self.skipped_steps += 1
-                    bad_in_row += 1
-                    if bad_in_row >= max_bad:
-                        raise FloatingPointError(
-                            f"{bad_in_row} non-finite losses in a row at step {self.step}: training stopped; "
-                            f"the last good checkpoint is kept in {self.ckpt_dir}"
-                        )
+                window_ok = window_ok and math.isfinite(loss)
+                window_audio += audio.numel() * acc.num_processes / rate
+                if math.isfinite(loss):
+                    losses.append(loss)
+                bar.update()
+                if not sync:
                     continue
-                bad_in_row = 0
-                if acc.sync_gradients:
+                stepped, grad_norm = self.optimizer_step(window_ok)
+                elapsed = max(time.perf_counter() - tick, 1e-9)
+                if stepped:
                     self.step += 1
+                    bad_in_row = 0
                     if self.ema is not None:
                         self.ema.update(acc.unwrap_model(self.model), self.step)
-                epoch_losses.append(loss)
-                elapsed = max(time.time() - tick, 1e-9)
-                tick = time.time()
-                audio_seconds = audio.shape[0] * audio.shape[1] * acc.num_processes / sample_rate
+                else:
+                    self.skipped_steps += 1
+                    bad_in_row += 1
                 self._log({
-                    "train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
-                    "train/steps_per_sec": 1 / elapsed, "train/audio_sec_per_sec": audio_seconds / elapsed,
-                    "train/skipped_steps": self.skipped_steps,
+                    "train/loss": losses[-1] if stepped and losses else None, "train/grad_norm": grad_norm,
+                    "train/lr": self.optimizer.param_groups[0]["lr"], "train/skipped_steps": self.skipped_steps,
+                    "train/steps_per_sec": 1 / elapsed, "train/audio_sec_per_sec": window_audio / elapsed,
                 })
-                bar.set_postfix(loss=f"{loss:.4f}", step=self.step)
-                bar.update()
-                if self.policy.due_by_step(self.step):
-                    self._save(loss, self.policy.due_by_step(self.step))
-                if max_steps and self.step >= max_steps:
+                epoch_audio, epoch_steps = epoch_audio + window_audio, epoch_steps + 1
+                bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", step=self.step,
+                                steps_s=f"{1 / elapsed:.2f}", audio_s_s=f"{window_audio / elapsed:.1f}")
+                window_ok, window_audio, window_start = True, 0.0, self.batch_in_epoch
+                if bad_in_row >= max_bad:
+                    bar.close()
+                    raise self._too_many_bad(bad_in_row)
+                kinds = self.policy.due_by_step(self.step) if stepped else []
+                stopping = bool(max_steps and self.step >= max_steps)
+                if kinds and not stopping and self.batch_in_epoch < per_epoch:
+                    self._save(losses[-1], kinds)
+                else:
+                    pending += kinds  # saved once below, with the epoch's or the final checkpoint
+                tick = time.perf_counter()
+                if stopping:
                     break
             bar.close()
-            finished_epoch = not (max_steps and self.step >= max_steps) or self.batch_in_epoch >= len(self.train_sampler)
+            seconds = time.perf_counter() - start
+            finished_epoch = self.batch_in_epoch >= per_epoch
             if finished_epoch:
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 self.scheduler.step()
             valid_loss = self.validate()
-            mean_loss = float(np.mean(epoch_losses)) if epoch_losses else float("nan")
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
             self._log({"valid/loss": valid_loss, "train/epoch_loss": mean_loss})
-            if acc.is_main_process:
-                log.info("epoch %d step %d: train loss %.5f, valid loss %.5f, lr %.3g, %d skipped steps",
-                         self.epoch, self.step, mean_loss, valid_loss, self.optimizer.param_groups[0]["lr"], self.skipped_steps)
+            log.info("epoch %d%s: step %d, train loss %.5f, valid loss %.5f, lr %.3g, %.2f steps/s, %.1f audio s/s, "
+                     "%d skipped steps, %.1f s", self.epoch if finished_epoch else self.epoch + 1,
+                     "" if finished_epoch else " (stopped mid-epoch)", self.step, mean_loss, valid_loss,
+                     self.optimizer.param_groups[0]["lr"], epoch_steps / max(seconds, 1e-9),
+                     epoch_audio / max(seconds, 1e-9), self.skipped_steps, seconds)
             stop = bool(max_steps and self.step >= max_steps) or (max_epoch >= 0 and self.epoch >= max_epoch)
-            kinds = self.policy.due_by_epoch(self.epoch) if finished_epoch else []
+            kinds = pending + (self.policy.due_by_epoch(self.epoch) if finished_epoch else [])
             if kinds or stop:
                 self._save(valid_loss, kinds + (["final"] if stop else []))
             if stop:
                 break
-        if self.writer is not None:
-            self.writer.close()
-        acc.end_training()

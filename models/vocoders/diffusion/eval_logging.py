@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.metrics import cheap_metrics
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from processors.mel import mel_spectrogram
 from processors.preprocess import feature_paths
@@ -38,7 +39,8 @@ class EvalLogger:
         for entry in self.entries:
             mel_path, audio_path = feature_paths(self.cfg.preprocess.processed_dir, entry)
             mel = load_npy(mel_path)[:, : self.max_frames]
-            items.append((f"{entry['Dataset']}_{entry['Uid']}", torch.from_numpy(mel), load_npy(audio_path)[: mel.shape[1] * hop]))
+            truth = load_npy(audio_path)[: mel.shape[1] * hop]
+            items.append((f"{entry['Dataset']}_{entry['Uid']}", torch.from_numpy(mel), truth))
         return items
 
     @torch.no_grad()
@@ -53,7 +55,7 @@ class EvalLogger:
         model.train(was_training)
         rate = int(self.cfg.preprocess.sample_rate)
         totals: dict[str, list[float]] = {}
-        for (name, mel, truth), pred in zip(items, preds):
+        for (name, mel, truth), pred in zip(items, preds, strict=True):
             self.writer.add_audio(f"eval/{name}/pred", torch.from_numpy(pred)[None], step, sample_rate=rate)
             pred_mel = mel_spectrogram(pred, self.cfg.preprocess).numpy()
             self.writer.add_image(f"eval/{name}/mel_pred", mel_image(pred_mel), step)
@@ -68,9 +70,5 @@ class EvalLogger:
         self.writer.flush()
 
     def _metrics(self, truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-        try:
-            from evaluation.metrics import cheap_metrics
-        except ImportError:
-            return {}
         values = cheap_metrics(truth, pred, self.cfg.preprocess)
         return {k: float(v) for k, v in values.items() if v is not None and np.isfinite(v)}

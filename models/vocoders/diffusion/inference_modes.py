@@ -6,7 +6,6 @@ Bad items are skipped, named in `<output>/skipped.txt`, and never stop the batch
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ from models.vocoders.diffusion.diffusion_vocoder_dataset import load_entries
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from processors.audio import AudioError, list_audio, load_audio
 from processors.mel import mel_spectrogram
+from processors.mel_conventions import MelConverter
 from processors.preprocess import feature_paths
-from utils.io import atomic_write_text, load_npy, save_wav
+from utils.io import atomic_write_text, load_npy, remove_stale_temps, safe_name, save_wav
 
 log = logging.getLogger(__name__)
 MODES = ("infer_from_dataset", "infer_from_feature", "infer_from_audio")
@@ -28,13 +28,6 @@ MODES = ("infer_from_dataset", "infer_from_feature", "infer_from_audio")
 
 class InputError(ValueError):
     """An input folder or file that cannot be vocoded; the message names it."""
-
-
-def safe_name(name: str) -> str:
-    """A file stem that cannot leave the output folder."""
-    cleaned = re.sub(r"[\\/\x00]+", "_", name).strip()
-    cleaned = re.sub(r"^\.+", "_", cleaned)
-    return cleaned or "_"
 
 
 def check_mel(mel: np.ndarray, n_mel: int, source: str) -> torch.Tensor:
@@ -64,7 +57,7 @@ def _write_outputs(vocoder: Vocoder, items: list[tuple[str, torch.Tensor, np.nda
     bar = tqdm(total=len(items), desc="vocoding", unit="utt", dynamic_ncols=True)
 
     def write(indices: list[int], audios: list[np.ndarray]) -> None:
-        for i, audio in zip(indices, audios):
+        for i, audio in zip(indices, audios, strict=True):
             name, _mel, truth = items[i]
             save_wav(out / "pred" / f"{name}.wav", audio, rate)
             if truth is not None:
@@ -84,15 +77,18 @@ def dataset_items(cfg: Any, datasets: list[str], skipped: list[str]) -> list[tup
         mel_path, audio_path = feature_paths(cfg.preprocess.processed_dir, entry)
         try:
             mel = check_mel(load_npy(mel_path), int(cfg.preprocess.n_mel), str(mel_path))
-        except (InputError, ValueError) as err:
+            truth = load_npy(audio_path)
+        except (InputError, ValueError, OSError) as err:
             skipped.append(str(err))
             continue
         name = safe_name(f"{entry['Dataset']}_{entry['Uid']}" if prefix else entry["Uid"])
-        items.append((name, mel, load_npy(audio_path)))
+        items.append((name, mel, truth))
     return items
 
 
-def feature_items(cfg: Any, folder: Path, skipped: list[str]) -> list[tuple[str, torch.Tensor, None]]:
+def feature_items(cfg: Any, folder: Path, skipped: list[str],
+                  convert: MelConverter | None = None) -> list[tuple[str, torch.Tensor, None]]:
+    """Mels of a folder; `convert` checks each against the mel contract and undoes other conventions."""
     mel_dir = folder / "mels" if (folder / "mels").is_dir() else folder
     files = sorted(mel_dir.glob("*.npy"))
     if not files:
@@ -100,7 +96,8 @@ def feature_items(cfg: Any, folder: Path, skipped: list[str]) -> list[tuple[str,
     items = []
     for path in files:
         try:
-            items.append((safe_name(path.stem), check_mel(load_npy(path), int(cfg.preprocess.n_mel), str(path)), None))
+            mel = check_mel(load_npy(path), int(cfg.preprocess.n_mel), str(path))
+            items.append((safe_name(path.stem), convert(mel, str(path)) if convert else mel, None))
         except (InputError, ValueError, OSError) as err:
             skipped.append(str(err))
     return items
@@ -125,14 +122,16 @@ def audio_items(cfg: Any, folder: Path, skipped: list[str]) -> list[tuple[str, t
 
 
 def run_inference(vocoder: Vocoder, mode: str, output_dir: str | Path, datasets: list[str] | None = None,
-                  feature_dir: str | None = None, audio_dir: str | None = None) -> int:
+                  feature_dir: str | None = None, audio_dir: str | None = None, convert: MelConverter | None = None) -> int:
     """Vocode everything the mode names into `output_dir`; returns the number of wavs written."""
     out, skipped, cfg = Path(output_dir), [], vocoder.cfg
     start = time.time()
+    for sub in ("pred", "gt"):
+        remove_stale_temps(out / sub)
     if mode == "infer_from_dataset":
         items = dataset_items(cfg, datasets or list(cfg.dataset), skipped)
     elif mode == "infer_from_feature":
-        items = feature_items(cfg, Path(feature_dir or ""), skipped)
+        items = feature_items(cfg, Path(feature_dir or ""), skipped, convert)
     elif mode == "infer_from_audio":
         items = audio_items(cfg, Path(audio_dir or ""), skipped)
     else:

@@ -14,7 +14,7 @@ abspath() { case "$1" in "") echo "" ;; /*) echo "$1" ;; *) echo "$caller_dir/$1
 stage="" name="" config="$exp_dir/exp_config.json" gpu="0" checkpoint="" resume_type=""
 main_process_port=29500 num_machines=1 machine_rank=0 main_process_ip="" accelerate_config=""
 infer_mode="" infer_datasets="" infer_feature_dir="" infer_audio_dir="" infer_expt_dir="" infer_output_dir=""
-infer_sampler="" infer_steps="" infer_batch_size="" infer_precision="fp32" infer_raw_weights="" num_workers=""
+infer_sampler="" infer_steps="" infer_mel_convention="" infer_mel_stats="" infer_batch_size="" infer_precision="fp32" infer_raw_weights="" num_workers=""
 max_steps="" log_level="info" eval_args=()
 
 while [ $# -gt 0 ]; do
@@ -48,6 +48,8 @@ while [ $# -gt 0 ]; do
     --infer_expt_dir) infer_expt_dir=$(abspath "$value") ;;
     --infer_output_dir) infer_output_dir=$(abspath "$value") ;;
     --infer_sampler) infer_sampler="$value" ;;
+    --infer_mel_convention) infer_mel_convention="$value" ;;
+    --infer_mel_stats) infer_mel_stats=$(abspath "$value") ;;
     --infer_steps) infer_steps="$value" ;;
     --infer_batch_size) infer_batch_size="$value" ;;
     --infer_precision) infer_precision="$value" ;;
@@ -68,6 +70,11 @@ cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / n_proc > 0 ? cores / n_proc : 1 ))}"
 
 case "$stage" in
+  1|2) python bins/vocoder/check_config.py --config "$config" --log_level "$log_level" \
+         --stage "$( [ "$stage" = 1 ] && echo preprocess || echo train )" ;;
+esac
+
+case "$stage" in
   1)
     python bins/vocoder/preprocess.py --config "$config" --log_level "$log_level" ${num_workers:+--num_workers "$num_workers"}
     ;;
@@ -80,10 +87,15 @@ case "$stage" in
       launch+=(--config_file "$accelerate_config")
     else
       total=$(( n_proc * num_machines ))
-      [ "$total" -gt 1 ] && launch+=(--multi_gpu)
       launch+=(--num_processes "$total" --num_machines "$num_machines" --machine_rank "$machine_rank")
       [ -n "$main_process_ip" ] && launch+=(--main_process_ip "$main_process_ip")
-      python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || launch+=(--cpu)
+      # Several processes go through torchrun (--multi_gpu); without CUDA the trainer makes it a gloo group.
+      # accelerate's --cpu launcher would start only one process.
+      if [ "$total" -gt 1 ]; then
+        launch+=(--multi_gpu)
+      elif ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        launch+=(--cpu)
+      fi
     fi
     if [ "$machine_rank" = 0 ] && ! python -c "
 import socket, sys
@@ -115,6 +127,8 @@ except OSError: sys.exit(1)" 2>/dev/null; then
     [ -n "$infer_audio_dir" ] && args+=(--audio_folder "$infer_audio_dir")
     [ -n "$checkpoint" ] && args+=(--checkpoint "$checkpoint")
     [ -n "$infer_sampler" ] && args+=(--sampler "$infer_sampler")
+    [ -n "$infer_mel_convention" ] && args+=(--mel_convention "$infer_mel_convention")
+    [ -n "$infer_mel_stats" ] && args+=(--mel_stats "$infer_mel_stats")
     [ -n "$infer_steps" ] && args+=(--steps "$infer_steps")
     [ -n "$infer_batch_size" ] && args+=(--batch_size "$infer_batch_size")
     [ -n "$infer_raw_weights" ] && args+=(--raw_weights)

@@ -167,7 +167,7 @@ class DiffWave(nn.Module):
         x = F.relu(self.input_projection(audio.unsqueeze(1)))
         step = self.diffusion_embedding(diffusion_step)
         skip = torch.zeros_like(x)
-        for layer, layer_projected in zip(self.residual_layers, projected):
+        for layer, layer_projected in zip(self.residual_layers, projected, strict=True):
             x, layer_skip = layer(x, step, layer_projected, mask)
             skip = skip + layer_skip
         x = F.relu(self.skip_projection(skip / math.sqrt(len(self.residual_layers))))

@@ -1,0 +1,38 @@
+"""Search an N-step noise schedule for a trained experiment; stage 3 uses it with --infer_sampler searched."""
+
+import argparse
+
+from models.vocoders.diffusion.diffusion_vocoder_inference import experiment_config, load_model
+from models.vocoders.diffusion.schedule_search import save_schedule, search_schedule
+from utils.cli import add_common_args, run
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = experiment_config(args.expt_dir)
+    model = load_model(cfg, args.expt_dir, args.checkpoint, not args.raw_weights)
+    result = search_schedule(cfg, model, args.steps, args.utterances, args.seconds, args.rounds, args.seed, args.device)
+    path = save_schedule(args.expt_dir, result)
+    rows = [("searched", result["scores"], result["check"]["searched"])]
+    rows += [(name, result["reference"][name], result["check"][name]) for name in ("fast", "full")]
+    print(f"{len(result['utterances'])} utterances of <= {args.seconds:g} s, {result['evaluations']} schedules scored; "
+          f"score = mel_l1 + mstft (seed {args.seed}; check: seed {result['check']['seed']})")
+    print(f"{'schedule':<10} {'steps':>5} {'mel_l1':>8} {'mstft':>8} {'score':>8} {'check':>8}")
+    for name, s, c in rows:
+        print(f"{name:<10} {s['steps']:>5} {s['mel_l1']:>8.4f} {s['mstft']:>8.4f} {s['score']:>8.4f} {c['score']:>8.4f}")
+    print("searched betas: " + ", ".join(f"{b:.4g}" for b in result["betas"]))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_common_args(parser, config_required=False)
+    parser.add_argument("--expt_dir", required=True, help="experiment folder written by stage 2")
+    parser.add_argument("--steps", type=int, required=True, help="number of sampling steps of the schedule")
+    parser.add_argument("--utterances", type=int, default=4, help="validation utterances to score on")
+    parser.add_argument("--seconds", type=float, default=1.0, help="at most this much of each utterance")
+    parser.add_argument("--rounds", type=int, default=3, help="refinement rounds after the coarse grid")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest)")
+    parser.add_argument("--raw_weights", action="store_true", help="use the raw weights even when EMA weights exist")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    run(main, parser)

@@ -1,0 +1,178 @@
+"""Search an N-step noise schedule for a trained model: a coarse grid, then coordinate refinement.
+
+WaveGrad (Chen et al., 2021) and FastDiff (Huang et al., 2022) pick few-step schedules by
+searching monotone beta sequences against a spectral distance on held-out audio; the
+hand-written 6-step schedule is rarely the best one for a given model. Candidates run through
+the ordinary fast sampler (betas mapped to fractional training steps), so a searched schedule
+needs nothing new at synthesis time: stage 3 reads it back with `--infer_sampler searched`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from evaluation.metrics import mel_l1, mstft
+from models.vocoders.diffusion.diffusion_vocoder_dataset import load_entries
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
+from processors.preprocess import feature_paths
+from utils.config import ConfigError
+from utils.io import load_json, load_npy, save_json
+
+log = logging.getLogger(__name__)
+SCHEDULE_FILE = "searched_schedule.json"
+BETA_MIN, BETA_MAX = 1e-6, 0.9
+# The coarse grid: geometric-like sequences from FIRSTS to LASTS, bent by POWERS.
+FIRSTS = (1e-5, 1e-4, 1e-3, 1e-2)
+LASTS = (0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
+POWERS = (0.6, 1.0, 1.6)
+
+
+def validation_utterances(cfg: Any, count: int, seconds: float) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+    """The first `count` validation utterances (sorted by name), cut to `seconds`: (name, mel, audio)."""
+    pre = cfg.preprocess
+    hop, frames = int(pre.hop_size), max(1, int(seconds * int(pre.sample_rate) / int(pre.hop_size)))
+    entries = sorted(load_entries(cfg, "valid"), key=lambda e: (e["Dataset"], e["Uid"]))[:count]
+    if not entries:
+        raise FileNotFoundError(f"{pre.processed_dir}: no validation utterances with features to search a schedule on")
+    items = []
+    for entry in entries:
+        mel_path, audio_path = feature_paths(pre.processed_dir, entry)
+        mel = load_npy(mel_path)[:, :frames]
+        items.append((f"{entry['Dataset']}_{entry['Uid']}", torch.from_numpy(np.ascontiguousarray(mel)),
+                      load_npy(audio_path)[: mel.shape[1] * hop]))
+    return items
+
+
+class ScheduleScorer:
+    """Vocodes the utterances with one schedule under a fixed seed; lower scores are better."""
+
+    def __init__(self, cfg: Any, model: torch.nn.Module, items: list[tuple[str, torch.Tensor, np.ndarray]],
+                 seed: int = 1234, device: str | None = None) -> None:
+        self.cfg, self.model, self.items, self.seed, self.device = cfg, model, items, seed, device
+        self.evaluations = 0
+        self._cache: dict[tuple[str, tuple[float, ...]], dict[str, float]] = {}
+
+    def __call__(self, sampler: str = "searched", betas: Sequence[float] | None = None) -> dict[str, float]:
+        key = (sampler, tuple(round(float(b), 12) for b in betas or ()))
+        if key not in self._cache:
+            vocoder = Vocoder(self.cfg, self.model, sampler=sampler, betas=betas, batch_size=len(self.items),
+                              seed=self.seed, device=self.device)
+            preds = vocoder([m for _, m, _ in self.items], [n for n, _, _ in self.items])
+            rate = int(self.cfg.preprocess.sample_rate)
+            pairs = [(truth, pred) for (_, _, truth), pred in zip(self.items, preds, strict=True)]
+            mel = float(np.mean([mel_l1(t, p, rate, self.cfg.preprocess) for t, p in pairs]))
+            stft = float(np.mean([mstft(t, p, rate) for t, p in pairs]))
+            self._cache[key] = {"mel_l1": mel, "mstft": stft, "score": mel + stft, "steps": vocoder.plan.steps}
+            self.evaluations += 1
+        return self._cache[key]
+
+
+def shaped(first: float, last: float, power: float, steps: int) -> list[float]:
+    """`steps` betas rising from `first` to `last` in log space, bent by `power`."""
+    if steps == 1:
+        return [last]
+    span = math.log(last) - math.log(first)
+    return [math.exp(math.log(first) + span * (i / (steps - 1)) ** power) for i in range(steps)]
+
+
+def is_valid(betas: Sequence[float]) -> bool:
+    """Strictly increasing and within (BETA_MIN, BETA_MAX): what the fast sampler can walk back."""
+    return all(BETA_MIN <= b <= BETA_MAX for b in betas) and all(a < b for a, b in pairwise(betas))
+
+
+def coarse_grid(steps: int, default: Sequence[float] | None = None) -> list[list[float]]:
+    """The grid's distinct valid candidates, plus the configured schedule when it has `steps` betas."""
+    grid = [shaped(f, last, p, steps) for f in FIRSTS for last in LASTS for p in POWERS]
+    if default is not None and len(default) == steps:
+        grid.insert(0, [float(b) for b in default])
+    unique: dict[tuple[float, ...], list[float]] = {}
+    for betas in grid:
+        if is_valid(betas):
+            unique.setdefault(tuple(round(b, 12) for b in betas), betas)
+    return list(unique.values())
+
+
+def refine(score: ScheduleScorer, betas: list[float], rounds: int) -> list[float]:
+    """Coordinate descent in log-beta, halving the step (x2, x1.41, x1.19, ...) each round."""
+    best, best_score = list(betas), score(betas=betas)["score"]
+    for r in range(rounds):
+        factor = 2.0 ** (0.5**r)
+        for i in range(len(best)):
+            for move in (factor, 1.0 / factor):
+                candidate = [b * move if j == i else b for j, b in enumerate(best)]
+                if not is_valid(candidate):
+                    continue
+                value = score(betas=candidate)["score"]
+                if value < best_score:
+                    best, best_score = candidate, value
+                    break
+        log.info("refine round %d (x%.3f): score %.4f after %d evaluations", r + 1, factor, best_score, score.evaluations)
+    return best
+
+
+def search_schedule(cfg: Any, model: torch.nn.Module, steps: int, utterances: int = 4, seconds: float = 1.0,
+                    rounds: int = 3, seed: int = 1234, device: str | None = None) -> dict:
+    """The best `steps`-step schedule on a few validation utterances, with reference scores.
+
+    `check` repeats the comparison under another seed, so a schedule that only suits one noise
+    draw shows up.
+    """
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    items = validation_utterances(cfg, utterances, seconds)
+    score = ScheduleScorer(cfg, model, items, seed, device)
+    default = cfg.model.diffwave.get("inference_noise_schedule")
+    grid = coarse_grid(steps, default)
+    ranked = sorted(tqdm(grid, desc=f"coarse {steps}-step grid", unit="schedule", dynamic_ncols=True),
+                    key=lambda b: score(betas=b)["score"])
+    log.info("coarse grid: %d schedules, best score %.4f", len(grid), score(betas=ranked[0])["score"])
+    best = refine(score, ranked[0], rounds)
+    check = ScheduleScorer(cfg, model, items, seed + 1, device)
+    return {
+        "steps": steps,
+        "betas": best,
+        "scores": score(betas=best),
+        "reference": {"fast": score("fast"), "full": score("full")},
+        "check": {"seed": seed + 1, "searched": check(betas=best), "fast": check("fast"), "full": check("full")},
+        "utterances": [name for name, _, _ in items],
+        "seconds": seconds,
+        "seed": seed,
+        "evaluations": score.evaluations,
+    }
+
+
+def save_schedule(expt_dir: str | os.PathLike, result: dict) -> Path:
+    """Add (or replace) this step count's schedule in the experiment's file; it becomes the default."""
+    path = Path(expt_dir) / SCHEDULE_FILE
+    data = load_json(path) if path.is_file() else {"schedules": {}}
+    data["schedules"][str(result["steps"])] = result
+    data["default"] = str(result["steps"])
+    save_json(path, data)
+    return path
+
+
+def searched_betas(expt_dir: str | os.PathLike, steps: int | None = None) -> list[float]:
+    """The searched schedule with `steps` betas (default: the one searched last)."""
+    path = Path(expt_dir) / SCHEDULE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; run bins/vocoder/search_schedule.py --expt_dir {expt_dir} --steps N first")
+    data = load_json(path)
+    schedules = data.get("schedules", {})
+    key = str(steps) if steps else str(data.get("default"))
+    if key not in schedules:
+        raise ConfigError(f"{path}: no {key}-step schedule; searched: {', '.join(sorted(schedules, key=int)) or 'none'}")
+    betas = [float(b) for b in schedules[key]["betas"]]
+    if not is_valid(betas):
+        raise ConfigError(f"{path}: the {key}-step schedule is not a strictly increasing sequence in [{BETA_MIN}, {BETA_MAX}]")
+    log.info("searched %s-step schedule from %s: %s", key, path, ", ".join(f"{b:.3g}" for b in betas))
+    return betas

@@ -1,0 +1,84 @@
+"""Export: the TorchScript synthesis and the ONNX denoiser + runner give PyTorch's waveform under the same noise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from models.vocoders.diffusion.diffusion_vocoder_inference import utterance_seed, vocoder_from_experiment
+from models.vocoders.diffusion.export import OnnxVocoder, export_onnx, export_torchscript, noise_draws, seeded_noise
+from tests.tiny_experiment import REPO, make_experiment
+
+LENGTHS = (1, 7, 40)  # frames: one hop, an odd length, a longer one than the export example (16)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    return make_experiment(tmp_path_factory.mktemp("export"))
+
+
+def mel_of(frames: int, n_mel: int = 20) -> torch.Tensor:
+    return torch.randn(n_mel, frames, generator=torch.Generator().manual_seed(frames)) - 4.0
+
+
+def pytorch_waveform(vocoder, mel: torch.Tensor, name: str) -> np.ndarray:
+    return vocoder.batch([mel], [name])[0]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("sampler, steps", [("fast", None), ("ddim", 4)])
+def test_torchscript_synthesis_equals_pytorch(experiment, tmp_path, sampler, steps):
+    expt, _ = experiment
+    vocoder = vocoder_from_experiment(expt, device="cpu", sampler=sampler, steps=steps, seed=3)
+    export_torchscript(vocoder, tmp_path / "vocoder.pt")
+    module = torch.jit.load(str(tmp_path / "vocoder.pt"))
+    assert (module.hop, module.n_mel, module.sample_rate, module.draws) == (64, 20, 8000, noise_draws(vocoder.plan))
+    for frames in LENGTHS:
+        mel = mel_of(frames)
+        noise = seeded_noise(utterance_seed(3, "utt"), module.draws, frames * 64)
+        with torch.no_grad():
+            scripted = module(mel[None], noise)[0].numpy()
+        reference = pytorch_waveform(vocoder, mel, "utt")
+        assert scripted.shape == (frames * 64,)
+        assert np.abs(scripted - reference).max() < 1e-4
+    with pytest.raises(torch.jit.Error, match="noise must have shape"):
+        module(mel_of(5)[None], torch.zeros(1, 1, 5))
+
+
+def test_onnx_denoiser_with_runner_equals_pytorch(experiment, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")  # torch's ONNX exporter
+    expt, _ = experiment
+    vocoder = vocoder_from_experiment(expt, device="cpu", sampler="fast", seed=5)
+    export_onnx(vocoder, tmp_path / "vocoder.onnx")
+    runner = OnnxVocoder(tmp_path / "vocoder.onnx")
+    assert (runner.hop, runner.n_mel, runner.sample_rate, runner.plan.steps) == (64, 20, 8000, 6)
+    for frames in LENGTHS:
+        mel = mel_of(frames)
+        exported = runner(mel[None].numpy(), [utterance_seed(5, "utt")])[0]
+        assert exported.shape == (frames * 64,)
+        assert np.abs(exported - pytorch_waveform(vocoder, mel, "utt")).max() < 1e-4
+    pair = torch.stack([mel_of(9), mel_of(9) + 1.0])  # a batch: each item with its own seed
+    both = runner(pair.numpy(), [utterance_seed(5, "a"), utterance_seed(5, "b")])
+    assert np.abs(both[1] - pytorch_waveform(vocoder, pair[1], "b")).max() < 1e-4
+
+
+def test_export_cli_writes_and_verifies(experiment, tmp_path):
+    expt, _ = experiment
+    out = tmp_path / "v.pt"
+    result = subprocess.run([sys.executable, "bins/vocoder/export.py", "--expt_dir", str(expt), "--format", "torchscript",
+                             "--output", str(out), "--verify", "0.3", "--repeats", "1"],
+                            cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.is_file() and "ddpm sampler, 6 steps" in result.stdout
+    diff = float(result.stdout.split("max abs difference to PyTorch ")[1].split(";")[0])
+    assert diff < 1e-4
+    bad = subprocess.run([sys.executable, "bins/vocoder/export.py", "--expt_dir", str(tmp_path), "--format", "onnx",
+                          "--output", str(tmp_path / "x.onnx")], cwd=REPO, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert bad.returncode == 1 and "args.json: missing" in bad.stderr

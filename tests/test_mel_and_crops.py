@@ -1,0 +1,80 @@
+"""The mel contract, and the alignment of training crops."""
+
+import librosa
+import numpy as np
+import pytest
+import torch
+
+from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler, crop_pair
+from processors.mel import mel_spectrogram
+
+PRE = {"sample_rate": 24000, "n_fft": 1024, "hop_size": 256, "win_size": 1024, "n_mel": 100, "fmin": 0, "fmax": 12000}
+
+
+@pytest.mark.parametrize("length", [385, 1000, 24000, 24000 + 255, 48123])
+def test_frames_equal_length_over_hop(length):
+    audio = np.random.default_rng(length).standard_normal(length).astype(np.float32) * 0.1
+    assert mel_spectrogram(audio, PRE).shape == (100, length // 256)
+
+
+def test_mel_matches_an_independent_librosa_computation():
+    audio = np.random.default_rng(0).standard_normal(24000 + 77).astype(np.float32) * 0.2
+    ours = mel_spectrogram(audio, PRE).numpy()
+    padded = np.pad(audio, (384, 384), mode="reflect")
+    reference = librosa.feature.melspectrogram(
+        y=padded, sr=24000, n_fft=1024, hop_length=256, win_length=1024, center=False, power=1.0,
+        n_mels=100, fmin=0, fmax=12000, window="hann",
+    )
+    reference = np.log(np.maximum(reference, 1e-5))[:, : ours.shape[1]]
+    assert ours.dtype == np.float32
+    assert np.abs(ours - reference).max() < 1e-4
+
+
+def test_batched_mel_equals_single_and_floor_is_natural_log():
+    audio = torch.zeros(2, 4096)
+    audio[1] = torch.sin(torch.arange(4096) * 0.05)
+    batch = mel_spectrogram(audio, PRE)
+    assert torch.allclose(batch[1], mel_spectrogram(audio[1], PRE), atol=1e-5)
+    assert torch.allclose(batch[0], torch.full_like(batch[0], float(np.log(1e-5))))
+
+
+def test_too_short_audio_is_a_clear_error():
+    with pytest.raises(ValueError, match="too short"):
+        mel_spectrogram(np.zeros(100, np.float32), PRE)
+
+
+def test_crop_mel_and_audio_cover_the_same_samples():
+    rng = np.random.default_rng(1)
+    audio = rng.standard_normal(256 * 100 + 50).astype(np.float32) * 0.1
+    mel = mel_spectrogram(audio, PRE).numpy()
+    for seed in range(5):
+        mel_crop, audio_crop = crop_pair(mel, audio, 32, 256, np.random.default_rng(seed))
+        assert mel_crop.shape == (100, 32) and audio_crop.shape == (32 * 256,)
+        start = int(np.flatnonzero(np.all(np.isclose(mel, mel_crop[:, :1].numpy()), axis=0))[0])
+        expected = audio[start * 256 : (start + 32) * 256]
+        assert np.array_equal(audio_crop.numpy(), expected)
+        # the crop's own mel, computed from the audio crop, agrees away from the edges
+        inner = mel_spectrogram(audio_crop.numpy(), PRE).numpy()[:, 2:-2]
+        assert np.abs(inner - mel_crop.numpy()[:, 2:-2]).max() < 1e-3
+
+
+def test_short_items_are_zero_padded():
+    audio = np.ones(256 * 10, np.float32) * 0.1
+    mel = np.zeros((100, 10), np.float32)
+    mel_crop, audio_crop = crop_pair(mel, audio, 32, 256, np.random.default_rng(0))
+    assert torch.all(audio_crop[: 2560] == 0.1) and torch.all(audio_crop[2560:] == 0)
+    assert torch.all(mel_crop[:, 10:] == np.float32(np.log(1e-5)))
+
+
+def test_sampler_shards_without_overlap_and_resumes_mid_epoch():
+    full = EpochBatchSampler(37, 4, seed=3)
+    full.set_epoch(2)
+    batches = list(full)
+    resumed = EpochBatchSampler(37, 4, seed=3)
+    resumed.set_epoch(2, skip_batches=3)
+    assert list(resumed) == batches[3:]
+    ranks = [EpochBatchSampler(37, 4, seed=3, rank=r, world=2) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(2)
+    seen = [i for r in ranks for batch in r for i, _ in batch]
+    assert len(seen) == len(set(seen)) and len(list(ranks[0])) == len(list(ranks[1]))

@@ -1,0 +1,190 @@
+"""Mels from other toolkits: the recorded contract, n_mel errors, convention warnings, lossless converters,
+derived upsampling factors, and the shipped 22.05 kHz / 44.1 kHz configs end to end through run.sh."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from models.vocoders.diffusion.ddpm import factorize, upsample_factors
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, vocoder_from_experiment
+from models.vocoders.diffusion.inference_modes import feature_items
+from processors.mel import mel_spectrogram
+from processors.mel_conventions import (
+    CONTRACT_FILE,
+    MelConverter,
+    from_natural_log,
+    guess_convention,
+    mel_contract,
+    read_contract,
+)
+from tests.recipe_helpers import run_recipe
+from tests.tiny_experiment import REPO, TINY_PRE, make_experiment
+from utils.config import ConfigError, load_config, to_attrdict
+from utils.synthetic import synthetic_voice, write_corpus
+
+CONFIGS = REPO / "egs/vocoder/diffusion/diffwave"
+
+
+def native_mel(seconds: float = 0.5, seed: int = 1, pre: dict = TINY_PRE) -> torch.Tensor:
+    return mel_spectrogram(synthetic_voice(seconds, pre["sample_rate"], seed), pre)
+
+
+def stats_for(mel: torch.Tensor) -> np.ndarray:
+    """Per-bin mean and scale, as a corpus's statistics would give (here: of this one mel)."""
+    return np.stack([mel.double().mean(1).numpy(), mel.double().std(1).numpy()])
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    return make_experiment(tmp_path_factory.mktemp("contract"))
+
+
+def test_contract_records_the_mel_definition(experiment, tmp_path):
+    expt, cfg = experiment
+    contract = json.loads((expt / CONTRACT_FILE).read_text())
+    assert contract == mel_contract(cfg.preprocess)
+    assert {k: contract[k] for k in ("sample_rate", "n_fft", "hop_size", "win_size", "n_mel", "fmin", "fmax")} == {
+        "sample_rate": 8000, "n_fft": 256, "hop_size": 64, "win_size": 256, "n_mel": 20, "fmin": 0.0, "fmax": 4000.0}
+    assert (contract["log_base"], contract["clamp_floor"], contract["normalisation"]) == ("e", 1e-5, "none")
+    older = tmp_path / "older"  # experiments written before the contract: derived from args.json
+    older.mkdir()
+    (older / "args.json").write_text((expt / "args.json").read_text())
+    assert read_contract(older) == contract
+    with pytest.raises(ConfigError, match=r"neither mel_contract\.json nor args\.json"):
+        read_contract(tmp_path)
+
+
+def test_wrong_n_mel_is_an_error_naming_both_numbers(experiment, tmp_path):
+    expt, cfg = experiment
+    with pytest.raises(ValueError, match=r"x\.npy: mel has 30 bins, the experiment's mel contract has n_mel=20"):
+        MelConverter(read_contract(expt))(torch.zeros(30, 7), "x.npy")
+    np.save(tmp_path / "wide.npy", np.zeros((80, 9), np.float32))
+    skipped: list[str] = []
+    assert feature_items(cfg, tmp_path, skipped, MelConverter(read_contract(expt))) == []
+    assert "wide.npy" in skipped[0] and "80" in skipped[0] and "n_mel=20" in skipped[0]
+
+
+@pytest.mark.parametrize("convention", ["log10", "db_normalized", "meanvar"])
+def test_other_conventions_are_recognised_and_named(experiment, convention, caplog):
+    expt, _ = experiment
+    mel = native_mel()
+    converter = MelConverter(read_contract(expt))
+    with caplog.at_level(logging.WARNING):
+        converter(mel, "native.npy")
+    assert not caplog.records and guess_convention(mel)[0] == "ln"
+    foreign = from_natural_log(mel, convention, stats_for(mel))
+    with caplog.at_level(logging.WARNING):
+        converter(foreign, "foreign.npy")
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "foreign.npy" in message and f"look like a {convention} mel" in message
+    assert f"--infer_mel_convention {convention}" in message
+
+
+@pytest.mark.parametrize("convention", ["log10", "db_normalized", "meanvar", "meanvar+log10"])
+def test_converted_mels_vocode_to_the_native_waveform(experiment, convention, tmp_path):
+    expt, cfg = experiment
+    # lmnt's [0, 1] dB scale keeps magnitudes in [1e-4, 10] only: test on that range
+    mel = native_mel().clamp(math.log(1e-4), math.log(10.0))
+    stats = stats_for(mel)
+    foreign = mel
+    for part in reversed(convention.split("+")):
+        foreign = from_natural_log(foreign, part, stats)
+    for folder, data in (("native", mel), ("foreign", foreign)):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / "utt.npy", data.numpy())
+    np.save(tmp_path / "stats.npy", stats)
+    contract = read_contract(expt)
+    native = feature_items(cfg, tmp_path / "native", [], MelConverter(contract))
+    converted = feature_items(cfg, tmp_path / "foreign", [], MelConverter(contract, convention, tmp_path / "stats.npy"))
+    unconverted = feature_items(cfg, tmp_path / "foreign", [], MelConverter(contract))
+    vocoder = vocoder_from_experiment(expt, device="cpu", seed=7)
+    (a,), (b,), (c,) = (vocoder([m for _, m, _ in items], ["utt"]) for items in (native, converted, unconverted))
+    assert np.abs(a - b).max() < 1e-4
+    assert np.abs(a - c).max() > 1e-2  # the conversion matters: the mel really drives the output
+
+
+def test_meanvar_needs_valid_statistics(experiment, tmp_path):
+    contract = read_contract(experiment[0])
+    with pytest.raises(ConfigError, match="--infer_mel_stats"):
+        MelConverter(contract, "meanvar")
+    np.save(tmp_path / "bad.npy", np.ones((2, 7)))
+    with pytest.raises(ConfigError, match=r"bad\.npy: mel statistics must have shape \(2, 20\)"):
+        MelConverter(contract, "meanvar", tmp_path / "bad.npy")
+    with pytest.raises(ConfigError, match="unknown mel convention 'log2'"):
+        MelConverter(contract, "log2")
+
+
+@pytest.mark.parametrize("hop", [1, 7, 64, 256, 300, 441, 512, 600, 1024, 1031, 2048, 2062, 4096])
+def test_upsample_factors_derive_from_the_hop(hop):
+    factors = factorize(hop)
+    assert math.prod(factors) == hop and len(factors) <= 3
+    assert all(f > 1 for f in factors) or factors == [1]
+    if hop in (2048, 4096):
+        assert len(factors) == 3
+
+
+def test_given_upsample_factors_must_multiply_to_the_hop():
+    cfg = to_attrdict({"preprocess": {"hop_size": 512}, "model": {"diffwave": {"upsample_factors": [16, 16]}},
+                       "config_path": "c.json"})
+    with pytest.raises(ConfigError, match=r"c\.json: .*\[16, 16\] multiply to 256, not preprocess.hop_size 512"):
+        upsample_factors(cfg)
+    assert upsample_factors(load_config(CONFIGS / "exp_config_44k_hop512.json")) == [16, 32]
+    assert upsample_factors(load_config(CONFIGS / "exp_config_22k_hop256.json")) == [16, 16]
+
+
+@pytest.mark.parametrize("name, rate, hop, n_mel", [("exp_config_22k_hop256.json", 22050, 256, 80),
+                                                   ("exp_config_44k_hop512.json", 44100, 512, 128)])
+def test_shipped_config_end_to_end(tmp_path, name, rate, hop, n_mel):
+    """Stage 1 -> 2 (2 steps) -> 3 on the shipped mel settings with a tiny model; then mels written as log10
+    vocode, with --infer_mel_convention log10, to the same wavs as the native mels."""
+    write_corpus(tmp_path / "corpus", speakers=1, per_speaker=4, sample_rate=rate, seconds=(0.4, 0.6))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "base_config": str(CONFIGS / name), "dataset": ["toy"], "use_custom_dataset": ["toy"],
+        "dataset_path": {"toy": str(tmp_path / "corpus")}, "log_dir": str(tmp_path / "ckpts"),
+        "preprocess": {"processed_dir": str(tmp_path / "data"), "cut_mel_frame": 8},
+        "model": {"diffwave": {"residual_channels": 4, "residual_layers": 2, "dilation_cycle_length": 2}},
+        "train": {"batch_size": 2, "save_checkpoint_stride": [1000], "dataloader": {"num_worker": 0}},
+    }))
+    run_recipe("--stage", "1", "--config", str(config), "--num_workers", "1")
+    run_recipe("--stage", "2", "--config", str(config), "--name", "toy", "--max_steps", "2")
+    expt = tmp_path / "ckpts" / "toy"
+    contract = json.loads((expt / CONTRACT_FILE).read_text())
+    assert (contract["sample_rate"], contract["hop_size"], contract["n_mel"]) == (rate, hop, n_mel)
+    out = tmp_path / "out"
+    run_recipe("--stage", "3", "--config", str(config), "--infer_mode", "infer_from_dataset", "--infer_datasets", "toy",
+               "--infer_expt_dir", str(expt), "--infer_output_dir", str(out))
+    mels = sorted((tmp_path / "data" / "toy" / "mels").glob("*.npy"))
+    tested = {p.stem: np.load(p) for p in mels if (out / "pred" / f"{p.stem}.wav").is_file()}
+    assert tested
+    for uid, mel in tested.items():
+        audio, sr = sf.read(out / "pred" / f"{uid}.wav")
+        assert sr == rate and mel.shape[0] == n_mel and len(audio) == mel.shape[1] * hop
+    uid, mel = next(iter(tested.items()))
+    for folder, data in (("native", mel), ("log10", mel / math.log(10))):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / f"{uid}.npy", data.astype(np.float32))
+        flags = ["--infer_mel_convention", "log10"] if folder == "log10" else []
+        run_recipe("--stage", "3", "--config", str(config), "--infer_mode", "infer_from_feature", *flags,
+                   "--infer_feature_dir", str(tmp_path / folder), "--infer_expt_dir", str(expt),
+                   "--infer_output_dir", str(tmp_path / f"out_{folder}"))
+    native, _ = sf.read(tmp_path / "out_native" / "pred" / f"{uid}.wav")
+    converted, _ = sf.read(tmp_path / "out_log10" / "pred" / f"{uid}.wav")
+    assert len(native) == mel.shape[1] * hop and np.abs(native - converted).max() <= 1 / 32768
+
+
+def test_vocoder_rebuilds_any_hop_from_the_experiment(tmp_path):
+    expt, cfg = make_experiment(tmp_path, sample_rate=16000, hop_size=300, n_fft=1200, win_size=1200)
+    vocoder = vocoder_from_experiment(expt, device="cpu")
+    assert isinstance(vocoder, Vocoder) and vocoder.model.hop_size == 300
+    mel = native_mel(0.4, pre=dict(cfg.preprocess))
+    (audio,) = vocoder([mel], ["x"])
+    assert len(audio) == mel.shape[1] * 300

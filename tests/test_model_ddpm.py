@@ -1,0 +1,112 @@
+"""The DiffWave network and the DDPM maths."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, fractional_steps, make_plan, sample, training_betas
+from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
+from utils.config import ConfigError, load_config, to_attrdict
+
+RECIPE = Path(__file__).resolve().parents[1] / "egs/vocoder/diffusion/diffwave/exp_config.json"
+
+
+def tiny_cfg(**diffwave):
+    params = {"residual_channels": 8, "residual_layers": 4, "dilation_cycle_length": 2,
+              "noise_schedule_factors": [1e-4, 0.05, 50], "inference_noise_schedule": [0.0001, 0.001, 0.01, 0.05, 0.2, 0.5],
+              "upsample_factors": [4, 4], **diffwave}
+    return to_attrdict({"preprocess": {"n_mel": 10, "hop_size": 16}, "model": {"diffwave": params}})
+
+
+def expected_parameter_count(n_mel: int, c: int, layers: int, steps_embed: int = 128, hidden: int = 512) -> int:
+    """Counted from the architecture's layer shapes, independently of the module code."""
+    embedding = steps_embed * hidden + hidden + hidden * hidden + hidden
+    upsampler = 2 * (3 * 32 + 1)
+    block = (c * 2 * c * 3 + 2 * c) + (hidden * c + c) + (n_mel * 2 * c + 2 * c) + (c * 2 * c + 2 * c)
+    return (c + c) + embedding + upsampler + layers * block + (c * c + c) + (c + 1)
+
+
+def test_base_config_parameter_names_and_count():
+    model = build_diffwave(load_config(RECIPE))
+    names = {n for n, _ in model.named_parameters()}
+    for name in ("input_projection.weight", "diffusion_embedding.projection1.weight", "diffusion_embedding.projection2.bias",
+                 "spectrogram_upsampler.conv1.weight", "spectrogram_upsampler.conv2.bias",
+                 "residual_layers.29.dilated_conv.weight", "residual_layers.0.diffusion_projection.weight",
+                 "residual_layers.0.conditioner_projection.weight", "residual_layers.0.output_projection.bias",
+                 "skip_projection.weight", "output_projection.weight"):
+        assert name in names
+    assert sum(p.numel() for p in model.parameters()) == expected_parameter_count(100, 64, 30)
+    assert model.receptive_halo == 3 * (1 + 2 + 4 + 8 + 16 + 32 + 64 + 128 + 256 + 512)
+    assert [layer.dilated_conv.dilation[0] for layer in model.residual_layers][:11] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1]
+
+
+def test_output_shape_and_fractional_steps_accepted():
+    model = build_diffwave(tiny_cfg())
+    audio, mel = torch.randn(3, 7 * 16), torch.randn(3, 10, 7)
+    assert model(audio, torch.tensor([0, 10, 49]), mel).shape == (3, 112)
+    assert model(audio, torch.tensor([0.5, 10.25, 48.9]), mel).shape == (3, 112)
+
+
+def test_upsample_factors_must_multiply_to_hop():
+    with pytest.raises(ConfigError, match="multiply to 12"):
+        build_diffwave(tiny_cfg(upsample_factors=[4, 3]))
+
+
+def test_alpha_cum_and_training_noise():
+    cfg = tiny_cfg()
+    betas = training_betas(cfg.model.diffwave)
+    cum = alpha_cum(betas)
+    assert len(betas) == 50 and betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.05)
+    assert torch.allclose(cum, torch.tensor(np.cumprod(1 - np.linspace(1e-4, 0.05, 50))))
+    x0, eps = torch.ones(2, 5), torch.full((2, 5), 2.0)
+    xt = add_noise(x0, eps, torch.tensor([0, 49]), cum)
+    for row, t in enumerate((0, 49)):
+        expected = float(cum[t].sqrt()) + 2.0 * float((1 - cum[t]).sqrt())
+        assert torch.allclose(xt[row], torch.full((5,), expected), atol=1e-6)
+
+
+def test_fast_schedule_steps_match_brute_force_inversion():
+    train = training_betas(tiny_cfg().model.diffwave)
+    infer = torch.tensor([0.0001, 0.001, 0.01, 0.05, 0.2, 0.5], dtype=torch.float64)
+    steps = fractional_steps(train, infer)
+    grid = torch.linspace(0, 49, 49 * 2000 + 1, dtype=torch.float64)
+    curve = alpha_cum(train).sqrt()
+    low = grid.floor().long().clamp(max=48)
+    interpolated = curve[low] + (curve[low + 1] - curve[low]) * (grid - low)
+    for step, target in zip(steps, alpha_cum(infer).sqrt()):
+        brute = float(grid[(interpolated - target).abs().argmin()])
+        assert step == pytest.approx(brute, abs=1e-3)
+    assert steps[0] == 0 and torch.all(steps[1:] > steps[:-1])
+
+
+def pad_batch(mels):
+    frames = torch.tensor([m.shape[-1] for m in mels])
+    padded = torch.zeros(len(mels), mels[0].shape[0], int(frames.max()))
+    for i, m in enumerate(mels):
+        padded[i, :, : m.shape[-1]] = m
+    return padded, frames
+
+
+@pytest.mark.parametrize("sampler", ["fast", "full", "ddim"])
+def test_batched_sampling_equals_one_by_one(sampler):
+    torch.manual_seed(0)
+    model = build_diffwave(tiny_cfg()).eval()
+    torch.nn.init.normal_(model.output_projection.weight, std=0.3)
+    plan = make_plan(tiny_cfg().model.diffwave, sampler, steps=4)
+    mels = [torch.randn(10, 9), torch.randn(10, 23), torch.randn(10, 14)]
+    padded, frames = pad_batch(mels)
+    lengths = frames * 16
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    batch = sample(lambda x, s: model(x, s, padded, lengths), plan, (3, int(lengths.max())), lengths=lengths, generators=gens)
+    for i, mel in enumerate(mels):
+        alone = sample(lambda x, s, m=mel: model(x, s, m[None]), plan, (1, mel.shape[-1] * 16),
+                       generators=[torch.Generator().manual_seed(i + 1)])
+        assert torch.allclose(batch[i, : mel.shape[-1] * 16], alone[0], atol=1e-5)
+        assert alone.abs().max() > 0.01  # a real signal, not a trivially equal zero
+
+
+def test_unknown_sampler_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        make_plan(tiny_cfg().model.diffwave, "dpm")

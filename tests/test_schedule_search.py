@@ -1,0 +1,79 @@
+"""Schedule search: valid monotone schedules, never worse than the configured one, read back by stage 3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from models.vocoders.diffusion.diffusion_vocoder_inference import experiment_config, load_model, vocoder_from_experiment
+from models.vocoders.diffusion.schedule_search import (
+    SCHEDULE_FILE,
+    coarse_grid,
+    is_valid,
+    save_schedule,
+    search_schedule,
+    searched_betas,
+)
+from processors.preprocess import preprocess
+from tests.tiny_experiment import REPO, make_experiment
+from utils.config import ConfigError
+from utils.synthetic import write_corpus
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """A tiny random model with a processed corpus (two validation utterances) to score on."""
+    root = tmp_path_factory.mktemp("search")
+    expt, cfg = make_experiment(root)
+    write_corpus(root / "corpus", speakers=1, per_speaker=40, sample_rate=8000, seconds=(0.3, 0.5))
+    preprocess(cfg, num_workers=1)
+    return expt, cfg
+
+
+def test_coarse_grid_is_monotone_and_holds_the_configured_schedule():
+    default = [0.0001, 0.001, 0.01, 0.05, 0.2, 0.5]
+    grid = coarse_grid(6, default)
+    assert grid[0] == default and len(grid) > 30
+    assert all(len(b) == 6 and is_valid(b) for b in grid)
+    assert len({tuple(b) for b in coarse_grid(2)}) == len(coarse_grid(2))  # the power is moot at 2 steps: no repeats
+    assert not is_valid([0.1, 0.05]) and not is_valid([0.1, 1.0])
+
+
+def test_search_finds_a_schedule_no_worse_than_the_default_and_stage3_uses_it(experiment):
+    expt, cfg = experiment
+    model = load_model(experiment_config(expt), expt)
+    result = search_schedule(cfg, model, steps=6, utterances=2, seconds=0.3, rounds=1)
+    assert len(result["utterances"]) == 2 and len(result["betas"]) == 6 and is_valid(result["betas"])
+    assert result["scores"]["score"] <= result["reference"]["fast"]["score"] + 1e-9
+    assert result["scores"]["score"] == pytest.approx(result["scores"]["mel_l1"] + result["scores"]["mstft"])
+    assert result["reference"]["full"]["steps"] == 50 and result["check"]["seed"] == 1235
+    save_schedule(expt, result)
+    vocoder = vocoder_from_experiment(expt, device="cpu", sampler="searched")
+    assert vocoder.plan.betas.tolist() == pytest.approx(result["betas"])
+    with pytest.raises(ConfigError, match="no 3-step schedule; searched: 6"):
+        searched_betas(expt, 3)
+
+
+def test_search_cli_writes_per_step_schedules_and_stage3_reads_them(experiment, tmp_path):
+    expt, _ = experiment
+    save_schedule(expt, {"steps": 3, "betas": [0.001, 0.1, 0.5]})  # an earlier search for another step count
+    env = {"PYTHONPATH": str(REPO), "PATH": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "bins/vocoder/search_schedule.py", "--expt_dir", str(expt), "--steps", "2",
+                             "--utterances", "1", "--seconds", "0.2", "--rounds", "1"],
+                            cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "searched       2" in result.stdout and "full          50" in result.stdout
+    data = json.loads((expt / SCHEDULE_FILE).read_text())
+    assert data["default"] == "2" and "betas" in data["schedules"]["2"]
+    assert searched_betas(expt) == data["schedules"]["2"]["betas"]  # the latest search is the default
+    assert searched_betas(expt, 3) == [0.001, 0.1, 0.5]  # kept beside the new one
+    vocoder = vocoder_from_experiment(expt, device="cpu", sampler="searched", steps=2)
+    assert vocoder.plan.steps == 2
+
+
+def test_missing_schedule_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"searched_schedule\.json: missing; run bins/vocoder/search_schedule\.py"):
+        searched_betas(tmp_path)

@@ -1,0 +1,322 @@
+"""Stage 2 at production grade: exact resume, finetune, checkpoint policy, precision, non-finite
+steps, EMA, TensorBoard, progress, and multi-process / two-"node" launches through run.sh.
+
+A tiny DiffWave on one shared synthetic corpus (8 utterances at 8 kHz: 7 train, 1 test); most
+runs are in-process, the launches are real `accelerate launch` subprocesses on gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
+from models.vocoders.diffusion.diffusion_vocoder_inference import load_model
+from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
+from processors.preprocess import preprocess
+from utils.checkpoint import CheckpointError, list_checkpoints
+from utils.config import ConfigError, load_config
+from utils.synthetic import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SH = ROOT / "egs/vocoder/diffusion/diffwave/run.sh"
+TINY = {
+    "base_config": str(ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"),
+    "dataset": ["demo"], "use_custom_dataset": ["demo"],
+    "preprocess": {"n_mel": 20, "sample_rate": 8000, "hop_size": 64, "win_size": 256, "n_fft": 256, "fmax": 4000,
+                   "cut_mel_frame": 8},
+    "model": {"diffwave": {"residual_channels": 8, "residual_layers": 4, "dilation_cycle_length": 2,
+                           "upsample_factors": [8, 8]}},
+    "train": {"batch_size": 4, "max_epoch": -1, "save_checkpoint_stride": [1], "keep_last": [-1], "run_eval": [False],
+              "ema_decay": 0.99, "adamw": {"lr": 1e-3}, "dataloader": {"num_worker": 0}, "eval_utterances": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One preprocessed corpus shared by every test (features only; experiments go elsewhere)."""
+    root = tmp_path_factory.mktemp("train")
+    write_corpus(root / "corpus", 2, 4, sample_rate=8000)
+    config = dict(TINY, dataset_path={"demo": str(root / "corpus")}, log_dir=str(root / "ckpts"),
+                  preprocess=dict(TINY["preprocess"], processed_dir=str(root / "data")))
+    (root / "base.json").write_text(json.dumps(config))
+    preprocess(load_config(root / "base.json"), num_workers=1)
+    return root
+
+
+def config(corpus: Path, tmp_path: Path, **train: object) -> Path:
+    """A config file for this test: its own log_dir, the shared features, `train` overrides."""
+    base = json.loads((corpus / "base.json").read_text())
+    base["log_dir"] = str(tmp_path / "ckpts")
+    base["train"].update(train)
+    path = tmp_path / f"config_{len(list(tmp_path.glob('config_*')))}.json"
+    path.write_text(json.dumps(base))
+    return path
+
+
+def trainer(path: Path, name: str, resume_type: str | None = None, checkpoint: str | None = None) -> DiffusionVocoderTrainer:
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh accelerate state per in-process run
+    GradientState._reset_state()
+    return DiffusionVocoderTrainer(load_config(path), name, resume_type, checkpoint)
+
+
+def newest(exp: Path) -> Path:
+    return list_checkpoints(exp / "checkpoint")[-1]
+
+
+def max_diff(a: Path, b: Path) -> float:
+    left, right = load_file(str(a)), load_file(str(b))
+    assert left.keys() == right.keys()
+    return max(float((left[k] - right[k]).abs().max()) for k in left)
+
+
+def scalars(exp: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list] = {}
+    for events in sorted(exp.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0, "audio": 0})
+        acc.Reload()
+        for kind, tags in acc.Tags().items():
+            if kind in ("scalars", "images", "audio"):
+                for tag in tags:
+                    items = getattr(acc, {"scalars": "Scalars", "images": "Images", "audio": "Audio"}[kind])(tag)
+                    found.setdefault(tag, []).extend(items)
+    return found
+
+
+def test_resume_is_exact_mid_epoch_and_from_one_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    # batch 2: 3 batches per epoch; accumulation 2: windows [0, 1] [2], so 2 optimizer steps per epoch.
+    cfg = config(corpus, tmp_path, batch_size=2, gradient_accumulation_step=2, max_grad_norm=1.0)
+    logs = tmp_path / "ckpts"
+    straight = trainer(cfg, "straight")
+    straight.cfg.train.max_steps = 6
+    straight.train()
+    half = trainer(cfg, "resumed")
+    half.cfg.train.max_steps = 3  # stops after the first window of epoch 1: mid-epoch
+    half.train()
+    stop = json.loads((newest(logs / "resumed") / "state.json").read_text())
+    assert (stop["epoch"], stop["step"], stop["batch_in_epoch"]) == (1, 3, 2)
+    rest = trainer(cfg, "resumed", "resume", str(logs / "resumed"))  # the experiment folder: newest checkpoint
+    assert (rest.epoch, rest.step, rest.batch_in_epoch) == (1, 3, 2)
+    rest.cfg.train.max_steps = 6
+    rest.train()
+    boundary = next(p for p in list_checkpoints(logs / "resumed" / "checkpoint") if p.name.startswith("epoch-0001_step-0000002"))
+    other = trainer(cfg, "from_one", "resume", str(boundary))  # one checkpoint, at an epoch boundary
+    other.cfg.train.max_steps = 6
+    other.train()
+    want = newest(logs / "straight")
+    for exp in ("resumed", "from_one"):
+        got = newest(logs / exp)
+        assert got.name == want.name
+        for weights in ("model.safetensors", "ema.safetensors"):
+            assert max_diff(want / weights, got / weights) <= 1e-6, (exp, weights)
+        assert json.loads((got / "state.json").read_text())["step"] == 6
+
+
+def test_finetune_loads_weights_and_ema_only_and_names_a_mismatched_parameter(corpus: Path, tmp_path: Path) -> None:
+    cfg = config(corpus, tmp_path, max_steps=2)
+    trainer(cfg, "source").train()
+    source = newest(tmp_path / "ckpts" / "source")
+    tuned = trainer(cfg, "tuned", "finetune", str(tmp_path / "ckpts" / "source"))
+    assert (tuned.step, tuned.epoch, tuned.batch_in_epoch) == (0, 0, 0)
+    assert not tuned.optimizer.optimizer.state_dict()["state"]  # a fresh optimizer
+    weights = load_file(str(source / "model.safetensors"))
+    own = tuned.accelerator.unwrap_model(tuned.model).state_dict()
+    assert all(torch.equal(own[k], v) for k, v in weights.items())
+    ema = load_file(str(source / "ema.safetensors"))
+    assert all(torch.equal(tuned.ema.shadow[k], v) for k, v in ema.items())
+
+    wider = json.loads(cfg.read_text())
+    wider["model"]["diffwave"]["residual_channels"] = 12
+    (tmp_path / "wider.json").write_text(json.dumps(wider))
+    with pytest.raises(CheckpointError, match=r"parameter 'input_projection\.\w+' has shape \(\d+,?\d*\), the model expects"):
+        trainer(tmp_path / "wider.json", "wider", "finetune", str(source))
+
+
+def test_checkpoint_policy_strides_keep_last_run_eval_and_tensorboard(corpus: Path, tmp_path: Path, capsys, caplog,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four one-step epochs: stride 1 keeps its newest, stride 2 keeps all and runs the eval."""
+    from torch.utils.data import dataloader
+
+    started = []
+    original = dataloader._MultiProcessingDataLoaderIter.__init__
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__",
+                        lambda self, loader: started.append(loader) or original(self, loader))
+    cfg = config(corpus, tmp_path, max_epoch=4, save_checkpoint_stride=[1, 2], keep_last=[1, -1], run_eval=[False, True],
+                 dataloader={"num_worker": 1})
+    caplog.set_level("INFO")
+    run = trainer(cfg, "policy")
+    run.train()
+    exp = tmp_path / "ckpts" / "policy"
+    assert [p.name[:23] for p in list_checkpoints(exp / "checkpoint")] == ["epoch-0002_step-0000002", "epoch-0004_step-0000004"]
+    record = json.loads((exp / "checkpoint" / "ckpts.json").read_text())
+    assert [r["kinds"] for r in record["checkpoints"]] == [["stride0", "stride1"], ["stride0", "stride1", "final"]]
+    assert record["latest"].startswith("epoch-0004")
+    assert started.count(run.train_loader) == 1  # the worker started once, not once per epoch
+
+    tags = scalars(exp)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/steps_per_sec", "train/audio_sec_per_sec",
+                "train/skipped_steps", "valid/loss", "eval/mel_l1", "eval/demo_spk1_spk1_003/pred",
+                "eval/demo_spk1_spk1_003/gt", "eval/demo_spk1_spk1_003/mel_pred", "eval/demo_spk1_spk1_003/mel_gt"):
+        assert tag in tags, tag
+    assert [e.step for e in tags["eval/mel_l1"]] == [2, 4]  # stride 1 has run_eval false
+    assert len(tags["valid/loss"]) == 4 and all(math.isfinite(e.value) for e in tags["valid/loss"])  # 1 test utt < batch
+
+    err = capsys.readouterr().err
+    assert "loss=" in err and "steps_s=" in err and "audio_s_s=" in err  # the tqdm bar
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(summaries) == 4 and "valid loss" in summaries[0] and "audio s/s" in summaries[0]
+    assert any("torch threads per process" in r.getMessage() for r in caplog.records)
+
+
+def test_step_based_saving_merges_with_epoch_and_final_saves(corpus: Path, tmp_path: Path) -> None:
+    cfg = config(corpus, tmp_path, batch_size=2, max_steps=5, save_checkpoint_stride=[0], keep_last=[2],
+                 save_checkpoints_steps=1)
+    trainer(cfg, "steps").train()
+    folder = tmp_path / "ckpts" / "steps" / "checkpoint"
+    kept = [json.loads((p / "state.json").read_text())["step"] for p in list_checkpoints(folder)]
+    assert kept == [4, 5]
+    record = json.loads((folder / "ckpts.json").read_text())["checkpoints"]
+    assert record[-1]["kinds"] == ["steps", "final"]  # step 5 is saved once
+    assert not list(folder.glob(".tmp-*"))
+
+
+def test_mixed_precision_and_nonfinite_steps(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"fp16.*needs a CUDA GPU"):
+        trainer(config(corpus, tmp_path, mixed_precision="fp16"), "fp16")
+    bf16 = trainer(config(corpus, tmp_path, mixed_precision="bf16", max_steps=2), "bf16")
+    assert bf16.accelerator.mixed_precision == "bf16"
+    bf16.train()
+    assert math.isfinite(json.loads((newest(tmp_path / "ckpts" / "bf16") / "state.json").read_text())["loss"])
+
+    original = DiffusionVocoderTrainer._loss
+
+    def poisoned(self: DiffusionVocoderTrainer, *args: object) -> torch.Tensor:
+        loss = original(self, *args)
+        return loss * float("nan") if self.step >= 2 else loss
+
+    monkeypatch.setattr(DiffusionVocoderTrainer, "_loss", poisoned)
+    bad = trainer(config(corpus, tmp_path, max_steps=50, max_nonfinite_steps=3), "nan")
+    with pytest.raises(FloatingPointError, match=r"3 optimizer steps in a row .* last good checkpoint .*step-0000002"):
+        bad.train()
+    exp = tmp_path / "ckpts" / "nan"
+    last = newest(exp)  # epochs of skipped steps may save, but only the unchanged good weights
+    assert json.loads((last / "state.json").read_text())["step"] == 2
+    assert all(torch.isfinite(v).all() for v in load_file(str(last / "model.safetensors")).values())
+    assert [e.value for e in scalars(exp)["train/skipped_steps"]][-3:] == [1, 2, 3]
+
+
+def test_stage3_uses_ema_weights_by_default(corpus: Path, tmp_path: Path) -> None:
+    cfg = config(corpus, tmp_path, max_steps=3)
+    trainer(cfg, "ema").train()
+    exp = tmp_path / "ckpts" / "ema"
+    last = newest(exp)
+    ema, raw = load_file(str(last / "ema.safetensors")), load_file(str(last / "model.safetensors"))
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    default = load_model(load_config(exp / "args.json"), exp).state_dict()
+    assert all(torch.equal(default[k], ema[k]) for k in ema)
+    chosen = load_model(load_config(exp / "args.json"), exp, use_ema=False).state_dict()
+    assert all(torch.equal(chosen[k], raw[k]) for k in raw)
+
+
+def test_validation_sampler_covers_every_item_once() -> None:
+    shards = [list(EpochBatchSampler(5, 4, 0, rank, 2, shuffle=False, drop_last=False)) for rank in range(2)]
+    assert sorted(i for shard in shards for batch in shard for i, _ in batch) == [0, 1, 2, 3, 4]
+    alone = [list(EpochBatchSampler(1, 4, 0, rank, 2, shuffle=False, drop_last=False)) for rank in range(2)]
+    assert [len(s) for s in alone] == [1, 0]
+    train = [list(EpochBatchSampler(7, 2, 0, rank, 2)) for rank in range(2)]
+    assert len(train[0]) == len(train[1]) == 1
+    assert not {i for b in train[0] for i, _ in b} & {i for b in train[1] for i, _ in b}  # disjoint shards
+
+
+# ----- launches through run.sh ------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: Path, name: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(["bash", str(RUN_SH), "--stage", "2", "--config", str(cfg), "--name", name, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def listening(port: int) -> bool:
+    import psutil
+
+    return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
+
+
+def finish(procs: list[subprocess.Popen], port: int) -> tuple[list[str], bool]:
+    """Wait for every launch (3 min cap), watching whether `port` is listened on meanwhile."""
+    seen, deadline = False, time.time() + 180
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        seen = seen or listening(port)
+        time.sleep(0.1)
+    outputs = []
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        outputs.append(p.communicate()[0])
+    return outputs, seen
+
+
+def check_one_experiment(exp: Path, processes: int, step: int) -> None:
+    checkpoints = list_checkpoints(exp / "checkpoint")
+    assert checkpoints, "no checkpoint written"
+    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    assert (state["num_processes"], state["step"]) == (processes, step)
+    assert sorted(p.name for p in checkpoints[-1].glob("rng_*.pt")) == [f"rng_{r}.pt" for r in range(processes)]
+    assert len(list(exp.glob("events.out.tfevents.*"))) == 1  # one writer
+    assert not list((exp / "checkpoint").glob(".tmp-*"))
+
+
+def test_two_processes_shard_data_save_once_and_use_the_port(corpus: Path, tmp_path: Path) -> None:
+    # batch 2: 3 batches an epoch; two processes take one each (the odd one is dropped), so 2 epochs = 2 steps.
+    cfg = config(corpus, tmp_path, batch_size=2, max_epoch=2, save_checkpoint_stride=[1], keep_last=[-1])
+    port = free_port()
+    (out,), seen = finish([launch(cfg, "ddp", "--gpu", "0,1", "--main_process_port", str(port))], port)
+    assert f"process group: backend gloo, world size 2, rendezvous port {port}" in out, out[-3000:]
+    assert seen, f"nothing listened on port {port} during training"
+    exp = tmp_path / "ckpts" / "ddp"
+    check_one_experiment(exp, 2, 2)
+    assert [json.loads((p / "state.json").read_text())["step"] for p in list_checkpoints(exp / "checkpoint")] == [1, 2]
+    assert out.count("INFO models.vocoders.diffusion.checkpointing: saved") == 2  # rank 0 only
+
+
+def test_busy_port_gives_a_clear_error(corpus: Path, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(["bash", str(RUN_SH), "--stage", "2", "--config", str(config(corpus, tmp_path)),
+                                 "--name", "busy", "--gpu", "0,1", "--main_process_port", str(port)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"--main_process_port {port} is already in use" in result.stderr
+
+
+def test_two_nodes_on_one_machine_share_steps_and_one_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    cfg = config(corpus, tmp_path, batch_size=2, max_epoch=2, save_checkpoint_stride=[2])
+    port = free_port()
+    node = ("--gpu", "0", "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port))
+    procs = [launch(cfg, "nodes", *node, "--machine_rank", str(rank)) for rank in range(2)]
+    outputs, _ = finish(procs, port)
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "2 process(es) on 2 machine(s)" in outputs[0]
+    exp = tmp_path / "ckpts" / "nodes"
+    check_one_experiment(exp, 2, 2)
+    assert len(list_checkpoints(exp / "checkpoint")) == 1
+

@@ -1,0 +1,47 @@
+"""A stage-2 experiment folder without training: a tiny random DiffWave, args.json and one checkpoint.
+
+The output projection (zero at initialisation) gets random weights so the waveform depends on
+the mel, which is what conversion and export tests must see.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
+from processors.mel_conventions import write_contract
+from utils.checkpoint import save_checkpoint
+from utils.config import load_config, merge, save_config, to_attrdict, to_plain
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PRE = {"sample_rate": 8000, "hop_size": 64, "n_fft": 256, "win_size": 256, "n_mel": 20, "fmin": 0, "fmax": 4000}
+
+
+def tiny_cfg(root: Path, **preprocess: Any) -> Any:
+    base = to_plain(load_config(REPO / "egs/vocoder/diffusion/diffwave/exp_config.json"))
+    override = {
+        "dataset": ["toy"], "use_custom_dataset": ["toy"], "dataset_path": {"toy": str(root / "corpus")},
+        "log_dir": str(root / "ckpts"),
+        "preprocess": {**TINY_PRE, "processed_dir": str(root / "data"), **preprocess},
+        "model": {"diffwave": {"residual_channels": 8, "residual_layers": 4, "dilation_cycle_length": 2,
+                               "upsample_factors": None}},
+    }
+    return to_attrdict(merge(base, override))
+
+
+def make_experiment(root: Path, seed: int = 0, **preprocess: Any) -> tuple[Path, Any]:
+    """`<root>/ckpts/toy` holding args.json, mel_contract.json and a complete checkpoint."""
+    cfg = tiny_cfg(root, **preprocess)
+    torch.manual_seed(seed)
+    model = build_diffwave(cfg)
+    torch.nn.init.normal_(model.output_projection.weight, std=0.3)
+    expt = root / "ckpts" / "toy"
+    expt.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, expt / "args.json")
+    write_contract(cfg.preprocess, expt)
+    save_checkpoint(expt / "checkpoint" / "epoch-0001_step-0000001_loss-0.500000",
+                    {"model.safetensors": model.state_dict()}, {"step": 1, "epoch": 1})
+    return expt, cfg
