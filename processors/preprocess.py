@@ -144,7 +144,6 @@ def extract_features(cfg: Any, dataset: str, entries: list[dict], pool: Executor
 
 def feature_pool(workers: int) -> Executor | None:
     """One pool for every dataset, forked after the heavy imports of this module so workers start at once."""
-    _init_worker()
     return ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker) if workers > 1 else None
 
 

@@ -164,12 +164,16 @@ def export_onnx(vocoder: Vocoder, path: str | os.PathLike) -> None:
 class OnnxVocoder:
     """An exported ONNX denoiser driven by the same sampler code as PyTorch synthesis."""
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
+        """`threads` defaults to torch's count, so both share the cores the same way (run.sh sets it)."""
         try:
             import onnxruntime as ort
         except ImportError:
             raise ImportError("onnxruntime is not installed: pip install '.[export]'") from None
-        self.session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
         meta = self.session.get_modelmeta().custom_metadata_map
         if "diffvoc.sampler" not in meta:
             raise ValueError(f"{path}: no sampler metadata; export it with bins/vocoder/export.py")
