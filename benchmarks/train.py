@@ -53,9 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.update(dataset=[DATASET], use_custom_dataset=[DATASET], dataset_path={DATASET: str(Path(tmp) / "corpus")},
                    log_dir=str(Path(tmp) / "ckpts"))
         cfg.preprocess.processed_dir = str(Path(tmp) / "data")
-        threads = torch.get_num_threads()
         preprocess(cfg, num_workers=len(os.sched_getaffinity(0)))
-        torch.set_num_threads(threads)  # stage 1 leaves its caller on one thread for its forked workers
         trainer = DiffusionVocoderTrainer(cfg, "bench")
         acc = trainer.accelerator
         if acc.device.type == "cuda":
