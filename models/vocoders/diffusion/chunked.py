@@ -30,7 +30,7 @@ class ChunkedDenoiser:
     """`denoise(x, step)` for ddpm.sample, equal to `model(x, step, mel, lengths)` within float rounding."""
 
     def __init__(self, model: DiffWave, mel: Tensor, lengths: Tensor | None = None,
-                 chunk: int = 65536, cache_bytes: int = 1 << 30, tile: int | None = None) -> None:
+                 chunk: int = 65536, cache_bytes: int = 1 << 30, tile: int | None = 2048) -> None:
         self.model = model
         self.mel = mel
         self.lengths = lengths

@@ -55,7 +55,7 @@ class Vocoder:
     def __init__(self, cfg: Any, model: DiffWave, sampler: str = "fast", steps: int | None = None,
                  batch_size: int = 1, seed: int = 1234, device: str | None = None, precision: str = "fp32",
                  betas: Sequence[float] | None = None, chunk_size: int = 65536, cache_gib: float = 1.0,
-                 tile: int | None = None) -> None:
+                 tile: int | None = 2048) -> None:
         if sampler not in (*SAMPLERS, "searched"):
             raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLERS)}")
         if precision not in PRECISIONS:
@@ -136,7 +136,7 @@ def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None,
     options.setdefault("batch_size", infer.get("batch_size", 1))
     if infer.get("steps") is not None:
         options.setdefault("steps", infer.get("steps"))
-    for key in ("chunk_size", "cache_gib"):
+    for key in ("chunk_size", "cache_gib", "tile"):
         if infer.get(key) is not None:
             options.setdefault(key, infer.get(key))
     if options["sampler"] == "searched" and options.get("betas") is None:
