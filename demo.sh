@@ -13,7 +13,7 @@ echo "== synthetic corpus: $out/corpus"
 PYTHONPATH=. python -c "from utils.synthetic import write_corpus; write_corpus('$out/corpus', speakers=2, per_speaker=12)"
 echo "== stage 1: preprocess"
 sh $recipe --stage 1 --config $config
-echo "== stage 2: train (300 steps)"
+echo "== stage 2: train (600 steps)"
 sh $recipe --stage 2 --config $config --name demo
 expt=$out/ckpts/demo
 echo "== stage 3: infer_from_dataset"
