@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1, help="utterances vocoded together")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each utterance")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up; the best is reported")
-    parser.add_argument("--chunk_size", type=int, default=65536)
+    parser.add_argument("--chunk_size", type=int, default=65536, help="0: the plain full-length forward pass")
     parser.add_argument("--cache_gib", type=float, default=1.0, help="budget for cached conditioner projections")
     parser.add_argument("--tile", type=int, default=2048, help="rows per tile inside a chunk (0: the whole chunk)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])

@@ -75,7 +75,7 @@ def test_fast_schedule_steps_match_brute_force_inversion():
     curve = alpha_cum(train).sqrt()
     low = grid.floor().long().clamp(max=48)
     interpolated = curve[low] + (curve[low + 1] - curve[low]) * (grid - low)
-    for step, target in zip(steps, alpha_cum(infer).sqrt()):
+    for step, target in zip(steps, alpha_cum(infer).sqrt(), strict=False):
         brute = float(grid[(interpolated - target).abs().argmin()])
         assert step == pytest.approx(brute, abs=1e-3)
     assert steps[0] == 0 and torch.all(steps[1:] > steps[:-1])

@@ -35,7 +35,9 @@ def parser_name(dataset: str, custom: list[str] | tuple[str, ...] = ()) -> str:
     if dataset.lower() in CORPORA:
         return dataset.lower()
     known = ", ".join(CORPORA)
-    raise DatasetError(f"unknown dataset '{dataset}': known corpora are {known}; list any other folder of audio in use_custom_dataset")
+    raise DatasetError(
+        f"unknown dataset '{dataset}': known corpora are {known}; list any other folder of audio in use_custom_dataset"
+    )
 
 
 def get_parser(dataset: str, custom: list[str] | tuple[str, ...] = ()) -> Parser:

@@ -101,7 +101,7 @@ class Vocoder:
 
         # fp32 runs chunk by chunk (exact, bounded memory, conditioner cached across steps);
         # fp16/bf16 and wrapped models (DDP during training) use the plain forward
-        chunked = self.dtype is None and isinstance(self.model, DiffWave)
+        chunked = self.dtype is None and isinstance(self.model, DiffWave) and self.chunk_size > 0
         denoise = autocast_denoise
         if chunked:
             denoise = ChunkedDenoiser(self.model, padded, exact, self.chunk_size, self.cache_bytes, self.tile)

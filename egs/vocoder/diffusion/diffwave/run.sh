@@ -83,10 +83,10 @@ case "$stage" in
     case "$resume_type" in ""|resume|finetune) ;; *) die "--resume_type must be resume or finetune, got '$resume_type'" ;; esac
     if [ "$resume_type" = finetune ] && [ -z "$checkpoint" ]; then die "--resume_type finetune needs --checkpoint"; fi
     launch=(--main_process_port "$main_process_port")
+    total=$(( n_proc * num_machines ))
     if [ -n "$accelerate_config" ]; then
       launch+=(--config_file "$accelerate_config")
     else
-      total=$(( n_proc * num_machines ))
       launch+=(--num_processes "$total" --num_machines "$num_machines" --machine_rank "$machine_rank")
       [ -n "$main_process_ip" ] && launch+=(--main_process_ip "$main_process_ip")
       # Several processes go through torchrun (--multi_gpu); without CUDA the trainer makes it a gloo group.
@@ -97,7 +97,9 @@ case "$stage" in
         launch+=(--cpu)
       fi
     fi
-    if [ "$machine_rank" = 0 ] && ! python -c "
+    single=""
+    [ -z "$accelerate_config" ] && [ "$total" -eq 1 ] && single=1
+    if [ -z "$single" ] && [ "$machine_rank" = 0 ] && ! python -c "
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try: s.bind(('', $main_process_port))
@@ -108,7 +110,12 @@ except OSError: sys.exit(1)" 2>/dev/null; then
     [ -n "$resume_type" ] && train_args+=(--resume_type "$resume_type")
     [ -n "$checkpoint" ] && train_args+=(--checkpoint "$checkpoint")
     [ -n "$max_steps" ] && train_args+=(--max_steps "$max_steps")
-    CUDA_VISIBLE_DEVICES="$gpu" accelerate launch "${launch[@]}" bins/vocoder/train.py "${train_args[@]}"
+    if [ -n "$single" ]; then
+      # One process needs no launcher: errors stay one line, and the process keeps its threads.
+      CUDA_VISIBLE_DEVICES="$gpu" python bins/vocoder/train.py "${train_args[@]}"
+    else
+      CUDA_VISIBLE_DEVICES="$gpu" accelerate launch "${launch[@]}" bins/vocoder/train.py "${train_args[@]}"
+    fi
     ;;
   3)
     [ -n "$infer_expt_dir" ] || die "--infer_expt_dir is required for stage 3"
