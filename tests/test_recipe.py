@@ -65,6 +65,11 @@ def test_all_three_inference_modes(trained, tmp_path):
         frames = np.load(root / "data/toy/mels" / f"{uid}.npy").shape[1]
         assert rate == 8000 and len(pred) == frames * 64 and (expt / "result" / "gt" / f"{uid}.wav").is_file()
 
+    result = run_recipe("--stage", "4", "--infer_expt_dir", str(expt))
+    summary = json.loads((expt / "result" / "eval" / "summary.json").read_text())
+    assert summary["count"] == len(test_uids) and "mel_l1" in summary["means"] and "mel_l1" in result.stdout
+    assert (expt / "result" / "eval" / "metrics.csv").read_text().count("\n") == len(test_uids) + 1
+
     feats = tmp_path / "feats" / "mels"
     feats.mkdir(parents=True)
     mel = np.load(next((root / "data/toy/mels").glob("*.npy")))
