@@ -56,3 +56,9 @@ def mel_spectrogram(audio: np.ndarray | torch.Tensor, pre: Any) -> torch.Tensor:
     mel = torch.log(torch.clamp(mel, min=LOG_FLOOR))
     mel = mel[..., : num_samples // hop]
     return mel[0] if squeeze else mel
+
+
+def min_samples(pre: Any) -> int:
+    """The shortest audio that gives one mel frame (and survives the reflect padding)."""
+    _, n_fft, hop, *_ = mel_settings(pre)
+    return max(hop, (n_fft - hop) // 2 + 1)

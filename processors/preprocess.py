@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from processors.audio import AudioError, load_audio
 from processors.datasets import get_parser
-from processors.mel import mel_spectrogram
+from processors.mel import mel_spectrogram, min_samples
 from utils.config import check_dataset_paths
 from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy
 
@@ -101,9 +101,8 @@ def _init_worker() -> None:
 def extract_one(job: tuple[str, str, str, dict]) -> str | None:
     """Write one utterance's audio and mel features; return the reason when it is skipped."""
     path, mel_path, audio_path, pre = job
-    min_samples = max(int(pre["hop_size"]), (int(pre["n_fft"]) - int(pre["hop_size"])) // 2 + 1)
     try:
-        audio = load_audio(path, int(pre["sample_rate"]), min_samples=min_samples)
+        audio = load_audio(path, int(pre["sample_rate"]), min_samples=min_samples(pre))
     except AudioError as err:
         return str(err)
     except Exception as err:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from models.vocoders.diffusion.diffusion_vocoder_dataset import load_entries
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from processors.audio import AudioError, list_audio, load_audio
-from processors.mel import mel_spectrogram
+from processors.mel import mel_spectrogram, min_samples
 from processors.mel_conventions import MelConverter
 from processors.preprocess import feature_paths
 from utils.io import atomic_write_text, load_npy, remove_stale_temps, safe_name, save_wav
@@ -108,11 +108,10 @@ def audio_items(cfg: Any, folder: Path, skipped: list[str]) -> list[tuple[str, t
     if not files:
         raise InputError(f"{folder}: no audio files (wav, flac, ogg, mp3, ...) found")
     pre = cfg.preprocess
-    min_samples = max(int(pre.hop_size), (int(pre.n_fft) - int(pre.hop_size)) // 2 + 1)
     items = []
     for path in files:
         try:
-            audio = load_audio(path, int(pre.sample_rate), min_samples=min_samples)
+            audio = load_audio(path, int(pre.sample_rate), min_samples=min_samples(pre))
         except AudioError as err:
             skipped.append(str(err))
             continue
