@@ -1,27 +1,32 @@
-"""Stage 3 synthesis speed and memory against this machine's measured fp32 matmul peak.
+"""Stage 3 synthesis speed and memory against the device's own measured peaks.
 
 Builds the config's DiffWave (random weights: speed does not depend on them), vocodes `--batch`
 random mels of `--seconds` each through `Vocoder` (the real synthesis path), and prints wall time,
-real-time factor, the model's GFLOP per second of audio per step (counted from the layer shapes of
-a plain forward pass, so the conditioner is counted at every step even where it is cached),
-effective GFLOP/s, the fp32 matmul peak measured on the same threads just before and just after
-the synthesis (the better of the two), their ratio, and the process's peak RSS.
+time per denoising step, real-time factor, effective GFLOP/s (the model's FLOPs counted from the
+layer shapes of a plain forward pass, so the conditioner counts at every step even where it is
+cached) and peak memory. On CPU the ratio is to an fp32 matmul measured on the same threads just
+before and after the synthesis; on CUDA to the card's bf16 or TF32 matmul and device-copy rates,
+measured in the same run (`cuda_peaks`), with the fused engine's device-memory traffic as bytes/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from models.vocoders.diffusion.ddpm import SAMPLERS
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
+from models.vocoders.diffusion.windowed import ENGINES
 from utils.config import REPO_ROOT, load_config
 
 
@@ -47,10 +52,82 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def cuda_peaks(device: torch.device, size: int = 8192, repeats: int = 10) -> dict[str, float]:
+    """The card's own ceilings, measured now: bf16 and TF32 matmul (TFLOP/s), device copy (TB/s, read + write)."""
+    out = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 operands on the tensor cores
+    for name, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32)):
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        out[f"{name}_tflops"] = 2 * size**3 / cuda_seconds(lambda a=a, b=b: torch.matmul(a, b), repeats) / 1e12
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    src = torch.randn(2**28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    out["copy_tbps"] = 2 * src.numel() * 4 / cuda_seconds(lambda: dst.copy_(src), repeats) / 1e12
+    return out
+
+
+def cuda_seconds(fn: Any, repeats: int) -> float:
+    """Median device time of `fn` after warm-ups, from CUDA events."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def bytes_per_sample(model: DiffWave, dtype: torch.dtype | None) -> float:
+    """Device-memory traffic of one fused denoising step per audio sample: each layer reads its input and the
+    upsampled mel once and writes its output once (I/O dtype), and reads and writes the fp32 skip sum."""
+    layer = model.residual_layers[0]
+    channels, n_mel = layer.dilated_conv.in_channels, layer.conditioner_projection.in_channels
+    size = 4 if dtype is None else torch.finfo(dtype).bits // 8
+    return len(model.residual_layers) * ((2 * channels + n_mel) * size + 8 * channels)
+
+
 def _timed(fn: Any) -> float:
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def measure(cfg: Any, model: DiffWave, seconds: float, batch: int = 1, repeats: int = 1, warmup: bool = True,
+            **options: Any) -> dict[str, Any]:
+    """Vocode `batch` random mels of `seconds` each through `Vocoder`; wall time of the best repeat and its rates."""
+    n_mel, hop, rate = int(cfg.preprocess.n_mel), int(cfg.preprocess.hop_size), int(cfg.preprocess.sample_rate)
+    frames = max(1, round(seconds * rate / hop))
+    gen = torch.Generator().manual_seed(0)
+    mels = [torch.randn(n_mel, frames, generator=gen) for _ in range(batch)]
+    names = [f"utt{i}" for i in range(batch)]
+    vocoder = Vocoder(cfg, model, batch_size=batch, **options)
+    cuda = vocoder.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(vocoder.device)
+    first = _timed(lambda: vocoder(mels, names)) if warmup else None
+    outputs: list = []
+    wall = min(_timed(lambda: outputs.append(vocoder(mels, names))) for _ in range(max(1, repeats)))
+    audio_seconds = batch * frames * hop / rate
+    steps = vocoder.plan.steps
+    return {
+        "engine": vocoder.engine, "device": str(vocoder.device), "steps": steps, "batch": batch, "seconds": seconds,
+        "first_call_s": first, "wall_s": wall, "ms_per_step": 1e3 * wall / steps, "rtf": wall / audio_seconds,
+        "x_realtime": audio_seconds / wall,
+        "gflops": flops_per_sample(model, n_mel) * rate * audio_seconds * steps / wall / 1e9,
+        "gbps": bytes_per_sample(model, vocoder.dtype) * rate * audio_seconds * steps / wall / 1e9,
+        "peak_gib": (torch.cuda.max_memory_reserved(vocoder.device) if cuda
+                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(vocoder.device) / 2**30 if cuda else None,
+        "finite": all(bool(np.isfinite(a).all()) for a in outputs[-1]), "audio": outputs[-1],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,13 +138,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1, help="utterances vocoded together")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each utterance")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up; the best is reported")
-    parser.add_argument("--chunk_size", type=int, default=65536, help="0: the plain full-length forward pass")
-    parser.add_argument("--cache_gib", type=float, default=1.0, help="budget for cached conditioner projections")
-    parser.add_argument("--tile", type=int, default=2048, help="rows per tile inside a chunk (0: the whole chunk)")
+    parser.add_argument("--engine", default="auto", choices=ENGINES,
+                        help="auto: fused on CUDA, tiled for fp32 on CPU; plain: the full-length forward")
+    parser.add_argument("--chunk_size", type=int, default=65536, help="tiled engine: samples per chunk")
+    parser.add_argument("--cache_gib", type=float, default=1.0, help="tiled engine: cached conditioner budget")
+    parser.add_argument("--tile", type=int, default=2048, help="tiled engine: rows per tile (0: the whole chunk)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the plain engine's forward")
+    parser.add_argument("--no_cuda_graph", action="store_true", help="launch every kernel instead of graph replay")
+    parser.add_argument("--gpu_memory_gib", type=float, default=None, help="GPU memory budget (default: 80%% of free)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no_warmup", action="store_true", help="skip the warm-up run (long utterances)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,30 +158,38 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config)
     torch.manual_seed(0)
     model = build_diffwave(cfg).eval()
-    n_mel, hop, rate = int(cfg.preprocess.n_mel), int(cfg.preprocess.hop_size), int(cfg.preprocess.sample_rate)
-    frames = max(1, round(args.seconds * rate / hop))
-    mels = [torch.randn(n_mel, frames) for _ in range(args.batch)]
-    names = [f"utt{i}" for i in range(args.batch)]
-    vocoder = Vocoder(cfg, model, args.sampler, args.steps, args.batch, device=args.device, precision=args.precision,
-                      chunk_size=args.chunk_size, cache_gib=args.cache_gib, tile=args.tile)
-    audio_seconds = args.batch * frames * hop / rate
-    per_step = flops_per_sample(model, n_mel) * rate / 1e9
+    device = torch.device(args.device)
     print(f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}; "
           f"{args.config}: {model.residual_layers[0].dilated_conv.in_channels} channels, "
-          f"{len(model.residual_layers)} layers, {n_mel} mels, halo {model.receptive_halo}")
-    print(f"sampler {args.sampler}, {vocoder.plan.steps} steps, batch {args.batch} x {frames * hop / rate:.2f} s, "
-          f"chunk {args.chunk_size}, tile {args.tile or 'whole chunk'}, "
-          f"conditioner cache {args.cache_gib} GiB, {args.precision} on {vocoder.device}")
-    peak_before = matmul_peak()
-    if not args.no_warmup:
-        vocoder(mels, names)
-    wall = min(_timed(lambda: vocoder(mels, names)) for _ in range(max(1, args.repeats)))
-    peak = max(peak_before, matmul_peak())
-    effective = per_step * audio_seconds * vocoder.plan.steps / wall
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"wall {wall:.3f} s, RTF {wall / audio_seconds:.4f}, model {per_step:.2f} GFLOP per audio-second per step, "
-          f"effective {effective:.1f} GFLOP/s, matmul peak {peak:.1f} GFLOP/s (before {peak_before:.1f}), "
-          f"ratio {effective / peak:.1%}, peak RSS {rss:.2f} GiB, load average {os.getloadavg()[0]:.2f}")
+          f"{len(model.residual_layers)} layers, {cfg.preprocess.n_mel} mels, halo {model.receptive_halo}")
+    if device.type == "cuda":
+        peaks = cuda_peaks(device)
+        print(f"{torch.cuda.get_device_name(device)}: bf16 matmul {peaks['bf16_tflops']:.0f} TFLOP/s, TF32 "
+              f"{peaks['tf32_tflops']:.0f} TFLOP/s, device copy {peaks['copy_tbps']:.2f} TB/s")
+    else:
+        peak_before = matmul_peak()
+    options = {"sampler": args.sampler, "steps": args.steps, "device": args.device, "precision": args.precision,
+               "engine": args.engine, "chunk_size": args.chunk_size, "cache_gib": args.cache_gib, "tile": args.tile,
+               "compile": args.compile, "cuda_graph": False if args.no_cuda_graph else "auto",
+               "gpu_memory_gib": args.gpu_memory_gib}
+    r = measure(cfg, model, args.seconds, args.batch, args.repeats, not args.no_warmup, **options)
+    print(f"sampler {args.sampler}, {r['steps']} steps, batch {args.batch} x {args.seconds:.2f} s, engine {r['engine']}, "
+          f"{args.precision} on {r['device']}" + (f", first call {r['first_call_s']:.2f} s" if r["first_call_s"] else ""))
+    if device.type == "cuda":
+        matmul = peaks["tf32_tflops" if args.precision == "fp32" else "bf16_tflops"] * 1e3
+        ratio = (f"{r['gflops'] / matmul:.1%} of the {'TF32' if args.precision == 'fp32' else 'bf16'} peak, "
+                 f"{r['gbps'] / 1e3:.2f} TB/s = {r['gbps'] / 1e3 / peaks['copy_tbps']:.1%} of the copy peak")
+        memory = "peak GPU memory (reserved)"
+    else:
+        matmul = max(peak_before, matmul_peak())
+        ratio = f"matmul peak {matmul:.1f} GFLOP/s (before {peak_before:.1f}), ratio {r['gflops'] / matmul:.1%}"
+        memory = "peak RSS"
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in r.items() if k != "audio"}))
+    allocated = "" if r["peak_allocated_gib"] is None else f" ({r['peak_allocated_gib']:.2f} GiB allocated)"
+    print(f"wall {r['wall_s']:.3f} s, {r['ms_per_step']:.2f} ms per step, RTF {r['rtf']:.4f}, "
+          f"{r['x_realtime']:.0f}x real time, effective {r['gflops']:.1f} GFLOP/s, {ratio}, {memory} "
+          f"{r['peak_gib']:.2f} GiB{allocated}, load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +33,65 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def synthetic_setup(cfg: Any, root: Path, utterances: int) -> None:
+    """Point `cfg` at a synthetic corpus under `root` and run stage 1 on it."""
+    rate = int(cfg.preprocess.sample_rate)
+    write_corpus(root / "corpus", 2, max(1, utterances // 2), sample_rate=rate, seconds=(2.0, 4.0))
+    cfg.update(dataset=[DATASET], use_custom_dataset=[DATASET], dataset_path={DATASET: str(root / "corpus")},
+               log_dir=str(root / "ckpts"))
+    cfg.preprocess.processed_dir = str(root / "data")
+    preprocess(cfg, num_workers=len(os.sched_getaffinity(0)))
+
+
+def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, name: str = "bench") -> dict[str, Any]:
+    """Time `steps` optimizer steps of the real trainer's step code (data loader included) after `warmup`.
+
+    With `profile_steps` on CUDA, that many more steps run under torch.profiler: the GPU's busy
+    fraction is their summed kernel time over their wall time.
+    """
+    trainer = DiffusionVocoderTrainer(cfg, name)
+    acc = trainer.accelerator
+    cuda = acc.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(acc.device)
+    frames, hop, rate = int(cfg.preprocess.cut_mel_frame), int(cfg.preprocess.hop_size), int(cfg.preprocess.sample_rate)
+    batch = int(cfg.train.batch_size)
+    marks: dict[int, float] = {}
+    profile = profile_steps if cuda else 0
+    total = warmup + steps + profile
+    done, epoch, prof = 0, 0, None
+    while done < total:
+        trainer.train_sampler.set_epoch(epoch)
+        for mel, audio in trainer.train_loader:
+            if done in (0, warmup, warmup + steps):
+                if cuda:
+                    torch.cuda.synchronize(acc.device)
+                marks[done] = time.perf_counter()
+                if profile and done == warmup + steps:
+                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    prof.__enter__()
+            trainer.micro_step(mel.to(acc.device, non_blocking=True), audio.to(acc.device, non_blocking=True), 1, True)
+            trainer.optimizer_step(True)
+            done += 1
+            if done == total:
+                break
+        epoch += 1
+    if cuda:
+        torch.cuda.synchronize(acc.device)
+    marks[total] = time.perf_counter()
+    seconds = marks[warmup + steps] - marks[warmup]
+    busy = None
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+        busy = kernel_us / 1e6 / (marks[total] - marks[warmup + steps])
+    audio_seconds = steps * batch * frames * hop / rate
+    return {"batch": batch, "precision": cfg.train.get("mixed_precision", "no"), "device": str(acc.device),
+            "compile": bool(trainer.compiled), "warmup_s": marks[warmup] - marks[0], "steps_per_s": steps / seconds,
+            "ms_per_step": 1e3 * seconds / steps, "audio_s_per_s": audio_seconds / seconds,
+            "peak_gib": peak_memory_gib(acc.device), "gpu_busy": busy, "audio_per_step_s": batch * frames * hop / rate}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="benchmark.py train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"))
@@ -39,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, kernels, workers)")
     parser.add_argument("--batch_size", type=int, default=None, help="default: the config's train.batch_size")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: the config's")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default=None, help="default: the config's")
     parser.add_argument("--utterances", type=int, default=24, help="synthetic utterances (2 speakers)")
+    parser.add_argument("--profile_steps", type=int, default=3, help="CUDA: steps profiled for the GPU's busy fraction")
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config)
@@ -47,44 +109,18 @@ def main(argv: list[str] | None = None) -> None:
         cfg.train.batch_size = args.batch_size
     if args.mixed_precision:
         cfg.train.mixed_precision = args.mixed_precision
+    if args.compile:
+        cfg.train.compile = {"true": True, "false": False}.get(args.compile, "auto")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        rate = int(cfg.preprocess.sample_rate)
-        write_corpus(Path(tmp) / "corpus", 2, args.utterances // 2, sample_rate=rate, seconds=(2.0, 4.0))
-        cfg.update(dataset=[DATASET], use_custom_dataset=[DATASET], dataset_path={DATASET: str(Path(tmp) / "corpus")},
-                   log_dir=str(Path(tmp) / "ckpts"))
-        cfg.preprocess.processed_dir = str(Path(tmp) / "data")
-        preprocess(cfg, num_workers=len(os.sched_getaffinity(0)))
-        trainer = DiffusionVocoderTrainer(cfg, "bench")
-        acc = trainer.accelerator
-        if acc.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(acc.device)
-        frames, hop = int(cfg.preprocess.cut_mel_frame), int(cfg.preprocess.hop_size)
-        batch = int(cfg.train.batch_size)
-        print(f"device {acc.device}, {torch.get_num_threads()} torch threads, precision "
-              f"{cfg.train.get('mixed_precision', 'no')}, model {cfg.model.diffwave.residual_channels} channels x "
-              f"{cfg.model.diffwave.residual_layers} layers, batch {batch} x {frames} frames x hop {hop} "
-              f"({batch * frames * hop / rate:.2f} s of audio per step)")
-        done, epoch, start = 0, 0, 0.0
-        while done < args.warmup + args.steps:
-            trainer.train_sampler.set_epoch(epoch)
-            for mel, audio in trainer.train_loader:
-                if done == args.warmup:
-                    if acc.device.type == "cuda":
-                        torch.cuda.synchronize(acc.device)
-                    start = time.perf_counter()
-                trainer.micro_step(mel.to(acc.device), audio.to(acc.device), 1, True)
-                trainer.optimizer_step(True)
-                done += 1
-                if done == args.warmup + args.steps:
-                    break
-            epoch += 1
-        if acc.device.type == "cuda":
-            torch.cuda.synchronize(acc.device)
-        seconds = time.perf_counter() - start
-        audio_seconds = args.steps * batch * frames * hop / rate
-        print(f"{args.steps} steps in {seconds:.2f} s: {args.steps / seconds:.3f} steps/s, "
-              f"{audio_seconds / seconds:.2f} audio s/s, peak memory {peak_memory_gib(acc.device):.2f} GiB "
-              f"({'CUDA allocator' if acc.device.type == 'cuda' else 'process RSS'})")
+        synthetic_setup(cfg, Path(tmp), args.utterances)
+        r = measure_training(cfg, args.steps, args.warmup, args.profile_steps)
+    busy = "" if r["gpu_busy"] is None else f", GPU busy {r['gpu_busy']:.0%}"
+    print(f"device {r['device']}, {torch.get_num_threads()} torch threads, precision {r['precision']}, compile "
+          f"{r['compile']}, model {cfg.model.diffwave.residual_channels} channels x {cfg.model.diffwave.residual_layers} "
+          f"layers, batch {r['batch']} ({r['audio_per_step_s']:.2f} s of audio per step)")
+    print(f"{args.steps} steps: {r['steps_per_s']:.3f} steps/s, {r['ms_per_step']:.1f} ms/step, {r['audio_s_per_s']:.2f} "
+          f"audio s/s, warm-up {r['warmup_s']:.1f} s, peak memory {r['peak_gib']:.2f} GiB "
+          f"({'CUDA allocator' if r['device'].startswith('cuda') else 'process RSS'}){busy}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def tiny_config(root: Path, dataset: str = "toy", **train) -> Path:
         "model": {"diffwave": {"residual_channels": 16, "residual_layers": 6, "dilation_cycle_length": 3,
                                "upsample_factors": [8, 8]}},
         "train": {"batch_size": 8, "max_steps": 400, "save_checkpoint_stride": [1000], "ema_decay": 0.999,
-                  "adamw": {"lr": 2e-3}, "dataloader": {"num_worker": 0}, **train},
+                  "adamw": {"lr": 2e-3}, "dataloader": {"num_worker": 0}, "compile": False, **train},
         "inference": {"batch_size": 4},
     }
     path = root / f"config_{len(list(root.glob('config_*.json')))}.json"

@@ -175,6 +175,7 @@ def require(cfg: dict, dotted: str, kind: type | tuple[type, ...]) -> Any:
 
 
 INT, NUMBER, STR, LIST, NONE = (int,), (int, float), (str,), (list,), (type(None),)
+BOOL_OR_AUTO = (bool, str)  # true, false or "auto"
 GENERATORS = ("diffwave",)
 SAMPLER_NAMES = ("fast", "full", "ddim", "searched")
 
@@ -226,7 +227,12 @@ SCHEMA: dict[str, Rule] = {
     "train.max_grad_norm": Rule(NUMBER, "t", required=False),
     "train.mixed_precision": Rule(STR, "t", required=False, choices=("no", "fp16", "bf16")),
     "train.dataloader.num_worker": Rule(INT, "t", required=False),
+    "train.compile": Rule(BOOL_OR_AUTO, "t", required=False),
     "inference.batch_size": Rule(INT, "i", required=False, positive=True),
+    "inference.engine": Rule(STR, "i", required=False, choices=("auto", "fused", "tiled", "plain")),
+    "inference.compile": Rule(BOOL_OR_AUTO, "i", required=False),
+    "inference.cuda_graph": Rule(BOOL_OR_AUTO, "i", required=False),
+    "inference.gpu_memory_gib": Rule(NUMBER + NONE, "i", required=False),
     "inference.sampler": Rule(STR, "i", required=False, choices=SAMPLER_NAMES),
 }
 STAGES = {"preprocess": "p", "train": "t", "inference": "i"}

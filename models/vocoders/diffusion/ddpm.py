@@ -130,7 +130,7 @@ def sample(
     generators: Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Run the reverse process from Gaussian noise; `denoise(x, step_positions)` predicts eps."""
-    x = _noise(shape, lengths, generators).to(device)
+    x = _to_device(_noise(shape, lengths, generators), device)
     batch = shape[0]
     if plan.kind == "ddim":
         cum = alpha_cum(plan.betas)
@@ -143,12 +143,20 @@ def sample(
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
         return x.clamp(-1.0, 1.0)
     betas, cum = plan.betas, alpha_cum(plan.betas)
+    positions = plan.positions.to(device)
     for n in range(plan.steps - 1, -1, -1):
-        eps = denoise(x, plan.positions[n].expand(batch).to(device))
+        eps = denoise(x, positions[n].expand(batch))
         beta, a = float(betas[n]), float(cum[n])
         x = (x - beta / math.sqrt(1 - a) * eps) / math.sqrt(1 - beta)
-        if n > 0:
+        if n > 0:  # drawn on the CPU (the same noise on every device) while the device denoises
             sigma = math.sqrt((1 - float(cum[n - 1])) / (1 - a) * beta)
-            x = x + sigma * _noise(shape, lengths, generators).to(device)
+            x = x + sigma * _to_device(_noise(shape, lengths, generators), device)
         x = x.clamp(-1.0, 1.0)
     return x
+
+
+def _to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """A CPU tensor on `device`; to CUDA from pinned memory, without waiting for the queued work."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.chunked import ChunkedDenoiser
-from models.vocoders.diffusion.ddpm import SAMPLERS, make_plan
+from models.vocoders.diffusion.ddpm import SAMPLERS, Denoiser, make_plan
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
+from models.vocoders.diffusion.windowed import ENGINES, GraphedDenoiser, WindowedDenoiser
 from utils.checkpoint import load_into, load_weights, resolve_checkpoint
 from utils.config import ConfigError, load_config
 
@@ -45,6 +47,15 @@ def load_model(cfg: Any, expt_dir: str | Path, checkpoint: str | None = None, us
     return model.eval()
 
 
+def _flag(value: bool | str, key: str, default: bool) -> bool:
+    """true / false, or "auto" for the device's default."""
+    if value == "auto":
+        return default
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key} must be true, false or \"auto\", got {value!r}")
+
+
 def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -55,7 +66,8 @@ class Vocoder:
     def __init__(self, cfg: Any, model: DiffWave, sampler: str = "fast", steps: int | None = None,
                  batch_size: int = 1, seed: int = 1234, device: str | None = None, precision: str = "fp32",
                  betas: Sequence[float] | None = None, chunk_size: int = 65536, cache_gib: float = 1.0,
-                 tile: int | None = 2048) -> None:
+                 tile: int | None = 2048, engine: str = "auto", compile: bool | str = "auto",
+                 cuda_graph: bool | str = "auto", gpu_memory_gib: float | None = None) -> None:
         if sampler not in (*SAMPLERS, "searched"):
             raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLERS)}")
         if precision not in PRECISIONS:
@@ -72,9 +84,30 @@ class Vocoder:
         self.chunk_size = int(chunk_size)
         self.tile = tile
         self.cache_bytes = int(float(cache_gib) * 2**30)
-        if self.device.type == "cuda":
+        self.engine = self._pick_engine(engine)
+        cuda = self.device.type == "cuda"
+        self.compile = _flag(compile, "inference.compile", default=False)
+        self.cuda_graph = cuda_graph if cuda_graph == "auto" else _flag(cuda_graph, "inference.cuda_graph", default=cuda)
+        self.memory_bytes = None if gpu_memory_gib is None else int(float(gpu_memory_gib) * 2**30)
+        self._built: tuple[fused.FusedDiffWave | None, Any] | None = None  # the model's weights must not change after
+        if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+
+    def _pick_engine(self, engine: str) -> str:
+        """fused (Triton) on CUDA, row tiles for fp32 on CPU, else the plain forward; an explicit choice is checked."""
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown inference engine '{engine}': choose one of {', '.join(ENGINES)}")
+        plain_model = isinstance(self.model, DiffWave)
+        if engine == "auto":
+            if self.device.type == "cuda":
+                return "fused" if plain_model and fused.available(self.device) else "plain"
+            return "tiled" if self.dtype is None and plain_model and self.chunk_size > 0 else "plain"
+        if engine == "fused" and not (plain_model and fused.available(self.device)):
+            raise ConfigError("inference engine 'fused' needs a CUDA GPU and Triton (pip install triton)")
+        if engine == "tiled" and not plain_model:
+            raise ConfigError("inference engine 'tiled' needs a plain DiffWave model")
+        return engine
 
     def _autocast(self) -> Any:
         if self.dtype is None:
@@ -95,19 +128,43 @@ class Vocoder:
         exact = None if len(mels) == 1 else lengths.to(self.device)
         generators = [torch.Generator().manual_seed(utterance_seed(self.seed, n)) for n in names]
 
-        def autocast_denoise(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-            with self._autocast():
-                return self.model(x, step, padded, exact).float()
-
-        # fp32 runs chunk by chunk (exact, bounded memory, conditioner cached across steps);
-        # fp16/bf16 and wrapped models (DDP during training) use the plain forward
-        chunked = self.dtype is None and isinstance(self.model, DiffWave) and self.chunk_size > 0
-        denoise = autocast_denoise
-        if chunked:
-            denoise = ChunkedDenoiser(self.model, padded, exact, self.chunk_size, self.cache_bytes, self.tile)
-
-        audio = sample(denoise, self.plan, (len(mels), int(lengths.max())), self.device, exact, generators)
+        audio = sample(self._denoiser(padded, exact), self.plan, (len(mels), int(lengths.max())), self.device, exact,
+                       generators)
         return [audio[i, : int(n)].cpu().numpy() for i, n in enumerate(lengths)]
+
+    def _denoiser(self, mel: torch.Tensor, lengths: torch.Tensor | None) -> Denoiser:
+        """This batch's `denoise(x, step)`: the engine, over memory-bounded windows, CUDA-graphed where it pays."""
+        if self.engine == "tiled":
+            return ChunkedDenoiser(self.model, mel, lengths, self.chunk_size, self.cache_bytes, self.tile)
+        if self.engine == "plain" and (self.device.type != "cuda" or not isinstance(self.model, DiffWave)):
+            model = torch.compile(self.model, dynamic=False) if self.compile else self.model
+
+            def plain(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+                with self._autocast():
+                    return model(x, step, mel, lengths).float()
+
+            return plain
+        samples = mel.shape[0] * mel.shape[-1] * self.hop
+        denoise = WindowedDenoiser(self.model, mel, lengths, self.dtype, self._window_budget(samples), *self._engine())
+        # auto: a graph where kernel launches outlast the work (measured on an H200: 1 s gains, 10 s loses the capture)
+        graph = self.cuda_graph is True or (self.cuda_graph == "auto" and len(denoise.windows) == 1 and samples <= 1 << 16)
+        return GraphedDenoiser(denoise) if graph and self.device.type == "cuda" else denoise
+
+    def _engine(self) -> tuple[fused.FusedDiffWave | None, Any]:
+        """Built once per Vocoder: the fused layers' packed weights, or the (compiled) forward."""
+        if self._built is None:
+            if self.engine == "fused":
+                self._built = (fused.FusedDiffWave(self.model, self.dtype or torch.float32), None)
+            else:
+                self._built = (None, torch.compile(self.model, dynamic=False) if self.compile else self.model)
+        return self._built
+
+    def _window_budget(self, samples: int) -> int:
+        """Bytes the windows may use: the budget (default: 80% of the free GPU memory) less the sampler's buffers."""
+        budget = self.memory_bytes
+        if budget is None:
+            budget = int(0.8 * torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else 8 << 30
+        return budget - 8 * samples * 4  # x, eps, noise, the graph's copies and the update's temporaries
 
     def __call__(self, mels: Sequence[torch.Tensor], names: Sequence[str],
                  on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None) -> list[np.ndarray]:
@@ -136,7 +193,7 @@ def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None,
     options.setdefault("batch_size", infer.get("batch_size", 1))
     if infer.get("steps") is not None:
         options.setdefault("steps", infer.get("steps"))
-    for key in ("chunk_size", "cache_gib", "tile"):
+    for key in ("chunk_size", "cache_gib", "tile", "engine", "compile", "cuda_graph", "gpu_memory_gib"):
         if infer.get(key) is not None:
             options.setdefault(key, infer.get(key))
     if options["sampler"] == "searched" and options.get("betas") is None:

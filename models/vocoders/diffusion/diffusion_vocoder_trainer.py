@@ -7,6 +7,7 @@ boundary and a resumed run takes exactly the steps the uninterrupted run would.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -48,10 +49,13 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
         for name, value in model.state_dict().items():
+            shadow = self.shadow[name]
+            if shadow.device != value.device:  # made or loaded before the model moved to its device
+                shadow = self.shadow[name] = shadow.to(value.device)
             if value.dtype.is_floating_point:
-                self.shadow[name].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+                shadow.mul_(decay).add_(value.detach().float(), alpha=1 - decay)
             else:
-                self.shadow[name].copy_(value)
+                shadow.copy_(value)
 
 
 def dataloader_workers(cfg: Any) -> int:
@@ -60,6 +64,15 @@ def dataloader_workers(cfg: Any) -> int:
     if wanted >= 0:
         return wanted
     return max(0, min(4, len(os.sched_getaffinity(0)) - 1))
+
+
+def compile_model(setting: bool | str, device: torch.device) -> bool:
+    """`train.compile`: true, false, or "auto" (on CUDA when Triton is there, which torch.compile needs)."""
+    if setting == "auto":
+        return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if not isinstance(setting, bool):
+        raise ConfigError(f"train.compile must be true, false or \"auto\", got {setting!r}")
+    return setting
 
 
 def seed_everything(seed: int) -> None:
@@ -105,6 +118,9 @@ class DiffusionVocoderTrainer:
 
         if resume_type == "finetune":
             self._finetune(checkpoint)
+        self.compiled = compile_model(tcfg.get("compile", "auto"), self.accelerator.device)
+        if self.compiled:
+            self.model.compile(dynamic=False)  # in place: the same module, parameter names and checkpoints
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if resume_type == "resume":
             self._resume(checkpoint or self.ckpt_dir)
@@ -131,8 +147,9 @@ class DiffusionVocoderTrainer:
         log.info("accelerate: %s on %s, %d process(es) on %d machine(s)%s; %d torch threads per process (OMP_NUM_THREADS=%s)",
                  state.distributed_type.value, acc.device, acc.num_processes, machines, where,
                  torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
-        log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, TF32 %s", precision, self.accum,
-                 self.cfg.train.get("max_grad_norm", 0) or "off",
+        log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, torch.compile %s, TF32 %s", precision,
+                 self.accum, self.cfg.train.get("max_grad_norm", 0) or "off",
+                 self.compiled,
                  torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else "n/a (CPU)")
         if acc.num_processes > 1 and torch.distributed.is_initialized():
             log.info("process group: backend %s, world size %d, rendezvous port %s", torch.distributed.get_backend(),
@@ -160,9 +177,10 @@ class DiffusionVocoderTrainer:
     @staticmethod
     def _loader(dataset: CropDataset, sampler: EpochBatchSampler, workers: int) -> DataLoader:
         # Its own generator: creating an iterator must not draw from the global RNG a resume restores.
+        # Pinned batches, four per worker queued ahead: the copy to the GPU overlaps the step before it.
         return DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, generator=torch.Generator(),
-            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
         )
 
     def _finetune(self, checkpoint: str | None) -> None:
@@ -309,7 +327,7 @@ class DiffusionVocoderTrainer:
             start = tick = time.perf_counter()
             window_start = self.batch_in_epoch - self.batch_in_epoch % self.accum
             for mel, audio in self.train_loader:
-                mel, audio = mel.to(acc.device), audio.to(acc.device)
+                mel, audio = mel.to(acc.device, non_blocking=True), audio.to(acc.device, non_blocking=True)
                 window = min(self.accum, per_epoch - window_start)
                 sync = self.batch_in_epoch + 1 - window_start >= window
                 loss = self.micro_step(mel, audio, window, sync)

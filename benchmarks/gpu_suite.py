@@ -1,0 +1,256 @@
+"""The GPU suite in one command, sized for a GPU that is lent briefly (under 5 minutes on an H100/H200).
+
+    python -m benchmarks.gpu_suite --out gpu_results.json
+
+1. the GPU tests: the fused kernel against the plain forward, the samplers and inference, and the
+   trainer's features (EMA, resume, gradient accumulation, clipping, evaluation logging, the
+   recipe's three stages) on CUDA;
+2. the card's own peaks (bf16 and TF32 matmul, device copy), measured in this run;
+3. stage 3: 1 s and 10 s at batch 1 and 16 in fp32/bf16/fp16 through the default engine (fused,
+   CUDA-graphed), against the plain forward eagerly and under torch.compile; a 10-minute
+   utterance within a 4 GiB budget, checked against the same utterance in one window;
+4. stage 2: fp32 and bf16 at batch 32 and 64, eager and compiled, with the GPU's busy fraction.
+
+Each case prints one line as it finishes; all figures go to `--out` as JSON. Cases that would
+start past `--budget_s` are skipped and listed, so a short lease still returns a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.inference import bytes_per_sample, cuda_peaks, cuda_seconds, flops_per_sample, measure
+from benchmarks.train import measure_training, synthetic_setup
+from models.vocoders.diffusion import fused
+from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
+from models.vocoders.diffusion.fused import FusedDiffWave
+from utils.config import REPO_ROOT, load_config
+
+CONFIG = REPO_ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"
+GPU_TESTS = ["tests/test_fused.py", "tests/test_training.py", "tests/test_recipe.py", "tests/test_inference.py",
+             "tests/test_model_ddpm.py", "-k", "not two_processes and not two_nodes and not busy_port"]
+QUICK_TESTS = ["tests/test_fused.py", "tests/test_inference.py", "tests/test_training.py", "-k",
+               "not two_processes and not two_nodes and not busy_port and not policy and not step_based"]
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Suite:
+    def __init__(self, budget_s: float, out: Path) -> None:
+        self.start, self.budget_s, self.out = time.perf_counter(), budget_s, out
+        self.results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                        "cases": [], "skipped": [], "failed": []}
+
+    def case(self, name: str, fn: Callable[[], dict[str, Any]], format_line: Callable[[dict], str]) -> dict | None:
+        if time.perf_counter() - self.start > self.budget_s:
+            self.results["skipped"].append(name)
+            print(f"SKIPPED (budget) {name}", flush=True)
+            return None
+        try:
+            result = fn()
+        except Exception as error:  # one failing case must not cost the lease the others
+            self.results["failed"].append({"case": name, "error": f"{type(error).__name__}: {error}"})
+            print(f"FAILED {name}: {type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}", flush=True)
+            return None
+        finally:
+            torch.cuda.empty_cache()
+        result = {"case": name, **{k: v for k, v in result.items() if k != "audio"}}
+        self.results["cases"].append(result)
+        print(f"{name:<44} {format_line(result)}", flush=True)
+        self.save()
+        return result
+
+    def save(self) -> None:
+        self.results["elapsed_s"] = time.perf_counter() - self.start
+        self.out.write_text(json.dumps(self.results, indent=1, default=float))
+
+
+def run_tests(suite: Suite, limit_s: float, tests: list[str]) -> None:
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests]
+    try:
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=limit_s)
+        code, text = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as stopped:
+        code, text = "timeout", f"{stopped.stdout or ''}\nstopped after {limit_s:.0f} s"
+    tail = text.strip().splitlines()[-40:]
+    suite.results["tests"] = {"returncode": code, "seconds": time.perf_counter() - start, "tail": tail}
+    print("\n".join(["== GPU tests", *tail, f"(exit {code}, {time.perf_counter() - start:.0f} s)"]), flush=True)
+
+
+def inference_cases(suite: Suite, peaks: dict[str, float]) -> None:
+    cfg = load_config(CONFIG)
+    torch.manual_seed(0)
+    model = build_diffwave(cfg).eval().cuda()
+    torch.nn.init.normal_(model.output_projection.weight, std=0.1)  # zero at initialisation: make the output matter
+    kernel_cases(suite, cfg, model, peaks)
+
+    def line(r: dict) -> str:
+        peak = peaks["tf32_tflops" if r["precision"] == "fp32" else "bf16_tflops"]
+        first = f"first {r['first_call_s']:.1f} s, " if r.get("first_call_s") else ""
+        return (f"{r['ms_per_step']:8.2f} ms/step  RTF {r['rtf']:.5f}  {r['x_realtime']:8.0f}x  "
+                f"{r['gflops'] / 1e3:6.1f} TFLOP/s ({r['gflops'] / 1e3 / peak:5.1%})  {r['gbps'] / 1e3:5.2f} TB/s "
+                f"({r['gbps'] / 1e3 / peaks['copy_tbps']:5.1%})  {first}peak {r['peak_gib']:.2f} GiB"
+                f"{'' if r['finite'] else '  NON-FINITE'}")
+
+    def run(name: str, seconds: float, batch: int, precision: str, repeats: int = 3, **options: Any) -> dict | None:
+        def fn() -> dict:
+            return {"precision": precision, **measure(cfg, model, seconds, batch, repeats, device="cuda",
+                                                      precision=precision, **options)}
+        return suite.case(name, fn, line)
+
+    for seconds, batch, precision in ((10, 1, "bf16"), (10, 1, "fp32"), (10, 1, "fp16"), (1, 1, "bf16"),
+                                      (1, 1, "fp32"), (10, 16, "bf16"), (10, 16, "fp32"), (1, 16, "bf16")):
+        run(f"infer fused {seconds}s b{batch} {precision}", seconds, batch, precision)
+    run("infer fused 1s b1 bf16 no-graph", 1, 1, "bf16", cuda_graph=False)
+    run("infer fused 10s b1 bf16 graph", 10, 1, "bf16", cuda_graph=True)
+    for seconds, batch, precision in ((10, 1, "fp32"), (1, 1, "fp32"), (10, 16, "bf16")):
+        run(f"infer plain {seconds}s b{batch} {precision}", seconds, batch, precision, engine="plain", cuda_graph=False)
+    windows_exact(suite, cfg, model)
+    ten_minutes(suite, line)
+
+
+def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str, float]) -> None:
+    """One denoising step of the fused network alone (30 layers and the tail; no sampler), timed with CUDA
+    events, with its error against the plain forward in float64."""
+    rate, hop = int(cfg.preprocess.sample_rate), int(cfg.preprocess.hop_size)
+    per_sample = flops_per_sample(model, int(cfg.preprocess.n_mel))
+
+    def fn(seconds: float, batch: int, precision: str) -> Callable[[], dict]:
+        def inner() -> dict:
+            dtype = PRECISION_DTYPES[precision]
+            frames = round(seconds * rate / hop)
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            mel = torch.randn(batch, int(cfg.preprocess.n_mel), frames, device="cuda", generator=gen)
+            audio = torch.randn(batch, frames * hop, device="cuda", generator=gen)
+            step = torch.full((batch,), 20.5, device="cuda")
+            net = FusedDiffWave(model, dtype or torch.float32)
+            cond = net.conditioner(mel)
+            start = time.perf_counter()
+            out = net(audio, step, cond)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - start
+            step_s = cuda_seconds(lambda: net(audio, step, cond), 20)
+            span = min(frames, rate // hop)  # the first second, against float64; the cut edge's halo left out
+            with torch.no_grad():
+                wide = copy.deepcopy(model).double()
+                ref = wide(audio[:1, : span * hop].double(), step[:1], mel[:1, :, :span].double()).float()
+            keep = span * hop - model.receptive_halo - 4 * hop
+            got, ref = out[:1, :keep].float(), ref[:, :keep]
+            samples = batch * frames * hop
+            return {"precision": precision, "ms_per_step": 1e3 * step_s, "first_call_s": first,
+                    "tflops": per_sample * samples / step_s / 1e12,
+                    "tbps": bytes_per_sample(model, dtype) * samples / step_s / 1e12,
+                    "relative_error": float((got - ref).norm() / ref.norm()), "kernel": fused.kernel_in_use()}
+        return inner
+
+    def line(r: dict) -> str:
+        peak = peaks["tf32_tflops" if r["precision"] == "fp32" else "bf16_tflops"]
+        return (f"{r['ms_per_step']:8.3f} ms/step  {r['tflops']:6.1f} TFLOP/s ({r['tflops'] / peak:5.1%})  "
+                f"{r['tbps']:5.2f} TB/s ({r['tbps'] / peaks['copy_tbps']:5.1%})  rel.err {r['relative_error']:.1e}  "
+                f"first {r['first_call_s']:.1f} s  {r['kernel']}")
+
+    for seconds, batch, precision in ((10, 1, "bf16"), (10, 16, "bf16"), (10, 1, "fp32"), (10, 16, "fp32"),
+                                      (10, 1, "fp16"), (1, 1, "bf16")):
+        suite.case(f"kernel step {seconds}s b{batch} {precision}", fn(seconds, batch, precision), line)
+
+
+def windows_exact(suite: Suite, cfg: Any, model: torch.nn.Module) -> None:
+    """60 s in windows of a 0.5 GiB budget against one window: the same samples."""
+    outputs = {}
+
+    def fn() -> dict:
+        for budget in (0.5, None):
+            outputs[budget] = measure(cfg, model, 60, 1, 1, warmup=False, device="cuda", precision="bf16",
+                                      gpu_memory_gib=budget)["audio"][0]
+        return {"max_abs_diff": float(np.abs(outputs[0.5] - outputs[None]).max())}
+
+    suite.case("infer fused 60s windows (0.5 GiB) vs one", fn, lambda r: f"max |difference| {r['max_abs_diff']:.2e}")
+
+
+def ten_minutes(suite: Suite, line: Callable[[dict], str]) -> None:
+    """600 s within 4 GiB, as a user runs it: a fresh process, the allocator's expandable segments."""
+    def fn() -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "r.json"
+            env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+            subprocess.run([sys.executable, "bins/vocoder/benchmark.py", "infer", "--device", "cuda", "--seconds", "600",
+                            "--precision", "bf16", "--gpu_memory_gib", "4", "--no_warmup", "--json", str(out)],
+                           cwd=REPO_ROOT, env=env, check=True, timeout=120)
+            return {"precision": "bf16", **json.loads(out.read_text())}
+
+    r = suite.case("infer fused 600s b1 bf16 (4 GiB budget)", fn, line)
+    if r:
+        print(f"600 s: peak reserved {r['peak_gib']:.2f} GiB, allocated {r['peak_allocated_gib']:.2f} GiB "
+              f"(<= 4 GiB: {r['peak_gib'] <= 4.0})", flush=True)
+
+
+def training_cases(suite: Suite) -> None:
+    cfg = load_config(CONFIG)
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
+        synthetic_setup(cfg, Path(tmp), 256)
+
+        def line(r: dict) -> str:
+            busy = "" if r["gpu_busy"] is None else f"  GPU busy {r['gpu_busy']:.0%}"
+            return (f"{r['ms_per_step']:7.1f} ms/step  {r['audio_s_per_s']:7.1f} audio-s/s  warm-up {r['warmup_s']:.1f} s"
+                    f"  peak {r['peak_gib']:.2f} GiB{busy}")
+
+        for precision, batch, compiled in (("no", 32, False), ("bf16", 32, False), ("no", 64, False),
+                                           ("bf16", 64, False), ("bf16", 32, True), ("bf16", 64, True),
+                                           ("no", 32, True)):
+            name = f"train {'fp32' if precision == 'no' else precision} b{batch} {'compiled' if compiled else 'eager'}"
+
+            def fn(precision: str = precision, batch: int = batch, compiled: bool = compiled, name: str = name) -> dict:
+                from accelerate.state import AcceleratorState, GradientState
+
+                AcceleratorState._reset_state(reset_partial_state=True)
+                GradientState._reset_state()
+                cfg.train.update(mixed_precision=precision, batch_size=batch, compile=compiled)
+                cfg.train.dataloader.num_worker = 4
+                return measure_training(cfg, steps=10, warmup=3, profile_steps=3, name=f"bench_{name.replace(' ', '_')}")
+            suite.case(name, fn, line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_results.json")
+    parser.add_argument("--budget_s", type=float, default=270.0, help="start no case after this many seconds")
+    parser.add_argument("--skip_tests", action="store_true")
+    parser.add_argument("--quick_tests", action="store_true", help="the kernel, inference and trainer tests only")
+    parser.add_argument("--tests_s", type=float, default=150.0, help="stop the GPU tests after this many seconds")
+    parser.add_argument("--only", choices=["infer", "train"], default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("the GPU suite needs a CUDA GPU; on CPU use `python bins/vocoder/benchmark.py infer|train`")
+    suite = Suite(args.budget_s, Path(args.out))
+    if not args.skip_tests:
+        run_tests(suite, args.tests_s, QUICK_TESTS if args.quick_tests else GPU_TESTS)
+        suite.start = time.perf_counter()  # the budget is for the measurements
+    peaks = cuda_peaks(torch.device("cuda"))
+    suite.results["peaks"] = peaks
+    print(f"== {suite.results['device']}: bf16 matmul {peaks['bf16_tflops']:.0f} TFLOP/s, TF32 {peaks['tf32_tflops']:.0f} "
+          f"TFLOP/s, device copy {peaks['copy_tbps']:.2f} TB/s", flush=True)
+    if args.only != "train":
+        inference_cases(suite, peaks)
+    if args.only != "infer":
+        training_cases(suite)
+    suite.save()
+    print(f"== done in {suite.results['elapsed_s']:.0f} s; skipped {len(suite.results['skipped'])}, failed "
+          f"{len(suite.results['failed'])}; figures in {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

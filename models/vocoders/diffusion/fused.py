@@ -1,0 +1,231 @@
+"""DiffWave's denoiser as one fused Triton kernel per residual layer (inference, CUDA).
+
+A residual layer reads its 64-channel input three times (the dilated taps), the upsampled mel
+once, and writes its output and the running skip sum once; the 128-channel intermediates (taps
+plus conditioner, gate, output projection) stay on chip. Activations are channels-last
+(B, T, C); the step bias, the length mask and the zero padding are applied as the taps are
+loaded, exactly as `ResidualBlock.forward` does. Inputs and outputs are fp32, bf16 or fp16;
+every dot product accumulates in fp32, the skip sum is kept in fp32.
+
+Triton is optional (the `gpu` extra). Under `TRITON_INTERPRET=1` the kernel runs on the CPU
+for tests; that interpreter mis-handles bf16 dot products, so there the already-rounded
+operands are widened to fp32 before each dot, which gives the same numbers up to summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from models.vocoders.diffusion.diffwave.diffwave import DiffWave
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the gpu extra is not installed
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+log = logging.getLogger(__name__)
+_kernel = "tuned"  # which of KERNELS runs; falls back to "plain" once if a tuned variant fails to compile
+SQRT_HALF = math.sqrt(0.5)
+
+
+def available(device: torch.device) -> bool:
+    """Whether the fused kernel can run on `device` (CUDA with Triton, or any device under the interpreter)."""
+    return triton is not None and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
+
+
+def kernel_in_use() -> str:
+    """Which kernel family runs and the configuration its tuner chose last (for benchmark reports)."""
+    tuner = KERNELS[_kernel] if triton is not None else None
+    return f"{_kernel} {getattr(tuner, 'best_config', None)}"
+
+
+def _padded(n: int) -> int:
+    """tl.dot needs power-of-two blocks of at least 16."""
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+if triton is not None:
+
+    def _config(block: int, tiles: int, merged: bool, warps: int, stages: int) -> triton.Config:
+        return triton.Config({"BLOCK_T": block, "TILES": tiles, "MERGED": merged}, num_warps=warps, num_stages=stages)
+
+    # Tried in turn on a new shape; MERGED does the gate/filter and residual/skip halves as one N = 2C
+    # dot each, TILES > 1 loads the weights once for several row tiles (and pipelines their loads).
+    TUNED = [_config(64, 1, True, 4, 1), _config(128, 1, True, 8, 1), _config(64, 4, True, 4, 2),
+             _config(128, 4, True, 8, 2), _config(64, 16, True, 4, 3), _config(128, 8, True, 8, 3),
+             _config(64, 1, False, 4, 1), _config(128, 1, False, 4, 1)]
+    # The split-dot, one-tile variant: what the first GPU measurements ran; kept as the fallback.
+    PLAIN = [_config(32, 1, False, 4, 1), _config(64, 1, False, 4, 1), _config(128, 1, False, 4, 1),
+             _config(128, 1, False, 8, 1)]
+
+    @triton.jit
+    def _tap(x_base, shift, t, c, cm, length, C, DOT: tl.constexpr):
+        """One dilated tap: (x + step bias) where 0 <= t < length, zero elsewhere (padding and mask)."""
+        ok = (t >= 0) & (t < length)
+        x = tl.load(x_base + t[:, None] * C + c[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
+        return tl.where(ok[:, None], x.to(tl.float32) + shift[None, :], 0.0).to(x_base.dtype.element_ty).to(DOT)
+
+    @triton.jit
+    def _halves(y, w_ptr, rows, c, CP: tl.constexpr, MERGED: tl.constexpr, DOT: tl.constexpr):
+        """y @ W for a (rows, 2 CP) weight whose columns interleave two halves; returns the halves."""
+        if MERGED:
+            n = tl.arange(0, 2 * CP)
+            both = tl.dot(y, tl.load(w_ptr + rows[:, None] * (2 * CP) + n[None, :]).to(DOT))
+            first, second = tl.split(tl.reshape(both, (y.shape[0], CP, 2)))
+        else:
+            first = tl.dot(y, tl.load(w_ptr + rows[:, None] * (2 * CP) + 2 * c[None, :]).to(DOT))
+            second = tl.dot(y, tl.load(w_ptr + rows[:, None] * (2 * CP) + 2 * c[None, :] + 1).to(DOT))
+        return first, second
+
+    @triton.jit
+    def _residual_layer(
+        x_ptr, cond_ptr, skip_ptr, out_ptr, shift_ptr, len_ptr, w_tap_ptr, w_cond_ptr, w_out_ptr, b_in_ptr, b_out_ptr,
+        T, C, M, dilation, shift_stride, size_class,
+        CP: tl.constexpr, MP: tl.constexpr, BLOCK_T: tl.constexpr, TILES: tl.constexpr, MERGED: tl.constexpr,
+        WIDEN: tl.constexpr,
+    ):
+        b = tl.program_id(1)
+        c = tl.arange(0, CP)
+        cm = c < C
+        m = tl.arange(0, MP)
+        io = x_ptr.dtype.element_ty
+        DOT = tl.float32 if WIDEN else io
+        length = tl.load(len_ptr + b)
+        shift = tl.load(shift_ptr + b * shift_stride + c, mask=cm, other=0.0)
+        x_base = x_ptr + b * T * C
+        bias_gate, bias_filt = tl.load(b_in_ptr + 2 * c), tl.load(b_in_ptr + 2 * c + 1)
+        bias_res, bias_skip = tl.load(b_out_ptr + 2 * c), tl.load(b_out_ptr + 2 * c + 1)
+        for i in range(TILES):
+            t = (tl.program_id(0) * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+            gate = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+            filt = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+            for k in tl.static_range(3):
+                y = _tap(x_base, shift, t + (k - 1) * dilation, c, cm, length, C, DOT)
+                g, f = _halves(y, w_tap_ptr + k * CP * 2 * CP, c, c, CP, MERGED, DOT)
+                gate += g
+                filt += f
+            inside = t < T
+            cond = tl.load(cond_ptr + b * T * M + t[:, None] * M + m[None, :],
+                           mask=inside[:, None] & (m < M)[None, :], other=0.0).to(DOT)
+            g, f = _halves(cond, w_cond_ptr, m, c, CP, MERGED, DOT)
+            gate += g + bias_gate[None, :]
+            filt += f + bias_filt[None, :]
+            z = (tl.sigmoid(gate) * (2.0 * tl.sigmoid(2.0 * filt) - 1.0)).to(io).to(DOT)
+            residual, skip = _halves(z, w_out_ptr, c, c, CP, MERGED, DOT)
+            rows = inside[:, None] & cm[None, :]
+            offsets = b * T * C + t[:, None] * C + c[None, :]
+            x = tl.load(x_ptr + offsets, mask=rows, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offsets, ((x + residual + bias_res[None, :]) * 0.7071067811865476).to(io), mask=rows)
+            total = tl.load(skip_ptr + offsets, mask=rows, other=0.0)
+            tl.store(skip_ptr + offsets, total + skip + bias_skip[None, :], mask=rows)
+
+    def _tuner(configs: list) -> triton.runtime.Autotuner:
+        if INTERPRET:
+            configs = [_config(32, 2, True, 4, 1)]
+        return triton.autotune(configs=configs, key=["C", "M", "CP", "MP", "size_class"], restore_value=["skip_ptr"])(
+            _residual_layer)
+
+    KERNELS = {"tuned": _tuner(TUNED), "plain": _tuner(PLAIN)}
+
+
+class FusedDiffWave:
+    """`window(audio, step, cond, lengths)`: the DiffWave noise prediction with fused residual layers.
+
+    `cond` is the upsampled mel, channels-last (B, T, n_mel) in `dtype` (see `conditioner`), so it
+    can be computed once per utterance and reused at every denoising step.
+    """
+
+    def __init__(self, model: DiffWave, dtype: torch.dtype = torch.float32, config: dict | None = None) -> None:
+        """`config` ({"BLOCK_T", "TILES", "MERGED"}, optional "num_warps", "num_stages") skips the tuning."""
+        if triton is None:
+            raise RuntimeError("the fused kernel needs Triton: pip install triton (the gpu extra)")
+        self.model, self.dtype, self.config = model, dtype, config
+        layers = list(model.residual_layers)
+        self.dilations = [layer.dilated_conv.dilation[0] for layer in layers]
+        self.channels = layers[0].dilated_conv.in_channels
+        self.n_mel = layers[0].conditioner_projection.in_channels
+        self.cp, self.mp = _padded(self.channels), _padded(self.n_mel)
+        self._pack(layers)
+
+    @torch.no_grad()
+    def _pack(self, layers: list) -> None:
+        """Per layer: zero-padded (in, 2 out) weights whose columns interleave the two halves, in the I/O dtype."""
+        C, cp, mp, dt = self.channels, self.cp, self.mp, self.dtype
+
+        def block(weight: Tensor, rows: int) -> Tensor:  # weight: (2C, in) -> (rows, 2 cp): column 2j, 2j + 1
+            out = torch.zeros(rows, cp, 2, dtype=torch.float32, device=weight.device)
+            out[: weight.shape[1], :C, 0] = weight[:C].t()
+            out[: weight.shape[1], :C, 1] = weight[C:].t()
+            return out.reshape(rows, 2 * cp).to(dt)
+
+        def bias(vector: Tensor) -> Tensor:
+            out = torch.zeros(cp, 2, dtype=torch.float32, device=vector.device)
+            out[:C, 0], out[:C, 1] = vector[:C], vector[C:]
+            return out.reshape(-1)
+
+        self.w_tap = [torch.stack([block(layer.dilated_conv.weight[:, :, k], cp) for k in range(3)]).contiguous()
+                      for layer in layers]
+        self.w_cond = [block(layer.conditioner_projection.weight[:, :, 0], mp).contiguous() for layer in layers]
+        self.w_out = [block(layer.output_projection.weight[:, :, 0], cp).contiguous() for layer in layers]
+        self.b_in = [bias(layer.dilated_conv.bias + layer.conditioner_projection.bias) for layer in layers]
+        self.b_out = [bias(layer.output_projection.bias) for layer in layers]
+        self.w_step = torch.cat([layer.diffusion_projection.weight for layer in layers])
+        self.b_step = torch.cat([layer.diffusion_projection.bias for layer in layers])
+
+    def _launch(self, grid: Any, args: tuple) -> None:
+        """The tuned kernels, or the proven split-dot ones where this GPU's compiler rejects a tuned variant."""
+        global _kernel
+        meta = {"CP": self.cp, "MP": self.mp, "WIDEN": INTERPRET and self.dtype != torch.float32}
+        if self.config is not None:
+            _residual_layer[grid](*args, **meta, **self.config)
+            return
+        try:
+            KERNELS[_kernel][grid](*args, **meta)
+        except Exception as error:  # Triton raises compiler errors of many kinds
+            if _kernel == "plain":
+                raise
+            log.warning("fused kernel: the tuned variants failed (%s: %s); using the split-dot variant",
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            _kernel = "plain"
+            KERNELS[_kernel][grid](*args, **meta)
+
+    @torch.no_grad()
+    def conditioner(self, mel: Tensor, frames: Tensor | None = None) -> Tensor:
+        """The upsampled mel, channels-last in the I/O dtype."""
+        return self.model.spectrogram_upsampler(mel.float(), frames).transpose(1, 2).to(self.dtype).contiguous()
+
+    @torch.no_grad()
+    def __call__(self, audio: Tensor, diffusion_step: Tensor, cond: Tensor, lengths: Tensor | None = None) -> Tensor:
+        m = self.model
+        batch, total = audio.shape
+        if lengths is None:
+            lengths = torch.full((batch,), total, dtype=torch.int32, device=audio.device)
+        lengths = lengths.to(torch.int32)
+        step = m.diffusion_embedding(diffusion_step)
+        shifts = F.linear(step, self.w_step, self.b_step).float().contiguous()  # (B, L * C)
+        x = F.relu(audio.unsqueeze(-1) * m.input_projection.weight[:, 0, 0] + m.input_projection.bias).to(self.dtype)
+        spare = torch.empty_like(x)
+        skip = torch.zeros(batch, total, self.channels, dtype=torch.float32, device=audio.device)
+
+        def grid(meta: dict) -> tuple[int, int]:
+            return triton.cdiv(total, meta["BLOCK_T"] * meta["TILES"]), batch
+
+        size_class = int(batch * total >= 1 << 18)  # short and long inputs are tuned apart
+        for i, d in enumerate(self.dilations):
+            args = (x, cond, skip, spare, shifts[:, i * self.channels :], lengths, self.w_tap[i], self.w_cond[i],
+                    self.w_out[i], self.b_in[i], self.b_out[i], total, self.channels, self.n_mel, d, shifts.shape[1],
+                    size_class)
+            self._launch(grid, args)
+            x, spare = spare, x
+        w_skip = m.skip_projection.weight[:, :, 0] / math.sqrt(len(self.dilations))
+        h = F.relu(F.linear(skip, w_skip, m.skip_projection.bias))
+        return F.linear(h, m.output_projection.weight[:, :, 0], m.output_projection.bias).squeeze(-1)

@@ -1,0 +1,136 @@
+"""Exact denoising of any length within a memory budget: time windows with the receptive halo.
+
+An output sample depends on the input within `receptive_halo` samples and on the mel frames
+within `MEL_MARGIN` frames of it, so each window is extended by a frame-aligned halo that covers
+both and only its centre is kept: the result equals the full-length pass. The window length comes
+from the memory budget and a per-sample estimate of the engine's working set. The upsampled mel
+of each window is kept across denoising steps while it fits in what the windows leave of the budget.
+
+`GraphedDenoiser` captures one denoising step as a CUDA graph and replays it at every step, so
+the dozens of kernel launches per step cost one launch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.vocoders.diffusion.chunked import MEL_MARGIN
+from models.vocoders.diffusion.diffwave.diffwave import DiffWave
+from models.vocoders.diffusion.fused import FusedDiffWave
+from utils.config import ConfigError
+
+ENGINES = ("auto", "fused", "tiled", "plain")
+SAFETY = 1.5  # allocator rounding and the temporaries the estimates leave out
+
+
+def bytes_per_sample(model: DiffWave, engine: str, dtype: torch.dtype | None) -> int:
+    """Working set of one window sample of one utterance (activations, not weights)."""
+    layers = list(model.residual_layers)
+    channels, n_mel = layers[0].dilated_conv.in_channels, layers[0].conditioner_projection.in_channels
+    size = torch.finfo(dtype).bits // 8 if dtype is not None else 4
+    if engine == "fused":  # x twice (ping-pong), fp32 skip, the window's conditioner, upsampler or tail temporaries
+        return int(SAFETY * (2 * channels * size + 4 * channels + n_mel * size + max(12 * n_mel, 8 * channels) + 32))
+    # the plain forward holds every layer's conditioner projection and a layer's temporaries at once
+    return int(SAFETY * ((len(layers) + 8) * 2 * channels * 4 + 12 * n_mel + 32))
+
+
+class WindowedDenoiser:
+    """`denoise(x, step)` for ddpm.sample over halo windows, through `fused` when given, else `forward`
+    (the model, or its compiled form) under autocast to `dtype`."""
+
+    def __init__(self, model: DiffWave, mel: Tensor, lengths: Tensor | None, dtype: torch.dtype | None,
+                 budget_bytes: int, fused: FusedDiffWave | None = None, forward: Callable | None = None) -> None:
+        engine = "fused" if fused is not None else "plain"
+        self.model, self.mel, self.lengths, self.dtype, self.fused = model, mel, lengths, dtype, fused
+        self.forward = forward or model
+        self.hop = model.hop_size
+        self.total = mel.shape[-1] * self.hop
+        batch = mel.shape[0]
+        self.halo = math.ceil((model.receptive_halo + MEL_MARGIN * self.hop) / self.hop) * self.hop
+        per_sample = batch * bytes_per_sample(model, engine, dtype)
+        window_budget = budget_bytes // 2 if engine == "fused" else budget_bytes
+        window = window_budget // per_sample // self.hop * self.hop
+        if engine == "fused":  # the kernel's offsets are 32-bit: batch x window x channels stays below 2**31
+            widest = max(model.residual_layers[0].dilated_conv.in_channels, mel.shape[1])
+            window = min(window, (2**31 - 1) // (batch * widest) // self.hop * self.hop)
+        if window < 2 * self.halo + 2 * self.hop and window < self.total:
+            need = (2 * self.halo + 2 * self.hop) * per_sample * (2 if engine == "fused" else 1)
+            raise ConfigError(f"inference memory budget {budget_bytes / 2**30:.2f} GiB is too small for batch {batch}: "
+                              f"a window needs at least {need / 2**30:.2f} GiB (raise inference.gpu_memory_gib or "
+                              f"lower the batch size)")
+        count = 1 if window >= self.total else math.ceil(self.total / (window - 2 * self.halo - self.hop))
+        frames = mel.shape[-1]
+        edges = [round(i * frames / count) * self.hop for i in range(count + 1)]
+        self.windows = list(itertools.pairwise(edges))
+        self.cache_left = budget_bytes - window_budget if engine == "fused" else 0
+        self.cond: dict[int, Tensor] = {}
+
+    def _conditioner(self, index: int, f0: int, f1: int, frames: Tensor | None) -> Tensor:
+        if index in self.cond:
+            return self.cond[index]
+        cond = self.fused.conditioner(self.mel[..., f0:f1], frames)
+        if cond.numel() * cond.element_size() <= self.cache_left:
+            self.cache_left -= cond.numel() * cond.element_size()
+            self.cond[index] = cond
+        return cond
+
+    def _autocast(self) -> Any:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.mel.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def __call__(self, audio: Tensor, diffusion_step: Tensor) -> Tensor:
+        if len(self.windows) == 1:
+            return self._window(0, 0, self.total, audio, diffusion_step)
+        out = torch.empty_like(audio)
+        for index, (a, b) in enumerate(self.windows):
+            lo, hi = max(0, a - self.halo), min(self.total, b + self.halo)
+            out[:, a:b] = self._window(index, lo, hi, audio, diffusion_step)[:, a - lo : b - lo]
+        return out
+
+    def _window(self, index: int, lo: int, hi: int, audio: Tensor, diffusion_step: Tensor) -> Tensor:
+        lengths = None if self.lengths is None else (self.lengths - lo).clamp(0, hi - lo)
+        frames = None if lengths is None else lengths // self.hop
+        f0, f1 = lo // self.hop, hi // self.hop
+        if self.fused is not None:
+            cond = self._conditioner(index, f0, f1, frames)
+            return self.fused(audio[:, lo:hi], diffusion_step, cond, lengths)
+        with self._autocast():
+            return self.forward(audio[:, lo:hi].contiguous(), diffusion_step, self.mel[..., f0:f1], lengths).float()
+
+
+class GraphedDenoiser:
+    """Replays one captured denoising step. The first call runs eagerly on a side stream (Triton tuning,
+    the conditioner cache) and is returned as it is; the second captures the graph, the rest replay it."""
+
+    def __init__(self, denoise: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.denoise = denoise
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warm = False
+
+    def __call__(self, audio: Tensor, diffusion_step: Tensor) -> Tensor:
+        if not self.warm:
+            self.warm = True
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = self.denoise(audio, diffusion_step)
+            torch.cuda.current_stream().wait_stream(stream)
+            return out
+        if self.graph is None:
+            self.audio, self.step = audio.clone(), diffusion_step.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.denoise(self.audio, self.step)
+        self.audio.copy_(audio)
+        self.step.copy_(diffusion_step)
+        self.graph.replay()
+        return self.out.clone()

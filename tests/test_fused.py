@@ -1,0 +1,168 @@
+"""The fused Triton residual layers and the memory-bounded windows equal the plain DiffWave forward.
+
+Without a GPU the kernel runs under Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1);
+on a CUDA machine the same tests run the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models.vocoders.diffusion import fused
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
+from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
+from models.vocoders.diffusion.windowed import GraphedDenoiser, WindowedDenoiser, bytes_per_sample
+from utils.config import ConfigError, to_attrdict
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not fused.available(DEVICE), reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+HOP = 16
+# On a GPU the tests pin one kernel variant (each variant has its own test below) instead of tuning every shape.
+VARIANT = {"BLOCK_T": 64, "TILES": 2, "MERGED": True} if DEVICE.type == "cuda" else None
+# Floors of the relative error: fp32 dots run as TF32 on a GPU (a 10-bit mantissa, as fp16's), bf16 keeps 7 bits.
+# Above the floor, the fused kernel may err as much as the plain forward under autocast does in that precision.
+TOLERANCE = {torch.float32: 1e-2 if DEVICE.type == "cuda" else 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def cfg(channels: int, n_mel: int, layers: int = 4, cycle: int = 2) -> object:
+    params = {"residual_channels": channels, "residual_layers": layers, "dilation_cycle_length": cycle,
+              "noise_schedule_factors": [1e-4, 0.05, 50], "inference_noise_schedule": [0.001, 0.05, 0.5],
+              "upsample_factors": [4, 4]}
+    return to_attrdict({"preprocess": {"n_mel": n_mel, "hop_size": HOP}, "model": {"diffwave": params}})
+
+
+def random_model(channels: int = 16, n_mel: int = 20, **kwargs: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = build_diffwave(cfg(channels, n_mel, **kwargs)).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.25)
+    return net.to(DEVICE)
+
+
+def batch(frames: list[int], n_mel: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    mel = torch.zeros(len(frames), n_mel, max(frames))
+    audio = torch.zeros(len(frames), max(frames) * HOP)
+    for i, f in enumerate(frames):
+        mel[i, :, :f] = torch.randn(n_mel, f, generator=gen)
+        audio[i, : f * HOP] = torch.randn(f * HOP, generator=gen)
+    return mel.to(DEVICE), audio.to(DEVICE), (torch.tensor(frames) * HOP).to(DEVICE)
+
+
+def relative_errors(out: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor) -> list[float]:
+    """Per item: the RMS error over its valid samples, relative to the batch's RMS output. (An item's own
+    output can nearly cancel, and rounding relative to a near-zero signal says nothing.) NaN or inf fails."""
+    valid = [(out[i, :n], ref[i, :n]) for i, n in enumerate(lengths.tolist())]
+    scale = float(torch.cat([r for _, r in valid]).pow(2).mean().sqrt())
+    errors = []
+    for got, want in valid:
+        assert torch.isfinite(got).all()
+        errors.append(float((got - want).pow(2).mean().sqrt()) / scale)
+    return errors
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor) -> float:
+    return max(relative_errors(out, ref, lengths))
+
+
+def exact(model: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """The plain forward in float64 on the CPU: the reference every precision is measured against."""
+    wide = copy.deepcopy(model).cpu().double()
+    with torch.no_grad():
+        return wide(*(x.cpu().double() if x.is_floating_point() else x.cpu() for x in inputs)).to(DEVICE).float()
+
+
+def within_rounding(got: torch.Tensor, model: torch.nn.Module, dtype: torch.dtype, *inputs: torch.Tensor) -> None:
+    """As close to the exact result as the floor, or as the plain forward in that precision on this device gets."""
+    ref, lengths = exact(model, *inputs), inputs[-1]
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32):
+        rounded = model(*inputs).float()  # on a GPU fp32 convolutions run as TF32 by default
+    errors = relative_errors(got, ref, lengths)
+    allowed = [max(TOLERANCE[dtype], 1.5 * e) for e in relative_errors(rounded, ref, lengths)]
+    assert all(e < a for e, a in zip(errors, allowed, strict=True)), (errors, allowed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("channels", "n_mel"), [(16, 20), (12, 7)])
+def test_fused_layers_equal_the_plain_forward(dtype, channels, n_mel):
+    """Padded channel counts (12 -> 16, 7 -> 16 mels), a padded batch with its length mask, two steps."""
+    model = random_model(channels, n_mel)
+    mel, audio, lengths = batch([30, 17], n_mel)
+    net = fused.FusedDiffWave(model, dtype, VARIANT)
+    cond = net.conditioner(mel, lengths // HOP)
+    for step in (torch.tensor([3.0, 3.0]), torch.tensor([41.25, 0.5])):
+        step = step.to(DEVICE)
+        within_rounding(net(audio, step, cond, lengths), model, dtype, audio, step, mel, lengths)
+
+
+@pytest.mark.parametrize("config", [{"BLOCK_T": 16, "TILES": 1, "MERGED": False}, {"BLOCK_T": 32, "TILES": 3, "MERGED": True},
+                                    {"BLOCK_T": 16, "TILES": 5, "MERGED": False}])
+def test_every_kernel_variant_computes_the_same_layers(config):
+    """Row tiles that straddle the utterance's end and the padding, several tiles per program, both dot layouts."""
+    model = random_model(12, 7)
+    mel, audio, lengths = batch([30, 17], 7, seed=3)
+    step = torch.tensor([12.0, 3.5], device=DEVICE)
+    net = fused.FusedDiffWave(model, torch.float32, config)
+    got = net(audio, step, net.conditioner(mel, lengths // HOP), lengths)
+    within_rounding(got, model, torch.float32, audio, step, mel, lengths)
+
+
+@pytest.mark.parametrize("engine", ["fused", "plain"])
+def test_windows_equal_one_full_length_pass(engine, monkeypatch):
+    """A budget that forces several windows (each far shorter than the utterance) changes nothing."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the same arithmetic whatever the window length
+    model = random_model(layers=6, cycle=3)
+    mel, audio, lengths = batch([90, 61], 20, seed=2)
+    step = torch.tensor([7.5, 7.5], device=DEVICE)
+    net = fused.FusedDiffWave(model, torch.float32, VARIANT) if engine == "fused" else None
+    whole = WindowedDenoiser(model, mel, lengths, None, 1 << 30, net)
+    assert len(whole.windows) == 1
+    per_sample = 2 * bytes_per_sample(model, engine, None)
+    small = WindowedDenoiser(model, mel, lengths, None, per_sample * (2 if engine == "fused" else 1) * 300, net)
+    assert len(small.windows) >= 4
+    ref = whole(audio, step)
+    assert relative_error(small(audio, step), ref, lengths) < 1e-5
+    within_rounding(ref, model, torch.float32, audio, step, mel, lengths)
+
+
+def test_budget_too_small_for_one_window_is_a_clear_error():
+    model = random_model()
+    mel, _, lengths = batch([300], 20)
+    with pytest.raises(ConfigError, match=r"memory budget .* too small"):
+        WindowedDenoiser(model, mel, lengths, None, 10_000, fused.FusedDiffWave(model))
+
+
+def test_vocoder_fused_engine_matches_the_reference_engine():
+    """The whole sampler (seeded noise, 3 steps, a length-grouped batch) through both engines."""
+    model = random_model()
+    mels = [torch.randn(20, n, generator=torch.Generator().manual_seed(n)) for n in (40, 23)]
+    reference = "plain" if DEVICE.type == "cuda" else "tiled"
+    outs = {engine: Vocoder(cfg(16, 20), model, batch_size=2, device=DEVICE.type, engine=engine)(mels, ["a", "b"])
+            for engine in ("fused", reference)}
+    for got, want in zip(outs["fused"], outs[reference], strict=True):
+        assert got.shape == want.shape
+        assert float(abs(got - want).max()) < 1e-3
+
+
+def test_engine_choice_is_checked():
+    model = random_model()
+    with pytest.raises(ConfigError, match="unknown inference engine"):
+        Vocoder(cfg(16, 20), model, device=DEVICE.type, engine="turbo")
+    with pytest.raises(ConfigError, match=r"inference\.cuda_graph"):
+        Vocoder(cfg(16, 20), model, device=DEVICE.type, cuda_graph="sometimes")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+def test_graph_replay_equals_eager_steps():
+    model = random_model()
+    mel, audio, lengths = batch([64, 40], 20)
+    net = fused.FusedDiffWave(model, torch.bfloat16, VARIANT)
+    eager = WindowedDenoiser(model, mel, lengths, torch.bfloat16, 1 << 30, net)
+    graphed = GraphedDenoiser(WindowedDenoiser(model, mel, lengths, torch.bfloat16, 1 << 30, net))
+    for t in (30.0, 4.5, 0.0):
+        step = torch.full((2,), t, device=DEVICE)
+        x = audio * (1 + t)
+        assert torch.equal(graphed(x, step), eager(x, step))
