@@ -138,12 +138,12 @@ case "$infer_sampler" in ""|fast|full|ddim|searched) ;; *) die "--infer_sampler 
 [ -f "$config" ] || die "config '$config' does not exist"
 cd "$work_dir"
 export PYTHONPATH="$work_dir${PYTHONPATH:+:$PYTHONPATH}"
+# --gpu (default "0") picks the devices of every stage, over an inherited CUDA_VISIBLE_DEVICES.
+export CUDA_VISIBLE_DEVICES="$gpu"
 # accelerate sets OMP_NUM_THREADS=1 on CPU unless it is set: give each process its share of the cores.
 n_proc=$(echo "$gpu" | awk -F, '{print NF}')
 cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / n_proc > 0 ? cores / n_proc : 1 ))}"
-# --gpu (default "0") picks the devices of every stage, over an inherited CUDA_VISIBLE_DEVICES.
-export CUDA_VISIBLE_DEVICES="$gpu"
 
 case "$stage" in
   1|2) python bins/vocoder/check_config.py --config "$config" --log_level "$log_level" \
