@@ -25,15 +25,16 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
-from models.vocoders.diffusion.diffusion_vocoder_inference import load_model
+from models.vocoders.diffusion.ddpm import make_plan
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, load_model
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.experiment import locate_experiment, with_recipe_config
 from processors.preprocess import preprocess
 from tests.recipe_helpers import REPO, RUN_SH, run_recipe
-from tests.tiny_experiment import make_experiment
+from tests.tiny_experiment import make_experiment, tiny_cfg
 from utils.checkpoint import CheckpointError, list_checkpoints, load_weights, read_state, resolve_checkpoint
-from utils.config import load_config, save_config
+from utils.config import ConfigError, load_config, save_config
 from utils.synthetic import write_corpus
 
 NEWEST, OLDER = "epoch-0003_step-0000120_loss-0.123456", "epoch-0001_step-0000060_loss-0.234567"
@@ -303,3 +304,10 @@ def test_benchmark_help_exits_zero():
     result = subprocess.run([sys.executable, "bins/vocoder/benchmark.py", "--help"], cwd=REPO, capture_output=True,
                             text=True)
     assert result.returncode == 0 and "infer|train|preprocess" in result.stdout
+
+
+def test_unknown_sampler_messages_list_every_sampler(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    for build in (lambda: Vocoder(cfg, build_diffwave(cfg), "turbo"), lambda: make_plan(cfg.model.diffwave, "turbo")):
+        with pytest.raises(ConfigError, match="choose one of fast, full, ddim, searched"):
+            build()
