@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from evaluation.metrics import HIGHER_IS_BETTER, PitchTrack, align, all_metrics, log_mel, pitch_track
 from processors.audio import AudioError, list_audio, load_audio, resample
@@ -168,8 +169,8 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
     systems = ["pred", *([baseline] if baseline else [])]
     rows: list[dict] = []
     failed: dict[str, str] = {}
-    for i, (name, ref_path, pred_path) in enumerate(pairs, 1):
-        log.info("[%d/%d] %s", i, len(pairs), name)
+    for name, ref_path, pred_path in tqdm(pairs, desc="scoring", unit="utt", dynamic_ncols=True):
+        log.debug("scoring %s", name)
         rate = sample_rate or _native_rate(ref_path, int(pre["sample_rate"]))
         try:
             scores = _score(name, ref_path, pred_path, rate, pre, baseline, plot_dir)

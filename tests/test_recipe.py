@@ -68,6 +68,7 @@ def test_all_three_inference_modes(trained, tmp_path):
     result = run_recipe("--stage", "4", "--infer_expt_dir", str(expt))
     summary = json.loads((expt / "result" / "eval" / "summary.json").read_text())
     assert summary["count"] == len(test_uids) and "mel_l1" in summary["means"] and "mel_l1" in result.stdout
+    assert "scoring: 100%|" in result.stderr and f"{len(test_uids)}/{len(test_uids)}" in result.stderr  # progress bar
     assert (expt / "result" / "eval" / "metrics.csv").read_text().count("\n") == len(test_uids) + 1
 
     feats = tmp_path / "feats" / "mels"

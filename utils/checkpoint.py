@@ -1,11 +1,14 @@
 """Checkpoints that are safe to load and never half-written.
 
 A checkpoint is a folder `epoch-XXXX_step-XXXXXXX_loss-X.XXXXXX/` holding `model.safetensors`
-(the name accelerate's save_state uses, so stage 3 also reads checkpoints written by
-accelerate), optional `ema.safetensors`, optimizer/scheduler/scaler/RNG state as plain
-tensors (read with `weights_only=True`: no pickled code runs), and `state.json` last.
-It is assembled under a temporary name and renamed, so a folder with its final name is
-always complete.
+(the name accelerate's save_state uses), optional `ema.safetensors`, optimizer/scheduler/
+scaler/RNG state as plain tensors (read with `weights_only=True`: no pickled code runs), and
+`state.json` last. It is assembled under a temporary name and renamed, so a folder with its
+final name is always complete.
+
+Folders written by accelerate's `save_state` (the original toolkit's checkpoints) are read
+too: weights, `optimizer.bin` and `scheduler.bin` safely, the position from the folder name;
+`random_states_*.pkl` is never unpickled.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from utils.io import load_json, remove_stale_temps, save_json
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d+)_step-(\d+)_loss-([0-9.]+|nan|inf)$")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
+ACCELERATE_LAST_FILE = "random_states_0.pkl"  # save_state writes the RNG pickles after everything else
 
 
 class CheckpointError(ValueError):
@@ -65,7 +69,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: checkpoint does not exist")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            return strip_wrapper_prefix(load_file(str(path)))
         except Exception as err:
             raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
     state = safe_torch_load(path)
@@ -74,6 +78,13 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a dictionary of weight tensors")
+    return strip_wrapper_prefix(state)
+
+
+def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """accelerate's save_state keeps DDP's `module.` prefix (multi-GPU runs of the original): drop it."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
@@ -144,8 +155,14 @@ def save_checkpoint(folder: Path, files: dict[str, Any], state: dict) -> Path:
     return folder
 
 
+def is_accelerate_folder(folder: Path) -> bool:
+    """Written by accelerate's save_state (no state.json), and finished: its last file is there."""
+    return not (folder / "state.json").is_file() and (folder / ACCELERATE_LAST_FILE).is_file()
+
+
 def is_complete(folder: Path) -> bool:
-    return (folder / "state.json").is_file() and any((folder / n).is_file() for n in WEIGHT_FILES)
+    finished = (folder / "state.json").is_file() or is_accelerate_folder(folder)
+    return finished and any((folder / n).is_file() for n in WEIGHT_FILES)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -163,9 +180,35 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return path
     candidates = list_checkpoints(path) or list_checkpoints(path / "checkpoint")
     if not candidates:
-        raise CheckpointError(f"{path}: no complete checkpoint here (expected epoch-*_step-*_loss-* folders)")
+        raise CheckpointError(f"{path}: no complete checkpoint here (expected epoch-*_step-*_loss-* folders "
+                              f"holding weights and state.json, or accelerate's {ACCELERATE_LAST_FILE})")
     return candidates[-1]
 
 
 def read_state(folder: Path) -> dict:
+    if is_accelerate_folder(folder):
+        return accelerate_position(folder)
     return load_json(folder / "state.json")
+
+
+def accelerate_position(folder: Path) -> dict:
+    """Where an accelerate save_state folder stands, from its name (it has no state.json).
+
+    The original names a folder after the epoch it has just finished, counting from 0, and
+    resumes at the next epoch: so `epoch-0009` means 10 epochs done.
+    """
+    match = CHECKPOINT_PATTERN.match(folder.name)
+    if match is None:
+        raise CheckpointError(f"{folder}: an accelerate checkpoint needs its epoch-XXXX_step-XXXXXXX_loss-X.XXXXXX "
+                              "name to resume (the step and epoch are read from it); rename it back")
+    return {"epoch": int(match[1]) + 1, "step": int(match[2]), "batch_in_epoch": 0, "skipped_steps": 0,
+            "loss": float(match[3])}
+
+
+def training_state_file(folder: Path, stem: str) -> Path:
+    """`<stem>.pt` (ours) or `<stem>.bin` (accelerate's save_state); both are read with weights_only."""
+    for name in (f"{stem}.pt", f"{stem}.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder}: no {stem}.pt or {stem}.bin, which --resume_type resume needs "
+                          "(--resume_type finetune loads the weights alone)")

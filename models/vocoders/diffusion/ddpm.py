@@ -106,7 +106,7 @@ def make_plan(params: Any, sampler: str = "fast", steps: int | None = None, beta
             raise ConfigError(f"ddim steps must be in 1..{len(train)}, got {n}")
         chosen = torch.linspace(0, len(train) - 1, n).round().long().unique()
         return SamplerPlan("ddim", chosen.float(), train)
-    raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLERS)}")
+    raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join((*SAMPLERS, 'searched'))}")
 
 
 def _noise(shape: tuple[int, int], lengths: Tensor | None, generators: Sequence[torch.Generator] | None) -> Tensor:

@@ -69,7 +69,7 @@ class Vocoder:
                  tile: int | None = 2048, engine: str = "auto", compile: bool | str = "auto",
                  cuda_graph: bool | str = "auto", gpu_memory_gib: float | None = None) -> None:
         if sampler not in (*SAMPLERS, "searched"):
-            raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLERS)}")
+            raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join((*SAMPLERS, 'searched'))}")
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
         self.cfg = cfg
@@ -185,8 +185,9 @@ class Vocoder:
 
 
 def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None, use_ema: bool = True,
-                            **options: Any) -> Vocoder:
-    cfg = experiment_config(expt_dir)
+                            cfg: Any = None, **options: Any) -> Vocoder:
+    """`cfg` defaults to the experiment's args.json."""
+    cfg = cfg if cfg is not None else experiment_config(expt_dir)
     model = load_model(cfg, expt_dir, checkpoint, use_ema)
     infer = cfg.get("inference", {})
     options.setdefault("sampler", infer.get("sampler", "fast"))

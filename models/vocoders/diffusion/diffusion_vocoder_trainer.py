@@ -31,7 +31,16 @@ from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, Epo
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
 from processors.mel_conventions import write_contract
-from utils.checkpoint import list_checkpoints, load_into, load_weights, read_state, resolve_checkpoint, safe_torch_load
+from utils.checkpoint import (
+    is_accelerate_folder,
+    list_checkpoints,
+    load_into,
+    load_weights,
+    read_state,
+    resolve_checkpoint,
+    safe_torch_load,
+    training_state_file,
+)
 from utils.config import ConfigError, save_config
 
 log = logging.getLogger(__name__)
@@ -203,23 +212,31 @@ class DiffusionVocoderTrainer:
         folder = resolve_checkpoint(checkpoint)
         model = self.accelerator.unwrap_model(self.model)
         load_into(model, load_weights(folder), folder)
-        self.optimizer.optimizer.load_state_dict(safe_torch_load(folder / "optimizer.pt"))
-        self.scheduler.load_state_dict(safe_torch_load(folder / "scheduler.pt"))
+        self.optimizer.optimizer.load_state_dict(safe_torch_load(training_state_file(folder, "optimizer")))
+        self.scheduler.load_state_dict(safe_torch_load(training_state_file(folder, "scheduler")))
         if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(safe_torch_load(folder / "scaler.pt"))
-        if self.ema is not None and (folder / "ema.safetensors").is_file():
-            self.ema.shadow = load_weights(folder / "ema.safetensors")
+        if self.ema is not None:
+            ema_file = folder / "ema.safetensors"
+            self.ema.shadow = load_weights(ema_file) if ema_file.is_file() else EMA(model, self.ema.decay).shadow
         state = read_state(folder)
         self.epoch, self.step = state["epoch"], state["step"]
         self.batch_in_epoch, self.skipped_steps = state.get("batch_in_epoch", 0), state.get("skipped_steps", 0)
+        self._resume_rng(folder)
+        log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.step,
+                 self.batch_in_epoch)
+
+    def _resume_rng(self, folder: Path) -> None:
+        if is_accelerate_folder(folder):
+            log.warning("%s: written by accelerate's save_state; its RNG pickles (random_states_*.pkl) are not "
+                        "loaded, since unpickling can run code: the RNG stream restarts from the seed", folder)
+            return
         rng_file = folder / f"rng_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
             set_rng_state(safe_torch_load(rng_file))
         else:
             log.warning("%s: no RNG state for process %d; the noise differs from the original run",
                         folder, self.accelerator.process_index)
-        log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.step,
-                 self.batch_in_epoch)
 
     # ----- training --------------------------------------------------------------
     def _loss(self, model: torch.nn.Module, mel: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:

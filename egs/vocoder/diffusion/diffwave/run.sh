@@ -11,21 +11,65 @@ die() { echo "run.sh: $*" >&2; exit 2; }
 # Paths given on the command line are the caller's; resolve them before moving to the repo root.
 abspath() { case "$1" in "") echo "" ;; /*) echo "$1" ;; *) echo "$caller_dir/$1" ;; esac; }
 
+usage() {
+  cat <<'USAGE'
+usage: sh egs/vocoder/diffusion/diffwave/run.sh -s|--stage N [options]   (guide: egs/vocoder/diffusion/README.md)
+
+ -s, --stage N              1 preprocess, 2 train, 3 vocode, 4 evaluate (required)
+ -c, --config FILE          experiment config (default diffwave/exp_config.json); in stage 3 only its
+                            inference section applies: the model and mel come from the experiment's args.json
+ -n, --name NAME            stage 2: the experiment goes to <log_dir>/<name>
+     --gpu IDS              devices for every stage, e.g. "0,1" (sets CUDA_VISIBLE_DEVICES; stage 2 starts
+                            one process per id, CPU processes without CUDA); default "0"
+     --log_level LEVEL      debug | info | warning | error; debug shows tracebacks
+ -h, --help                 this summary
+stage 1  --num_workers N            extraction processes (default: CPU count)
+stage 2  --resume_type TYPE         resume (everything, exactly) | finetune (weights only)
+         --checkpoint DIR           checkpoint folder, or an experiment / its checkpoint/ folder (newest)
+         --max_steps N              stop after N optimizer steps (overrides train.max_steps)
+         --main_process_port PORT   process-group port (default 29500)
+         --num_machines N, --machine_rank R, --main_process_ip IP, --accelerate_config FILE   several machines
+stage 3  --infer_mode MODE          infer_from_dataset | infer_from_feature | infer_from_audio (required)
+         --infer_expt_dir DIR       experiment written by stage 2 (or its checkpoint/ folder, or one checkpoint)
+         --infer_datasets "A B"     dataset mode: datasets whose test split is vocoded
+         --infer_feature_dir DIR    feature mode: folder with mels/*.npy (or *.npy)
+         --infer_audio_dir DIR      audio mode: folder of audio at any rate, any depth
+         --infer_output_dir DIR     where pred/ and gt/ go (default <infer_expt_dir>/result; also stage 4)
+         --checkpoint DIR           one checkpoint folder (default: the newest)
+         --infer_sampler NAME       fast (6 steps) | full (50) | ddim | searched (default: config inference.sampler)
+         --infer_steps N            ddim: number of steps; searched: which searched schedule
+         --infer_batch_size N       utterances per batch (default: config inference.batch_size)
+         --infer_precision P        fp32 | fp16 | bf16 (half precisions on CUDA; default fp32)
+         --infer_raw_weights        the raw weights even when EMA weights exist
+         --infer_mel_convention C   feature mode: ln | log10 | db_normalized | meanvar, chained with +
+         --infer_mel_stats FILE     feature mode, meanvar: (2, n_mel) .npy of per-bin mean and scale
+stage 4  --infer_expt_dir DIR, --infer_output_dir DIR   the stage 3 output to score
+         --baseline griffinlim      also score Griffin-Lim on the same mels
+         --plot                     a PNG per utterance
+Options take their value as the next argument or after '=' (--stage=3).
+USAGE
+}
+
+
 stage="" name="" config="$exp_dir/exp_config.json" gpu="0" checkpoint="" resume_type=""
 main_process_port=29500 num_machines=1 machine_rank=0 main_process_ip="" accelerate_config=""
 infer_mode="" infer_datasets="" infer_feature_dir="" infer_audio_dir="" infer_expt_dir="" infer_output_dir=""
 infer_sampler="" infer_steps="" infer_mel_convention="" infer_mel_stats="" infer_batch_size="" infer_precision="fp32" infer_raw_weights="" num_workers=""
 max_steps="" log_level="info" eval_args=()
+given=" "  # every option on the command line, by its long name: for the checks below
 
 while [ $# -gt 0 ]; do
   opt="$1"
   case "$opt" in
+    -h|--help) usage; exit 0 ;;
     --*=*) value="${opt#*=}"; opt="${opt%%=*}" ;;
     --infer_raw_weights|--plot) value="" ;;
-    --*) [ $# -ge 2 ] || die "option $opt needs a value"; value="$2"; shift ;;
-    *) die "unexpected argument '$opt' (options start with --)" ;;
+    -c|-n|-s|--*) [ $# -ge 2 ] || die "option $opt needs a value"; value="$2"; shift ;;
+    *) die "unexpected argument '$opt' (options start with --; see --help)" ;;
   esac
   shift
+  case "$opt" in -c) opt=--config ;; -n) opt=--name ;; -s) opt=--stage ;; esac
+  given="$given$opt "
   case "$opt" in
     --stage) stage="$value" ;;
     --name) name="$value" ;;
@@ -56,14 +100,46 @@ while [ $# -gt 0 ]; do
     --infer_raw_weights) infer_raw_weights=1 ;;
     --plot) eval_args+=(--plot) ;;
     --baseline) eval_args+=(--baseline "$value") ;;
-    *) die "unknown option '$opt'" ;;
+    *) die "unknown option '$opt' (see --help)" ;;
   esac
 done
 
-[ -n "$stage" ] || die "--stage is required (1 preprocess, 2 train, 3 inference, 4 evaluate)"
+is_given() { case "$given" in *" $1 "*) return 0 ;; esac; return 1; }
+# A flag the chosen stage (or mode) would not read is an error, not a silent no-op.
+only_for() {  # only_for "<stages>" FLAG...
+  local stages="$1" flag; shift
+  for flag in "$@"; do
+    if is_given "$flag"; then
+      case " $stages " in *" $stage "*) ;; *) die "$flag does not apply to stage $stage (it is for stage ${stages// / or })" ;; esac
+    fi
+  done
+}
+not_with() {  # not_with "<why>" FLAG...
+  local why="$1" flag; shift
+  for flag in "$@"; do
+    if is_given "$flag"; then die "$flag does not apply $why"; fi
+  done
+}
+
+[ -n "$stage" ] || die "--stage is required (1 preprocess, 2 train, 3 inference, 4 evaluate; see --help)"
+case "$stage" in 1|2|3|4) ;; *) die "unknown --stage '$stage': use 1, 2, 3 or 4" ;; esac
+only_for 1 --num_workers
+only_for 2 --resume_type --max_steps --main_process_port --num_machines --machine_rank --main_process_ip --accelerate_config
+only_for "2 3" --checkpoint
+only_for 3 --infer_mode --infer_datasets --infer_feature_dir --infer_audio_dir --infer_sampler --infer_steps \
+  --infer_batch_size --infer_precision --infer_raw_weights --infer_mel_convention --infer_mel_stats
+only_for "3 4" --infer_expt_dir --infer_output_dir
+only_for 4 --plot --baseline
+if [ -n "$accelerate_config" ]; then
+  not_with "with --accelerate_config (the file sets it)" --num_machines --machine_rank --main_process_ip
+fi
+case "$infer_precision" in fp32|fp16|bf16) ;; *) die "--infer_precision must be fp32, fp16 or bf16, got '$infer_precision'" ;; esac
+case "$infer_sampler" in ""|fast|full|ddim|searched) ;; *) die "--infer_sampler must be fast, full, ddim or searched, got '$infer_sampler'" ;; esac
 [ -f "$config" ] || die "config '$config' does not exist"
 cd "$work_dir"
 export PYTHONPATH="$work_dir${PYTHONPATH:+:$PYTHONPATH}"
+# --gpu (default "0") picks the devices of every stage, over an inherited CUDA_VISIBLE_DEVICES.
+export CUDA_VISIBLE_DEVICES="$gpu"
 # accelerate sets OMP_NUM_THREADS=1 on CPU unless it is set: give each process its share of the cores.
 n_proc=$(echo "$gpu" | awk -F, '{print NF}')
 cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
@@ -82,6 +158,7 @@ case "$stage" in
     [ -n "$name" ] || die "--name is required for stage 2 (the experiment goes to <log_dir>/<name>)"
     case "$resume_type" in ""|resume|finetune) ;; *) die "--resume_type must be resume or finetune, got '$resume_type'" ;; esac
     if [ "$resume_type" = finetune ] && [ -z "$checkpoint" ]; then die "--resume_type finetune needs --checkpoint"; fi
+    if [ -n "$checkpoint" ] && [ -z "$resume_type" ]; then die "--checkpoint in stage 2 needs --resume_type resume or finetune"; fi
     launch=(--main_process_port "$main_process_port")
     total=$(( n_proc * num_machines ))
     if [ -n "$accelerate_config" ]; then
@@ -112,40 +189,48 @@ except OSError: sys.exit(1)" 2>/dev/null; then
     [ -n "$max_steps" ] && train_args+=(--max_steps "$max_steps")
     if [ -n "$single" ]; then
       # One process needs no launcher: errors stay one line, and the process keeps its threads.
-      CUDA_VISIBLE_DEVICES="$gpu" python bins/vocoder/train.py "${train_args[@]}"
+      python bins/vocoder/train.py "${train_args[@]}"
     else
-      CUDA_VISIBLE_DEVICES="$gpu" accelerate launch "${launch[@]}" bins/vocoder/train.py "${train_args[@]}"
+      accelerate launch "${launch[@]}" bins/vocoder/train.py "${train_args[@]}"
     fi
     ;;
   3)
     [ -n "$infer_expt_dir" ] || die "--infer_expt_dir is required for stage 3"
     case "$infer_mode" in
-      infer_from_dataset) [ -n "$infer_datasets" ] || die "--infer_datasets is required for infer_from_dataset" ;;
-      infer_from_feature) [ -d "$infer_feature_dir" ] || die "--infer_feature_dir '$infer_feature_dir' is not a folder" ;;
-      infer_from_audio) [ -d "$infer_audio_dir" ] || die "--infer_audio_dir '$infer_audio_dir' is not a folder" ;;
+      infer_from_dataset) [ -n "$infer_datasets" ] || die "--infer_datasets is required for infer_from_dataset"
+        not_with "to infer_from_dataset" --infer_feature_dir --infer_audio_dir --infer_mel_convention --infer_mel_stats ;;
+      infer_from_feature) [ -d "$infer_feature_dir" ] || die "--infer_feature_dir '$infer_feature_dir' is not a folder"
+        not_with "to infer_from_feature" --infer_datasets --infer_audio_dir ;;
+      infer_from_audio) [ -d "$infer_audio_dir" ] || die "--infer_audio_dir '$infer_audio_dir' is not a folder"
+        not_with "to infer_from_audio (its mels are computed here)" --infer_datasets --infer_feature_dir \
+          --infer_mel_convention --infer_mel_stats ;;
       "") die "--infer_mode is required: infer_from_dataset, infer_from_feature or infer_from_audio" ;;
       *) die "unknown --infer_mode '$infer_mode': use infer_from_dataset, infer_from_feature or infer_from_audio" ;;
     esac
-    args=(--infer_mode "$infer_mode" --infer_expt_dir "$infer_expt_dir" --output_dir "${infer_output_dir:-$infer_expt_dir/result}"
-          --precision "$infer_precision" --log_level "$log_level")
-    # shellcheck disable=SC2206 - the dataset list is space-separated on purpose
+    args=(--infer_mode "$infer_mode" --infer_expt_dir "$infer_expt_dir" --infer_output_dir "${infer_output_dir:-$infer_expt_dir/result}"
+          --infer_precision "$infer_precision" --log_level "$log_level")
+    # the experiment's args.json defines the model; a --config typed here adds its inference section
+    if is_given --config; then args+=(--config "$config"); fi
+    # shellcheck disable=SC2206 # the dataset list is space-separated on purpose
     [ -n "$infer_datasets" ] && args+=(--infer_datasets $infer_datasets)
-    [ -n "$infer_feature_dir" ] && args+=(--feature_folder "$infer_feature_dir")
-    [ -n "$infer_audio_dir" ] && args+=(--audio_folder "$infer_audio_dir")
+    [ -n "$infer_feature_dir" ] && args+=(--infer_feature_dir "$infer_feature_dir")
+    [ -n "$infer_audio_dir" ] && args+=(--infer_audio_dir "$infer_audio_dir")
     [ -n "$checkpoint" ] && args+=(--checkpoint "$checkpoint")
-    [ -n "$infer_sampler" ] && args+=(--sampler "$infer_sampler")
-    [ -n "$infer_mel_convention" ] && args+=(--mel_convention "$infer_mel_convention")
-    [ -n "$infer_mel_stats" ] && args+=(--mel_stats "$infer_mel_stats")
-    [ -n "$infer_steps" ] && args+=(--steps "$infer_steps")
-    [ -n "$infer_batch_size" ] && args+=(--batch_size "$infer_batch_size")
-    [ -n "$infer_raw_weights" ] && args+=(--raw_weights)
-    CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-$gpu}" python bins/vocoder/inference.py "${args[@]}"
+    [ -n "$infer_sampler" ] && args+=(--infer_sampler "$infer_sampler")
+    [ -n "$infer_mel_convention" ] && args+=(--infer_mel_convention "$infer_mel_convention")
+    [ -n "$infer_mel_stats" ] && args+=(--infer_mel_stats "$infer_mel_stats")
+    [ -n "$infer_steps" ] && args+=(--infer_steps "$infer_steps")
+    [ -n "$infer_batch_size" ] && args+=(--infer_batch_size "$infer_batch_size")
+    [ -n "$infer_raw_weights" ] && args+=(--infer_raw_weights)
+    python bins/vocoder/inference.py "${args[@]}"
     ;;
   4)
     [ -n "$infer_expt_dir" ] || die "--infer_expt_dir is required for stage 4"
     out="${infer_output_dir:-$infer_expt_dir/result}"
+    # the experiment's args.json: beside it, or two levels up when stage 3 was given one checkpoint folder
+    expt_args="$infer_expt_dir/args.json"
+    if [ ! -f "$expt_args" ] && [ -f "$infer_expt_dir/../../args.json" ]; then expt_args="$infer_expt_dir/../../args.json"; fi
     python bins/vocoder/evaluate.py --ref_dir "$out/gt" --pred_dir "$out/pred" --output_dir "$out/eval" \
-      --config "$infer_expt_dir/args.json" --log_level "$log_level" "${eval_args[@]}"
+      --config "$expt_args" --log_level "$log_level" "${eval_args[@]}"
     ;;
-  *) die "unknown --stage '$stage': use 1, 2, 3 or 4" ;;
 esac
