@@ -62,6 +62,15 @@ def dataloader_workers(cfg: Any) -> int:
     return max(0, min(4, len(os.sched_getaffinity(0)) - 1))
 
 
+def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
+    """A new run never lands in an existing experiment: its args.json and checkpoints would mix with the old ones."""
+    if resume_type == "resume" or not exp_dir.is_dir():
+        return
+    if (exp_dir / "args.json").exists() or list_checkpoints(exp_dir / "checkpoint"):
+        raise ConfigError(f"{exp_dir}: an experiment of this name already exists; pass --resume_type resume to "
+                          "continue it, or choose another --name")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -88,6 +97,7 @@ class DiffusionVocoderTrainer:
             torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))
         self.exp_dir = Path(cfg.log_dir) / name
         self.ckpt_dir = self.exp_dir / "checkpoint"
+        refuse_to_mix_runs(self.exp_dir, resume_type)
         self.seed = int(tcfg.get("random_seed", 114514))
 
         seed_everything(self.seed)  # the same initial weights on every process
@@ -196,7 +206,7 @@ class DiffusionVocoderTrainer:
         self.batch_in_epoch, self.skipped_steps = state.get("batch_in_epoch", 0), state.get("skipped_steps", 0)
         rng_file = folder / f"rng_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
-            set_rng_state(safe_torch_load(rng_file))
+            set_rng_state(safe_torch_load(rng_file), rng_file)
         else:
             log.warning("%s: no RNG state for process %d; the noise differs from the original run",
                         folder, self.accelerator.process_index)
