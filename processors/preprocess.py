@@ -22,7 +22,7 @@ from processors.audio import AudioError, load_audio
 from processors.datasets import get_parser
 from processors.mel import mel_spectrogram, min_samples
 from utils.config import check_dataset_paths
-from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy
+from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy, unique_names
 
 log = logging.getLogger(__name__)
 AUGMENTATION_SUFFIXES = ("_equalizer", "_formant_shift", "_pitch_shift", "_time_stretch")
@@ -53,6 +53,7 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict]]:
         return load_json(train_file), load_json(test_file)
     parse = get_parser(dataset, cfg.get("use_custom_dataset") or ())
     train, test = parse(Path(cfg.dataset_path[dataset]), dataset, out)
+    distinct_uids(train + test)
     for split in (train, test):
         split.sort(key=lambda e: (e["Duration"], e["Uid"]))
         for index, item in enumerate(split):
@@ -60,6 +61,16 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict]]:
     save_json(test_file, test)
     save_json(train_file, train)
     return train, test
+
+
+def distinct_uids(entries: list[dict]) -> None:
+    """Give every entry a Uid whose feature files no other entry shares (the one output-naming rule)."""
+    names = unique_names([(e["Uid"], f"{e['Path']}|{e['Uid']}") for e in entries])
+    for e, name in zip(entries, names, strict=True):
+        if name != safe_name(e["Uid"]):
+            log.warning("%s: Uid '%s' renamed '%s': its feature files would collide with another utterance's",
+                        e["Path"], e["Uid"], name)
+            e["Uid"] = name
 
 
 def write_speaker_tables(cfg: Any, dataset: str, train: list[dict], test: list[dict]) -> None:
@@ -188,6 +199,9 @@ def preprocess(cfg: Any, num_workers: int | None = None) -> None:
                 "%s: %d train / %d test utterances; features: %d done, %d skipped, %.1f s",
                 dataset, len(train), len(test), done, len(skipped), time.time() - start,
             )
+            if skipped and len(skipped) == len(train + test):
+                raise ValueError(f"{dataset}: every one of its {len(skipped)} utterances was skipped; reasons in "
+                                 f"{Path(cfg.preprocess.processed_dir) / dataset / 'skipped.txt'}")
     finally:
         if pool is not None:
             pool.shutdown()
