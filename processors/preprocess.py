@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from processors.audio import AudioError, load_audio
 from processors.datasets import get_parser
+from processors.fingerprint import changes, corpus_fingerprint, read_fingerprint, stale_uids, write_fingerprint
 from processors.mel import mel_spectrogram, min_samples
 from utils.config import check_dataset_paths
 from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy, unique_names
@@ -46,20 +47,39 @@ def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, 
 
 
 def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict]]:
-    """Parse the corpus once; later runs reuse train.json/test.json."""
+    """Parse the corpus, or reuse train.json/test.json while the corpus is unchanged since they were written.
+
+    A changed corpus (another dataset_path, files added, removed or rewritten) is parsed again, and
+    the features of every utterance whose source changed are removed so they are made anew.
+    """
     out = Path(cfg.preprocess.processed_dir) / dataset
     train_file, test_file = out / cfg.preprocess.train_file, out / cfg.preprocess.valid_file
+    root = Path(cfg.dataset_path[dataset])
+    now = corpus_fingerprint(root)
+    then = read_fingerprint(out)
     if train_file.is_file() and test_file.is_file():
-        return load_json(train_file), load_json(test_file)
+        changed = changes(then, now)
+        if then is None:
+            log.warning("%s: no record of the inputs it was built from (written by another tool or an older version): "
+                        "reused as is; delete it to rebuild from %s", train_file, root)
+            return load_json(train_file), load_json(test_file)
+        if not changed:
+            return load_json(train_file), load_json(test_file)
+        log.warning("%s: the corpus changed since its metadata was written (%s): rebuilding", dataset, changed)
     parse = get_parser(dataset, cfg.get("use_custom_dataset") or ())
-    train, test = parse(Path(cfg.dataset_path[dataset]), dataset, out)
+    train, test = parse(root, dataset, out)
     distinct_uids(train + test)
     for split in (train, test):
         split.sort(key=lambda e: (e["Duration"], e["Uid"]))
         for index, item in enumerate(split):
             item["index"] = index
+    if then is not None:
+        for uid in stale_uids(then, train + test):
+            for path in feature_paths(cfg.preprocess.processed_dir, {"Dataset": dataset, "Uid": uid}):
+                path.unlink(missing_ok=True)
     save_json(test_file, test)
     save_json(train_file, train)
+    write_fingerprint(out, now, train + test)
     return train, test
 
 
