@@ -249,6 +249,7 @@ SCHEMA: dict[str, Rule] = {
     "train.max_grad_norm": Rule(NUMBER, "t", required=False, low=0),
     "train.mixed_precision": Rule(STR, "t", required=False, choices=("no", "fp16", "bf16")),
     "train.dataloader.num_worker": Rule(INT, "t", required=False, low=-1),
+    "train.num_threads": Rule(INT, "t", required=False, low=0),
     "inference.batch_size": positive(INT, "i", required=False),
     "inference.sampler": Rule(STR, "i", required=False, choices=SAMPLER_NAMES),
 }

@@ -32,9 +32,11 @@ from models.vocoders.diffusion.eval_logging import EvalLogger
 from processors.mel_conventions import write_contract
 from utils.checkpoint import list_checkpoints, load_into, load_weights, read_state, resolve_checkpoint, safe_torch_load
 from utils.config import ConfigError, save_config
+from utils.threads import fair_threads
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("no", "fp16", "bf16")
+THREAD_CHECK_STEPS = 50
 
 
 class EMA:
@@ -111,6 +113,11 @@ class DiffusionVocoderTrainer:
         decay = float(tcfg.get("ema_decay", 0.0))
         self.ema = EMA(self.model, decay) if decay > 0 else None
         self.epoch, self.step, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
+        fixed = int(tcfg.get("num_threads", 0) or 0)
+        self.thread_ceiling = 0 if cuda else fixed or torch.get_num_threads()
+        self.adapt_threads = not cuda and not fixed
+        if not cuda:
+            torch.set_num_threads(fixed or fair_threads(self.thread_ceiling))
         seed_everything(self.seed + self.accelerator.process_index)  # different noise per process
 
         if resume_type == "finetune":
@@ -133,14 +140,24 @@ class DiffusionVocoderTrainer:
         self._log_setup(precision)
 
     # ----- setup -----------------------------------------------------------------
+    def _share_cores(self) -> None:
+        """Follow the machine's load: fewer threads while other jobs hold cores, more when they leave."""
+        current = torch.get_num_threads()
+        wanted = fair_threads(self.thread_ceiling, own_busy=current)
+        if wanted != current:
+            torch.set_num_threads(wanted)
+            log.info("torch threads %d -> %d (load average %.1f on %d cores)", current, wanted, os.getloadavg()[0],
+                     len(os.sched_getaffinity(0)))
+
     def _log_setup(self, precision: str) -> None:
         acc = self.accelerator
         state = acc.state
         where = f" (rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})" if acc.num_processes > 1 else ""
         machines = int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        log.info("accelerate: %s on %s, %d process(es) on %d machine(s)%s; %d torch threads per process (OMP_NUM_THREADS=%s)",
-                 state.distributed_type.value, acc.device, acc.num_processes, machines, where,
-                 torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
+        log.info("accelerate: %s on %s, %d process(es) on %d machine(s)%s; %d torch threads per process (OMP_NUM_THREADS=%s, "
+                 "OMP_WAIT_POLICY=%s%s)", state.distributed_type.value, acc.device, acc.num_processes, machines, where,
+                 torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"),
+                 os.environ.get("OMP_WAIT_POLICY", "unset"), "; follows the load average" if self.adapt_threads else "")
         log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, TF32 %s", precision, self.accum,
                  self.cfg.train.get("max_grad_norm", 0) or "off",
                  torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else "n/a (CPU)")
@@ -362,6 +379,8 @@ class DiffusionVocoderTrainer:
                 tick = time.perf_counter()
                 if stopping:
                     break
+                if self.adapt_threads and self.step % THREAD_CHECK_STEPS == 0:
+                    self._share_cores()
             bar.close()
             seconds = time.perf_counter() - start
             finished_epoch = self.batch_in_epoch >= per_epoch
