@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,39 @@ def test_stage2_cli_never_overwrites_an_existing_experiments_args(tmp_path):
     result = python_bin("train.py", "--config", str(config), "--exp_name", "taken")
     assert result.returncode == 1 and "already exists" in result.stderr and "--resume_type resume" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and (exp / "args.json").read_text() == '{"mine": 1}'
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny experiment trained for two steps in-process: a real, complete checkpoint to damage."""
+    from processors.preprocess import preprocess
+    from tests.test_training import TINY, trainer
+    from utils.config import load_config
+    from utils.synthetic import write_corpus
+
+    root = tmp_path_factory.mktemp("trained")
+    write_corpus(root / "corpus", 1, 4, sample_rate=8000)
+    cfg = dict(TINY, dataset_path={"demo": str(root / "corpus")}, log_dir=str(root / "ckpts"),
+               preprocess=dict(TINY["preprocess"], processed_dir=str(root / "data")), train=dict(TINY["train"], max_steps=2))
+    (root / "config.json").write_text(json.dumps(cfg))
+    preprocess(load_config(root / "config.json"), num_workers=1)
+    trainer(root / "config.json", "src").train()
+    return root, list_checkpoints(root / "ckpts" / "src" / "checkpoint")[-1], trainer
+
+
+@pytest.mark.parametrize(("damage", "culprit", "words"), [
+    (lambda f: (f / "state.json").write_text(""), "state.json", "unreadable checkpoint state"),
+    (lambda f: (f / "state.json").write_text('{"epoch": 0, "step": "2"}'), "state.json", "'step' must be"),
+    (lambda f: torch.save({"torch": torch.get_rng_state()}, f / "rng_0.pt"), "rng_0.pt", "missing key 'numpy'"),
+    (lambda f: torch.save({"state": {}, "param_groups": "x"}, f / "optimizer.pt"), "optimizer.pt", "damaged"),
+    (lambda f: torch.save([1, 2], f / "scheduler.pt"), "scheduler.pt", "damaged"),
+], ids=["empty_state", "ill_typed_state", "rng_missing_keys", "ill_typed_optimizer", "scheduler_not_a_dict"])
+def test_resume_from_damaged_metadata_is_one_line_naming_the_file(trained, tmp_path, damage, culprit, words):
+    root, source, trainer = trained
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder)
+    damage(folder)
+    with pytest.raises(CheckpointError) as err:
+        trainer(root / "config.json", "resumed", "resume", str(folder))
+    message = str(err.value)
+    assert message.startswith(str(folder / culprit)) and words in message and "\n" not in message

@@ -30,7 +30,16 @@ from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, Epo
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
 from processors.mel_conventions import write_contract
-from utils.checkpoint import list_checkpoints, load_into, load_weights, read_state, resolve_checkpoint, safe_torch_load
+from utils.checkpoint import (
+    CheckpointError,
+    first_line,
+    list_checkpoints,
+    load_into,
+    load_weights,
+    read_state,
+    resolve_checkpoint,
+    safe_torch_load,
+)
 from utils.config import ConfigError, save_config
 from utils.threads import fair_threads
 
@@ -212,8 +221,12 @@ class DiffusionVocoderTrainer:
         folder = resolve_checkpoint(checkpoint)
         model = self.accelerator.unwrap_model(self.model)
         load_into(model, load_weights(folder), folder)
-        self.optimizer.optimizer.load_state_dict(safe_torch_load(folder / "optimizer.pt"))
-        self.scheduler.load_state_dict(safe_torch_load(folder / "scheduler.pt"))
+        for name, target in (("optimizer.pt", self.optimizer.optimizer), ("scheduler.pt", self.scheduler)):
+            state = safe_torch_load(folder / name)
+            try:
+                target.load_state_dict(state)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+                raise CheckpointError(f"{folder / name}: damaged or from another model ({first_line(err)})") from None
         if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(safe_torch_load(folder / "scaler.pt"))
         if self.ema is not None and (folder / "ema.safetensors").is_file():
