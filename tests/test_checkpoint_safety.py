@@ -256,3 +256,17 @@ def test_resume_from_damaged_metadata_is_one_line_naming_the_file(trained, tmp_p
         trainer(root / "config.json", "resumed", "resume", str(folder))
     message = str(err.value)
     assert message.startswith(str(folder / culprit)) and words in message and "\n" not in message
+
+
+def test_kinds_the_config_no_longer_has_are_kept_not_crashed_on(tmp_path):
+    # an earlier run saved with two strides (or ckpts.json was edited): what only those kinds hold stays
+    root = tmp_path / "checkpoint"
+    policy_run(root, 2, save_checkpoint_stride=[1, 1], keep_last=[1, -1])
+    record = json.loads((root / "ckpts.json").read_text())
+    record["checkpoints"][0]["kinds"] += ["stride7", "strideX", "bogus"]
+    (root / "ckpts.json").write_text(json.dumps(record))
+    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], "keep_last": [1]}), root)
+    for step in (10, 11):
+        trainer = fake_trainer(step)
+        policy.save(trainer, trainer.model, 0.5, RNG, ["stride0"])
+    assert [read_state(p)["step"] for p in list_checkpoints(root)] == [1, 2, 11]

@@ -226,3 +226,10 @@ def test_ljspeech_lists_a_zero_length_clip_instead_of_dropping_it(tmp_path):
     (wavs / "LJ001-0009.wav").write_bytes(b"")
     train, test = parse(tmp_path, "ljspeech", tmp_path / "work")
     assert "LJ001-0009" in {e["Uid"] for e in train + test}  # stage 1 then skips it with its reason
+
+
+def test_an_npz_archive_named_npy_is_refused_by_name(tmp_path):
+    np.savez(tmp_path / "bundle.npz", mel=mel())
+    (tmp_path / "bundle.npz").rename(tmp_path / "bundle.npy")
+    with pytest.raises(ValueError, match=r"bundle\.npy: .*an \.npz archive"):
+        load_npy(tmp_path / "bundle.npy")

@@ -146,6 +146,9 @@ def regular_file_size(path: str | os.PathLike) -> int:
 def _npy_header(path: str | os.PathLike, size: int) -> None:
     """Check the header's shape and dtype against the bytes on disk before numpy allocates anything."""
     with open(path, "rb") as handle:
+        if handle.read(4) == b"PK\x03\x04":
+            raise ValueError("an .npz archive, expected a single .npy array")
+        handle.seek(0)
         version = np.lib.format.read_magic(handle)
         if version == (1, 0):
             shape, _fortran, dtype = np.lib.format.read_array_header_1_0(handle)
@@ -174,8 +177,6 @@ def load_npy(path: str | os.PathLike) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except (ValueError, EOFError) as err:
         raise ValueError(f"{path}: not a plain numeric .npy array ({err or 'empty file'})") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive
-        raise ValueError(f"{path}: an .npz archive, expected a single .npy array")
     return array
 
 

@@ -108,9 +108,11 @@ class CheckpointPolicy:
         return any(self.run_eval[int(k[6:])] for k in kinds if k.startswith("stride"))
 
     def _limit(self, kind: str) -> int:
-        if kind.startswith("stride"):
-            return int(self.keep[int(kind[6:])])
-        return int(self.keep[0]) if kind == "steps" else -1
+        """How many of `kind` to keep; a kind this config does not have (recorded by an earlier config) keeps all."""
+        if kind == "steps":
+            return int(self.keep[0])
+        index = kind[6:] if kind.startswith("stride") else ""
+        return int(self.keep[int(index)]) if index.isdigit() and int(index) < len(self.keep) else -1
 
     def save(self, trainer: Any, model: torch.nn.Module, loss: float, rng_states: list[dict], kinds: list[str]) -> Path:
         files: dict[str, Any] = {
