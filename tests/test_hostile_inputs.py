@@ -233,3 +233,17 @@ def test_an_npz_archive_named_npy_is_refused_by_name(tmp_path):
     (tmp_path / "bundle.npz").rename(tmp_path / "bundle.npy")
     with pytest.raises(ValueError, match=r"bundle\.npy: .*an \.npz archive"):
         load_npy(tmp_path / "bundle.npy")
+
+
+def test_files_a_corpus_parser_leaves_out_are_listed_on_every_run(tmp_path, caplog):
+    from tests.corpora import opensinger
+    from tests.test_datasets import config
+
+    root = tmp_path / "opensinger"
+    root.mkdir()
+    cfg = config(tmp_path / "data", {"opensinger": opensinger(root)})
+    for _run in range(2):  # the second run reuses the metadata: the list must survive it
+        preprocess(cfg, 1)
+        listed = (tmp_path / "data/opensinger/skipped.txt").read_text(encoding="utf-8").splitlines()
+        assert listed == [f"{root}/WomanRaw/41_long song/41_long song_0.wav: 30.5 s is over 30 s"]
+    assert f"left out {listed[0]}" in caplog.text
