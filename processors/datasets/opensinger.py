@@ -3,7 +3,7 @@
 Reads `<root>/{ManRaw,WomanRaw}/<id>_<song>/<id>_<song>_<n>.wav` (.lab/.txt not read). Singer
 `<Gender>_<id>` (`Man_0`; ids are per gender); Song = everything after the first `_` of the folder,
 so titles containing `_` are kept (the original aborts on them); Uid `<Singer>_<song>_<n>`
-(`Man_0_大鱼_10`). Clips over 30 s are left out with a logged message.
+(`Man_0_大鱼_10`). Clips over 30 s are left out, logged and listed in stage 1's skipped.txt.
 Test: every clip of (Man_0, 大鱼), (Man_21, 丑八怪), (Woman_39, mojito), (Woman_40, 易燃易爆炸).
 """
 
