@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.vocoders.diffusion.checkpointing import CheckpointPolicy, rng_state, set_rng_state
-from models.vocoders.diffusion.diffusion_vocoder_trainer import refuse_to_mix_runs
+from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, rng_state, set_rng_state
 from tests.reliability_kit import fake_trainer, make_experiment, python_bin, write_config
 from utils.checkpoint import (
     CheckpointError,

@@ -15,9 +15,11 @@ from utils.checkpoint import (
     CheckpointError,
     checkpoint_name,
     first_line,
+    list_checkpoints,
     remove_checkpoint,
     save_checkpoint,
 )
+from utils.config import ConfigError
 from utils.io import load_json, save_json
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,15 @@ def set_rng_state(state: dict, source: str | Path = "RNG state") -> None:
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
         detail = f"missing key {err}" if isinstance(err, KeyError) else first_line(err)
         raise CheckpointError(f"{source}: damaged RNG state ({detail})") from None
+
+
+def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
+    """A new run never lands in an existing experiment: its args.json and checkpoints would mix with the old ones."""
+    if resume_type == "resume" or not exp_dir.is_dir():
+        return
+    if (exp_dir / "args.json").exists() or list_checkpoints(exp_dir / "checkpoint"):
+        raise ConfigError(f"{exp_dir}: an experiment of this name already exists; pass --resume_type resume to "
+                          "continue it, or choose another --name")
 
 
 class CheckpointPolicy:

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.vocoders.diffusion.checkpointing import CheckpointPolicy, rng_state, set_rng_state
+from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, rng_state, set_rng_state
 from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, collate, load_entries
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
@@ -71,15 +71,6 @@ def dataloader_workers(cfg: Any) -> int:
     if wanted >= 0:
         return wanted
     return max(0, min(4, len(os.sched_getaffinity(0)) - 1))
-
-
-def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
-    """A new run never lands in an existing experiment: its args.json and checkpoints would mix with the old ones."""
-    if resume_type == "resume" or not exp_dir.is_dir():
-        return
-    if (exp_dir / "args.json").exists() or list_checkpoints(exp_dir / "checkpoint"):
-        raise ConfigError(f"{exp_dir}: an experiment of this name already exists; pass --resume_type resume to "
-                          "continue it, or choose another --name")
 
 
 def seed_everything(seed: int) -> None:
