@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         make_corpus(corpus, args.utterances, args.seconds, args.source_rate)
         cfg.update(dataset=[DATASET], dataset_path={DATASET: str(corpus)}, use_custom_dataset=[DATASET])
         cfg.preprocess.processed_dir = str(Path(tmp) / "meta")
-        train, test = write_metadata(cfg, DATASET)
+        train, test, _left = write_metadata(cfg, DATASET)
         entries = train + test
         hours = sum(e["Duration"] for e in entries) / 3600
         print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} before the runs")

@@ -8,6 +8,8 @@ import warnings
 
 import numpy as np
 
+from utils.io import regular_file_size
+
 log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aiff", ".aif")
@@ -49,9 +51,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) 
     Stereo is averaged; a float file peaking above 1.0 is scaled down with a warning (not
     clipped), since clipping would add distortion the vocoder then learns.
     """
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: file does not exist")
-    if os.path.getsize(path) == 0:
+    try:
+        size = regular_file_size(path)
+    except ValueError as err:
+        raise AudioError(str(err)) from None
+    if size == 0:
         raise AudioError(f"{path}: empty file")
     audio, rate = _decode(path)
     if len(audio) == 0:
@@ -79,6 +83,10 @@ def audio_duration(path: str | os.PathLike) -> float:
     """
     import soundfile as sf
 
+    try:
+        regular_file_size(path)
+    except ValueError:
+        return 0.0  # stage 1 then skips it with load_audio's reason
     try:
         return float(sf.info(str(path)).duration)
     except Exception:

@@ -19,10 +19,11 @@ from typing import Any
 from tqdm import tqdm
 
 from processors.audio import AudioError, load_audio
-from processors.datasets import get_parser
+from processors.datasets import collecting_left_out, get_parser
+from processors.fingerprint import changes, corpus_fingerprint, read_fingerprint, stale_uids, write_fingerprint
 from processors.mel import mel_spectrogram, min_samples
 from utils.config import check_dataset_paths
-from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy
+from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy, unique_names
 
 log = logging.getLogger(__name__)
 AUGMENTATION_SUFFIXES = ("_equalizer", "_formant_shift", "_pitch_shift", "_time_stretch")
@@ -45,21 +46,53 @@ def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, 
     return folder / "mels" / f"{uid}.npy", folder / "audios" / f"{uid}.npy"
 
 
-def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict]]:
-    """Parse the corpus once; later runs reuse train.json/test.json."""
+def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list[str]]:
+    """Parse the corpus, or reuse train.json/test.json while the corpus is unchanged since they were written.
+
+    A changed corpus (another dataset_path, files added, removed or rewritten) is parsed again, and
+    the features of every utterance whose source changed are removed so they are made anew.
+    Also returns the files the parser left out, each with its reason (kept in inputs.json).
+    """
     out = Path(cfg.preprocess.processed_dir) / dataset
     train_file, test_file = out / cfg.preprocess.train_file, out / cfg.preprocess.valid_file
+    root = Path(cfg.dataset_path[dataset])
+    now = corpus_fingerprint(root)
+    then = read_fingerprint(out)
     if train_file.is_file() and test_file.is_file():
-        return load_json(train_file), load_json(test_file)
+        changed = changes(then, now)
+        if then is None:
+            log.warning("%s: no record of the inputs it was built from (written by another tool or an older version): "
+                        "reused as is; delete it to rebuild from %s", train_file, root)
+            return load_json(train_file), load_json(test_file), []
+        if not changed:
+            return load_json(train_file), load_json(test_file), list(then.get("left_out", []))
+        log.warning("%s: the corpus changed since its metadata was written (%s): rebuilding", dataset, changed)
     parse = get_parser(dataset, cfg.get("use_custom_dataset") or ())
-    train, test = parse(Path(cfg.dataset_path[dataset]), dataset, out)
+    with collecting_left_out() as dropped:
+        train, test = parse(root, dataset, out)
+    distinct_uids(train + test)
     for split in (train, test):
         split.sort(key=lambda e: (e["Duration"], e["Uid"]))
         for index, item in enumerate(split):
             item["index"] = index
+    if then is not None:
+        for uid in stale_uids(then, train + test):
+            for path in feature_paths(cfg.preprocess.processed_dir, {"Dataset": dataset, "Uid": uid}):
+                path.unlink(missing_ok=True)
     save_json(test_file, test)
     save_json(train_file, train)
-    return train, test
+    write_fingerprint(out, {**now, "left_out": dropped}, train + test)
+    return train, test, dropped
+
+
+def distinct_uids(entries: list[dict]) -> None:
+    """Give every entry a Uid whose feature files no other entry shares (the one output-naming rule)."""
+    names = unique_names([(e["Uid"], f"{e['Path']}|{e['Uid']}") for e in entries])
+    for e, name in zip(entries, names, strict=True):
+        if name != safe_name(e["Uid"]):
+            log.warning("%s: Uid '%s' renamed '%s': its feature files would collide with another utterance's",
+                        e["Path"], e["Uid"], name)
+            e["Uid"] = name
 
 
 def write_speaker_tables(cfg: Any, dataset: str, train: list[dict], test: list[dict]) -> None:
@@ -113,8 +146,12 @@ def extract_one(job: tuple[str, str, str, dict]) -> str | None:
     return None
 
 
-def extract_features(cfg: Any, dataset: str, entries: list[dict], pool: Executor | None = None) -> tuple[int, list[str]]:
-    """Featurise what is not done yet (in `pool` when given); returns (newly done, skip reasons)."""
+def extract_features(cfg: Any, dataset: str, entries: list[dict], pool: Executor | None = None,
+                     left: list[str] | None = None) -> tuple[int, list[str]]:
+    """Featurise what is not done yet (in `pool` when given); returns (newly done, skip reasons).
+
+    skipped.txt lists those reasons after `left`, the files the corpus parser left out.
+    """
     pre = dict(cfg.preprocess)
     for sub in ("mels", "audios"):
         remove_stale_temps(Path(pre["processed_dir"]) / dataset / sub)
@@ -132,8 +169,8 @@ def extract_features(cfg: Any, dataset: str, entries: list[dict], pool: Executor
         bar.update()
     bar.close()
     skipped_file = Path(pre["processed_dir"]) / dataset / "skipped.txt"
-    if skipped:
-        atomic_write_text(skipped_file, "".join(f"{r}\n" for r in skipped))
+    if skipped or left:
+        atomic_write_text(skipped_file, "".join(f"{r}\n" for r in [*(left or []), *skipped]))
         for reason in skipped:
             log.warning("skipped %s", reason)
     else:
@@ -175,19 +212,22 @@ def preprocess(cfg: Any, num_workers: int | None = None) -> None:
     check_dataset_paths(cfg)
     workers = num_workers or os.cpu_count() or 1
     splits = {dataset: write_metadata(cfg, dataset) for dataset in cfg.dataset}
-    todo = [e for train, test in splits.values() for e in train + test
+    todo = [e for train, test, _left in splits.values() for e in train + test
             if not all(p.is_file() for p in feature_paths(cfg.preprocess.processed_dir, e))]
     check_disk_space(cfg.preprocess, todo)
     pool = feature_pool(workers)
     try:
-        for dataset, (train, test) in splits.items():
+        for dataset, (train, test, left) in splits.items():
             start = time.time()
             write_speaker_tables(cfg, dataset, train, test)
-            done, skipped = extract_features(cfg, dataset, train + test, pool)
+            done, skipped = extract_features(cfg, dataset, train + test, pool, left)
             log.info(
-                "%s: %d train / %d test utterances; features: %d done, %d skipped, %.1f s",
-                dataset, len(train), len(test), done, len(skipped), time.time() - start,
+                "%s: %d train / %d test utterances; features: %d done, %d skipped; %d files left out by the parser; %.1f s",
+                dataset, len(train), len(test), done, len(skipped), len(left), time.time() - start,
             )
+            if skipped and len(skipped) == len(train + test):
+                raise ValueError(f"{dataset}: every one of its {len(skipped)} utterances was skipped; reasons in "
+                                 f"{Path(cfg.preprocess.processed_dir) / dataset / 'skipped.txt'}")
     finally:
         if pool is not None:
             pool.shutdown()

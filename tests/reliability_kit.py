@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import soundfile as sf
@@ -164,3 +165,16 @@ def make_experiment(folder: Path, config: Path, weights_file: str = "model.safet
     files = {weights_file: model.state_dict()}
     save_checkpoint(expt / "checkpoint" / checkpoint_name(0, 1, 0.5), files, {"epoch": 0, "step": 1})
     return expt
+
+
+def fake_trainer(step: int) -> SimpleNamespace:
+    """Just what CheckpointPolicy.save reads from a trainer, with a 2x2 linear model."""
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return SimpleNamespace(
+        model=model, optimizer=SimpleNamespace(optimizer=optimizer), ema=None, accelerator=SimpleNamespace(scaler=None),
+        scheduler=torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.99), epoch=0, step=step, batch_in_epoch=step,
+        skipped_steps=0,
+    )

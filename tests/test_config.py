@@ -1,10 +1,12 @@
 """Config loader: inheritance, attribute access, placeholder and path errors."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 
-from utils.config import ConfigError, check_dataset_paths, load_config, merge
+from utils.config import ConfigError, check_dataset_paths, load_config, merge, unknown_keys, validate
 
 RECIPE = Path(__file__).resolve().parents[1] / "egs/vocoder/diffusion/diffwave/exp_config.json"
 
@@ -65,3 +67,110 @@ def test_base_config_loop_is_reported(tmp_path):
     write(tmp_path / "b.json", '{"base_config": "a.json"}')
     with pytest.raises(ConfigError, match="loops"):
         load_config(tmp_path / "a.json")
+
+
+# ----- issue 13: ranges, cross-field checks and unknown keys -------------------------------------------------
+
+RECIPES = sorted((RECIPE.parent).glob("**/*.json"))
+BASES = [RECIPE.parents[4] / "config/base.json", RECIPE.parents[4] / "config/vocoder.json",
+         RECIPE.parents[1] / "exp_config_base.json"]
+
+
+def override(tmp_path: Path, section: str, values: dict) -> Path:
+    """A child of the recipe config that sets `values` in `section` (dotted, e.g. model.diffwave)."""
+    node: dict = dict(values)
+    for part in reversed(section.split(".")):
+        node = {part: node}
+    text = json.dumps({"base_config": str(RECIPE), **node}).replace('"__nan__"', "NaN")
+    return write(tmp_path / "child.json", text)
+
+
+BAD_VALUES = [  # (section, values, stage, key named in the error, words of the reason)
+    ("preprocess", {"win_size": 2048}, "preprocess", "preprocess.win_size", "must not exceed preprocess.n_fft"),
+    ("preprocess", {"hop_size": 4096}, "inference", "preprocess.hop_size", "must not exceed preprocess.n_fft"),
+    ("preprocess", {"fmin": 9000, "fmax": 8000}, "preprocess", "preprocess.fmin", "must be below preprocess.fmax"),
+    ("preprocess", {"fmin": 500, "fmax": 500}, "train", "preprocess.fmin", "must be below"),
+    ("preprocess", {"fmax": 16000}, "preprocess", "preprocess.fmax", "half the sample rate"),
+    ("preprocess", {"fmax": None, "fmin": 12000}, "preprocess", "preprocess.fmin", "below preprocess.fmax (12000"),
+    ("preprocess", {"fmin": -5}, "preprocess", "preprocess.fmin", "must be in [0, inf)"),
+    ("preprocess", {"n_mel": 600}, "preprocess", "preprocess.n_mel", "513 FFT bins"),
+    ("preprocess", {"sample_rate": 0}, "preprocess", "preprocess.sample_rate", "must be in (0, inf)"),
+    ("preprocess", {"hop_size": -256}, "train", "preprocess.hop_size", "must be in (0, inf)"),
+    ("preprocess", {"n_fft": True}, "preprocess", "preprocess.n_fft", "must be int"),
+    ("model.diffwave", {"noise_schedule_factors": [1e-4, 0.05]}, "train", "noise_schedule_factors", "must hold 3 values"),
+    ("model.diffwave", {"noise_schedule_factors": [1e-4, 0.05, 0]}, "train", "noise_schedule_factors", "integer >= 1"),
+    ("model.diffwave", {"noise_schedule_factors": [1e-4, 0.05, 2.5]}, "inference", "noise_schedule_factors", "integer"),
+    ("model.diffwave", {"noise_schedule_factors": [0.05, 1e-4, 50]}, "train", "noise_schedule_factors", "beta_start < beta_end"),
+    ("model.diffwave", {"noise_schedule_factors": [1e-4, 1.5, 50]}, "inference", "noise_schedule_factors", "< 1"),
+    ("model.diffwave", {"noise_schedule_factors": [0, 0.05, 50]}, "train", "noise_schedule_factors", "0 < beta_start"),
+    ("model.diffwave", {"inference_noise_schedule": []}, "inference", "inference_noise_schedule", "must not be empty"),
+    ("model.diffwave", {"inference_noise_schedule": [0.1, 1.2]}, "inference", "inference_noise_schedule", "(0, 1)"),
+    ("model.diffwave", {"inference_noise_schedule": [0.0, 0.5]}, "train", "inference_noise_schedule", "(0, 1)"),
+    ("model.diffwave", {"inference_noise_schedule": ["x"]}, "inference", "inference_noise_schedule", "must hold"),
+    ("model.diffwave", {"residual_channels": 0}, "train", "model.diffwave.residual_channels", "(0, inf)"),
+    ("model.diffwave", {"residual_layers": -3}, "inference", "model.diffwave.residual_layers", "(0, inf)"),
+    ("model.diffwave", {"upsample_factors": [16, 0]}, "train", "upsample_factors", "(0, inf)"),
+    ("train", {"adamw": {"lr": 0}}, "train", "train.adamw.lr", "(0, inf)"),
+    ("train", {"adamw": {"lr": "__nan__"}}, "train", "train.adamw.lr", "finite"),
+    ("train", {"adamw": {"adam_b1": 1.0}}, "train", "train.adamw.adam_b1", "[0, 1)"),
+    ("train", {"exponential_lr": {"lr_decay": 0}}, "train", "train.exponential_lr.lr_decay", "(0, 1]"),
+    ("train", {"exponential_lr": {"lr_decay": 1.5}}, "train", "train.exponential_lr.lr_decay", "(0, 1]"),
+    ("train", {"ema_decay": 1}, "train", "train.ema_decay", "[0, 1)"),
+    ("train", {"keep_last": [3, -2]}, "train", "train.keep_last", "[-1, inf)"),
+    ("train", {"save_checkpoint_stride": [-1]}, "train", "train.save_checkpoint_stride", "[0, inf)"),
+    ("train", {"batch_size": 0}, "train", "train.batch_size", "(0, inf)"),
+    ("train", {"max_grad_norm": -1}, "train", "train.max_grad_norm", "[0, inf)"),
+    ("inference", {"batch_size": -1}, "inference", "inference.batch_size", "(0, inf)"),
+]
+
+
+@pytest.mark.parametrize(("section", "values", "stage", "key", "reason"), BAD_VALUES,
+                         ids=[f"{s}-{'-'.join(v)}-{st}" for s, v, st, _k, _r in BAD_VALUES])
+def test_out_of_range_value_is_one_line_naming_key_and_file(tmp_path, section, values, stage, key, reason):
+    child = override(tmp_path, section, values)
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(child), stage)
+    message = str(err.value)
+    assert message.startswith(f"{child}: key '") and key in message and reason in message and "\n" not in message
+
+
+def test_a_bad_value_set_in_a_parent_is_blamed_on_the_parent(tmp_path):
+    parent = override(tmp_path, "preprocess", {"win_size": 4096})
+    child = write(tmp_path / "grandchild.json", json.dumps({"base_config": str(parent), "train": {"batch_size": 2}}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(parent))}: key 'preprocess.win_size'"):
+        validate(load_config(child), "preprocess")
+
+
+@pytest.mark.parametrize("path", [*RECIPES, *BASES], ids=lambda p: p.name)
+def test_shipped_configs_have_no_unknown_keys_and_recipes_validate(path):
+    cfg = load_config(path)
+    assert unknown_keys(cfg) == []
+    if path not in BASES:
+        for stage in ("preprocess", "train", "inference"):
+            validate(cfg, stage)
+
+
+def test_unknown_keys_are_warned_with_the_closest_known_key(tmp_path, caplog):
+    child = write(tmp_path / "typo.json", json.dumps({
+        "base_config": str(RECIPE),
+        "train": {"batch_szie": 8, "adamw": {"lerning_rate": 1e-3}},
+        "preprocess": {"hop_sise": 256},
+        "dataset_path": {"my_corpus": "/data/mine"},  # a free section: any name is fine
+        "my_section": {"nested": {"deeper": 1}},
+    }))
+    cfg = load_config(child)
+    found = dict(unknown_keys(cfg))
+    assert found == {"train.batch_szie": "train.batch_size", "train.adamw.lerning_rate": "train.adamw.lr",
+                     "preprocess.hop_sise": "preprocess.hop_size", "my_section": None}
+    validate(cfg, "train")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{child}: unknown config key 'train.batch_szie' is ignored; did you mean 'train.batch_size'?" in warned
+
+
+def test_check_config_cli_refuses_a_bad_range_before_any_work(tmp_path):
+    from tests.reliability_kit import python_bin
+
+    child = override(tmp_path, "model.diffwave", {"inference_noise_schedule": [0.2, 3.0]})
+    result = python_bin("check_config.py", "--config", str(child), "--stage", "inference")
+    assert result.returncode == 1 and "inference_noise_schedule" in result.stderr and str(child) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from processors.preprocess import feature_bytes, preprocess
-from tests.reliability_kit import REPO, Payload, make_experiment, python_bin, write_config
+from tests.reliability_kit import REPO, Payload, fake_trainer, make_experiment, python_bin, write_config
 from utils.checkpoint import (
     CHECKPOINT_PATTERN,
     CheckpointError,
@@ -291,16 +291,6 @@ def test_preprocessing_refuses_to_start_without_disk_space(tmp_path, monkeypatch
     entries = json.loads((tmp_path / "data/demo/train.json").read_text()) + json.loads(
         (tmp_path / "data/demo/test.json").read_text())
     assert 0.95 < feature_bytes(cfg.preprocess, entries) / written < 1.1  # the estimate matches what is written
-
-
-def fake_trainer(step: int) -> SimpleNamespace:
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    return SimpleNamespace(
-        model=model, optimizer=SimpleNamespace(optimizer=optimizer), ema=None, accelerator=SimpleNamespace(scaler=None),
-        scheduler=torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.99), epoch=0, step=step, batch_in_epoch=step,
-        skipped_steps=0,
-    )
 
 
 def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

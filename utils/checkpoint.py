@@ -35,6 +35,11 @@ class CheckpointError(ValueError):
     """An unusable checkpoint; the message names the file and the problem."""
 
 
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def checkpoint_name(epoch: int, step: int, loss: float) -> str:
     return f"epoch-{epoch:04d}_step-{step:07d}_loss-{loss:.6f}"
 
@@ -53,8 +58,7 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             "only tensors and plain containers are loaded"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: unreadable checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first_line(err)})") from None
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -69,16 +73,25 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: checkpoint does not exist")
     if path.suffix == ".safetensors":
         try:
-            return strip_wrapper_prefix(load_file(str(path)))
+            state = load_file(str(path))
         except Exception as err:
             raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
-    state = safe_torch_load(path)
-    for key in ("model", "state_dict", "generator"):  # common wrappers of published weights
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: not a dictionary of weight tensors")
-    return strip_wrapper_prefix(state)
+    else:
+        state = safe_torch_load(path)
+        for key in ("model", "state_dict", "generator"):  # common wrappers of published weights
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: not a dictionary of weight tensors")
+    return require_finite(strip_wrapper_prefix(state), path)
+
+
+def require_finite(state: dict[str, torch.Tensor], source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Refuse NaN/inf weights: they vocode a constant wav with exit 0 instead of failing."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: parameter '{name}' holds NaN or inf values; this checkpoint is unusable")
+    return state
 
 
 def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,7 +129,13 @@ def _fsync(path: Path) -> None:
 
 
 def remove_checkpoint(folder: Path) -> None:
-    """Rename out of sight first, then delete: a folder with a checkpoint name is never half-deleted."""
+    """Rename out of sight first, then delete: a folder with a checkpoint name is never half-deleted.
+
+    Only a real folder with a checkpoint name is ever removed; a symlink or any other name is
+    refused, so no listing (ckpts.json included) can make a run delete anything else.
+    """
+    if folder.is_symlink() or not CHECKPOINT_PATTERN.match(folder.name):
+        raise CheckpointError(f"{folder}: refused to delete: not a checkpoint folder written by this toolkit")
     if not folder.exists():
         return
     doomed = folder.with_name(f"{TEMP_PREFIX}del-{folder.name}")
@@ -149,6 +168,9 @@ def save_checkpoint(folder: Path, files: dict[str, Any], state: dict) -> Path:
         remove_checkpoint(folder)
         os.replace(tmp, folder)
         _fsync(folder.parent)
+    except RuntimeError as err:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(first_line(err)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -185,10 +207,26 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return candidates[-1]
 
 
+STATE_FIELDS = {"epoch": int, "step": int, "batch_in_epoch": int, "skipped_steps": int}
+
+
 def read_state(folder: Path) -> dict:
+    """state.json checked field by field (a damaged file is one clear line, never a KeyError later); for
+    an accelerate save_state folder, its position from the folder name."""
     if is_accelerate_folder(folder):
         return accelerate_position(folder)
-    return load_json(folder / "state.json")
+    path = folder / "state.json"
+    try:
+        state = load_json(path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint state ({first_line(err)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: checkpoint state must be a JSON object, got {type(state).__name__}")
+    for key, kind in STATE_FIELDS.items():
+        value = state.get(key, 0) if key in ("batch_in_epoch", "skipped_steps") else state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{path}: '{key}' must be a non-negative integer, got {value!r}")
+    return state
 
 
 def accelerate_position(folder: Path) -> dict:

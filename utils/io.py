@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -50,12 +52,41 @@ def safe_name(name: str) -> str:
     return cleaned or "_"
 
 
+def unique_names(wanted: list[tuple[str, str]]) -> list[str]:
+    """The one output-naming rule: `safe_name(stem)` for each (stem, identity), distinct even on a
+    case-insensitive filesystem.
+
+    The first input to claim a name keeps it; a later one whose name collides gets
+    `<name>-<8 hex of its identity>` (its full source path, say), so the same inputs get the same
+    names on every run and no input overwrites another's output.
+    """
+    taken: set[str] = set()
+    names = []
+    for stem, identity in wanted:
+        name = safe_name(stem)
+        if name.casefold() in taken:
+            digest = hashlib.sha1(identity.encode("utf-8", "surrogatepass")).hexdigest()
+            name = next(f"{name}-{digest[i:i + 8]}" for i in range(0, 33)
+                        if f"{name}-{digest[i:i + 8]}".casefold() not in taken)
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: put it straight back)."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Write through `write(fileobj)` into a temporary sibling, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -92,14 +123,60 @@ def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> No
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_npy(path: str | os.PathLike) -> np.ndarray:
-    """Load a feature array; pickled (object) arrays are refused before anything is unpickled."""
+def regular_file_size(path: str | os.PathLike) -> int:
+    """The size of an input that is safe to open, else ValueError naming it.
+
+    The one gate every reader passes first: `os.stat` never blocks, whereas opening a FIFO
+    waits for a writer forever and a device can stream without end.
+    """
     try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file does not exist") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+                 stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}
+        kind = next((name for test, name in kinds.items() if test(info.st_mode)), "a special file")
+        raise ValueError(f"{path}: not a regular file ({kind}); not opened")
+    return info.st_size
+
+
+def _npy_header(path: str | os.PathLike, size: int) -> None:
+    """Check the header's shape and dtype against the bytes on disk before numpy allocates anything."""
+    with open(path, "rb") as handle:
+        if handle.read(4) == b"PK\x03\x04":
+            raise ValueError("an .npz archive, expected a single .npy array")
+        handle.seek(0)
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        offset = handle.tell()
+    if dtype.hasobject or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise ValueError(f"dtype {dtype} is not numeric")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if offset + claimed != size:
+        raise ValueError(f"header claims shape {tuple(shape)} of {dtype} ({claimed} bytes), the file holds "
+                         f"{size - offset} bytes of data")
+
+
+def load_npy(path: str | os.PathLike) -> np.ndarray:
+    """Load a feature array after checking it is a regular file whose header matches its size.
+
+    Pickled (object) arrays are refused before anything is unpickled, and a header claiming
+    more data than the file holds is refused before anything is allocated.
+    """
+    size = regular_file_size(path)
+    try:
+        _npy_header(path, size)
         array = np.load(path, allow_pickle=False)
     except (ValueError, EOFError) as err:
         raise ValueError(f"{path}: not a plain numeric .npy array ({err or 'empty file'})") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive
-        raise ValueError(f"{path}: an .npz archive, expected a single .npy array")
     return array
 
 

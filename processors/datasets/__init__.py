@@ -10,7 +10,11 @@ the split is the same on every machine. Finding no utterance is a DatasetError.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 Entry = dict
@@ -25,6 +29,30 @@ CUSTOM = "custom"
 
 class DatasetError(ValueError):
     """A corpus that cannot be parsed; the message names the folder and the expected layout."""
+
+
+log = logging.getLogger(__name__)
+_LEFT_OUT: ContextVar[list[str] | None] = ContextVar("left_out", default=None)
+
+
+def left_out(path: str | os.PathLike, reason: str) -> None:
+    """A file the parser does not use: logged, and listed by stage 1 in skipped.txt with the reason."""
+    line = f"{path}: {reason}"
+    log.warning("left out %s", line)
+    found = _LEFT_OUT.get()
+    if found is not None:
+        found.append(line)
+
+
+@contextmanager
+def collecting_left_out() -> Iterator[list[str]]:
+    """The `left_out` lines of everything parsed inside the block."""
+    found: list[str] = []
+    token = _LEFT_OUT.set(found)
+    try:
+        yield found
+    finally:
+        _LEFT_OUT.reset(token)
 
 
 def parser_name(dataset: str, custom: list[str] | tuple[str, ...] = ()) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from processors.audio import AudioError, load_audio
+from processors.datasets import left_out
 from utils.io import atomic_write_text, save_wav
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def cut_clips(source: Path, out_dir: Path, spans: Spans, stem: str = "{i:04d}") 
     try:
         audio, sr = read_native(source)
     except AudioError as err:
-        log.warning("not cut: %s", err)
+        left_out(source, f"not cut into clips ({err})")
         return []
     paths = []
     for k, (start, end) in enumerate(spans(audio, sr)):

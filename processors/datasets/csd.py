@@ -15,6 +15,7 @@ import csv
 import logging
 from pathlib import Path
 
+from processors.datasets import left_out
 from processors.datasets.clips import Spans, cut_clips
 from processors.datasets.common import entry, require_found, split_by, subdirs
 
@@ -52,7 +53,7 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
         for wav in sorted((lang_dir / "wav").glob("*.wav")):
             txt, notes = lang_dir / "txt" / f"{wav.stem}.txt", lang_dir / "csv" / f"{wav.stem}.csv"
             if not (txt.is_file() and notes.is_file()):
-                log.warning("%s: no %s or %s, not used", wav, txt.name, notes.name)
+                left_out(wav, f"no {txt.name} or {notes.name}")
                 continue
             clips = cut_clips(wav, work_dir / "clips" / wav.stem, _spans(line_times(txt, notes)))
             lang, song = wav.stem[:2], wav.stem[2:]

@@ -1,6 +1,7 @@
 """Any folder of audio (wav/flac/ogg/...), at any depth.
 
-Uid = the path below the root with separators turned into `_`; speaker = the first folder
+Uid = the path below the root with separators turned into `_` (through the one naming rule, so
+`a.wav` beside `a.flac`, or `sub/b.wav` beside `sub_b.wav`, get distinct Uids); speaker = the first folder
 below the root (or the dataset name for files at the top). Every 20th utterance, at least
 one, is test, so small custom sets still validate.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from processors.audio import AUDIO_EXTENSIONS, list_audio
 from processors.datasets.common import entry, require_found
+from utils.io import unique_names
 
 
 def _uid(relative: Path) -> str:
@@ -19,14 +21,13 @@ def _uid(relative: Path) -> str:
 
 def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
     entries = []
-    for path in map(Path, list_audio(root)):
+    paths = [Path(p) for p in list_audio(root)]
+    uids = unique_names([(_uid(p.relative_to(root)), p.relative_to(root).as_posix()) for p in paths])
+    for path, uid in zip(paths, uids, strict=True):
         relative = path.relative_to(root)
         speaker = relative.parts[0] if len(relative.parts) > 1 else dataset
-        entries.append(entry(dataset, _uid(relative), path, speaker))
+        entries.append(entry(dataset, uid, path, speaker))
     require_found(entries, root, f"audio files ({', '.join(AUDIO_EXTENSIONS)}) at any depth")
-    uids = [e["Uid"] for e in entries]
-    if len(set(uids)) != len(uids):
-        raise ValueError(f"{root}: two files map to the same Uid (e.g. a.wav and a.flac side by side)")
     test_every = 20
     test = [e for i, e in enumerate(entries) if i % test_every == test_every - 1] or entries[-1:]
     train = [e for e in entries if e not in test] or entries

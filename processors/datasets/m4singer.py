@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from processors.datasets import left_out
 from processors.datasets.common import entry, require_found, split_by
 from utils.io import load_json
 
@@ -26,7 +27,7 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
     entries = []
     for name in items:
         if name.count("#") < 2:
-            log.warning("%s: item_name '%s' is not <Singer>#<Song>#<NNNN>, left out", meta, name)
+            left_out(meta, f"item_name '{name}' is not <Singer>#<Song>#<NNNN>")
             continue
         singer, *title, number = name.split("#")
         song = "#".join(title)
@@ -34,6 +35,6 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
         if wav.is_file():
             entries.append(entry(dataset, f"{singer}_{song}_{number}", wav, singer, Song=song))
         else:
-            log.warning("%s: listed in meta.json as '%s' but missing, left out", wav, name)
+            left_out(wav, f"listed in meta.json as '{name}' but missing")
     require_found(entries, root, LAYOUT)
     return split_by(entries, lambda e: (e["Singer"], e["Song"]) in TEST)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from processors.datasets import left_out
 from processors.datasets.common import entry, require_found
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def _split(segments: Path, dataset: str, name: str) -> list[dict]:
         if wav.is_file():
             entries.append(entry(dataset, uid, wav, "female1"))
         else:
-            log.warning("%s: listed in %s but missing, left out", wav, listing)
+            left_out(wav, f"listed in {listing} but missing")
     return entries
 
 

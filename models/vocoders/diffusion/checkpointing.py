@@ -10,7 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.checkpoint import checkpoint_name, remove_checkpoint, save_checkpoint
+from utils.checkpoint import (
+    CHECKPOINT_PATTERN,
+    CheckpointError,
+    checkpoint_name,
+    first_line,
+    list_checkpoints,
+    remove_checkpoint,
+    save_checkpoint,
+)
+from utils.config import ConfigError
 from utils.io import load_json, save_json
 
 log = logging.getLogger(__name__)
@@ -30,14 +39,28 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    internal, version = state["python"]
-    random.setstate((version, tuple(internal), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict, source: str | Path = "RNG state") -> None:
+    """Restore what rng_state saved; a file missing keys or holding the wrong types is one clear line."""
+    try:
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        internal, version = state["python"]
+        random.setstate((version, tuple(internal), None))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+        detail = f"missing key {err}" if isinstance(err, KeyError) else first_line(err)
+        raise CheckpointError(f"{source}: damaged RNG state ({detail})") from None
+
+
+def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
+    """A new run never lands in an existing experiment: its args.json and checkpoints would mix with the old ones."""
+    if resume_type == "resume" or not exp_dir.is_dir():
+        return
+    if (exp_dir / "args.json").exists() or list_checkpoints(exp_dir / "checkpoint"):
+        raise ConfigError(f"{exp_dir}: an experiment of this name already exists; pass --resume_type resume to "
+                          "continue it, or choose another --name")
 
 
 class CheckpointPolicy:
@@ -55,8 +78,32 @@ class CheckpointPolicy:
         self.keep = self._per_stride(tcfg.get("keep_last", [-1]), -1)
         self.run_eval = self._per_stride(tcfg.get("run_eval", [True]), True)
         self.every_steps = int(tcfg.get("save_checkpoints_steps", 0) or 0)
-        record = root / "ckpts.json"
-        self.records: list[dict] = load_json(record)["checkpoints"] if record.is_file() else []
+        self.records = self._read_records(root / "ckpts.json")
+
+    @staticmethod
+    def _read_records(path: Path) -> list[dict]:
+        """The checkpoints this run wrote, as ckpts.json lists them; only plain checkpoint names are trusted.
+
+        An entry that is not a bare `epoch-*_step-*_loss-*` name (`..`, an absolute path, a
+        nested path) is ignored with a warning: pruning deletes only what is listed here.
+        """
+        if not path.is_file():
+            return []
+        try:
+            listed = load_json(path).get("checkpoints", [])
+        except (OSError, ValueError, AttributeError) as err:
+            log.warning("%s: unreadable (%s); starting a new record, no older checkpoint will be pruned", path,
+                        first_line(err))
+            return []
+        records = []
+        for item in listed if isinstance(listed, list) else []:
+            name = item.get("name") if isinstance(item, dict) else None
+            kinds = item.get("kinds") if isinstance(item, dict) else None
+            if isinstance(name, str) and CHECKPOINT_PATTERN.match(name) and isinstance(kinds, list):
+                records.append({"name": name, "step": item.get("step"), "kinds": [str(k) for k in kinds]})
+            else:
+                log.warning("%s: ignored entry %r: not a checkpoint folder name of this run", path, item)
+        return records
 
     def _per_stride(self, values: list, default: Any) -> list:
         values = list(values)
@@ -72,9 +119,11 @@ class CheckpointPolicy:
         return any(self.run_eval[int(k[6:])] for k in kinds if k.startswith("stride"))
 
     def _limit(self, kind: str) -> int:
-        if kind.startswith("stride"):
-            return int(self.keep[int(kind[6:])])
-        return int(self.keep[0]) if kind == "steps" else -1
+        """How many of `kind` to keep; a kind this config does not have (recorded by an earlier config) keeps all."""
+        if kind == "steps":
+            return int(self.keep[0])
+        index = kind[6:] if kind.startswith("stride") else ""
+        return int(self.keep[int(index)]) if index.isdigit() and int(index) < len(self.keep) else -1
 
     def save(self, trainer: Any, model: torch.nn.Module, loss: float, rng_states: list[dict], kinds: list[str]) -> Path:
         files: dict[str, Any] = {
@@ -94,7 +143,8 @@ class CheckpointPolicy:
         try:
             folder = save_checkpoint(self.root / name, files, state)
         except OSError as err:
-            raise OSError(f"saving checkpoint {self.root / name} failed ({err}); earlier checkpoints are kept") from None
+            raise OSError(f"saving checkpoint {self.root / name} failed ({first_line(err)}); "
+                          "earlier checkpoints are kept") from None
         self.records = [r for r in self.records if r["name"] != name] + [{"name": name, "step": trainer.step, "kinds": kinds}]
         self._prune()
         log.info("saved %s", folder)
@@ -106,9 +156,11 @@ class CheckpointPolicy:
         for kind in {k for r in self.records for k in r["kinds"]}:
             names = [r["name"] for r in self.records if kind in r["kinds"]]
             limit = self._limit(kind)
-            keep.update(names if limit < 0 else names[len(names) - limit:] if limit else [])
+            keep.update(names if limit < 0 else names[-limit:] if limit else [])
         for record in self.records:
-            if record["name"] not in keep:
-                remove_checkpoint(self.root / record["name"])  # renamed first: never half-deleted under its name
-        self.records = [r for r in self.records if r["name"] in keep and (self.root / r["name"]).is_dir()]
+            folder = self.root / record["name"]
+            if record["name"] not in keep and not folder.is_symlink():
+                remove_checkpoint(folder)  # renamed first: never half-deleted under its name
+        self.records = [r for r in self.records
+                        if r["name"] in keep and (self.root / r["name"]).is_dir() and not (self.root / r["name"]).is_symlink()]
         save_json(self.root / "ckpts.json", {"checkpoints": self.records, "latest": self.records[-1]["name"]})

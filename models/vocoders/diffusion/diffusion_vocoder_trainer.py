@@ -25,13 +25,15 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.vocoders.diffusion.checkpointing import CheckpointPolicy, rng_state, set_rng_state
+from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, rng_state, set_rng_state
 from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, collate, load_entries
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
 from processors.mel_conventions import write_contract
 from utils.checkpoint import (
+    CheckpointError,
+    first_line,
     is_accelerate_folder,
     list_checkpoints,
     load_into,
@@ -42,9 +44,11 @@ from utils.checkpoint import (
     training_state_file,
 )
 from utils.config import ConfigError, save_config
+from utils.threads import fair_threads
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("no", "fp16", "bf16")
+THREAD_CHECK_STEPS = 50
 
 
 class EMA:
@@ -110,6 +114,7 @@ class DiffusionVocoderTrainer:
             torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))
         self.exp_dir = Path(cfg.log_dir) / name
         self.ckpt_dir = self.exp_dir / "checkpoint"
+        refuse_to_mix_runs(self.exp_dir, resume_type)
         self.seed = int(tcfg.get("random_seed", 114514))
 
         seed_everything(self.seed)  # the same initial weights on every process
@@ -123,6 +128,11 @@ class DiffusionVocoderTrainer:
         decay = float(tcfg.get("ema_decay", 0.0))
         self.ema = EMA(self.model, decay) if decay > 0 else None
         self.epoch, self.step, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
+        fixed = int(tcfg.get("num_threads", 0) or 0)
+        self.thread_ceiling = 0 if cuda else fixed or torch.get_num_threads()
+        self.adapt_threads = not cuda and not fixed
+        if not cuda:
+            torch.set_num_threads(fixed or fair_threads(self.thread_ceiling))
         seed_everything(self.seed + self.accelerator.process_index)  # different noise per process
 
         if resume_type == "finetune":
@@ -148,17 +158,26 @@ class DiffusionVocoderTrainer:
         self._log_setup(precision)
 
     # ----- setup -----------------------------------------------------------------
+    def _share_cores(self) -> None:
+        """Follow the machine's load: fewer threads while other jobs hold cores, more when they leave."""
+        current = torch.get_num_threads()
+        wanted = fair_threads(self.thread_ceiling, own_busy=current)
+        if wanted != current:
+            torch.set_num_threads(wanted)
+            log.info("torch threads %d -> %d (load average %.1f on %d cores)", current, wanted, os.getloadavg()[0],
+                     len(os.sched_getaffinity(0)))
+
     def _log_setup(self, precision: str) -> None:
         acc = self.accelerator
         state = acc.state
         where = f" (rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})" if acc.num_processes > 1 else ""
         machines = int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        log.info("accelerate: %s on %s, %d process(es) on %d machine(s)%s; %d torch threads per process (OMP_NUM_THREADS=%s)",
-                 state.distributed_type.value, acc.device, acc.num_processes, machines, where,
-                 torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
+        log.info("accelerate: %s on %s, %d process(es) on %d machine(s)%s; %d torch threads per process (OMP_NUM_THREADS=%s, "
+                 "OMP_WAIT_POLICY=%s%s)", state.distributed_type.value, acc.device, acc.num_processes, machines, where,
+                 torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"),
+                 os.environ.get("OMP_WAIT_POLICY", "unset"), "; follows the load average" if self.adapt_threads else "")
         log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, torch.compile %s, TF32 %s", precision,
-                 self.accum, self.cfg.train.get("max_grad_norm", 0) or "off",
-                 self.compiled,
+                 self.accum, self.cfg.train.get("max_grad_norm", 0) or "off", self.compiled,
                  torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else "n/a (CPU)")
         if acc.num_processes > 1 and torch.distributed.is_initialized():
             log.info("process group: backend %s, world size %d, rendezvous port %s", torch.distributed.get_backend(),
@@ -212,8 +231,12 @@ class DiffusionVocoderTrainer:
         folder = resolve_checkpoint(checkpoint)
         model = self.accelerator.unwrap_model(self.model)
         load_into(model, load_weights(folder), folder)
-        self.optimizer.optimizer.load_state_dict(safe_torch_load(training_state_file(folder, "optimizer")))
-        self.scheduler.load_state_dict(safe_torch_load(training_state_file(folder, "scheduler")))
+        for stem, target in (("optimizer", self.optimizer.optimizer), ("scheduler", self.scheduler)):
+            path = training_state_file(folder, stem)
+            try:
+                target.load_state_dict(safe_torch_load(path))
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+                raise CheckpointError(f"{path}: damaged or from another model ({first_line(err)})") from None
         if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(safe_torch_load(folder / "scaler.pt"))
         if self.ema is not None:
@@ -233,7 +256,7 @@ class DiffusionVocoderTrainer:
             return
         rng_file = folder / f"rng_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
-            set_rng_state(safe_torch_load(rng_file))
+            set_rng_state(safe_torch_load(rng_file), rng_file)
         else:
             log.warning("%s: no RNG state for process %d; the noise differs from the original run",
                         folder, self.accelerator.process_index)
@@ -387,6 +410,8 @@ class DiffusionVocoderTrainer:
                 tick = time.perf_counter()
                 if stopping:
                     break
+                if self.adapt_threads and self.step % THREAD_CHECK_STEPS == 0:
+                    self._share_cores()
             bar.close()
             seconds = time.perf_counter() - start
             finished_epoch = self.batch_in_epoch >= per_epoch

@@ -20,7 +20,7 @@ from processors.audio import AudioError, list_audio, load_audio
 from processors.mel import mel_spectrogram, min_samples
 from processors.mel_conventions import MelConverter
 from processors.preprocess import feature_paths
-from utils.io import atomic_write_text, load_npy, remove_stale_temps, safe_name, save_wav
+from utils.io import atomic_write_text, load_npy, remove_stale_temps, safe_name, save_wav, unique_names
 
 log = logging.getLogger(__name__)
 MODES = ("infer_from_dataset", "infer_from_feature", "infer_from_audio")
@@ -69,6 +69,20 @@ def _write_outputs(vocoder: Vocoder, items: list[tuple[str, torch.Tensor, np.nda
     return len(items)
 
 
+def named_outputs(items: list[tuple[str, torch.Tensor, Any]]) -> list[tuple[str, torch.Tensor, Any]]:
+    """Items renamed by the one output-naming rule: inputs whose stems sanitise alike still get their own wav."""
+    seen: dict[str, int] = {}
+    identities = []
+    for stem, _mel, _truth in items:  # the stem and its occurrence: stable across runs of the same inputs
+        identities.append((stem, f"{stem}#{seen.get(stem, 0)}"))
+        seen[stem] = seen.get(stem, 0) + 1
+    names = unique_names(identities)
+    for (stem, _mel, _truth), name in zip(items, names, strict=True):
+        if name != safe_name(stem):
+            log.warning("%s: written as %s.wav: its name collides with another input's", stem, name)
+    return [(name, mel, truth) for name, (_stem, mel, truth) in zip(names, items, strict=True)]
+
+
 def dataset_items(cfg: Any, datasets: list[str], skipped: list[str]) -> list[tuple[str, torch.Tensor, np.ndarray]]:
     items = []
     entries = load_entries(cfg, "valid", datasets)
@@ -81,8 +95,7 @@ def dataset_items(cfg: Any, datasets: list[str], skipped: list[str]) -> list[tup
         except (InputError, ValueError, OSError) as err:
             skipped.append(str(err))
             continue
-        name = safe_name(f"{entry['Dataset']}_{entry['Uid']}" if prefix else entry["Uid"])
-        items.append((name, mel, truth))
+        items.append((f"{entry['Dataset']}_{entry['Uid']}" if prefix else entry["Uid"], mel, truth))
     return items
 
 
@@ -97,7 +110,7 @@ def feature_items(cfg: Any, folder: Path, skipped: list[str],
     for path in files:
         try:
             mel = check_mel(load_npy(path), int(cfg.preprocess.n_mel), str(path))
-            items.append((safe_name(path.stem), convert(mel, str(path)) if convert else mel, None))
+            items.append((path.stem, convert(mel, str(path)) if convert else mel, None))
         except (InputError, ValueError, OSError) as err:
             skipped.append(str(err))
     return items
@@ -115,8 +128,7 @@ def audio_items(cfg: Any, folder: Path, skipped: list[str]) -> list[tuple[str, t
         except AudioError as err:
             skipped.append(str(err))
             continue
-        name = safe_name(str(Path(path).relative_to(folder).with_suffix("")))
-        items.append((name, mel_spectrogram(audio, pre), audio))
+        items.append((str(Path(path).relative_to(folder).with_suffix("")), mel_spectrogram(audio, pre), audio))
     return items
 
 
@@ -135,11 +147,15 @@ def run_inference(vocoder: Vocoder, mode: str, output_dir: str | Path, datasets:
         items = audio_items(cfg, Path(audio_dir or ""), skipped)
     else:
         raise InputError(f"unknown infer_mode '{mode}': choose one of {', '.join(MODES)}")
+    items = named_outputs(items)
     written = _write_outputs(vocoder, items, out) if items else 0
     if skipped:
         atomic_write_text(out / "skipped.txt", "".join(f"{s}\n" for s in skipped))
         for reason in skipped:
             log.warning("skipped %s", reason)
+    if not written:
+        where = f"; reasons in {out / 'skipped.txt'}" if skipped else ""
+        raise InputError(f"{mode}: nothing was vocoded, {len(skipped)} inputs skipped{where}")
     seconds = sum(m.shape[-1] for _, m, _ in items) * vocoder.hop / int(cfg.preprocess.sample_rate)
     elapsed = time.time() - start
     log.info("%s: %d wavs written to %s, %d skipped; %.1f s of audio in %.1f s (RTF %.2f) with the %s sampler (%d steps)",

@@ -144,6 +144,9 @@ export CUDA_VISIBLE_DEVICES="$gpu"
 n_proc=$(echo "$gpu" | awk -F, '{print NF}')
 cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / n_proc > 0 ? cores / n_proc : 1 ))}"
+# Threads waiting at a barrier sleep instead of spinning: beside another busy job, spinning threads
+# take the very cores the thread they wait for needs (see "Sharing the machine" in the guide).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 case "$stage" in
   1|2) python bins/vocoder/check_config.py --config "$config" --log_level "$log_level" \

@@ -1,0 +1,271 @@
+"""Issue 13, checkpoints: retention keeps what it promises, deletes only its own folders, refuses damage.
+
+Each case is a checkpoint folder state a long run can meet: many saves under keep_last, a hostile or
+damaged ckpts.json, a corrupt state.json or RNG file, NaN weights, a disk that fills mid-save, and a
+second run started into an existing experiment name.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, rng_state, set_rng_state
+from tests.reliability_kit import fake_trainer, make_experiment, python_bin, write_config
+from utils.checkpoint import (
+    CheckpointError,
+    checkpoint_name,
+    list_checkpoints,
+    load_weights,
+    read_state,
+    remove_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from utils.config import ConfigError, to_attrdict
+
+RNG = [{"torch": torch.get_rng_state()}]
+
+
+def policy_run(root: Path, saves: int, **train: object) -> tuple[CheckpointPolicy, list[int]]:
+    """`saves` one-epoch saves through the policy; returns it and the steps still on disk."""
+    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], **train}), root)
+    for step in range(1, saves + 1):
+        trainer = fake_trainer(step)
+        trainer.epoch = step
+        policy.save(trainer, trainer.model, 1.0 / step, RNG, policy.due_by_epoch(step))
+    return policy, [read_state(p)["step"] for p in list_checkpoints(root)]
+
+
+@pytest.mark.parametrize(("keep", "saves", "expected"), [
+    ([3], 2, [1, 2]),  # fewer saves than asked: every one stays
+    ([3], 3, [1, 2, 3]),
+    ([3], 6, [4, 5, 6]),
+    ([5], 4, [1, 2, 3, 4]),
+    ([5], 7, [3, 4, 5, 6, 7]),
+    ([2], 5, [4, 5]),
+    ([1], 3, [3]),
+    ([-1], 4, [1, 2, 3, 4]),
+])
+def test_keep_last_keeps_exactly_the_newest_n(tmp_path, keep, saves, expected):
+    _policy, kept = policy_run(tmp_path / "checkpoint", saves, keep_last=keep)
+    assert kept == expected
+
+
+def test_keep_last_of_the_original_base_config_keeps_all_of_the_every_other_stride(tmp_path):
+    # stride 1 keeps 3, stride 2 keeps every save: the original toolkit's [3, -1].
+    root = tmp_path / "checkpoint"
+    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1, 2], "keep_last": [3, -1]}), root)
+    for epoch in range(1, 9):
+        trainer = fake_trainer(epoch)
+        trainer.epoch = epoch
+        policy.save(trainer, trainer.model, 0.5, RNG, policy.due_by_epoch(epoch))
+    assert [read_state(p)["step"] for p in list_checkpoints(root)] == [2, 4, 6, 7, 8]
+    reopened = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1, 2], "keep_last": [3, -1]}), root)
+    assert [r["name"] for r in reopened.records] == [p.name for p in list_checkpoints(root)]  # survives a resume
+
+
+@pytest.mark.parametrize("hostile", ["../../victim", "{abs}", "sub/epoch-0000_step-0000001_loss-0.500000",
+                                     "..", "", "epoch-0000_step-0000009_loss-0.5/../../../victim"])
+def test_ckpts_json_cannot_make_a_run_delete_outside_its_checkpoints(tmp_path, hostile):
+    victim = tmp_path / "victim"
+    (victim / "precious").mkdir(parents=True)
+    root = tmp_path / "exp" / "checkpoint"
+    (root / "sub" / "epoch-0000_step-0000001_loss-0.500000").mkdir(parents=True)
+    name = hostile.replace("{abs}", str(victim))
+    listing = [{"name": name, "step": 0, "kinds": ["stride0"]}, {"name": 7, "kinds": "x"}, "junk"]
+    (root / "ckpts.json").write_text(json.dumps({"checkpoints": listing}))
+    policy_run(root, 3, keep_last=[1])
+    assert (victim / "precious").is_dir()
+    assert (root / "sub" / "epoch-0000_step-0000001_loss-0.500000").is_dir()
+    assert [read_state(p)["step"] for p in list_checkpoints(root)] == [3]
+
+
+def test_a_symlink_named_like_a_checkpoint_is_never_followed_or_deleted(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "model.safetensors").write_bytes(b"x")
+    (victim / "state.json").write_text('{"epoch": 0, "step": 0}')
+    root = tmp_path / "checkpoint"
+    root.mkdir()
+    link = root / checkpoint_name(0, 0, 0.1)
+    link.symlink_to(victim, target_is_directory=True)
+    (root / "ckpts.json").write_text(json.dumps({"checkpoints": [{"name": link.name, "step": 0, "kinds": ["stride0"]}]}))
+    policy_run(root, 2, keep_last=[1])
+    assert link.is_symlink() and sorted(p.name for p in victim.iterdir()) == ["model.safetensors", "state.json"]
+    with pytest.raises(CheckpointError, match="refused to delete"):
+        remove_checkpoint(link)
+    with pytest.raises(CheckpointError, match="refused to delete"):
+        remove_checkpoint(victim)  # not a checkpoint name
+
+
+def test_unreadable_ckpts_json_prunes_nothing_it_did_not_list(tmp_path, caplog):
+    root = tmp_path / "checkpoint"
+    policy_run(root, 2, keep_last=[-1])
+    (root / "ckpts.json").write_text("{not json")
+    policy, _kept = policy_run(root, 0, keep_last=[1])
+    trainer = fake_trainer(9)
+    policy.save(trainer, trainer.model, 0.1, RNG, ["stride0"])
+    assert len(list_checkpoints(root)) == 3  # the two it could not vouch for are left alone
+    assert "unreadable" in caplog.text
+
+
+def checkpoint_folder(tmp_path: Path) -> Path:
+    model = torch.nn.Linear(2, 2)
+    return save_checkpoint(tmp_path / checkpoint_name(1, 2, 0.5), {"model.safetensors": model.state_dict(),
+                           "rng_0.pt": rng_state()}, {"epoch": 1, "step": 2})
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("", "unreadable checkpoint state"),
+    ("not json at all", "unreadable checkpoint state"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"epoch": "one", "step": 2}', "'epoch' must be a non-negative integer"),
+    ('{"epoch": 1}', "'step' must be a non-negative integer"),
+    ('{"epoch": 1, "step": -4}', "'step' must be a non-negative integer"),
+    ('{"epoch": 1, "step": 2, "batch_in_epoch": null}', "'batch_in_epoch'"),
+    ('{"epoch": true, "step": 2}', "'epoch'"),
+])
+def test_corrupt_state_json_is_one_line_naming_the_file(tmp_path, content, reason):
+    folder = checkpoint_folder(tmp_path)
+    (folder / "state.json").write_text(content)
+    with pytest.raises(CheckpointError) as err:
+        read_state(folder)
+    assert str(folder / "state.json") in str(err.value) and reason in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["no_numpy", "no_torch", "not_a_dict", "wrong_type"])
+def test_damaged_rng_file_is_one_line_naming_the_file(tmp_path, damage):
+    state = rng_state()
+    broken = {"no_numpy": {k: v for k, v in state.items() if k != "numpy"},
+              "no_torch": {k: v for k, v in state.items() if k != "torch"},
+              "not_a_dict": [1, 2, 3],
+              "wrong_type": {**state, "python": "abc"}}[damage]
+    with pytest.raises(CheckpointError) as err:
+        set_rng_state(broken, tmp_path / "rng_0.pt")
+    assert "rng_0.pt: damaged RNG state" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_non_finite_weights_are_refused_at_load(tmp_path, bad, weights_file):
+    weights = torch.nn.Linear(3, 3).state_dict()
+    weights["bias"][1] = bad
+    folder = save_checkpoint(tmp_path / checkpoint_name(0, 1, 0.5), {weights_file: weights}, {"epoch": 0, "step": 1})
+    with pytest.raises(CheckpointError, match=r"parameter 'bias' holds NaN or inf"):
+        load_weights(folder)
+
+
+def test_stage3_refuses_nan_weights_with_one_line(tmp_path):
+    config = write_config(tmp_path)
+    expt = make_experiment(tmp_path, config)
+    folder = resolve_checkpoint(expt)
+    weights = load_weights(folder)
+    name = sorted(weights)[0]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    from safetensors.torch import save_file
+
+    save_file(weights, str(folder / "model.safetensors"))
+    (tmp_path / "mels").mkdir()
+    result = python_bin("inference.py", "--infer_mode", "infer_from_feature", "--infer_expt_dir", str(expt),
+                        "--output_dir", str(tmp_path / "out"), "--feature_folder", str(tmp_path / "mels"))
+    assert result.returncode == 1 and f"parameter '{name}' holds NaN or inf" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out" / "pred").exists()
+
+
+@pytest.mark.parametrize("failing", ["utils.checkpoint.save_file", "torch.save"])
+def test_full_disk_in_any_checkpoint_file_is_one_line_and_keeps_the_earlier(tmp_path, monkeypatch, failing):
+    root = tmp_path / "checkpoint"
+    policy, _kept = policy_run(root, 1, keep_last=[1])
+    before = list_checkpoints(root)
+
+    def full(*_args, **_kwargs):
+        if failing == "torch.save":  # what torch's zip writer raises when the disk fills
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nmore detail")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(failing, full)
+    trainer = fake_trainer(2)
+    with pytest.raises(OSError) as err:
+        policy.save(trainer, trainer.model, 0.4, RNG, ["stride0"])
+    assert "earlier checkpoints are kept" in str(err.value) and "\n" not in str(err.value)
+    assert list_checkpoints(root) == before and load_weights(before[0])["weight"].shape == (2, 2)
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_a_new_run_into_an_existing_experiment_is_refused(tmp_path):
+    exp = tmp_path / "exp"
+    refuse_to_mix_runs(exp, None)  # nothing there yet
+    exp.mkdir()
+    refuse_to_mix_runs(exp, None)  # an empty folder is fine
+    checkpoint_folder(exp / "checkpoint")
+    for resume_type in (None, "finetune"):
+        with pytest.raises(ConfigError, match="--resume_type resume"):
+            refuse_to_mix_runs(exp, resume_type)
+    refuse_to_mix_runs(exp, "resume")
+
+
+def test_stage2_cli_never_overwrites_an_existing_experiments_args(tmp_path):
+    config = write_config(tmp_path)
+    exp = tmp_path / "ckpts" / "taken"
+    exp.mkdir(parents=True)
+    (exp / "args.json").write_text('{"mine": 1}')
+    result = python_bin("train.py", "--config", str(config), "--exp_name", "taken")
+    assert result.returncode == 1 and "already exists" in result.stderr and "--resume_type resume" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and (exp / "args.json").read_text() == '{"mine": 1}'
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny experiment trained for two steps in-process: a real, complete checkpoint to damage."""
+    from processors.preprocess import preprocess
+    from tests.test_training import TINY, trainer
+    from utils.config import load_config
+    from utils.synthetic import write_corpus
+
+    root = tmp_path_factory.mktemp("trained")
+    write_corpus(root / "corpus", 1, 4, sample_rate=8000)
+    cfg = dict(TINY, dataset_path={"demo": str(root / "corpus")}, log_dir=str(root / "ckpts"),
+               preprocess=dict(TINY["preprocess"], processed_dir=str(root / "data")), train=dict(TINY["train"], max_steps=2))
+    (root / "config.json").write_text(json.dumps(cfg))
+    preprocess(load_config(root / "config.json"), num_workers=1)
+    trainer(root / "config.json", "src").train()
+    return root, list_checkpoints(root / "ckpts" / "src" / "checkpoint")[-1], trainer
+
+
+@pytest.mark.parametrize(("damage", "culprit", "words"), [
+    (lambda f: (f / "state.json").write_text(""), "state.json", "unreadable checkpoint state"),
+    (lambda f: (f / "state.json").write_text('{"epoch": 0, "step": "2"}'), "state.json", "'step' must be"),
+    (lambda f: torch.save({"torch": torch.get_rng_state()}, f / "rng_0.pt"), "rng_0.pt", "missing key 'numpy'"),
+    (lambda f: torch.save({"state": {}, "param_groups": "x"}, f / "optimizer.pt"), "optimizer.pt", "damaged"),
+    (lambda f: torch.save([1, 2], f / "scheduler.pt"), "scheduler.pt", "damaged"),
+], ids=["empty_state", "ill_typed_state", "rng_missing_keys", "ill_typed_optimizer", "scheduler_not_a_dict"])
+def test_resume_from_damaged_metadata_is_one_line_naming_the_file(trained, tmp_path, damage, culprit, words):
+    root, source, trainer = trained
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder)
+    damage(folder)
+    with pytest.raises(CheckpointError) as err:
+        trainer(root / "config.json", "resumed", "resume", str(folder))
+    message = str(err.value)
+    assert message.startswith(str(folder / culprit)) and words in message and "\n" not in message
+
+
+def test_kinds_the_config_no_longer_has_are_kept_not_crashed_on(tmp_path):
+    # an earlier run saved with two strides (or ckpts.json was edited): what only those kinds hold stays
+    root = tmp_path / "checkpoint"
+    policy_run(root, 2, save_checkpoint_stride=[1, 1], keep_last=[1, -1])
+    record = json.loads((root / "ckpts.json").read_text())
+    record["checkpoints"][0]["kinds"] += ["stride7", "strideX", "bogus"]
+    (root / "ckpts.json").write_text(json.dumps(record))
+    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], "keep_last": [1]}), root)
+    for step in (10, 11):
+        trainer = fake_trainer(step)
+        policy.save(trainer, trainer.model, 0.5, RNG, ["stride0"])
+    assert [read_state(p)["step"] for p in list_checkpoints(root)] == [1, 2, 11]
