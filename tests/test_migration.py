@@ -205,8 +205,8 @@ def test_finetune_accepts_an_original_experiment_or_folder(original, tmp_path):
     cfg = json.loads((root / "config.json").read_text())
     cfg["log_dir"] = str(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    for source, expected in ((expt, NEWEST), (expt / "checkpoint" / OLDER, OLDER)):
-        run = trainer(tmp_path / "config.json", "ft", "finetune", str(source))
+    for i, (source, expected) in enumerate(((expt, NEWEST), (expt / "checkpoint" / OLDER, OLDER))):
+        run = trainer(tmp_path / "config.json", f"ft{i}", "finetune", str(source))
         assert run.step == 0 and same(run.accelerator.unwrap_model(run.model).state_dict(), weights[expected])
     reset_accelerate()
 

@@ -147,6 +147,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / n_proc > 0 ? cores / n_pr
 # Threads waiting at a barrier sleep instead of spinning: beside another busy job, spinning threads
 # take the very cores the thread they wait for needs (see "Sharing the machine" in the guide).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# The CUDA allocator grows its segments instead of caching blocks of every size: reserved memory stays
+# near what is in use, which stage 3's memory budget (inference.gpu_memory_gib) counts on.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 
 case "$stage" in
   1|2) python bins/vocoder/check_config.py --config "$config" --log_level "$log_level" \
