@@ -137,7 +137,7 @@ class Vocoder:
         if self.engine == "tiled":
             return ChunkedDenoiser(self.model, mel, lengths, self.chunk_size, self.cache_bytes, self.tile)
         if self.engine == "plain" and (self.device.type != "cuda" or not isinstance(self.model, DiffWave)):
-            model = torch.compile(self.model, dynamic=False) if self.compile else self.model
+            model = self._engine()[1]
 
             def plain(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
                 with self._autocast():

@@ -34,7 +34,6 @@ except ImportError:  # the gpu extra is not installed
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 log = logging.getLogger(__name__)
 _kernel = "tuned"  # which of KERNELS runs; falls back to "plain" once if a tuned variant fails to compile
-SQRT_HALF = math.sqrt(0.5)
 
 
 def available(device: torch.device) -> bool:
@@ -124,7 +123,7 @@ if triton is not None:
             rows = inside[:, None] & cm[None, :]
             offsets = b * T * C + t[:, None] * C + c[None, :]
             x = tl.load(x_ptr + offsets, mask=rows, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offsets, ((x + residual + bias_res[None, :]) * 0.7071067811865476).to(io), mask=rows)
+            tl.store(out_ptr + offsets, ((x + residual + bias_res[None, :]) * 0.7071067811865476).to(io), mask=rows)  # / sqrt 2
             total = tl.load(skip_ptr + offsets, mask=rows, other=0.0)
             tl.store(skip_ptr + offsets, total + skip + bias_skip[None, :], mask=rows)
 
