@@ -23,6 +23,7 @@ from processors.datasets import get_parser
 from processors.mel import mel_spectrogram, min_samples
 from utils.config import check_dataset_paths
 from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 AUGMENTATION_SUFFIXES = ("_equalizer", "_formant_shift", "_pitch_shift", "_time_stretch")
@@ -165,7 +166,7 @@ def check_disk_space(pre: Any, todo: list[dict]) -> None:
     free = shutil.disk_usage(folder).free
     if need * 1.05 > free:
         raise OSError(
-            f"{folder}: not enough free disk space for the features of {len(todo)} utterances: "
+            f"{folder}: not enough free disk space for the features of {plural(len(todo), 'utterance')}: "
             f"need about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
         )
     log.info("features need about %.1f MiB; %.1f MiB free in %s", need / 2**20, free / 2**20, folder)
@@ -185,8 +186,8 @@ def preprocess(cfg: Any, num_workers: int | None = None) -> None:
             write_speaker_tables(cfg, dataset, train, test)
             done, skipped = extract_features(cfg, dataset, train + test, pool)
             log.info(
-                "%s: %d train / %d test utterances; features: %d done, %d skipped, %.1f s",
-                dataset, len(train), len(test), done, len(skipped), time.time() - start,
+                "%s: %d train / %s; features: %d done, %d skipped, %.1f s",
+                dataset, len(train), plural(len(test), "test utterance"), done, len(skipped), time.time() - start,
             )
     finally:
         if pool is not None:

@@ -167,8 +167,8 @@ def test_checkpoint_policy_strides_keep_last_run_eval_and_tensorboard(corpus: Pa
 
     tags = scalars(exp)
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/steps_per_sec", "train/audio_sec_per_sec",
-                "train/skipped_steps", "valid/loss", "eval/mel_l1", "eval/demo_spk1_spk1_003/pred",
-                "eval/demo_spk1_spk1_003/gt", "eval/demo_spk1_spk1_003/mel_pred", "eval/demo_spk1_spk1_003/mel_gt"):
+                "train/skipped_steps", "valid/loss", "eval/mel_l1", "eval/demo_spk1_003/pred",
+                "eval/demo_spk1_003/gt", "eval/demo_spk1_003/mel_pred", "eval/demo_spk1_003/mel_gt"):
         assert tag in tags, tag
     assert [e.step for e in tags["eval/mel_l1"]] == [2, 4]  # stride 1 has run_eval false
     assert len(tags["valid/loss"]) == 4 and all(math.isfinite(e.value) for e in tags["valid/loss"])  # 1 test utt < batch

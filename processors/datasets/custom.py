@@ -1,6 +1,7 @@
 """Any folder of audio (wav/flac/ogg/...), at any depth.
 
-Uid = the path below the root with separators turned into `_`; speaker = the first folder
+Uid = the path below the root with separators turned into `_`, without repeating the speaker
+folder when the file name starts with it (`spk1/spk1_007.wav` -> `spk1_007`); speaker = the first folder
 below the root (or the dataset name for files at the top). Every 20th utterance, at least
 one, is test, so small custom sets still validate.
 """
@@ -14,7 +15,14 @@ from processors.datasets.common import entry, require_found
 
 
 def _uid(relative: Path) -> str:
-    return "_".join(relative.with_suffix("").parts)
+    """The path's parts joined by `_`, leaving out the speaker folder when the file name already starts with it.
+
+    `spk1/spk1_007.wav` gives `spk1_007` (not `spk1_spk1_007`); `spk1/007.wav` gives `spk1_007`.
+    """
+    parts = relative.with_suffix("").parts
+    if len(parts) > 1 and parts[-1].startswith(f"{parts[0]}_"):
+        parts = parts[1:]
+    return "_".join(parts)
 
 
 def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:

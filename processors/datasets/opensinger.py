@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from processors.datasets.common import entry, require_found, sorted_files, split_by, subdirs
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 TEST = {("Man_0", "大鱼"), ("Man_21", "丑八怪"), ("Woman_39", "mojito"), ("Woman_40", "易燃易爆炸")}
@@ -33,6 +34,6 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
                 else:
                     entries.append(item)
     if too_long:
-        log.warning("%s: %d clips over %.0f s left out", root, too_long, MAX_SECONDS)
+        log.warning("%s: %s over %.0f s left out", root, plural(too_long, "clip"), MAX_SECONDS)
     require_found(entries, root, "<root>/{ManRaw,WomanRaw}/<id>_<song>/<id>_<song>_<n>.wav")
     return split_by(entries, lambda e: (e["Singer"], e["Song"]) in TEST)

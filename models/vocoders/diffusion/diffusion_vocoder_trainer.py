@@ -32,6 +32,7 @@ from models.vocoders.diffusion.eval_logging import EvalLogger
 from processors.mel_conventions import write_contract
 from utils.checkpoint import list_checkpoints, load_into, load_weights, read_state, resolve_checkpoint, safe_torch_load
 from utils.config import ConfigError, save_config
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("no", "fp16", "bf16")
@@ -154,8 +155,9 @@ class DiffusionVocoderTrainer:
             len(self.valid_entries), batch, self.seed, acc.process_index, acc.num_processes, shuffle=False, drop_last=False
         )
         self.valid_loader = self._loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1))
-        log.info("data: %d train / %d valid utterances, %d batches of %d per process per epoch, %d persistent loader workers",
-                 len(train_entries), len(self.valid_entries), len(self.train_sampler), batch, workers)
+        log.info("data: %d train / %s, %s of %d per process per epoch, %s", len(train_entries),
+                 plural(len(self.valid_entries), "valid utterance"), plural(len(self.train_sampler), "batch", "batches"),
+                 batch, plural(workers, "persistent loader worker"))
 
     @staticmethod
     def _loader(dataset: CropDataset, sampler: EpochBatchSampler, workers: int) -> DataLoader:
@@ -363,10 +365,10 @@ class DiffusionVocoderTrainer:
             mean_loss = float(np.mean(losses)) if losses else float("nan")
             self._log({"valid/loss": valid_loss, "train/epoch_loss": mean_loss})
             log.info("epoch %d%s: step %d, train loss %.5f, valid loss %.5f, lr %.3g, %.2f steps/s, %.1f audio s/s, "
-                     "%d skipped steps, %.1f s", self.epoch if finished_epoch else self.epoch + 1,
+                     "%s skipped, %.1f s", self.epoch if finished_epoch else self.epoch + 1,
                      "" if finished_epoch else " (stopped mid-epoch)", self.step, mean_loss, valid_loss,
                      self.optimizer.param_groups[0]["lr"], epoch_steps / max(seconds, 1e-9),
-                     epoch_audio / max(seconds, 1e-9), self.skipped_steps, seconds)
+                     epoch_audio / max(seconds, 1e-9), plural(self.skipped_steps, "step"), seconds)
             stop = bool(max_steps and self.step >= max_steps) or (max_epoch >= 0 and self.epoch >= max_epoch)
             kinds = pending + (self.policy.due_by_epoch(self.epoch) if finished_epoch else [])
             if kinds or stop:
