@@ -315,7 +315,7 @@ def test_two_nodes_on_one_machine_share_steps_and_one_checkpoint(corpus: Path, t
     procs = [launch(cfg, "nodes", *node, "--machine_rank", str(rank)) for rank in range(2)]
     outputs, _ = finish(procs, port)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert "2 process(es) on 2 machine(s)" in outputs[0]
+    assert "2 processes on 2 machines" in outputs[0]
     exp = tmp_path / "ckpts" / "nodes"
     check_one_experiment(exp, 2, 2)
     assert len(list_checkpoints(exp / "checkpoint")) == 1

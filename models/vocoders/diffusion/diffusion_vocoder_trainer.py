@@ -109,6 +109,7 @@ class DiffusionVocoderTrainer:
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if resume_type == "resume":
             self._resume(checkpoint or self.ckpt_dir)
+            self._refuse_no_op()
 
         self._build_data()
         self.policy = CheckpointPolicy(tcfg, self.ckpt_dir)
@@ -129,9 +130,10 @@ class DiffusionVocoderTrainer:
         state = acc.state
         where = f" (rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})" if acc.num_processes > 1 else ""
         machines = int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        log.info("accelerate: %s on %s, %d process(es) on %d machine(s)%s; %d torch threads per process (OMP_NUM_THREADS=%s)",
-                 state.distributed_type.value, acc.device, acc.num_processes, machines, where,
-                 torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
+        log.info("accelerate: %s on %s, %s on %s%s; %s per process (OMP_NUM_THREADS=%s)",
+                 state.distributed_type.value, acc.device, plural(acc.num_processes, "process", "processes"),
+                 plural(machines, "machine"), where, plural(torch.get_num_threads(), "torch thread"),
+                 os.environ.get("OMP_NUM_THREADS", "unset"))
         log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, TF32 %s", precision, self.accum,
                  self.cfg.train.get("max_grad_norm", 0) or "off",
                  torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else "n/a (CPU)")
@@ -204,6 +206,14 @@ class DiffusionVocoderTrainer:
                         folder, self.accelerator.process_index)
         log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.step,
                  self.batch_in_epoch)
+
+    def _refuse_no_op(self) -> None:
+        """A resume that is already at its bound would train nothing: say so instead of exiting 0 silently."""
+        max_steps, max_epoch = int(self.cfg.train.get("max_steps", 0) or 0), int(self.cfg.train.get("max_epoch", -1))
+        if max_steps and self.step >= max_steps:
+            raise ValueError(f"already at step {self.step} of max_steps {max_steps}; raise --max_steps to continue")
+        if 0 <= max_epoch <= self.epoch:
+            raise ValueError(f"already at epoch {self.epoch} of max_epoch {max_epoch}; raise train.max_epoch to continue")
 
     # ----- training --------------------------------------------------------------
     def _loss(self, model: torch.nn.Module, mel: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:

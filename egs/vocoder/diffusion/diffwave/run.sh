@@ -16,6 +16,7 @@ main_process_port=29500 num_machines=1 machine_rank=0 main_process_ip="" acceler
 infer_mode="" infer_datasets="" infer_feature_dir="" infer_audio_dir="" infer_expt_dir="" infer_output_dir=""
 infer_sampler="" infer_steps="" infer_mel_convention="" infer_mel_stats="" infer_batch_size="" infer_precision="fp32" infer_raw_weights="" num_workers=""
 max_steps="" log_level="info" eval_args=()
+config_given=""
 
 while [ $# -gt 0 ]; do
   opt="$1"
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
   case "$opt" in
     --stage) stage="$value" ;;
     --name) name="$value" ;;
-    --config) config=$(abspath "$value") ;;
+    --config) config=$(abspath "$value"); config_given=1 ;;
     --gpu) gpu="$value" ;;
     --checkpoint) checkpoint=$(abspath "$value") ;;
     --resume_type) resume_type="$value" ;;
@@ -69,8 +70,12 @@ n_proc=$(echo "$gpu" | awk -F, '{print NF}')
 cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / n_proc > 0 ? cores / n_proc : 1 ))}"
 
+# A resume with --checkpoint and no --config goes on with the experiment's own args.json (train.py reads it).
+saved_config=""
+if [ "$stage" = 2 ] && [ "$resume_type" = resume ] && [ -n "$checkpoint" ] && [ -z "$config_given" ]; then saved_config=1; fi
+
 case "$stage" in
-  1|2) python bins/vocoder/check_config.py --config "$config" --log_level "$log_level" \
+  1|2) [ -n "$saved_config" ] || python bins/vocoder/check_config.py --config "$config" --log_level "$log_level" \
          --stage "$( [ "$stage" = 1 ] && echo preprocess || echo train )" ;;
 esac
 
@@ -106,7 +111,8 @@ try: s.bind(('', $main_process_port))
 except OSError: sys.exit(1)" 2>/dev/null; then
       die "--main_process_port $main_process_port is already in use; choose a free port"
     fi
-    train_args=(--config "$config" --exp_name "$name" --log_level "$log_level")
+    train_args=(--exp_name "$name" --log_level "$log_level")
+    [ -z "$saved_config" ] && train_args+=(--config "$config")
     [ -n "$resume_type" ] && train_args+=(--resume_type "$resume_type")
     [ -n "$checkpoint" ] && train_args+=(--checkpoint "$checkpoint")
     [ -n "$max_steps" ] && train_args+=(--max_steps "$max_steps")
@@ -128,7 +134,7 @@ except OSError: sys.exit(1)" 2>/dev/null; then
     esac
     args=(--infer_mode "$infer_mode" --infer_expt_dir "$infer_expt_dir" --output_dir "${infer_output_dir:-$infer_expt_dir/result}"
           --precision "$infer_precision" --log_level "$log_level")
-    # shellcheck disable=SC2206 - the dataset list is space-separated on purpose
+    # shellcheck disable=SC2206 # the dataset list is space-separated on purpose
     [ -n "$infer_datasets" ] && args+=(--infer_datasets $infer_datasets)
     [ -n "$infer_feature_dir" ] && args+=(--feature_folder "$infer_feature_dir")
     [ -n "$infer_audio_dir" ] && args+=(--audio_folder "$infer_audio_dir")
