@@ -15,10 +15,10 @@ out=demo_out
 expt=$out/ckpts/demo
 rm -rf "$out"
 echo "== synthetic corpus: $out/corpus"
-PYTHONPATH=. python -c "from utils.synthetic import write_corpus; write_corpus('$out/corpus', speakers=2, per_speaker=12)"
+PYTHONPATH=. python -c "from utils.synthetic import write_corpus; write_corpus('$out/corpus', speakers=2, per_speaker=40, sample_rate=8000)"
 echo "== stage 1: preprocess"
 sh $recipe --stage 1 --config $config
-echo "== stage 2: train"
+echo "== stage 2: train (1500 steps)"
 sh $recipe --stage 2 --config $config --name demo
 echo "== stage 3: infer_from_dataset"
 sh $recipe --stage 3 --config $config --infer_mode infer_from_dataset --infer_datasets demo --infer_expt_dir $expt

@@ -113,12 +113,13 @@ def test_trained_model_vocodes_far_better_than_untrained(trained):
 def test_ddim_on_the_trained_model_does_not_pile_up_at_full_scale(trained):
     cfg, model, truths, mels = trained_model_and_audio(trained[2])
     names = [f"u{i}" for i in range(len(mels))]
-    for steps in (4, 8):
+    for steps in (6, 10):
         preds = Vocoder(cfg, model, sampler="ddim", steps=steps, batch_size=6)(mels, names)
         at_full_scale = sum(int((np.abs(p) >= 0.999).sum()) for p in preds)
         assert at_full_scale == 0, f"ddim {steps} steps: {at_full_scale} samples at full scale"
         mel_l1 = np.mean([log_mel_l1(p, t[: len(p)], cfg.preprocess) for p, t in zip(preds, truths, strict=False)])
-        assert mel_l1 < 2.0, mel_l1  # it vocodes, not merely stays quiet
+        # measured: about 1.08 with the sample clamped per step; 1.58 with x0 clamped (27 samples at full scale)
+        assert mel_l1 < 1.35, mel_l1
 
 
 def test_resume_continues_and_finetune_starts_at_zero_with_loaded_weights(trained, tmp_path):
