@@ -31,7 +31,7 @@ echo "== stage 3: infer_from_audio"
 sh $recipe --stage 3 --config $config --infer_mode infer_from_audio --infer_audio_dir $out/corpus/spk1 \
    --infer_expt_dir $expt --infer_output_dir $out/from_audio
 echo "== stage 4: score the test split against its ground truth, with Griffin-Lim as the baseline"
-sh $recipe --stage 4 --infer_expt_dir $expt --baseline griffinlim --plot
+sh $recipe --stage 4 --infer_expt_dir $expt --baseline griffinlim --plot >/dev/null  # its table is in the summary
 
 tensorboard=tensorboard
 [ "$VIRTUAL_ENV" = "$PWD/.venv" ] && tensorboard=.venv/bin/tensorboard
