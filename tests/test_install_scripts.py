@@ -7,8 +7,11 @@ install from a bare system python3 with no `python` command.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_PYTHON = """#!/bin/sh
@@ -73,3 +76,15 @@ def test_missing_or_old_python3_is_a_one_line_error(tmp_path):
     old = use_venv(project, tmp_path / "old", system=False)
     assert old.returncode == 1 and old.stderr.startswith("Python 3.10 or newer is needed")
     assert not (project / ".venv").exists()
+
+
+def test_run_sh_without_python_says_to_activate_the_environment():
+    if shutil.which("python", path="/usr/bin:/bin"):
+        pytest.skip("this system has a `python` command")
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # a new machine's system tools: python3 at most, no `python`
+    env.pop("VIRTUAL_ENV", None)
+    run_sh = REPO / "egs/vocoder/diffusion/diffwave/run.sh"
+    result = subprocess.run(["/bin/bash", str(run_sh), "--stage", "1"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("run.sh: no 'python' command: activate the environment install.sh made "
+                                     "(source .venv/bin/activate)")

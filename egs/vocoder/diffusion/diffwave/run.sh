@@ -64,6 +64,7 @@ done
 [ -n "$stage" ] || die "--stage is required (1 preprocess, 2 train, 3 inference, 4 evaluate)"
 [ -f "$config" ] || die "config '$config' does not exist"
 cd "$work_dir"
+command -v python >/dev/null || die "no 'python' command: activate the environment install.sh made (source .venv/bin/activate)"
 export PYTHONPATH="$work_dir${PYTHONPATH:+:$PYTHONPATH}"
 # accelerate sets OMP_NUM_THREADS=1 on CPU unless it is set: give each process its share of the cores.
 n_proc=$(echo "$gpu" | awk -F, '{print NF}')
