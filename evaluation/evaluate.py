@@ -8,6 +8,7 @@ Outputs in `output_dir`: `metrics.csv` (one row per utterance and system), `summ
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import logging
 import math
@@ -19,10 +20,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from evaluation.metrics import HIGHER_IS_BETTER, PitchTrack, align, all_metrics, log_mel, pitch_track
+from evaluation.metrics import HIGHER_IS_BETTER, PitchTrack, align, all_metrics, log_mel, missing_packages, pitch_track
 from processors.audio import AudioError, list_audio, load_audio, resample
 from utils.config import REPO_ROOT, load_config
-from utils.io import atomic_write_bytes, atomic_write_text, save_json
+from utils.io import atomic_write_bytes, atomic_write_text, load_json, save_json
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = REPO_ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"
@@ -53,8 +55,8 @@ def match_files(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike) -> tupl
     pairs = [(name, refs[name], preds[name]) for name in sorted(refs.keys() & preds.keys())]
     missing = {"pred": sorted(refs.keys() - preds.keys()), "ref": sorted(preds.keys() - refs.keys())}
     if not pairs:
-        raise EvaluationError(f"no file names in common between {ref_dir} ({len(refs)} audio files) "
-                              f"and {pred_dir} ({len(preds)} audio files)")
+        raise EvaluationError(f"no file names in common between {ref_dir} ({plural(len(refs), 'audio file')}) "
+                              f"and {pred_dir} ({plural(len(preds), 'audio file')})")
     return pairs, missing
 
 
@@ -143,8 +145,21 @@ def format_table(columns: dict[str, dict[str, float | None]], count: int) -> str
         cells = (columns[n].get(metric) for n in names)
         row = "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in cells)
         lines.append(f"{metric:<15}{'higher' if higher else 'lower':<8}{row}")
-    lines.append(f"({count} utterances; '-': disabled or undefined)")
+    lines.append(f"({plural(count, 'utterance')}; '-': disabled or undefined)")
+    missing = missing_packages()
+    if missing:
+        lines.append(f"disabled: {', '.join(missing)}, as {', '.join(missing.values())} "
+                     f"{'is' if len(missing) == 1 else 'are'} not installed (pip install {' '.join(missing.values())})")
     return "\n".join(lines)
+
+
+def summary_table(path: str | os.PathLike) -> str:
+    """The table of a finished evaluation (its summary.json): the model and, when scored, the baseline."""
+    summary = load_json(path)
+    columns = {"model": summary["means"]}
+    if "baseline" in summary:
+        columns[summary["baseline"]["method"]] = summary["baseline"]["means"]
+    return format_table(columns, summary["count"])
 
 
 def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, output_dir: str | os.PathLike,
@@ -160,10 +175,17 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
     if baseline is not None and baseline not in BASELINES:
         raise EvaluationError(f"unknown baseline '{baseline}' (choose from {', '.join(BASELINES)})")
     pre = pre if pre is not None else load_config(DEFAULT_CONFIG).preprocess
+    if plot:
+        try:
+            importlib.import_module("matplotlib.figure")
+        except ImportError as err:
+            raise EvaluationError("--plot needs matplotlib, which is not installed: pip install matplotlib, "
+                                  "or leave out --plot") from err
     pairs, missing = match_files(ref_dir, pred_dir)
     for side, names in missing.items():
         if names:
-            log.warning("%d file(s) have no partner in the %s folder: %s", len(names), side, ", ".join(names[:10]))
+            log.warning("%s no partner in the %s folder: %s", plural(len(names), "file has", "files have"), side,
+                        ", ".join(names[:10]))
     output_dir = Path(output_dir)
     plot_dir = output_dir / "plots" if plot else None
     systems = ["pred", *([baseline] if baseline else [])]
@@ -180,7 +202,7 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
             continue
         rows += [{"name": name, "system": system, **scores[system]} for system in systems]
     if not rows:
-        raise EvaluationError(f"none of the {len(pairs)} matched utterances could be scored")
+        raise EvaluationError(f"none of the {plural(len(pairs), 'matched utterance')} could be scored")
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["name", "system", *HIGHER_IS_BETTER], lineterminator="\n")

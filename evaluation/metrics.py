@@ -9,6 +9,7 @@ Callers align the signals first with `align`.
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from functools import cache
@@ -28,6 +29,7 @@ MCD_ORDER = 24  # cepstral coefficients 1..24 (c0, the energy, is left out as us
 MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
 SI_SNR_CAP_DB = 100.0
 PITCH_KEYS = ("f0_rmse_cents", "vuv_f1", "periodicity")
+OPTIONAL_PACKAGES = {"pesq": "pesq", "stoi": "pystoi"}  # metric -> the package it needs
 
 # Metric name -> True when higher is better; the order the CSV and table use.
 HIGHER_IS_BETTER = {
@@ -53,6 +55,17 @@ def _silent(ref: np.ndarray) -> bool:
     return False
 
 
+def missing_packages() -> dict[str, str]:
+    """Metric -> its optional package, for the packages that cannot be imported (those metrics show as None)."""
+    missing = {}
+    for metric, package in OPTIONAL_PACKAGES.items():
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing[metric] = package
+    return missing
+
+
 @cache
 def _optional(module: str) -> Any:
     """Import an optional metric package once; warn once when it is missing."""
@@ -75,7 +88,7 @@ def align(ref: Any, pred: Any, hop: int) -> tuple[np.ndarray, np.ndarray]:
 
 def pesq_wb(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None:
     """Wide-band PESQ (MOS-LQO, about 1.0-4.64) at 16 kHz."""
-    module = _optional("pesq")
+    module = _optional(OPTIONAL_PACKAGES["pesq"])
     if module is None:
         return None
     if _silent(ref):
@@ -89,7 +102,7 @@ def pesq_wb(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None
 
 def stoi(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None:
     """Short-time objective intelligibility (0-1); pystoi resamples to 10 kHz itself."""
-    module = _optional("pystoi")
+    module = _optional(OPTIONAL_PACKAGES["stoi"])
     if module is None:
         return None
     if _silent(ref):

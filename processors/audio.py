@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 
 from utils.io import regular_file_size
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) 
         audio = audio * (0.999 / peak)
     audio = resample(audio, rate, sample_rate)
     if len(audio) < min_samples:
-        raise AudioError(f"{path}: too short ({len(audio)} samples at {sample_rate} Hz, need {min_samples})")
+        raise AudioError(f"{path}: too short ({plural(len(audio), 'sample')} at {sample_rate} Hz, need {min_samples})")
     overshoot = float(np.abs(audio).max())
     if overshoot > 1.0:  # resampling a near-full-scale file can ring slightly past 1.0
         audio = audio / overshoot

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.text import plural
+
 LOG_FLOOR = 1e-5
 
 
@@ -45,7 +47,7 @@ def mel_spectrogram(audio: np.ndarray | torch.Tensor, pre: Any) -> torch.Tensor:
     num_samples = x.shape[-1]
     pad = (n_fft - hop) // 2
     if num_samples <= pad:
-        raise ValueError(f"audio of {x.shape[-1]} samples is too short for a mel frame (needs > {pad})")
+        raise ValueError(f"audio of {plural(x.shape[-1], 'sample')} is too short for a mel frame (needs > {pad})")
     x = torch.nn.functional.pad(x.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
     spec = torch.stft(
         x, n_fft, hop_length=hop, win_length=win, window=_window(win).to(x.device),

@@ -24,6 +24,7 @@ from processors.fingerprint import changes, corpus_fingerprint, read_fingerprint
 from processors.mel import mel_spectrogram, min_samples
 from utils.config import check_dataset_paths
 from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy, unique_names
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 AUGMENTATION_SUFFIXES = ("_equalizer", "_formant_shift", "_pitch_shift", "_time_stretch")
@@ -202,7 +203,7 @@ def check_disk_space(pre: Any, todo: list[dict]) -> None:
     free = shutil.disk_usage(folder).free
     if need * 1.05 > free:
         raise OSError(
-            f"{folder}: not enough free disk space for the features of {len(todo)} utterances: "
+            f"{folder}: not enough free disk space for the features of {plural(len(todo), 'utterance')}: "
             f"need about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
         )
     log.info("features need about %.1f MiB; %.1f MiB free in %s", need / 2**20, free / 2**20, folder)
@@ -222,8 +223,9 @@ def preprocess(cfg: Any, num_workers: int | None = None) -> None:
             write_speaker_tables(cfg, dataset, train, test)
             done, skipped = extract_features(cfg, dataset, train + test, pool, left)
             log.info(
-                "%s: %d train / %d test utterances; features: %d done, %d skipped; %d files left out by the parser; %.1f s",
-                dataset, len(train), len(test), done, len(skipped), len(left), time.time() - start,
+                "%s: %d train / %s; features: %d done, %d skipped; %s left out by the parser; %.1f s",
+                dataset, len(train), plural(len(test), "test utterance"), done, len(skipped),
+                plural(len(left), "file"), time.time() - start,
             )
             if skipped and len(skipped) == len(train + test):
                 raise ValueError(f"{dataset}: every one of its {len(skipped)} utterances was skipped; reasons in "

@@ -17,8 +17,8 @@ from utils.synthetic import synthetic_voice
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "egs/vocoder/diffusion/diffwave/demo/demo_config.json"
 RUN_SH = REPO / "egs/vocoder/diffusion/diffwave/run.sh"
-RATE, HOP, N_MEL = 24000, 256, 100  # the demo config's settings
-MIN_SAMPLES = max(HOP, (1024 - HOP) // 2 + 1)
+RATE, HOP, N_MEL, N_FFT = 8000, 64, 40, 256  # the demo config's settings
+MIN_SAMPLES = max(HOP, (N_FFT - HOP) // 2 + 1)
 
 
 class Payload:

@@ -206,3 +206,16 @@ def test_rerun_after_deleting_one_feature_redoes_only_that_file(roots, tmp_path)
     changed = {k for k in after if k.endswith(".npy") and after[k] != before.get(k)}
     assert victim.is_file()
     assert changed == {os.path.join("mels", "421_0040.npy"), os.path.join("audios", "421_0040.npy")}
+
+
+def test_custom_folder_uids_do_not_repeat_the_speaker(tmp_path):
+    import soundfile as sf
+
+    names = ["spk1/spk1_007.wav", "spk1/008.wav", "spk10/spk1_009.wav", "solo.wav"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(tmp_path / name, tone(0.2, 16000), 16000)
+    train, test = get_parser("mine", ["mine"])(tmp_path, "mine", tmp_path)
+    entries = train + test
+    assert sorted(e["Uid"] for e in entries) == ["solo", "spk10_spk1_009", "spk1_007", "spk1_008"]
+    assert {e["Uid"]: e["Singer"] for e in entries}["spk1_007"] == "spk1"

@@ -19,7 +19,7 @@ from scipy.signal import lfilter
 
 from bins.vocoder.evaluate import main
 from evaluation import metrics
-from evaluation.evaluate import griffin_lim
+from evaluation.evaluate import format_table, griffin_lim, summary_table
 from processors.audio import resample
 
 SR = 16000
@@ -159,6 +159,27 @@ def test_cli_writes_csv_json_and_plots(tmp_path, voice, capsys):
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["a.png", "b.png", "silent.png"]
     table = capsys.readouterr().out
     assert "griffinlim" in table and "pesq" in table
+    header = summary_table(out / "summary.json").splitlines()[0].split()
+    assert header == ["metric", "better", "model", "griffinlim"]
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, voice, capsys, monkeypatch):
+    gt, pred = write_pair_folders(tmp_path, voice)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["--ref_dir", str(gt), "--pred_dir", str(pred), "--output_dir", str(tmp_path / "eval"), "--plot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evaluate: error: --plot needs matplotlib") and "\n" not in err
+    assert not (tmp_path / "eval").exists()  # refused before any scoring
+
+
+def test_table_says_why_pesq_and_stoi_are_missing(monkeypatch):
+    means = {"pred": {m: None if m in ("pesq", "stoi") else 1.0 for m in metrics.HIGHER_IS_BETTER}}
+    assert "not installed" not in format_table(means, 1)
+    monkeypatch.setitem(sys.modules, "pesq", None)
+    monkeypatch.setitem(sys.modules, "pystoi", None)
+    table = format_table(means, 1)
+    assert "(1 utterance;" in table
+    assert table.splitlines()[-1] == "disabled: pesq, stoi, as pesq, pystoi are not installed (pip install pesq pystoi)"
 
 
 def test_cli_no_matching_files_exits_2(tmp_path, voice, capsys):

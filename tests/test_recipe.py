@@ -90,21 +90,37 @@ def test_all_three_inference_modes(trained, tmp_path):
     assert rate == 8000 and len(pred) == (8000 // 64) * 64
 
 
-def test_trained_model_vocodes_far_better_than_untrained(trained):
-    _, _, expt = trained
+def trained_model_and_audio(expt: Path) -> tuple:
+    """The config, the EMA weights of the newest checkpoint, and six utterances with their mels."""
     cfg = experiment_config(expt)
+    truths = [np.load(p) for p in sorted((Path(cfg.preprocess.processed_dir) / "toy" / "audios").glob("*.npy"))[:6]]
+    model = build_diffwave(cfg)
+    model.load_state_dict(load_weights(list_checkpoints(expt / "checkpoint")[-1] / "ema.safetensors"))
+    return cfg, model, truths, [mel_spectrogram(t, cfg.preprocess) for t in truths]
+
+
+def test_trained_model_vocodes_far_better_than_untrained(trained):
+    cfg, trained_model, truths, mels = trained_model_and_audio(trained[2])
     pre = cfg.preprocess
-    truths = [np.load(p) for p in sorted((Path(pre.processed_dir) / "toy" / "audios").glob("*.npy"))[:6]]
-    mels = [mel_spectrogram(t, pre) for t in truths]
     names = [f"u{i}" for i in range(len(mels))]
-    trained_model = build_diffwave(cfg)
-    trained_model.load_state_dict(load_weights(list_checkpoints(expt / "checkpoint")[-1] / "ema.safetensors"))
     torch.manual_seed(0)
     scores = {}
     for label, model in (("trained", trained_model), ("untrained", build_diffwave(cfg))):
         preds = Vocoder(cfg, model, batch_size=6)(mels, names)
         scores[label] = np.mean([log_mel_l1(p, t[: len(p)], pre) for p, t in zip(preds, truths, strict=False)])
     assert scores["trained"] <= 0.5 * scores["untrained"], scores
+
+
+def test_ddim_on_the_trained_model_does_not_pile_up_at_full_scale(trained):
+    cfg, model, truths, mels = trained_model_and_audio(trained[2])
+    names = [f"u{i}" for i in range(len(mels))]
+    for steps in (6, 10):
+        preds = Vocoder(cfg, model, sampler="ddim", steps=steps, batch_size=6)(mels, names)
+        at_full_scale = sum(int((np.abs(p) >= 0.999).sum()) for p in preds)
+        assert at_full_scale == 0, f"ddim {steps} steps: {at_full_scale} samples at full scale"
+        mel_l1 = np.mean([log_mel_l1(p, t[: len(p)], cfg.preprocess) for p, t in zip(preds, truths, strict=False)])
+        # measured: about 1.08 with the sample clamped per step; 1.58 with x0 clamped (27 samples at full scale)
+        assert mel_l1 < 1.35, mel_l1
 
 
 def test_resume_continues_and_finetune_starts_at_zero_with_loaded_weights(trained, tmp_path):
@@ -114,6 +130,15 @@ def test_resume_continues_and_finetune_starts_at_zero_with_loaded_weights(traine
                "--checkpoint", str(expt / "checkpoint"), "--max_steps", "406")
     after = read_state(list_checkpoints(expt / "checkpoint")[-1])
     assert before["step"] == 400 and after["step"] == 406 and after["epoch"] >= before["epoch"] + 1
+
+    # Without --config a resume reads the experiment's args.json, which now says max_steps 406: a no-op is refused.
+    again = ("--stage", "2", "--name", "toy", "--resume_type", "resume", "--checkpoint", str(expt / "checkpoint"))
+    refused = run_recipe(*again, check=False)
+    assert refused.returncode != 0
+    assert "already at step 406 of max_steps 406; raise --max_steps to continue" in refused.stderr
+    run_recipe(*again, "--max_steps", "408")
+    assert read_state(list_checkpoints(expt / "checkpoint")[-1])["step"] == 408
+    assert json.loads((expt / "args.json").read_text())["train"]["max_steps"] == 408
 
     source = list_checkpoints(expt / "checkpoint")[-1]
     frozen = tiny_config(root, adamw={"lr": 1e-12}, ema_decay=0.0)
@@ -130,7 +155,7 @@ def test_two_processes_train_and_save_one_checkpoint(trained):
     config = tiny_config(root, save_checkpoint_stride=[1000])
     result = run_recipe("--stage", "2", "--config", str(config), "--name", "ddp", "--gpu", "0,1",
                         "--main_process_port", "29641", "--max_steps", "3")
-    assert "2 process(es)" in result.stderr
+    assert "2 processes" in result.stderr
     checkpoints = list_checkpoints(root / "ckpts" / "ddp" / "checkpoint")
     assert len(checkpoints) == 1 and read_state(checkpoints[0])["num_processes"] == 2
 

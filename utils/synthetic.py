@@ -24,7 +24,7 @@ def synthetic_voice(seconds: float, sample_rate: int, seed: int) -> np.ndarray:
 
 def write_corpus(root: str | os.PathLike, speakers: int = 2, per_speaker: int = 10, sample_rate: int = 24000,
                  seconds: tuple[float, float] = (0.6, 1.4), seed: int = 0) -> Path:
-    """A folder corpus `<root>/<speaker>/<speaker>_<n>.wav` of synthetic voices."""
+    """A folder corpus `<root>/<speaker>/<speaker>_<n>.wav` of synthetic voices (stage 1 Uids: `<speaker>_<n>`)."""
     import soundfile as sf
 
     root = Path(root)

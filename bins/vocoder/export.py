@@ -7,6 +7,7 @@ from models.vocoders.diffusion.export import FORMATS, compare, export_onnx, expo
 from processors.mel import mel_spectrogram
 from utils.cli import add_common_args, run
 from utils.synthetic import synthetic_voice
+from utils.text import plural
 
 
 def main(args: argparse.Namespace) -> None:
@@ -21,7 +22,7 @@ def main(args: argparse.Namespace) -> None:
     else:
         export_onnx(vocoder, args.output)
     plan = vocoder.plan
-    print(f"{args.format} written to {args.output}: {plan.kind} sampler, {plan.steps} steps")
+    print(f"{args.format} written to {args.output}: {plan.kind} sampler, {plural(plan.steps, 'step')}")
     if args.verify:
         pre = vocoder.cfg.preprocess
         mel = mel_spectrogram(synthetic_voice(args.verify, int(pre.sample_rate), seed=0), pre)

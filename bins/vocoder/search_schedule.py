@@ -5,6 +5,7 @@ import argparse
 from models.vocoders.diffusion.diffusion_vocoder_inference import experiment_config, load_model
 from models.vocoders.diffusion.schedule_search import save_schedule, search_schedule
 from utils.cli import add_common_args, run
+from utils.text import plural
 
 
 def main(args: argparse.Namespace) -> None:
@@ -14,7 +15,8 @@ def main(args: argparse.Namespace) -> None:
     path = save_schedule(args.expt_dir, result)
     rows = [("searched", result["scores"], result["check"]["searched"])]
     rows += [(name, result["reference"][name], result["check"][name]) for name in ("fast", "full")]
-    print(f"{len(result['utterances'])} utterances of <= {args.seconds:g} s, {result['evaluations']} schedules scored; "
+    print(f"{plural(len(result['utterances']), 'utterance')} of <= {args.seconds:g} s, "
+          f"{plural(result['evaluations'], 'schedule')} scored; "
           f"score = mel_l1 + mstft (seed {args.seed}; check: seed {result['check']['seed']})")
     print(f"{'schedule':<10} {'steps':>5} {'mel_l1':>8} {'mstft':>8} {'score':>8} {'check':>8}")
     for name, s, c in rows:

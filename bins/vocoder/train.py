@@ -1,14 +1,30 @@
 """Stage 2: train DiffWave with DDPM through accelerate (one or many processes)."""
 
 import argparse
+import logging
+from typing import Any
 
+from models.vocoders.diffusion.diffusion_vocoder_inference import experiment_config
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
+from utils.checkpoint import resolve_checkpoint
 from utils.cli import add_common_args, run
-from utils.config import load_config, validate
+from utils.config import ConfigError, load_config, validate
+
+log = logging.getLogger(__name__)
+
+
+def saved_config(args: argparse.Namespace) -> Any:
+    """A resume without --config goes on with the experiment's own config: args.json beside its checkpoint/ folder."""
+    if args.resume_type != "resume" or not args.checkpoint:
+        raise ConfigError("--config is required; only a resume with --checkpoint may leave it out "
+                          "(it then reads the experiment's args.json)")
+    expt_dir = resolve_checkpoint(args.checkpoint).parent.parent
+    log.info("resuming with the experiment's own config %s", expt_dir / "args.json")
+    return experiment_config(expt_dir)
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config) if args.config else saved_config(args)
     validate(cfg, "train")
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
@@ -17,7 +33,7 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    add_common_args(parser)
+    add_common_args(parser, config_required=False)
     parser.add_argument("--exp_name", required=True, help="experiment name: output goes to <log_dir>/<exp_name>")
     parser.add_argument("--resume_type", choices=["resume", "finetune"], default=None)
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder, or an experiment's checkpoint/ folder")

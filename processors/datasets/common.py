@@ -9,6 +9,7 @@ from pathlib import Path
 
 from processors.audio import AUDIO_EXTENSIONS, audio_duration
 from processors.datasets import DatasetError, Entry
+from utils.text import plural
 
 
 def entry(dataset: str, uid: str, path: str | os.PathLike, singer: str, **extra: str) -> Entry:
@@ -23,7 +24,7 @@ def require_found(entries: list[Entry], root: Path, layout: str) -> list[Entry]:
         raise DatasetError(f"{root}: no utterances found; expected {layout}")
     clashes = [uid for uid, n in Counter(e["Uid"] for e in entries).items() if n > 1]
     if clashes:
-        raise DatasetError(f"{root}: {len(clashes)} Uids name several files (e.g. '{clashes[0]}')")
+        raise DatasetError(f"{root}: {plural(len(clashes), 'Uid names', 'Uids name')} several files (e.g. '{clashes[0]}')")
     return entries
 
 

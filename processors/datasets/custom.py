@@ -1,7 +1,8 @@
 """Any folder of audio (wav/flac/ogg/...), at any depth.
 
-Uid = the path below the root with separators turned into `_` (through the one naming rule, so
-`a.wav` beside `a.flac`, or `sub/b.wav` beside `sub_b.wav`, get distinct Uids); speaker = the first folder
+Uid = the path below the root with separators turned into `_`, without repeating the speaker
+folder when the file name starts with it (`spk1/spk1_007.wav` -> `spk1_007`), through the one
+naming rule (so `a.wav` beside `a.flac`, or `sub/b.wav` beside `sub_b.wav`, get distinct Uids); speaker = the first folder
 below the root (or the dataset name for files at the top). Every 20th utterance, at least
 one, is test, so small custom sets still validate.
 """
@@ -16,7 +17,14 @@ from utils.io import unique_names
 
 
 def _uid(relative: Path) -> str:
-    return "_".join(relative.with_suffix("").parts)
+    """The path's parts joined by `_`, leaving out the speaker folder when the file name already starts with it.
+
+    `spk1/spk1_007.wav` gives `spk1_007` (not `spk1_spk1_007`); `spk1/007.wav` gives `spk1_007`.
+    """
+    parts = relative.with_suffix("").parts
+    if len(parts) > 1 and parts[-1].startswith(f"{parts[0]}_"):
+        parts = parts[1:]
+    return "_".join(parts)
 
 
 def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -139,9 +139,11 @@ def sample(
             eps = denoise(x, torch.full((batch,), float(t), device=device))
             a = float(cum[t])
             a_prev = float(cum[order[i + 1]]) if i + 1 < len(order) else 1.0
-            x0 = ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1.0, 1.0)
-            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-        return x.clamp(-1.0, 1.0)
+            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+            # Clamp the sample after each step, as the DDPM path does. Clamping x0 instead pins every
+            # overshooting estimate at exactly +-1, and the deterministic walk keeps it there: clicks.
+            x = (math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps).clamp(-1.0, 1.0)
+        return x
     betas, cum = plan.betas, alpha_cum(plan.betas)
     positions = plan.positions.to(device)
     for n in range(plan.steps - 1, -1, -1):

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from processors.preprocess import feature_paths
 from utils.io import load_json, load_npy
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def load_entries(cfg: Any, split: str, datasets: list[str] | None = None) -> lis
             else:
                 missing += 1
     if missing:
-        log.warning("%s split: %d utterances have no features (skipped in stage 1?) and are left out", split, missing)
+        log.warning("%s split: %s without features (skipped in stage 1?) left out", split, plural(missing, "utterance"))
     return entries
 
 

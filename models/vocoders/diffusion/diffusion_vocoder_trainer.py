@@ -44,6 +44,7 @@ from utils.checkpoint import (
     training_state_file,
 )
 from utils.config import ConfigError, save_config
+from utils.text import plural
 from utils.threads import fair_threads
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class DiffusionVocoderTrainer:
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if resume_type == "resume":
             self._resume(checkpoint or self.ckpt_dir)
+            self._refuse_no_op()
 
         self._build_data()
         self.policy = CheckpointPolicy(tcfg, self.ckpt_dir)
@@ -172,10 +174,11 @@ class DiffusionVocoderTrainer:
         state = acc.state
         where = f" (rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})" if acc.num_processes > 1 else ""
         machines = int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        log.info("accelerate: %s on %s, %d process(es) on %d machine(s)%s; %d torch threads per process (OMP_NUM_THREADS=%s, "
-                 "OMP_WAIT_POLICY=%s%s)", state.distributed_type.value, acc.device, acc.num_processes, machines, where,
-                 torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"),
-                 os.environ.get("OMP_WAIT_POLICY", "unset"), "; follows the load average" if self.adapt_threads else "")
+        log.info("accelerate: %s on %s, %s on %s%s; %s per process (OMP_NUM_THREADS=%s, OMP_WAIT_POLICY=%s%s)",
+                 state.distributed_type.value, acc.device, plural(acc.num_processes, "process", "processes"),
+                 plural(machines, "machine"), where, plural(torch.get_num_threads(), "torch thread"),
+                 os.environ.get("OMP_NUM_THREADS", "unset"), os.environ.get("OMP_WAIT_POLICY", "unset"),
+                 "; follows the load average" if self.adapt_threads else "")
         log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, torch.compile %s, TF32 %s", precision,
                  self.accum, self.cfg.train.get("max_grad_norm", 0) or "off", self.compiled,
                  torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else "n/a (CPU)")
@@ -199,8 +202,9 @@ class DiffusionVocoderTrainer:
             len(self.valid_entries), batch, self.seed, acc.process_index, acc.num_processes, shuffle=False, drop_last=False
         )
         self.valid_loader = self._loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1))
-        log.info("data: %d train / %d valid utterances, %d batches of %d per process per epoch, %d persistent loader workers",
-                 len(train_entries), len(self.valid_entries), len(self.train_sampler), batch, workers)
+        log.info("data: %d train / %s, %s of %d per process per epoch, %s", len(train_entries),
+                 plural(len(self.valid_entries), "valid utterance"), plural(len(self.train_sampler), "batch", "batches"),
+                 batch, plural(workers, "persistent loader worker"))
 
     @staticmethod
     def _loader(dataset: CropDataset, sampler: EpochBatchSampler, workers: int) -> DataLoader:
@@ -261,6 +265,14 @@ class DiffusionVocoderTrainer:
         else:
             log.warning("%s: no RNG state for process %d; the noise differs from the original run",
                         folder, self.accelerator.process_index)
+
+    def _refuse_no_op(self) -> None:
+        """A resume that is already at its bound would train nothing: say so instead of exiting 0 silently."""
+        max_steps, max_epoch = int(self.cfg.train.get("max_steps", 0) or 0), int(self.cfg.train.get("max_epoch", -1))
+        if max_steps and self.step >= max_steps:
+            raise ValueError(f"already at step {self.step} of max_steps {max_steps}; raise --max_steps to continue")
+        if 0 <= max_epoch <= self.epoch:
+            raise ValueError(f"already at epoch {self.epoch} of max_epoch {max_epoch}; raise train.max_epoch to continue")
 
     # ----- training --------------------------------------------------------------
     def _loss(self, model: torch.nn.Module, mel: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
@@ -424,10 +436,10 @@ class DiffusionVocoderTrainer:
             mean_loss = float(np.mean(losses)) if losses else float("nan")
             self._log({"valid/loss": valid_loss, "train/epoch_loss": mean_loss})
             log.info("epoch %d%s: step %d, train loss %.5f, valid loss %.5f, lr %.3g, %.2f steps/s, %.1f audio s/s, "
-                     "%d skipped steps, %.1f s", self.epoch if finished_epoch else self.epoch + 1,
+                     "%s skipped, %.1f s", self.epoch if finished_epoch else self.epoch + 1,
                      "" if finished_epoch else " (stopped mid-epoch)", self.step, mean_loss, valid_loss,
                      self.optimizer.param_groups[0]["lr"], epoch_steps / max(seconds, 1e-9),
-                     epoch_audio / max(seconds, 1e-9), self.skipped_steps, seconds)
+                     epoch_audio / max(seconds, 1e-9), plural(self.skipped_steps, "step"), seconds)
             stop = bool(max_steps and self.step >= max_steps) or (max_epoch >= 0 and self.epoch >= max_epoch)
             kinds = pending + (self.policy.due_by_epoch(self.epoch) if finished_epoch else [])
             if kinds or stop:

@@ -15,12 +15,19 @@ from processors.preprocess import feature_paths
 from utils.io import load_npy
 
 log = logging.getLogger(__name__)
+MEL_IMAGE_MIN = (320, 640)  # pixels (height, width) of the mel images in TensorBoard, at least
 
 
-def mel_image(mel: np.ndarray) -> np.ndarray:
-    """A (1, n_mel, frames) image in [0, 1], low frequencies at the bottom."""
+def mel_image(mel: np.ndarray, min_size: tuple[int, int] = MEL_IMAGE_MIN) -> np.ndarray:
+    """A (1, height, width) image in [0, 1], low frequencies at the bottom.
+
+    TensorBoard shows an image at its own pixel size, so each bin and frame is repeated until the
+    image is at least `min_size` (height, width): a 40 x 125 mel would otherwise be a thumbnail.
+    """
     low, high = float(mel.min()), float(mel.max())
-    return ((mel - low) / max(high - low, 1e-6))[::-1][None].copy()
+    image = ((mel - low) / max(high - low, 1e-6))[::-1]
+    rows, cols = -(-min_size[0] // image.shape[0]), -(-min_size[1] // max(image.shape[1], 1))
+    return np.repeat(np.repeat(image, rows, axis=0), cols, axis=1)[None].copy()
 
 
 class EvalLogger:

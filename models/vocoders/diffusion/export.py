@@ -98,16 +98,16 @@ class ScriptedSynthesis(nn.Module):
         for i in range(len(self.positions)):
             step = torch.full([batch], self.positions[i], dtype=torch.float32, device=mel.device)
             eps = self.denoiser(x, step, mel)
-            if self.ddim:
-                x0 = ((x - self.scale_a[i] * eps) / self.scale_b[i]).clamp(-1.0, 1.0)
+            if self.ddim:  # the sample is clamped after each step on both paths, as in ddpm.sample
+                x0 = (x - self.scale_a[i] * eps) / self.scale_b[i]
                 x = self.scale_c[i] * x0 + self.scale_d[i] * eps
             else:
                 x = (x - self.scale_a[i] * eps) / self.scale_b[i]
                 if i + 1 < len(self.positions):
                     x = x + self.scale_c[i] * noise[drawn]
                     drawn += 1
-                x = x.clamp(-1.0, 1.0)
-        return x.clamp(-1.0, 1.0)
+            x = x.clamp(-1.0, 1.0)
+        return x
 
 
 def export_torchscript(vocoder: Vocoder, path: str | os.PathLike) -> torch.jit.ScriptModule:

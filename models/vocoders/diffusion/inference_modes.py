@@ -21,6 +21,7 @@ from processors.mel import mel_spectrogram, min_samples
 from processors.mel_conventions import MelConverter
 from processors.preprocess import feature_paths
 from utils.io import atomic_write_text, load_npy, remove_stale_temps, safe_name, save_wav, unique_names
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 MODES = ("infer_from_dataset", "infer_from_feature", "infer_from_audio")
@@ -158,7 +159,7 @@ def run_inference(vocoder: Vocoder, mode: str, output_dir: str | Path, datasets:
         raise InputError(f"{mode}: nothing was vocoded, {len(skipped)} inputs skipped{where}")
     seconds = sum(m.shape[-1] for _, m, _ in items) * vocoder.hop / int(cfg.preprocess.sample_rate)
     elapsed = time.time() - start
-    log.info("%s: %d wavs written to %s, %d skipped; %.1f s of audio in %.1f s (RTF %.2f) with the %s sampler (%d steps)",
-             mode, written, out / "pred", len(skipped), seconds, elapsed, elapsed / max(seconds, 1e-9),
-             vocoder.plan.kind if vocoder.plan.kind == "ddim" else "ddpm", vocoder.plan.steps)
+    log.info("%s: %s written to %s, %d skipped; %.1f s of audio in %.1f s (RTF %.2f) with the %s sampler (%s)",
+             mode, plural(written, "wav"), out / "pred", len(skipped), seconds, elapsed, elapsed / max(seconds, 1e-9),
+             vocoder.plan.kind if vocoder.plan.kind == "ddim" else "ddpm", plural(vocoder.plan.steps, "step"))
     return written

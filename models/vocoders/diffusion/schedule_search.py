@@ -27,6 +27,7 @@ from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from processors.preprocess import feature_paths
 from utils.config import ConfigError
 from utils.io import load_json, load_npy, save_json
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 SCHEDULE_FILE = "searched_schedule.json"
@@ -116,7 +117,8 @@ def refine(score: ScheduleScorer, betas: list[float], rounds: int) -> list[float
                 if value < best_score:
                     best, best_score = candidate, value
                     break
-        log.info("refine round %d (x%.3f): score %.4f after %d evaluations", r + 1, factor, best_score, score.evaluations)
+        log.info("refine round %d (x%.3f): score %.4f after %s", r + 1, factor, best_score,
+                 plural(score.evaluations, "evaluation"))
     return best
 
 
@@ -135,7 +137,7 @@ def search_schedule(cfg: Any, model: torch.nn.Module, steps: int, utterances: in
     grid = coarse_grid(steps, default)
     ranked = sorted(tqdm(grid, desc=f"coarse {steps}-step grid", unit="schedule", dynamic_ncols=True),
                     key=lambda b: score(betas=b)["score"])
-    log.info("coarse grid: %d schedules, best score %.4f", len(grid), score(betas=ranked[0])["score"])
+    log.info("coarse grid: %s, best score %.4f", plural(len(grid), "schedule"), score(betas=ranked[0])["score"])
     best = refine(score, ranked[0], rounds)
     check = ScheduleScorer(cfg, model, items, seed + 1, device)
     return {

@@ -137,6 +137,7 @@ case "$infer_precision" in fp32|fp16|bf16) ;; *) die "--infer_precision must be 
 case "$infer_sampler" in ""|fast|full|ddim|searched) ;; *) die "--infer_sampler must be fast, full, ddim or searched, got '$infer_sampler'" ;; esac
 [ -f "$config" ] || die "config '$config' does not exist"
 cd "$work_dir"
+command -v python >/dev/null || die "no 'python' command: activate the environment install.sh made (source .venv/bin/activate)"
 export PYTHONPATH="$work_dir${PYTHONPATH:+:$PYTHONPATH}"
 # --gpu (default "0") picks the devices of every stage, over an inherited CUDA_VISIBLE_DEVICES.
 export CUDA_VISIBLE_DEVICES="$gpu"
@@ -151,8 +152,12 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # near what is in use, which stage 3's memory budget (inference.gpu_memory_gib) counts on.
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 
+# A resume with --checkpoint and no --config goes on with the experiment's own args.json (train.py reads it).
+saved_config=""
+if [ "$stage" = 2 ] && [ "$resume_type" = resume ] && [ -n "$checkpoint" ] && ! is_given --config; then saved_config=1; fi
+
 case "$stage" in
-  1|2) python bins/vocoder/check_config.py --config "$config" --log_level "$log_level" \
+  1|2) [ -n "$saved_config" ] || python bins/vocoder/check_config.py --config "$config" --log_level "$log_level" \
          --stage "$( [ "$stage" = 1 ] && echo preprocess || echo train )" ;;
 esac
 
@@ -189,7 +194,8 @@ try: s.bind(('', $main_process_port))
 except OSError: sys.exit(1)" 2>/dev/null; then
       die "--main_process_port $main_process_port is already in use; choose a free port"
     fi
-    train_args=(--config "$config" --exp_name "$name" --log_level "$log_level")
+    train_args=(--exp_name "$name" --log_level "$log_level")
+    [ -z "$saved_config" ] && train_args+=(--config "$config")
     [ -n "$resume_type" ] && train_args+=(--resume_type "$resume_type")
     [ -n "$checkpoint" ] && train_args+=(--checkpoint "$checkpoint")
     [ -n "$max_steps" ] && train_args+=(--max_steps "$max_steps")
