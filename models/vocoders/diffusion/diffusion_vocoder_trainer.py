@@ -233,8 +233,9 @@ class DiffusionVocoderTrainer:
         load_into(model, load_weights(folder), folder)
         for stem, target in (("optimizer", self.optimizer.optimizer), ("scheduler", self.scheduler)):
             path = training_state_file(folder, stem)
+            saved = safe_torch_load(path)  # a refused file is reported as refused, not as damaged
             try:
-                target.load_state_dict(safe_torch_load(path))
+                target.load_state_dict(saved)
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
                 raise CheckpointError(f"{path}: damaged or from another model ({first_line(err)})") from None
         if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
