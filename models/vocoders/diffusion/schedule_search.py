@@ -22,11 +22,10 @@ import torch
 from tqdm import tqdm
 
 from evaluation.metrics import mel_l1, mstft
-from models.vocoders.diffusion.diffusion_vocoder_dataset import load_entries
+from models.vocoders.diffusion.diffusion_vocoder_dataset import first_by_name, load_entries, load_items
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
-from processors.preprocess import feature_paths
 from utils.config import ConfigError
-from utils.io import load_json, load_npy, save_json
+from utils.io import load_json, save_json
 
 log = logging.getLogger(__name__)
 SCHEDULE_FILE = "searched_schedule.json"
@@ -40,17 +39,11 @@ POWERS = (0.6, 1.0, 1.6)
 def validation_utterances(cfg: Any, count: int, seconds: float) -> list[tuple[str, torch.Tensor, np.ndarray]]:
     """The first `count` validation utterances (sorted by name), cut to `seconds`: (name, mel, audio)."""
     pre = cfg.preprocess
-    hop, frames = int(pre.hop_size), max(1, int(seconds * int(pre.sample_rate) / int(pre.hop_size)))
-    entries = sorted(load_entries(cfg, "valid"), key=lambda e: (e["Dataset"], e["Uid"]))[:count]
+    frames = max(1, int(seconds * int(pre.sample_rate) / int(pre.hop_size)))
+    entries = first_by_name(load_entries(cfg, "valid"), count)
     if not entries:
         raise FileNotFoundError(f"{pre.processed_dir}: no validation utterances with features to search a schedule on")
-    items = []
-    for entry in entries:
-        mel_path, audio_path = feature_paths(pre.processed_dir, entry)
-        mel = load_npy(mel_path)[:, :frames]
-        items.append((f"{entry['Dataset']}_{entry['Uid']}", torch.from_numpy(np.ascontiguousarray(mel)),
-                      load_npy(audio_path)[: mel.shape[1] * hop]))
-    return items
+    return load_items(cfg, "valid", entries=entries, max_frames=frames)
 
 
 class ScheduleScorer:
