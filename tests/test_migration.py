@@ -26,10 +26,10 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
 from models.vocoders.diffusion.ddpm import make_plan
-from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, load_model
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
-from models.vocoders.diffusion.experiment import locate_experiment, with_recipe_config
+from models.vocoders.diffusion.experiment import Experiment, locate_experiment, with_recipe_config
 from processors.preprocess import preprocess
 from tests.recipe_helpers import REPO, RUN_SH, run_recipe
 from tests.tiny_experiment import make_experiment, tiny_cfg
@@ -126,8 +126,8 @@ def test_accelerate_folders_are_found_newest_complete_first(original):
 
 def test_stage3_loads_the_newest_or_the_named_original_checkpoint(original):
     _root, cfg, expt, weights = original
-    assert same(load_model(cfg, expt).state_dict(), weights[NEWEST])
-    assert same(load_model(cfg, expt, str(expt / "checkpoint" / OLDER)).state_dict(), weights[OLDER])
+    assert same(Experiment(expt).load_model(cfg).state_dict(), weights[NEWEST])
+    assert same(Experiment(expt).load_model(cfg, str(expt / "checkpoint" / OLDER)).state_dict(), weights[OLDER])
     assert locate_experiment(expt / "checkpoint" / OLDER) == (expt, str(expt / "checkpoint" / OLDER))
     assert locate_experiment(expt / "checkpoint") == (expt, str(expt / "checkpoint"))
     assert locate_experiment(expt) == (expt, None)

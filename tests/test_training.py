@@ -21,8 +21,8 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
-from models.vocoders.diffusion.diffusion_vocoder_inference import load_model
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
+from models.vocoders.diffusion.experiment import Experiment
 from processors.preprocess import preprocess
 from utils.checkpoint import CheckpointError, list_checkpoints
 from utils.config import ConfigError, load_config
@@ -229,9 +229,9 @@ def test_stage3_uses_ema_weights_by_default(corpus: Path, tmp_path: Path) -> Non
     last = newest(exp)
     ema, raw = load_file(str(last / "ema.safetensors")), load_file(str(last / "model.safetensors"))
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
-    default = load_model(load_config(exp / "args.json"), exp).state_dict()
+    default = Experiment(exp).load_model(load_config(exp / "args.json")).state_dict()
     assert all(torch.equal(default[k], ema[k]) for k in ema)
-    chosen = load_model(load_config(exp / "args.json"), exp, use_ema=False).state_dict()
+    chosen = Experiment(exp).load_model(load_config(exp / "args.json"), use_ema=False).state_dict()
     assert all(torch.equal(chosen[k], raw[k]) for k in raw)
 
 

@@ -6,8 +6,8 @@ typed; the short names (`--sampler`, ...) still work.
 
 import argparse
 
-from models.vocoders.diffusion.diffusion_vocoder_inference import experiment_config, vocoder_from_experiment
-from models.vocoders.diffusion.experiment import locate_experiment, with_recipe_config
+from models.vocoders.diffusion.diffusion_vocoder_inference import vocoder_from_experiment
+from models.vocoders.diffusion.experiment import Experiment, locate_experiment, with_recipe_config
 from models.vocoders.diffusion.inference_modes import MODES, run_inference
 from processors.mel_conventions import mel_converter
 from utils.cli import add_common_args, run
@@ -19,7 +19,8 @@ FIXED_STEPS = {"fast": "its steps are the config's model.diffwave.inference_nois
 
 def main(args: argparse.Namespace) -> None:
     expt_dir, checkpoint = locate_experiment(args.infer_expt_dir, args.checkpoint)
-    cfg = with_recipe_config(experiment_config(expt_dir), args.config)
+    experiment = Experiment(expt_dir)
+    cfg = with_recipe_config(experiment.config(), args.config)
     validate(cfg, "inference")
     sampler = args.sampler or cfg.get("inference", {}).get("sampler") or "fast"
     if args.steps is not None and sampler in FIXED_STEPS:
@@ -35,7 +36,7 @@ def main(args: argparse.Namespace) -> None:
     vocoder = vocoder_from_experiment(expt_dir, checkpoint, not args.raw_weights, cfg=cfg, **options)
     convert = None
     if args.infer_mode == "infer_from_feature":
-        convert = mel_converter(expt_dir, vocoder.cfg, args.mel_convention, args.mel_stats)
+        convert = mel_converter(experiment.read_contract(), vocoder.cfg, args.mel_convention, args.mel_stats)
     run_inference(vocoder, args.infer_mode, args.output_dir, args.infer_datasets, args.feature_folder, args.audio_folder,
                   convert)
 

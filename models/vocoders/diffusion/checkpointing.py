@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.vocoders.diffusion.experiment import RECORDS_FILE, Experiment
 from utils.checkpoint import (
     CHECKPOINT_PATTERN,
     CheckpointError,
     checkpoint_name,
     first_line,
-    list_checkpoints,
     remove_checkpoint,
     save_checkpoint,
 )
@@ -55,10 +55,10 @@ def set_rng_state(state: dict, source: str | Path = "RNG state") -> None:
 
 
 def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
-    """A new run never lands in an existing experiment: its args.json and checkpoints would mix with the old ones."""
+    """A new run never lands in an existing experiment: its config and checkpoints would mix with the old ones."""
     if resume_type == "resume" or not exp_dir.is_dir():
         return
-    if (exp_dir / "args.json").exists() or list_checkpoints(exp_dir / "checkpoint"):
+    if Experiment(exp_dir).has_run():
         raise ConfigError(f"{exp_dir}: an experiment of this name already exists; pass --resume_type resume to "
                           "continue it, or choose another --name")
 
@@ -78,7 +78,7 @@ class CheckpointPolicy:
         self.keep = self._per_stride(tcfg.get("keep_last", [-1]), -1)
         self.run_eval = self._per_stride(tcfg.get("run_eval", [True]), True)
         self.every_steps = int(tcfg.get("save_checkpoints_steps", 0) or 0)
-        self.records = self._read_records(root / "ckpts.json")
+        self.records = self._read_records(root / RECORDS_FILE)
 
     @staticmethod
     def _read_records(path: Path) -> list[dict]:
@@ -163,4 +163,4 @@ class CheckpointPolicy:
                 remove_checkpoint(folder)  # renamed first: never half-deleted under its name
         self.records = [r for r in self.records
                         if r["name"] in keep and (self.root / r["name"]).is_dir() and not (self.root / r["name"]).is_symlink()]
-        save_json(self.root / "ckpts.json", {"checkpoints": self.records, "latest": self.records[-1]["name"]})
+        save_json(self.root / RECORDS_FILE, {"checkpoints": self.records, "latest": self.records[-1]["name"]})

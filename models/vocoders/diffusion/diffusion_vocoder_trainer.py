@@ -30,7 +30,7 @@ from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, collate, load_entries
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
-from processors.mel_conventions import write_contract
+from models.vocoders.diffusion.experiment import Experiment
 from utils.checkpoint import (
     CheckpointError,
     first_line,
@@ -43,7 +43,7 @@ from utils.checkpoint import (
     safe_torch_load,
     training_state_file,
 )
-from utils.config import ConfigError, save_config
+from utils.config import ConfigError
 from utils.threads import fair_threads
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,8 @@ class DiffusionVocoderTrainer:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32", True))
             torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))
-        self.exp_dir = Path(cfg.log_dir) / name
-        self.ckpt_dir = self.exp_dir / "checkpoint"
+        self.experiment = Experiment(Path(cfg.log_dir) / name)
+        self.exp_dir, self.ckpt_dir = self.experiment.root, self.experiment.checkpoints
         refuse_to_mix_runs(self.exp_dir, resume_type)
         self.seed = int(tcfg.get("random_seed", 114514))
 
@@ -150,9 +150,7 @@ class DiffusionVocoderTrainer:
         if self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.exp_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.exp_dir / "args.json")
-            write_contract(cfg.preprocess, self.exp_dir)
+            self.experiment.write_setup(cfg)
             self.writer = SummaryWriter(str(self.exp_dir))
         self.eval_logger = EvalLogger(cfg, self.valid_entries, self.writer)
         self._log_setup(precision)
