@@ -185,7 +185,7 @@ def test_resume_continues_an_original_run_without_unpickling_its_rng(original, t
         run = trainer(tmp_path / "config.json", "old_exp", "resume", None)  # the newest of the experiment, as the original
     assert not marker.exists()
     assert "RNG stream restarts" in caplog.text
-    assert (run.epoch, run.step, run.batch_in_epoch) == (4, 120, 0)
+    assert (run.state.epoch, run.state.step, run.state.batch_in_epoch) == (4, 120, 0)
     assert same(run.accelerator.unwrap_model(run.model).state_dict(), weights[NEWEST])
     assert same(run.ema.shadow, weights[NEWEST])  # no EMA in the original: it starts from the loaded weights
     saved = torch.load(expt / "checkpoint" / NEWEST / "optimizer.bin", weights_only=True)
@@ -207,7 +207,7 @@ def test_finetune_accepts_an_original_experiment_or_folder(original, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     for i, (source, expected) in enumerate(((expt, NEWEST), (expt / "checkpoint" / OLDER, OLDER))):
         run = trainer(tmp_path / "config.json", f"ft{i}", "finetune", str(source))
-        assert run.step == 0 and same(run.accelerator.unwrap_model(run.model).state_dict(), weights[expected])
+        assert run.state.step == 0 and same(run.accelerator.unwrap_model(run.model).state_dict(), weights[expected])
     reset_accelerate()
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from models.vocoders.diffusion.experiment import RECORDS_FILE, Experiment
+from models.vocoders.diffusion.train_state import TrainState
 from utils.checkpoint import (
     CHECKPOINT_PATTERN,
     CheckpointError,
@@ -125,27 +126,19 @@ class CheckpointPolicy:
         index = kind[6:] if kind.startswith("stride") else ""
         return int(self.keep[int(index)]) if index.isdigit() and int(index) < len(self.keep) else -1
 
-    def save(self, trainer: Any, model: torch.nn.Module, loss: float, rng_states: list[dict], kinds: list[str]) -> Path:
-        files: dict[str, Any] = {
-            "model.safetensors": model.state_dict(),
-            "optimizer.pt": trainer.optimizer.optimizer.state_dict(),
-            "scheduler.pt": trainer.scheduler.state_dict(),
-        }
-        if trainer.ema is not None:
-            files["ema.safetensors"] = trainer.ema.shadow
-        if trainer.accelerator.scaler is not None:
-            files["scaler.pt"] = trainer.accelerator.scaler.state_dict()
-        for rank, state in enumerate(rng_states):
-            files[f"rng_{rank}.pt"] = state
-        state = {"epoch": trainer.epoch, "step": trainer.step, "batch_in_epoch": trainer.batch_in_epoch,
-                 "skipped_steps": trainer.skipped_steps, "loss": loss, "num_processes": len(rng_states)}
-        name = checkpoint_name(trainer.epoch, trainer.step, loss if np.isfinite(loss) else 0.0)
+    def save(self, train: TrainState, loss: float, rng_states: list[dict], kinds: list[str]) -> Path:
+        """The training state and every process's RNG state as a new checkpoint, then prune."""
+        files = train.state_dict()
+        for rank, rng in enumerate(rng_states):
+            files[f"rng_{rank}.pt"] = rng
+        state = {**train.counters(), "loss": loss, "num_processes": len(rng_states)}
+        name = checkpoint_name(train.epoch, train.step, loss if np.isfinite(loss) else 0.0)
         try:
             folder = save_checkpoint(self.root / name, files, state)
         except OSError as err:
             raise OSError(f"saving checkpoint {self.root / name} failed ({first_line(err)}); "
                           "earlier checkpoints are kept") from None
-        self.records = [r for r in self.records if r["name"] != name] + [{"name": name, "step": trainer.step, "kinds": kinds}]
+        self.records = [r for r in self.records if r["name"] != name] + [{"name": name, "step": train.step, "kinds": kinds}]
         self._prune()
         log.info("saved %s", folder)
         return folder

@@ -31,17 +31,12 @@ from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, Epo
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
 from models.vocoders.diffusion.experiment import Experiment
+from models.vocoders.diffusion.train_state import TrainState
 from utils.checkpoint import (
-    CheckpointError,
-    first_line,
     is_accelerate_folder,
     list_checkpoints,
-    load_into,
-    load_weights,
-    read_state,
     resolve_checkpoint,
     safe_torch_load,
-    training_state_file,
 )
 from utils.config import ConfigError
 from utils.threads import fair_threads
@@ -127,7 +122,7 @@ class DiffusionVocoderTrainer:
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, float(tcfg.exponential_lr.lr_decay))
         decay = float(tcfg.get("ema_decay", 0.0))
         self.ema = EMA(self.model, decay) if decay > 0 else None
-        self.epoch, self.step, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.ema, self.accelerator.scaler)
         fixed = int(tcfg.get("num_threads", 0) or 0)
         self.thread_ceiling = 0 if cuda else fixed or torch.get_num_threads()
         self.adapt_threads = not cuda and not fixed
@@ -213,40 +208,16 @@ class DiffusionVocoderTrainer:
         if not checkpoint:
             raise ConfigError("--resume_type finetune needs --checkpoint <checkpoint folder or weights file>")
         source = resolve_checkpoint(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint)
-        load_into(self.model, load_weights(source), source)
-        if self.ema is not None:
-            ema_file = source / "ema.safetensors" if source.is_dir() else None
-            if ema_file is not None and ema_file.is_file():
-                shadow = build_diffwave(self.cfg)
-                load_into(shadow, load_weights(ema_file), ema_file)  # the same clear error for a shape mismatch
-                self.ema.shadow = {k: v.detach().clone().float() for k, v in shadow.state_dict().items()}
-            else:
-                self.ema = EMA(self.model, self.ema.decay)
+        self.state.load_weights(source)
         log.info("finetuning from %s: weights%s loaded, optimizer and step start fresh", source,
                  " and EMA" if self.ema is not None else "")
 
     def _resume(self, checkpoint: str | Path) -> None:
         folder = resolve_checkpoint(checkpoint)
-        model = self.accelerator.unwrap_model(self.model)
-        load_into(model, load_weights(folder), folder)
-        for stem, target in (("optimizer", self.optimizer.optimizer), ("scheduler", self.scheduler)):
-            path = training_state_file(folder, stem)
-            saved = safe_torch_load(path)  # a refused file is reported as refused, not as damaged
-            try:
-                target.load_state_dict(saved)
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-                raise CheckpointError(f"{path}: damaged or from another model ({first_line(err)})") from None
-        if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
-            self.accelerator.scaler.load_state_dict(safe_torch_load(folder / "scaler.pt"))
-        if self.ema is not None:
-            ema_file = folder / "ema.safetensors"
-            self.ema.shadow = load_weights(ema_file) if ema_file.is_file() else EMA(model, self.ema.decay).shadow
-        state = read_state(folder)
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.batch_in_epoch, self.skipped_steps = state.get("batch_in_epoch", 0), state.get("skipped_steps", 0)
+        self.state.load_state_dict(folder)
         self._resume_rng(folder)
-        log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.step,
-                 self.batch_in_epoch)
+        log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, self.state.epoch,
+                 self.state.step, self.state.batch_in_epoch)
 
     def _resume_rng(self, folder: Path) -> None:
         if is_accelerate_folder(folder):
@@ -311,17 +282,17 @@ class DiffusionVocoderTrainer:
         if self.writer is not None:
             for tag, value in scalars.items():
                 if value is not None:
-                    self.writer.add_scalar(tag, value, self.step)
+                    self.writer.add_scalar(tag, value, self.state.step)
 
     def _save(self, loss: float, kinds: list[str]) -> None:
         acc = self.accelerator
         rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
-            self.policy.save(self, model, loss, rng_states, kinds)
+            self.policy.save(self.state, loss, rng_states, kinds)
             if self.policy.wants_eval(kinds) or "final" in kinds:
                 with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
-                    self.eval_logger.log(self._inference_weights(model), self.step)
+                    self.eval_logger.log(self._inference_weights(model), self.state.step)
         acc.wait_for_everyone()
 
     def _inference_weights(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -335,8 +306,8 @@ class DiffusionVocoderTrainer:
         kept = list_checkpoints(self.ckpt_dir)
         where = f"the last good checkpoint {kept[-1]} is kept" if kept else f"no checkpoint was saved yet in {self.ckpt_dir}"
         return FloatingPointError(
-            f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (at step {self.step}, epoch "
-            f"{self.epoch}): training stopped; {where}. Lower train.adamw.lr or set train.max_grad_norm"
+            f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (at step {self.state.step}, epoch "
+            f"{self.state.epoch}): training stopped; {where}. Lower train.adamw.lr or set train.max_grad_norm"
         )
 
     def train(self) -> None:
@@ -355,22 +326,22 @@ class DiffusionVocoderTrainer:
         rate = float(self.cfg.preprocess.sample_rate)
         bad_in_row = 0
         self.model.train()
-        while (max_epoch < 0 or self.epoch < max_epoch) and not (max_steps and self.step >= max_steps):
-            self.train_sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        while (max_epoch < 0 or self.state.epoch < max_epoch) and not (max_steps and self.state.step >= max_steps):
+            self.train_sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
             per_epoch = len(self.train_sampler)
-            bar = tqdm(total=per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch}", unit="batch",
+            bar = tqdm(total=per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {self.state.epoch}", unit="batch",
                        disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
             losses: list[float] = []
             pending: list[str] = []
             window_ok, window_audio, epoch_audio, epoch_steps = True, 0.0, 0.0, 0
             start = tick = time.perf_counter()
-            window_start = self.batch_in_epoch - self.batch_in_epoch % self.accum
+            window_start = self.state.batch_in_epoch - self.state.batch_in_epoch % self.accum
             for mel, audio in self.train_loader:
                 mel, audio = mel.to(acc.device, non_blocking=True), audio.to(acc.device, non_blocking=True)
                 window = min(self.accum, per_epoch - window_start)
-                sync = self.batch_in_epoch + 1 - window_start >= window
+                sync = self.state.batch_in_epoch + 1 - window_start >= window
                 loss = self.micro_step(mel, audio, window, sync)
-                self.batch_in_epoch += 1
+                self.state.batch_in_epoch += 1
                 window_ok = window_ok and math.isfinite(loss)
                 window_audio += audio.numel() * acc.num_processes / rate
                 if math.isfinite(loss):
@@ -381,53 +352,53 @@ class DiffusionVocoderTrainer:
                 stepped, grad_norm = self.optimizer_step(window_ok)
                 elapsed = max(time.perf_counter() - tick, 1e-9)
                 if stepped:
-                    self.step += 1
+                    self.state.step += 1
                     bad_in_row = 0
                     if self.ema is not None:
-                        self.ema.update(acc.unwrap_model(self.model), self.step)
+                        self.ema.update(acc.unwrap_model(self.model), self.state.step)
                 else:
-                    self.skipped_steps += 1
+                    self.state.skipped_steps += 1
                     bad_in_row += 1
                 self._log({
                     "train/loss": losses[-1] if stepped and losses else None, "train/grad_norm": grad_norm,
-                    "train/lr": self.optimizer.param_groups[0]["lr"], "train/skipped_steps": self.skipped_steps,
+                    "train/lr": self.optimizer.param_groups[0]["lr"], "train/skipped_steps": self.state.skipped_steps,
                     "train/steps_per_sec": 1 / elapsed, "train/audio_sec_per_sec": window_audio / elapsed,
                 })
                 epoch_audio, epoch_steps = epoch_audio + window_audio, epoch_steps + 1
-                bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", step=self.step,
+                bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", step=self.state.step,
                                 steps_s=f"{1 / elapsed:.2f}", audio_s_s=f"{window_audio / elapsed:.1f}")
-                window_ok, window_audio, window_start = True, 0.0, self.batch_in_epoch
+                window_ok, window_audio, window_start = True, 0.0, self.state.batch_in_epoch
                 if bad_in_row >= max_bad:
                     bar.close()
                     raise self._too_many_bad(bad_in_row)
-                kinds = self.policy.due_by_step(self.step) if stepped else []
-                stopping = bool(max_steps and self.step >= max_steps)
-                if kinds and not stopping and self.batch_in_epoch < per_epoch:
+                kinds = self.policy.due_by_step(self.state.step) if stepped else []
+                stopping = bool(max_steps and self.state.step >= max_steps)
+                if kinds and not stopping and self.state.batch_in_epoch < per_epoch:
                     self._save(losses[-1], kinds)
                 else:
                     pending += kinds  # saved once below, with the epoch's or the final checkpoint
                 tick = time.perf_counter()
                 if stopping:
                     break
-                if self.adapt_threads and self.step % THREAD_CHECK_STEPS == 0:
+                if self.adapt_threads and self.state.step % THREAD_CHECK_STEPS == 0:
                     self._share_cores()
             bar.close()
             seconds = time.perf_counter() - start
-            finished_epoch = self.batch_in_epoch >= per_epoch
+            finished_epoch = self.state.batch_in_epoch >= per_epoch
             if finished_epoch:
-                self.epoch += 1
-                self.batch_in_epoch = 0
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
                 self.scheduler.step()
             valid_loss = self.validate()
             mean_loss = float(np.mean(losses)) if losses else float("nan")
             self._log({"valid/loss": valid_loss, "train/epoch_loss": mean_loss})
             log.info("epoch %d%s: step %d, train loss %.5f, valid loss %.5f, lr %.3g, %.2f steps/s, %.1f audio s/s, "
-                     "%d skipped steps, %.1f s", self.epoch if finished_epoch else self.epoch + 1,
-                     "" if finished_epoch else " (stopped mid-epoch)", self.step, mean_loss, valid_loss,
+                     "%d skipped steps, %.1f s", self.state.epoch if finished_epoch else self.state.epoch + 1,
+                     "" if finished_epoch else " (stopped mid-epoch)", self.state.step, mean_loss, valid_loss,
                      self.optimizer.param_groups[0]["lr"], epoch_steps / max(seconds, 1e-9),
-                     epoch_audio / max(seconds, 1e-9), self.skipped_steps, seconds)
-            stop = bool(max_steps and self.step >= max_steps) or (max_epoch >= 0 and self.epoch >= max_epoch)
-            kinds = pending + (self.policy.due_by_epoch(self.epoch) if finished_epoch else [])
+                     epoch_audio / max(seconds, 1e-9), self.state.skipped_steps, seconds)
+            stop = bool(max_steps and self.state.step >= max_steps) or (max_epoch >= 0 and self.state.epoch >= max_epoch)
+            kinds = pending + (self.policy.due_by_epoch(self.state.epoch) if finished_epoch else [])
             if kinds or stop:
                 self._save(valid_loss, kinds + (["final"] if stop else []))
             if stop:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
+from models.vocoders.diffusion.train_state import weights_source
 from processors.mel_conventions import mel_contract
 from utils.checkpoint import CHECKPOINT_DIR, CHECKPOINT_PATTERN, list_checkpoints, load_into, load_weights, resolve_checkpoint
 from utils.config import ConfigError, load_config, merge, save_config, to_attrdict, to_plain
@@ -83,10 +84,8 @@ class Experiment:
 
     def load_model(self, cfg: Any, checkpoint: str | None = None, use_ema: bool = True) -> DiffWave:
         """The newest complete checkpoint (or `checkpoint`), EMA weights when present, in eval mode."""
-        folder = resolve_checkpoint(checkpoint or self.checkpoints)
+        source = weights_source(resolve_checkpoint(checkpoint or self.checkpoints), use_ema)
         model = build_diffwave(cfg)
-        ema = folder / "ema.safetensors"
-        source = ema if use_ema and ema.is_file() else folder
         load_into(model, load_weights(source), source)
         log.info("loaded %s", source)
         return model.eval()
