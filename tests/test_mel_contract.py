@@ -12,8 +12,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from models.vocoders.diffusion.ddpm import factorize, upsample_factors
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, vocoder_from_experiment
+from models.vocoders.diffusion.diffwave.geometry import factorize, upsample_factors
 from models.vocoders.diffusion.experiment import CONTRACT_FILE, Experiment
 from models.vocoders.diffusion.inference_modes import feature_items
 from processors.mel import mel_spectrogram

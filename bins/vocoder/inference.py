@@ -6,12 +6,13 @@ typed; the short names (`--sampler`, ...) still work.
 
 import argparse
 
-from models.vocoders.diffusion.diffusion_vocoder_inference import vocoder_from_experiment
+from models.vocoders.diffusion.ddpm import SAMPLER_NAMES
+from models.vocoders.diffusion.diffusion_vocoder_inference import PRECISIONS, vocoder_from_experiment
 from models.vocoders.diffusion.experiment import Experiment, locate_experiment, with_recipe_config
 from models.vocoders.diffusion.inference_modes import MODES, run_inference
 from processors.mel_conventions import mel_converter
 from utils.cli import add_common_args, run
-from utils.config import SAMPLER_NAMES, ConfigError, validate
+from utils.config import ConfigError, validate
 
 FIXED_STEPS = {"fast": "its steps are the config's model.diffwave.inference_noise_schedule",
                "full": "it walks every training step"}
@@ -63,7 +64,7 @@ if __name__ == "__main__":
                         help="(2, n_mel) .npy of per-bin mean and scale for meanvar")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--infer_precision", "--precision", dest="precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--infer_precision", "--precision", dest="precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--infer_raw_weights", "--raw_weights", dest="raw_weights", action="store_true",
                         help="use the raw weights even when EMA weights exist")
     run(main, parser)

@@ -14,7 +14,7 @@ import torch
 
 from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.chunked import ChunkedDenoiser
-from models.vocoders.diffusion.ddpm import SAMPLERS, Denoiser, make_plan
+from models.vocoders.diffusion.ddpm import SAMPLER_NAMES, Denoiser, make_plan
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.windowed import ENGINES, GraphedDenoiser, WindowedDenoiser
@@ -50,8 +50,8 @@ class Vocoder:
                  betas: Sequence[float] | None = None, chunk_size: int = 65536, cache_gib: float = 1.0,
                  tile: int | None = 2048, engine: str = "auto", compile: bool | str = "auto",
                  cuda_graph: bool | str = "auto", gpu_memory_gib: float | None = None) -> None:
-        if sampler not in (*SAMPLERS, "searched"):
-            raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join((*SAMPLERS, 'searched'))}")
+        if sampler not in SAMPLER_NAMES:
+            raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLER_NAMES)}")
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
         self.cfg = cfg
