@@ -27,7 +27,7 @@ from utils.io import atomic_write_bytes, atomic_write_text, load_json, save_json
 from utils.text import plural
 
 log = logging.getLogger(__name__)
-DEFAULT_CONFIG = REPO_ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"
+DEFAULT_CONFIG = REPO_ROOT / "config/vocoder.json"  # the toolkit's mel, which the DiffWave recipe inherits
 BASELINES = ("griffinlim",)
 GRIFFIN_LIM_ITERS = 32
 
@@ -168,7 +168,7 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
     """Score every file of `pred_dir` against the same-named file of `ref_dir`.
 
     Audio is resampled to `sample_rate`, or to each reference's own rate; `pre` (mel settings,
-    a config `preprocess` section) defaults to the DiffWave recipe's. Returns the summary, which
+    a config `preprocess` section) defaults to the toolkit's (config/vocoder.json). Returns the summary, which
     also lands in `summary.json`: `means`, `count`, `missing` (names absent from `pred` / from
     `ref`), `failed` (unreadable utterances) and, with a baseline, `baseline.means`.
     """

@@ -11,18 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from processors.mel import LOG_FLOOR, mel_settings
-from utils.config import ConfigError, load_config
-from utils.io import load_json, load_npy, save_json
+from utils.config import ConfigError
+from utils.io import load_npy
 
 log = logging.getLogger(__name__)
-CONTRACT_FILE = "mel_contract.json"
 CONVENTIONS = ("ln", "log10", "db_normalized", "meanvar")
 LN10 = math.log(10.0)
 # lmnt's DiffWave: (20 * log10(max(m, 1e-5)) - REF_DB - MIN_DB) / -MIN_DB, clipped to [0, 1]
@@ -39,25 +37,6 @@ def mel_contract(pre: Any) -> dict:
         "mel_filters": "slaney (librosa)", "magnitude": "sqrt(re^2 + im^2 + 1e-9)",
         "log_base": "e", "clamp_floor": LOG_FLOOR, "normalisation": "none",
     }
-
-
-def write_contract(pre: Any, expt_dir: str | os.PathLike) -> Path:
-    path = Path(expt_dir) / CONTRACT_FILE
-    save_json(path, mel_contract(pre))
-    return path
-
-
-def read_contract(expt_dir: str | os.PathLike) -> dict:
-    """The experiment's contract; experiments older than the file get it derived from args.json."""
-    path, args = Path(expt_dir) / CONTRACT_FILE, Path(expt_dir) / "args.json"
-    if path.is_file():
-        contract = load_json(path)
-        if not isinstance(contract, dict) or "n_mel" not in contract:
-            raise ConfigError(f"{path}: not a mel contract (no 'n_mel')")
-        return contract
-    if args.is_file():
-        return mel_contract(load_config(args).preprocess)
-    raise ConfigError(f"{expt_dir}: neither {CONTRACT_FILE} nor args.json; is it an experiment folder written by stage 2?")
 
 
 def parse_convention(text: str) -> tuple[str, ...]:
@@ -167,9 +146,9 @@ class MelConverter:
         return x.clamp(min=self.floor).float()
 
 
-def mel_converter(expt_dir: str | os.PathLike, cfg: Any, convention: str | None = None,
+def mel_converter(contract: dict, cfg: Any, convention: str | None = None,
                   stats_path: str | os.PathLike | None = None) -> MelConverter:
     """The converter stage 3 applies to `infer_from_feature` mels: flags first, then `inference.*`."""
     infer = cfg.get("inference", {}) or {}
-    return MelConverter(read_contract(expt_dir), convention or infer.get("mel_convention") or "ln",
+    return MelConverter(contract, convention or infer.get("mel_convention") or "ln",
                         stats_path or infer.get("mel_stats"))

@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from models.vocoders.diffusion.diffusion_vocoder_dataset import feature_paths
 from processors.audio import AudioError, load_audio
 from processors.datasets import collecting_left_out, get_parser
 from processors.fingerprint import changes, corpus_fingerprint, read_fingerprint, stale_uids, write_fingerprint
@@ -35,16 +36,6 @@ def speaker_key(entry: dict) -> str:
     for suffix in AUGMENTATION_SUFFIXES:
         dataset = dataset.removesuffix(suffix)
     return f"{dataset}_{entry['Singer']}"
-
-
-def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, Path]:
-    """Where an entry's (mel, audio) features live: found through its own `Dataset` field.
-
-    Names are sanitised, so a Uid such as `../x` from a corpus listing stays inside the folder.
-    """
-    folder = Path(processed_dir) / safe_name(entry["Dataset"])
-    uid = safe_name(entry["Uid"])
-    return folder / "mels" / f"{uid}.npy", folder / "audios" / f"{uid}.npy"
 
 
 def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list[str]]:

@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import soundfile as sf
 
+from models.vocoders.diffusion.train_state import TrainState
 from utils.synthetic import synthetic_voice
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,14 +167,11 @@ def make_experiment(folder: Path, config: Path, weights_file: str = "model.safet
     return expt
 
 
-def fake_trainer(step: int) -> SimpleNamespace:
-    """Just what CheckpointPolicy.save reads from a trainer, with a 2x2 linear model."""
+def tiny_train_state(step: int) -> TrainState:
+    """A training state for CheckpointPolicy.save, with a 2x2 linear model."""
     import torch
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
-    return SimpleNamespace(
-        model=model, optimizer=SimpleNamespace(optimizer=optimizer), ema=None, accelerator=SimpleNamespace(scaler=None),
-        scheduler=torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.99), epoch=0, step=step, batch_in_epoch=step,
-        skipped_steps=0,
-    )
+    return TrainState(model, optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.99), step=step,
+                      batch_in_epoch=step)

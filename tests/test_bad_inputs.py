@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from processors.preprocess import feature_paths, preprocess
+from models.vocoders.diffusion.diffusion_vocoder_dataset import feature_paths
+from processors.preprocess import preprocess
 from tests.reliability_kit import (
     BAD_AUDIO,
     BAD_MELS,

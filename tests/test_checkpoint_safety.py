@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, rng_state, set_rng_state
-from tests.reliability_kit import fake_trainer, make_experiment, python_bin, write_config
+from tests.reliability_kit import make_experiment, python_bin, tiny_train_state, write_config
 from utils.checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -33,13 +33,32 @@ from utils.config import ConfigError, to_attrdict
 RNG = [{"torch": torch.get_rng_state()}]
 
 
+def test_train_state_reads_back_what_the_policy_saved(tmp_path):
+    """One TrainState writes and reads a checkpoint: weights, optimizer moments, LR schedule and counters."""
+    source = tiny_train_state(5)
+    source.epoch, source.skipped_steps = 2, 1
+    source.model(torch.randn(3, 2)).square().sum().backward()
+    source.optimizer.step()
+    source.scheduler.step()
+    folder = CheckpointPolicy(to_attrdict({}), tmp_path / "checkpoint").save(source, 0.5, RNG, ["stride0"])
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.pt", "rng_0.pt",
+                                                        "scheduler.pt", "state.json"]
+    target = tiny_train_state(0)
+    target.load_state_dict(folder)
+    assert target.counters() == {"epoch": 2, "step": 5, "batch_in_epoch": 5, "skipped_steps": 1}
+    assert all(torch.equal(v, target.model.state_dict()[k]) for k, v in source.model.state_dict().items())
+    assert target.scheduler.state_dict() == source.scheduler.state_dict()
+    moments = [source.optimizer.state_dict()["state"][0], target.optimizer.state_dict()["state"][0]]
+    assert torch.equal(moments[0]["exp_avg_sq"], moments[1]["exp_avg_sq"]) and moments[1]["step"] == 1
+
+
 def policy_run(root: Path, saves: int, **train: object) -> tuple[CheckpointPolicy, list[int]]:
     """`saves` one-epoch saves through the policy; returns it and the steps still on disk."""
     policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], **train}), root)
     for step in range(1, saves + 1):
-        trainer = fake_trainer(step)
-        trainer.epoch = step
-        policy.save(trainer, trainer.model, 1.0 / step, RNG, policy.due_by_epoch(step))
+        state = tiny_train_state(step)
+        state.epoch = step
+        policy.save(state, 1.0 / step, RNG, policy.due_by_epoch(step))
     return policy, [read_state(p)["step"] for p in list_checkpoints(root)]
 
 
@@ -63,9 +82,9 @@ def test_keep_last_of_the_original_base_config_keeps_all_of_the_every_other_stri
     root = tmp_path / "checkpoint"
     policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1, 2], "keep_last": [3, -1]}), root)
     for epoch in range(1, 9):
-        trainer = fake_trainer(epoch)
-        trainer.epoch = epoch
-        policy.save(trainer, trainer.model, 0.5, RNG, policy.due_by_epoch(epoch))
+        state = tiny_train_state(epoch)
+        state.epoch = epoch
+        policy.save(state, 0.5, RNG, policy.due_by_epoch(epoch))
     assert [read_state(p)["step"] for p in list_checkpoints(root)] == [2, 4, 6, 7, 8]
     reopened = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1, 2], "keep_last": [3, -1]}), root)
     assert [r["name"] for r in reopened.records] == [p.name for p in list_checkpoints(root)]  # survives a resume
@@ -110,8 +129,8 @@ def test_unreadable_ckpts_json_prunes_nothing_it_did_not_list(tmp_path, caplog):
     policy_run(root, 2, keep_last=[-1])
     (root / "ckpts.json").write_text("{not json")
     policy, _kept = policy_run(root, 0, keep_last=[1])
-    trainer = fake_trainer(9)
-    policy.save(trainer, trainer.model, 0.1, RNG, ["stride0"])
+    state = tiny_train_state(9)
+    policy.save(state, 0.1, RNG, ["stride0"])
     assert len(list_checkpoints(root)) == 3  # the two it could not vouch for are left alone
     assert "unreadable" in caplog.text
 
@@ -191,9 +210,9 @@ def test_full_disk_in_any_checkpoint_file_is_one_line_and_keeps_the_earlier(tmp_
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(failing, full)
-    trainer = fake_trainer(2)
+    state = tiny_train_state(2)
     with pytest.raises(OSError) as err:
-        policy.save(trainer, trainer.model, 0.4, RNG, ["stride0"])
+        policy.save(state, 0.4, RNG, ["stride0"])
     assert "earlier checkpoints are kept" in str(err.value) and "\n" not in str(err.value)
     assert list_checkpoints(root) == before and load_weights(before[0])["weight"].shape == (2, 2)
     assert not list(root.glob(".tmp-*"))
@@ -266,6 +285,6 @@ def test_kinds_the_config_no_longer_has_are_kept_not_crashed_on(tmp_path):
     (root / "ckpts.json").write_text(json.dumps(record))
     policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], "keep_last": [1]}), root)
     for step in (10, 11):
-        trainer = fake_trainer(step)
-        policy.save(trainer, trainer.model, 0.5, RNG, ["stride0"])
+        state = tiny_train_state(step)
+        policy.save(state, 0.5, RNG, ["stride0"])
     assert [read_state(p)["step"] for p in list_checkpoints(root)] == [1, 2, 11]

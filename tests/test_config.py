@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from models.vocoders.diffusion import ddpm, diffusion_vocoder_trainer, windowed
+from utils import config
 from utils.config import ConfigError, check_dataset_paths, load_config, merge, unknown_keys, validate
 
 RECIPE = Path(__file__).resolve().parents[1] / "egs/vocoder/diffusion/diffwave/exp_config.json"
@@ -174,3 +176,11 @@ def test_check_config_cli_refuses_a_bad_range_before_any_work(tmp_path):
     result = python_bin("check_config.py", "--config", str(child), "--stage", "inference")
     assert result.returncode == 1 and "inference_noise_schedule" in result.stderr and str(child) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_schema_names_what_the_models_accept():
+    """utils/config sits below models/ and keeps its own lists of names: they must stay the models' names."""
+    assert config.SAMPLER_NAMES == ddpm.SAMPLER_NAMES
+    assert config.SCHEMA["inference.sampler"].choices == ddpm.SAMPLER_NAMES
+    assert config.SCHEMA["train.mixed_precision"].choices == diffusion_vocoder_trainer.PRECISIONS
+    assert config.SCHEMA["inference.engine"].choices == windowed.ENGINES

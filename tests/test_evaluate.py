@@ -19,7 +19,7 @@ from scipy.signal import lfilter
 
 from bins.vocoder.evaluate import main
 from evaluation import metrics
-from evaluation.evaluate import format_table, griffin_lim, summary_table
+from evaluation.evaluate import DEFAULT_CONFIG, format_table, griffin_lim, summary_table
 from processors.audio import resample
 
 SR = 16000
@@ -201,3 +201,12 @@ def test_cli_script_missing_dir_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_default_mel_settings_are_the_recipes():
+    """Stage 4 without --config scores with the toolkit's mel, which the DiffWave recipe trains on."""
+    from processors.mel import mel_settings
+    from utils.config import load_config
+
+    recipe = load_config(REPO / "egs/vocoder/diffusion/diffwave/exp_config.json").preprocess
+    assert mel_settings(load_config(DEFAULT_CONFIG).preprocess) == mel_settings(recipe)

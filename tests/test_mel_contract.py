@@ -12,18 +12,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from models.vocoders.diffusion.ddpm import factorize, upsample_factors
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, vocoder_from_experiment
+from models.vocoders.diffusion.diffwave.geometry import factorize, upsample_factors
+from models.vocoders.diffusion.experiment import CONTRACT_FILE, Experiment
 from models.vocoders.diffusion.inference_modes import feature_items
 from processors.mel import mel_spectrogram
-from processors.mel_conventions import (
-    CONTRACT_FILE,
-    MelConverter,
-    from_natural_log,
-    guess_convention,
-    mel_contract,
-    read_contract,
-)
+from processors.mel_conventions import MelConverter, from_natural_log, guess_convention, mel_contract
 from tests.recipe_helpers import run_recipe
 from tests.tiny_experiment import REPO, TINY_PRE, make_experiment
 from utils.config import ConfigError, load_config, to_attrdict
@@ -56,18 +50,18 @@ def test_contract_records_the_mel_definition(experiment, tmp_path):
     older = tmp_path / "older"  # experiments written before the contract: derived from args.json
     older.mkdir()
     (older / "args.json").write_text((expt / "args.json").read_text())
-    assert read_contract(older) == contract
+    assert Experiment(older).read_contract() == contract
     with pytest.raises(ConfigError, match=r"neither mel_contract\.json nor args\.json"):
-        read_contract(tmp_path)
+        Experiment(tmp_path).read_contract()
 
 
 def test_wrong_n_mel_is_an_error_naming_both_numbers(experiment, tmp_path):
     expt, cfg = experiment
     with pytest.raises(ValueError, match=r"x\.npy: mel has 30 bins, the experiment's mel contract has n_mel=20"):
-        MelConverter(read_contract(expt))(torch.zeros(30, 7), "x.npy")
+        MelConverter(Experiment(expt).read_contract())(torch.zeros(30, 7), "x.npy")
     np.save(tmp_path / "wide.npy", np.zeros((80, 9), np.float32))
     skipped: list[str] = []
-    assert feature_items(cfg, tmp_path, skipped, MelConverter(read_contract(expt))) == []
+    assert feature_items(cfg, tmp_path, skipped, MelConverter(Experiment(expt).read_contract())) == []
     assert "wide.npy" in skipped[0] and "80" in skipped[0] and "n_mel=20" in skipped[0]
 
 
@@ -75,7 +69,7 @@ def test_wrong_n_mel_is_an_error_naming_both_numbers(experiment, tmp_path):
 def test_other_conventions_are_recognised_and_named(experiment, convention, caplog):
     expt, _ = experiment
     mel = native_mel()
-    converter = MelConverter(read_contract(expt))
+    converter = MelConverter(Experiment(expt).read_contract())
     with caplog.at_level(logging.WARNING):
         converter(mel, "native.npy")
     assert not caplog.records and guess_convention(mel)[0] == "ln"
@@ -101,7 +95,7 @@ def test_converted_mels_vocode_to_the_native_waveform(experiment, convention, tm
         (tmp_path / folder).mkdir()
         np.save(tmp_path / folder / "utt.npy", data.numpy())
     np.save(tmp_path / "stats.npy", stats)
-    contract = read_contract(expt)
+    contract = Experiment(expt).read_contract()
     native = feature_items(cfg, tmp_path / "native", [], MelConverter(contract))
     converted = feature_items(cfg, tmp_path / "foreign", [], MelConverter(contract, convention, tmp_path / "stats.npy"))
     unconverted = feature_items(cfg, tmp_path / "foreign", [], MelConverter(contract))
@@ -112,7 +106,7 @@ def test_converted_mels_vocode_to_the_native_waveform(experiment, convention, tm
 
 
 def test_meanvar_needs_valid_statistics(experiment, tmp_path):
-    contract = read_contract(experiment[0])
+    contract = Experiment(experiment[0]).read_contract()
     with pytest.raises(ConfigError, match="--infer_mel_stats"):
         MelConverter(contract, "meanvar")
     np.save(tmp_path / "bad.npy", np.ones((2, 7)))

@@ -26,10 +26,10 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
 from models.vocoders.diffusion.ddpm import make_plan
-from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, load_model
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
-from models.vocoders.diffusion.experiment import locate_experiment, with_recipe_config
+from models.vocoders.diffusion.experiment import Experiment, locate_experiment, with_recipe_config
 from processors.preprocess import preprocess
 from tests.recipe_helpers import REPO, RUN_SH, run_recipe
 from tests.tiny_experiment import make_experiment, tiny_cfg
@@ -126,8 +126,8 @@ def test_accelerate_folders_are_found_newest_complete_first(original):
 
 def test_stage3_loads_the_newest_or_the_named_original_checkpoint(original):
     _root, cfg, expt, weights = original
-    assert same(load_model(cfg, expt).state_dict(), weights[NEWEST])
-    assert same(load_model(cfg, expt, str(expt / "checkpoint" / OLDER)).state_dict(), weights[OLDER])
+    assert same(Experiment(expt).load_model(cfg).state_dict(), weights[NEWEST])
+    assert same(Experiment(expt).load_model(cfg, str(expt / "checkpoint" / OLDER)).state_dict(), weights[OLDER])
     assert locate_experiment(expt / "checkpoint" / OLDER) == (expt, str(expt / "checkpoint" / OLDER))
     assert locate_experiment(expt / "checkpoint") == (expt, str(expt / "checkpoint"))
     assert locate_experiment(expt) == (expt, None)
@@ -185,7 +185,7 @@ def test_resume_continues_an_original_run_without_unpickling_its_rng(original, t
         run = trainer(tmp_path / "config.json", "old_exp", "resume", None)  # the newest of the experiment, as the original
     assert not marker.exists()
     assert "RNG stream restarts" in caplog.text
-    assert (run.epoch, run.step, run.batch_in_epoch) == (4, 120, 0)
+    assert (run.state.epoch, run.state.step, run.state.batch_in_epoch) == (4, 120, 0)
     assert same(run.accelerator.unwrap_model(run.model).state_dict(), weights[NEWEST])
     assert same(run.ema.shadow, weights[NEWEST])  # no EMA in the original: it starts from the loaded weights
     saved = torch.load(expt / "checkpoint" / NEWEST / "optimizer.bin", weights_only=True)
@@ -207,7 +207,7 @@ def test_finetune_accepts_an_original_experiment_or_folder(original, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     for i, (source, expected) in enumerate(((expt, NEWEST), (expt / "checkpoint" / OLDER, OLDER))):
         run = trainer(tmp_path / "config.json", f"ft{i}", "finetune", str(source))
-        assert run.step == 0 and same(run.accelerator.unwrap_model(run.model).state_dict(), weights[expected])
+        assert run.state.step == 0 and same(run.accelerator.unwrap_model(run.model).state_dict(), weights[expected])
     reset_accelerate()
 
 

@@ -10,8 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, experiment_config
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
+from models.vocoders.diffusion.experiment import Experiment
 from processors.mel import mel_spectrogram
 from tests.recipe_helpers import run_recipe, tiny_config
 from utils.checkpoint import list_checkpoints, load_weights, read_state
@@ -92,7 +93,7 @@ def test_all_three_inference_modes(trained, tmp_path):
 
 def trained_model_and_audio(expt: Path) -> tuple:
     """The config, the EMA weights of the newest checkpoint, and six utterances with their mels."""
-    cfg = experiment_config(expt)
+    cfg = Experiment(expt).config()
     truths = [np.load(p) for p in sorted((Path(cfg.preprocess.processed_dir) / "toy" / "audios").glob("*.npy"))[:6]]
     model = build_diffwave(cfg)
     model.load_state_dict(load_weights(list_checkpoints(expt / "checkpoint")[-1] / "ema.safetensors"))

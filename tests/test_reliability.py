@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from processors.preprocess import feature_bytes, preprocess
-from tests.reliability_kit import REPO, Payload, fake_trainer, make_experiment, python_bin, write_config
+from tests.reliability_kit import REPO, Payload, make_experiment, python_bin, tiny_train_state, write_config
 from utils.checkpoint import (
     CHECKPOINT_PATTERN,
     CheckpointError,
@@ -300,16 +300,16 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_
 
     root = tmp_path / "checkpoint"
     policy = CheckpointPolicy(to_attrdict({"save_checkpoints_steps": 1, "keep_last": [1]}), root)
-    first = fake_trainer(1)
-    kept = policy.save(first, first.model, 0.5, [{"torch": torch.get_rng_state()}], ["steps"])
+    first = tiny_train_state(1)
+    kept = policy.save(first, 0.5, [{"torch": torch.get_rng_state()}], ["steps"])
 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("utils.checkpoint.save_file", full)
-    second = fake_trainer(2)
+    second = tiny_train_state(2)
     with pytest.raises(OSError) as err:
-        policy.save(second, second.model, 0.4, [{"torch": torch.get_rng_state()}], ["steps"])
+        policy.save(second, 0.4, [{"torch": torch.get_rng_state()}], ["steps"])
     message = str(err.value)
     assert "No space left on device" in message and "earlier checkpoints are kept" in message and "\n" not in message
     assert [p.name for p in root.iterdir() if p.is_dir()] == [kept.name]

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from models.vocoders.diffusion.diffusion_vocoder_inference import experiment_config, load_model, vocoder_from_experiment
-from models.vocoders.diffusion.schedule_search import (
-    SCHEDULE_FILE,
-    coarse_grid,
-    is_valid,
-    save_schedule,
-    search_schedule,
-    searched_betas,
-)
+from models.vocoders.diffusion.diffusion_vocoder_inference import vocoder_from_experiment
+from models.vocoders.diffusion.experiment import SCHEDULE_FILE, Experiment
+from models.vocoders.diffusion.schedule_search import coarse_grid, is_valid, search_schedule
 from processors.preprocess import preprocess
 from tests.tiny_experiment import REPO, make_experiment
 from utils.config import ConfigError
@@ -44,22 +40,22 @@ def test_coarse_grid_is_monotone_and_holds_the_configured_schedule():
 
 def test_search_finds_a_schedule_no_worse_than_the_default_and_stage3_uses_it(experiment):
     expt, cfg = experiment
-    model = load_model(experiment_config(expt), expt)
+    model = Experiment(expt).load_model(Experiment(expt).config())
     result = search_schedule(cfg, model, steps=6, utterances=2, seconds=0.3, rounds=1)
     assert len(result["utterances"]) == 2 and len(result["betas"]) == 6 and is_valid(result["betas"])
     assert result["scores"]["score"] <= result["reference"]["fast"]["score"] + 1e-9
     assert result["scores"]["score"] == pytest.approx(result["scores"]["mel_l1"] + result["scores"]["mstft"])
     assert result["reference"]["full"]["steps"] == 50 and result["check"]["seed"] == 1235
-    save_schedule(expt, result)
+    Experiment(expt).save_schedule(result)
     vocoder = vocoder_from_experiment(expt, device="cpu", sampler="searched")
     assert vocoder.plan.betas.tolist() == pytest.approx(result["betas"])
     with pytest.raises(ConfigError, match="no 3-step schedule; searched: 6"):
-        searched_betas(expt, 3)
+        Experiment(expt).searched_betas(3)
 
 
 def test_search_cli_writes_per_step_schedules_and_stage3_reads_them(experiment, tmp_path):
     expt, _ = experiment
-    save_schedule(expt, {"steps": 3, "betas": [0.001, 0.1, 0.5]})  # an earlier search for another step count
+    Experiment(expt).save_schedule({"steps": 3, "betas": [0.001, 0.1, 0.5]})  # an earlier search for another step count
     env = {"PYTHONPATH": str(REPO), "PATH": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "bins/vocoder/search_schedule.py", "--expt_dir", str(expt), "--steps", "2",
                              "--utterances", "1", "--seconds", "0.2", "--rounds", "1"],
@@ -68,12 +64,39 @@ def test_search_cli_writes_per_step_schedules_and_stage3_reads_them(experiment, 
     assert "searched       2" in result.stdout and "full          50" in result.stdout
     data = json.loads((expt / SCHEDULE_FILE).read_text())
     assert data["default"] == "2" and "betas" in data["schedules"]["2"]
-    assert searched_betas(expt) == data["schedules"]["2"]["betas"]  # the latest search is the default
-    assert searched_betas(expt, 3) == [0.001, 0.1, 0.5]  # kept beside the new one
+    assert Experiment(expt).searched_betas() == data["schedules"]["2"]["betas"]  # the latest search is the default
+    assert Experiment(expt).searched_betas(3) == [0.001, 0.1, 0.5]  # kept beside the new one
     vocoder = vocoder_from_experiment(expt, device="cpu", sampler="searched", steps=2)
     assert vocoder.plan.steps == 2
 
 
 def test_missing_schedule_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"searched_schedule\.json: missing; run bins/vocoder/search_schedule\.py"):
-        searched_betas(tmp_path)
+        Experiment(tmp_path).searched_betas()
+
+
+
+def project_imports(path: Path) -> set[str]:
+    """Project modules a file imports anywhere in it, function-level imports included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            names = [n if (REPO / (n.replace(".", "/") + ".py")).is_file() else node.module for n in names]
+        found.update(n for n in names if (REPO / (n.replace(".", "/") + ".py")).is_file())
+    return found
+
+
+def test_no_import_loops():
+    """Schedules are read by the experiment, so stage 3 no longer imports the search that imports it."""
+    files = [p for top in ("models", "processors", "utils", "evaluation") for p in (REPO / top).rglob("*.py")]
+    graph = {".".join(p.relative_to(REPO).with_suffix("").parts): project_imports(p) for p in files}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, ()):
+            if nxt == goal or (nxt not in seen and not seen.add(nxt) and reaches(nxt, goal, seen)):
+                return True
+        return False
+
+    assert [m for m in graph if reaches(m, m, set())] == []

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from models.vocoders.diffusion.diffusion_vocoder_dataset import feature_paths
 from processors.audio import load_audio
-from processors.preprocess import feature_paths, preprocess
+from processors.preprocess import preprocess
 from tests.reliability_kit import RATE, voice, write_config
 from utils.config import load_config
 from utils.io import atomic_write_text, load_npy, save_json, save_npy

@@ -21,8 +21,8 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
-from models.vocoders.diffusion.diffusion_vocoder_inference import load_model
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
+from models.vocoders.diffusion.experiment import Experiment
 from processors.preprocess import preprocess
 from utils.checkpoint import CheckpointError, list_checkpoints
 from utils.config import ConfigError, load_config
@@ -109,7 +109,7 @@ def test_resume_is_exact_mid_epoch_and_from_one_checkpoint(corpus: Path, tmp_pat
     stop = json.loads((newest(logs / "resumed") / "state.json").read_text())
     assert (stop["epoch"], stop["step"], stop["batch_in_epoch"]) == (1, 3, 2)
     rest = trainer(cfg, "resumed", "resume", str(logs / "resumed"))  # the experiment folder: newest checkpoint
-    assert (rest.epoch, rest.step, rest.batch_in_epoch) == (1, 3, 2)
+    assert (rest.state.epoch, rest.state.step, rest.state.batch_in_epoch) == (1, 3, 2)
     rest.cfg.train.max_steps = 6
     rest.train()
     boundary = next(p for p in list_checkpoints(logs / "resumed" / "checkpoint") if p.name.startswith("epoch-0001_step-0000002"))
@@ -130,7 +130,7 @@ def test_finetune_loads_weights_and_ema_only_and_names_a_mismatched_parameter(co
     trainer(cfg, "source").train()
     source = newest(tmp_path / "ckpts" / "source")
     tuned = trainer(cfg, "tuned", "finetune", str(tmp_path / "ckpts" / "source"))
-    assert (tuned.step, tuned.epoch, tuned.batch_in_epoch) == (0, 0, 0)
+    assert (tuned.state.step, tuned.state.epoch, tuned.state.batch_in_epoch) == (0, 0, 0)
     assert not tuned.optimizer.optimizer.state_dict()["state"]  # a fresh optimizer
     weights = load_file(str(source / "model.safetensors"))
     own = tuned.accelerator.unwrap_model(tuned.model).state_dict()
@@ -212,7 +212,7 @@ def test_mixed_precision_and_nonfinite_steps(corpus: Path, tmp_path: Path, monke
 
     def poisoned(self: DiffusionVocoderTrainer, *args: object) -> torch.Tensor:
         loss = original(self, *args)
-        return loss * float("nan") if self.step >= 2 else loss
+        return loss * float("nan") if self.state.step >= 2 else loss
 
     monkeypatch.setattr(DiffusionVocoderTrainer, "_loss", poisoned)
     bad = trainer(config(corpus, tmp_path, max_steps=50, max_nonfinite_steps=3), "nan")
@@ -232,9 +232,9 @@ def test_stage3_uses_ema_weights_by_default(corpus: Path, tmp_path: Path) -> Non
     last = newest(exp)
     ema, raw = load_file(str(last / "ema.safetensors")), load_file(str(last / "model.safetensors"))
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
-    default = load_model(load_config(exp / "args.json"), exp).state_dict()
+    default = Experiment(exp).load_model(load_config(exp / "args.json")).state_dict()
     assert all(torch.equal(default[k], ema[k]) for k in ema)
-    chosen = load_model(load_config(exp / "args.json"), exp, use_ema=False).state_dict()
+    chosen = Experiment(exp).load_model(load_config(exp / "args.json"), use_ema=False).state_dict()
     assert all(torch.equal(chosen[k], raw[k]) for k in raw)
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
-from processors.mel_conventions import write_contract
+from models.vocoders.diffusion.experiment import Experiment
 from utils.checkpoint import save_checkpoint
-from utils.config import load_config, merge, save_config, to_attrdict, to_plain
+from utils.config import load_config, merge, to_attrdict, to_plain
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRE = {"sample_rate": 8000, "hop_size": 64, "n_fft": 256, "win_size": 256, "n_mel": 20, "fmin": 0, "fmax": 4000}
@@ -39,9 +39,7 @@ def make_experiment(root: Path, seed: int = 0, **preprocess: Any) -> tuple[Path,
     model = build_diffwave(cfg)
     torch.nn.init.normal_(model.output_projection.weight, std=0.3)
     expt = root / "ckpts" / "toy"
-    expt.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, expt / "args.json")
-    write_contract(cfg.preprocess, expt)
+    Experiment(expt).write_setup(cfg)
     save_checkpoint(expt / "checkpoint" / "epoch-0001_step-0000001_loss-0.500000",
                     {"model.safetensors": model.state_dict()}, {"step": 1, "epoch": 1})
     return expt, cfg

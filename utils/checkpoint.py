@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from utils.io import load_json, remove_stale_temps, save_json
 
+CHECKPOINT_DIR = "checkpoint"  # an experiment's checkpoints, under its folder
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d+)_step-(\d+)_loss-([0-9.]+|nan|inf)$")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
 ACCELERATE_LAST_FILE = "random_states_0.pkl"  # save_state writes the RNG pickles after everything else
@@ -200,7 +201,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir() and is_complete(path):
         return path
-    candidates = list_checkpoints(path) or list_checkpoints(path / "checkpoint")
+    candidates = list_checkpoints(path) or list_checkpoints(path / CHECKPOINT_DIR)
     if not candidates:
         raise CheckpointError(f"{path}: no complete checkpoint here (expected epoch-*_step-*_loss-* folders "
                               f"holding weights and state.json, or accelerate's {ACCELERATE_LAST_FILE})")

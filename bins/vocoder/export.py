@@ -2,6 +2,7 @@
 
 import argparse
 
+from models.vocoders.diffusion.ddpm import SAMPLER_NAMES
 from models.vocoders.diffusion.diffusion_vocoder_inference import vocoder_from_experiment
 from models.vocoders.diffusion.export import FORMATS, compare, export_onnx, export_torchscript
 from processors.mel import mel_spectrogram
@@ -39,7 +40,7 @@ if __name__ == "__main__":
     parser.add_argument("--expt_dir", required=True, help="experiment folder written by stage 2")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--output", required=True, help="the file to write (.pt for torchscript, .onnx for onnx)")
-    parser.add_argument("--sampler", default=None, help="fast | full | ddim | searched (default: config inference.sampler)")
+    parser.add_argument("--sampler", default=None, help=f"{' | '.join(SAMPLER_NAMES)} (default: config inference.sampler)")
     parser.add_argument("--steps", type=int, default=None, help="ddim steps; for searched, which searched schedule")
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest)")
     parser.add_argument("--raw_weights", action="store_true", help="use the raw weights even when EMA weights exist")

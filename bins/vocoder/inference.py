@@ -6,12 +6,13 @@ typed; the short names (`--sampler`, ...) still work.
 
 import argparse
 
-from models.vocoders.diffusion.diffusion_vocoder_inference import experiment_config, vocoder_from_experiment
-from models.vocoders.diffusion.experiment import locate_experiment, with_recipe_config
+from models.vocoders.diffusion.ddpm import SAMPLER_NAMES
+from models.vocoders.diffusion.diffusion_vocoder_inference import PRECISIONS, vocoder_from_experiment
+from models.vocoders.diffusion.experiment import Experiment, locate_experiment, with_recipe_config
 from models.vocoders.diffusion.inference_modes import MODES, run_inference
 from processors.mel_conventions import mel_converter
 from utils.cli import add_common_args, run
-from utils.config import SAMPLER_NAMES, ConfigError, validate
+from utils.config import ConfigError, validate
 
 FIXED_STEPS = {"fast": "its steps are the config's model.diffwave.inference_noise_schedule",
                "full": "it walks every training step"}
@@ -19,7 +20,8 @@ FIXED_STEPS = {"fast": "its steps are the config's model.diffwave.inference_nois
 
 def main(args: argparse.Namespace) -> None:
     expt_dir, checkpoint = locate_experiment(args.infer_expt_dir, args.checkpoint)
-    cfg = with_recipe_config(experiment_config(expt_dir), args.config)
+    experiment = Experiment(expt_dir)
+    cfg = with_recipe_config(experiment.config(), args.config)
     validate(cfg, "inference")
     sampler = args.sampler or cfg.get("inference", {}).get("sampler") or "fast"
     if args.steps is not None and sampler in FIXED_STEPS:
@@ -35,7 +37,7 @@ def main(args: argparse.Namespace) -> None:
     vocoder = vocoder_from_experiment(expt_dir, checkpoint, not args.raw_weights, cfg=cfg, **options)
     convert = None
     if args.infer_mode == "infer_from_feature":
-        convert = mel_converter(expt_dir, vocoder.cfg, args.mel_convention, args.mel_stats)
+        convert = mel_converter(experiment.read_contract(), vocoder.cfg, args.mel_convention, args.mel_stats)
     run_inference(vocoder, args.infer_mode, args.output_dir, args.infer_datasets, args.feature_folder, args.audio_folder,
                   convert)
 
@@ -62,7 +64,7 @@ if __name__ == "__main__":
                         help="(2, n_mel) .npy of per-bin mean and scale for meanvar")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--infer_precision", "--precision", dest="precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--infer_precision", "--precision", dest="precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--infer_raw_weights", "--raw_weights", dest="raw_weights", action="store_true",
                         help="use the raw weights even when EMA weights exist")
     run(main, parser)

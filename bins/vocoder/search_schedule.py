@@ -2,17 +2,18 @@
 
 import argparse
 
-from models.vocoders.diffusion.diffusion_vocoder_inference import experiment_config, load_model
-from models.vocoders.diffusion.schedule_search import save_schedule, search_schedule
+from models.vocoders.diffusion.experiment import Experiment
+from models.vocoders.diffusion.schedule_search import search_schedule
 from utils.cli import add_common_args, run
 from utils.text import plural
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = experiment_config(args.expt_dir)
-    model = load_model(cfg, args.expt_dir, args.checkpoint, not args.raw_weights)
+    experiment = Experiment(args.expt_dir)
+    cfg = experiment.config()
+    model = experiment.load_model(cfg, args.checkpoint, not args.raw_weights)
     result = search_schedule(cfg, model, args.steps, args.utterances, args.seconds, args.rounds, args.seed, args.device)
-    path = save_schedule(args.expt_dir, result)
+    path = experiment.save_schedule(result)
     rows = [("searched", result["scores"], result["check"]["searched"])]
     rows += [(name, result["reference"][name], result["check"][name]) for name in ("fast", "full")]
     print(f"{plural(len(result['utterances']), 'utterance')} of <= {args.seconds:g} s, "

@@ -4,8 +4,8 @@ import argparse
 import logging
 from typing import Any
 
-from models.vocoders.diffusion.diffusion_vocoder_inference import experiment_config
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
+from models.vocoders.diffusion.experiment import Experiment
 from utils.checkpoint import resolve_checkpoint
 from utils.cli import add_common_args, run
 from utils.config import ConfigError, load_config, validate
@@ -20,7 +20,7 @@ def saved_config(args: argparse.Namespace) -> Any:
                           "(it then reads the experiment's args.json)")
     expt_dir = resolve_checkpoint(args.checkpoint).parent.parent
     log.info("resuming with the experiment's own config %s", expt_dir / "args.json")
-    return experiment_config(expt_dir)
+    return Experiment(expt_dir).config()
 
 
 def main(args: argparse.Namespace) -> None:

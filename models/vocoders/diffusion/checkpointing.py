@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.vocoders.diffusion.experiment import RECORDS_FILE, Experiment
+from models.vocoders.diffusion.train_state import TrainState
 from utils.checkpoint import (
     CHECKPOINT_PATTERN,
     CheckpointError,
     checkpoint_name,
     first_line,
-    list_checkpoints,
     remove_checkpoint,
     save_checkpoint,
 )
@@ -55,10 +56,10 @@ def set_rng_state(state: dict, source: str | Path = "RNG state") -> None:
 
 
 def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
-    """A new run never lands in an existing experiment: its args.json and checkpoints would mix with the old ones."""
+    """A new run never lands in an existing experiment: its config and checkpoints would mix with the old ones."""
     if resume_type == "resume" or not exp_dir.is_dir():
         return
-    if (exp_dir / "args.json").exists() or list_checkpoints(exp_dir / "checkpoint"):
+    if Experiment(exp_dir).has_run():
         raise ConfigError(f"{exp_dir}: an experiment of this name already exists; pass --resume_type resume to "
                           "continue it, or choose another --name")
 
@@ -78,7 +79,7 @@ class CheckpointPolicy:
         self.keep = self._per_stride(tcfg.get("keep_last", [-1]), -1)
         self.run_eval = self._per_stride(tcfg.get("run_eval", [True]), True)
         self.every_steps = int(tcfg.get("save_checkpoints_steps", 0) or 0)
-        self.records = self._read_records(root / "ckpts.json")
+        self.records = self._read_records(root / RECORDS_FILE)
 
     @staticmethod
     def _read_records(path: Path) -> list[dict]:
@@ -125,27 +126,19 @@ class CheckpointPolicy:
         index = kind[6:] if kind.startswith("stride") else ""
         return int(self.keep[int(index)]) if index.isdigit() and int(index) < len(self.keep) else -1
 
-    def save(self, trainer: Any, model: torch.nn.Module, loss: float, rng_states: list[dict], kinds: list[str]) -> Path:
-        files: dict[str, Any] = {
-            "model.safetensors": model.state_dict(),
-            "optimizer.pt": trainer.optimizer.optimizer.state_dict(),
-            "scheduler.pt": trainer.scheduler.state_dict(),
-        }
-        if trainer.ema is not None:
-            files["ema.safetensors"] = trainer.ema.shadow
-        if trainer.accelerator.scaler is not None:
-            files["scaler.pt"] = trainer.accelerator.scaler.state_dict()
-        for rank, state in enumerate(rng_states):
-            files[f"rng_{rank}.pt"] = state
-        state = {"epoch": trainer.epoch, "step": trainer.step, "batch_in_epoch": trainer.batch_in_epoch,
-                 "skipped_steps": trainer.skipped_steps, "loss": loss, "num_processes": len(rng_states)}
-        name = checkpoint_name(trainer.epoch, trainer.step, loss if np.isfinite(loss) else 0.0)
+    def save(self, train: TrainState, loss: float, rng_states: list[dict], kinds: list[str]) -> Path:
+        """The training state and every process's RNG state as a new checkpoint, then prune."""
+        files = train.state_dict()
+        for rank, rng in enumerate(rng_states):
+            files[f"rng_{rank}.pt"] = rng
+        state = {**train.counters(), "loss": loss, "num_processes": len(rng_states)}
+        name = checkpoint_name(train.epoch, train.step, loss if np.isfinite(loss) else 0.0)
         try:
             folder = save_checkpoint(self.root / name, files, state)
         except OSError as err:
             raise OSError(f"saving checkpoint {self.root / name} failed ({first_line(err)}); "
                           "earlier checkpoints are kept") from None
-        self.records = [r for r in self.records if r["name"] != name] + [{"name": name, "step": trainer.step, "kinds": kinds}]
+        self.records = [r for r in self.records if r["name"] != name] + [{"name": name, "step": train.step, "kinds": kinds}]
         self._prune()
         log.info("saved %s", folder)
         return folder
@@ -163,4 +156,4 @@ class CheckpointPolicy:
                 remove_checkpoint(folder)  # renamed first: never half-deleted under its name
         self.records = [r for r in self.records
                         if r["name"] in keep and (self.root / r["name"]).is_dir() and not (self.root / r["name"]).is_symlink()]
-        save_json(self.root / "ckpts.json", {"checkpoints": self.records, "latest": self.records[-1]["name"]})
+        save_json(self.root / RECORDS_FILE, {"checkpoints": self.records, "latest": self.records[-1]["name"]})

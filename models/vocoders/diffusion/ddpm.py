@@ -20,6 +20,7 @@ from torch import Tensor
 from utils.config import ConfigError
 
 SAMPLERS = ("fast", "full", "ddim")
+SAMPLER_NAMES = (*SAMPLERS, "searched")  # searched: the fast sampler over an experiment's searched schedule
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -55,30 +56,6 @@ def fractional_steps(train_betas: Tensor, infer_betas: Tensor) -> Tensor:
     return torch.tensor(steps, dtype=torch.float32)
 
 
-def upsample_factors(cfg: Any) -> list[int]:
-    """The configured factors, or a factorisation of the hop; their product must be the hop."""
-    hop = int(cfg.preprocess.hop_size)
-    factors = cfg.model.diffwave.get("upsample_factors")
-    if not factors:
-        return factorize(hop)
-    if math.prod(int(f) for f in factors) != hop:
-        raise ConfigError(
-            f"{cfg.get('config_path', 'config')}: model.diffwave.upsample_factors {list(factors)} "
-            f"multiply to {math.prod(factors)}, not preprocess.hop_size {hop}"
-        )
-    return [int(f) for f in factors]
-
-
-def factorize(hop: int) -> list[int]:
-    """Two factors as equal as possible (three when the hop is large), largest last."""
-    if hop > 1024:
-        first = next(d for d in range(round(hop ** (1 / 3)), 0, -1) if hop % d == 0)
-        if first > 1:  # a prime-ish hop has no small factor: keep two
-            return [first, *factorize(hop // first)]
-    low = next(d for d in range(math.isqrt(hop), 0, -1) if hop % d == 0)
-    return [low, hop // low] if low > 1 else [hop]
-
-
 @dataclass(frozen=True)
 class SamplerPlan:
     """A reverse walk: per step, the position fed to the step embedding and the schedule values."""
@@ -106,7 +83,7 @@ def make_plan(params: Any, sampler: str = "fast", steps: int | None = None, beta
             raise ConfigError(f"ddim steps must be in 1..{len(train)}, got {n}")
         chosen = torch.linspace(0, len(train) - 1, n).round().long().unique()
         return SamplerPlan("ddim", chosen.float(), train)
-    raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join((*SAMPLERS, 'searched'))}")
+    raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLER_NAMES)}")
 
 
 def _noise(shape: tuple[int, int], lengths: Tensor | None, generators: Sequence[torch.Generator] | None) -> Tensor:

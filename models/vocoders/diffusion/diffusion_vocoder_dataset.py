@@ -1,13 +1,19 @@
-"""Training data: random crops of `cut_mel_frame` mel frames with the matching audio slice.
+"""The feature store, and training data drawn from it.
 
-The crop of every item is a pure function of (seed, epoch, position), and the sampler can
-start mid-epoch, so a resumed run sees exactly the batches the uninterrupted run would.
+Stage 1 writes each utterance's (mel, audio) features where `feature_paths` says; training,
+the TensorBoard evaluation, schedule search and stage 3's dataset mode all read them back
+through `load_entries` and `load_items`.
+
+Training takes random crops of `cut_mel_frame` mel frames with the matching audio slice. The
+crop of every item is a pure function of (seed, epoch, position), and the sampler can start
+mid-epoch, so a resumed run sees exactly the batches the uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +22,27 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from processors.preprocess import feature_paths
-from utils.io import load_json, load_npy
+from utils.io import load_json, load_npy, safe_name
 from utils.text import plural
 
 log = logging.getLogger(__name__)
+Item = tuple[str, Tensor, np.ndarray]
+
+
+def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, Path]:
+    """Where an entry's (mel, audio) features live: found through its own `Dataset` field.
+
+    Names are sanitised, so a Uid such as `../x` from a corpus listing stays inside the folder.
+    """
+    folder = Path(processed_dir) / safe_name(entry["Dataset"])
+    uid = safe_name(entry["Uid"])
+    return folder / "mels" / f"{uid}.npy", folder / "audios" / f"{uid}.npy"
+
+
+def read_features(processed_dir: str | os.PathLike, entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    """An entry's (mel, audio) arrays, each checked by the safe .npy loader."""
+    mel_path, audio_path = feature_paths(processed_dir, entry)
+    return load_npy(mel_path), load_npy(audio_path)
 
 
 def load_entries(cfg: Any, split: str, datasets: list[str] | None = None) -> list[dict]:
@@ -43,6 +65,39 @@ def load_entries(cfg: Any, split: str, datasets: list[str] | None = None) -> lis
     return entries
 
 
+def first_by_name(entries: list[dict], count: int) -> list[dict]:
+    """The first `count` entries by (Dataset, Uid): a fixed choice whatever order the metadata lists them in."""
+    return sorted(entries, key=lambda e: (e["Dataset"], e["Uid"]))[:count]
+
+
+def load_items(cfg: Any, split: str, datasets: list[str] | None = None, *, entries: list[dict] | None = None,
+               max_frames: int | None = None, qualified: bool = True,
+               check: Callable[[np.ndarray, str], Tensor] | None = None, skipped: list[str] | None = None) -> list[Item]:
+    """(name, mel, audio) of a split's utterances (or of `entries`), named `<Dataset>_<Uid>` or, unqualified, `<Uid>`.
+
+    `max_frames` cuts each mel and its audio to match; `check` validates a loaded mel. With
+    `skipped`, an item that fails to load is named there and left out instead of raising.
+    """
+    pre = cfg.preprocess
+    items = []
+    for entry in load_entries(cfg, split, datasets) if entries is None else entries:
+        mel_path, audio_path = feature_paths(pre.processed_dir, entry)
+        try:
+            mel = load_npy(mel_path)
+            mel = check(mel, str(mel_path)) if check else torch.from_numpy(np.ascontiguousarray(mel))
+            audio = load_npy(audio_path)
+        except (ValueError, OSError) as err:
+            if skipped is None:
+                raise
+            skipped.append(str(err))
+            continue
+        if max_frames is not None:
+            mel = mel[:, :max_frames].contiguous()
+            audio = audio[: mel.shape[1] * int(pre.hop_size)]
+        items.append((f"{entry['Dataset']}_{entry['Uid']}" if qualified else entry["Uid"], mel, audio))
+    return items
+
+
 class CropDataset(Dataset):
     """Indexed by (item, crop_seed): returns a (mel crop, audio crop) pair aligned on frames."""
 
@@ -57,8 +112,7 @@ class CropDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
         index, seed = key
-        mel_path, audio_path = feature_paths(self.processed_dir, self.entries[index])
-        mel, audio = load_npy(mel_path), load_npy(audio_path)
+        mel, audio = read_features(self.processed_dir, self.entries[index])
         return crop_pair(mel, audio, self.frames, self.hop, np.random.default_rng(seed))
 
 

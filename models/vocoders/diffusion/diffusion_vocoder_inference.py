@@ -14,11 +14,11 @@ import torch
 
 from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.chunked import ChunkedDenoiser
-from models.vocoders.diffusion.ddpm import SAMPLERS, Denoiser, make_plan
-from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
+from models.vocoders.diffusion.ddpm import SAMPLER_NAMES, Denoiser, make_plan
+from models.vocoders.diffusion.diffwave.diffwave import DiffWave
+from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.windowed import ENGINES, GraphedDenoiser, WindowedDenoiser
-from utils.checkpoint import load_into, load_weights, resolve_checkpoint
-from utils.config import ConfigError, load_config
+from utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -27,24 +27,6 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 def utterance_seed(base_seed: int, name: str) -> int:
     """Each utterance's noise depends only on its name and the seed, not on its batch-mates."""
     return (int(base_seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % 2**63
-
-
-def experiment_config(expt_dir: str | Path) -> Any:
-    args = Path(expt_dir) / "args.json"
-    if not args.is_file():
-        raise ConfigError(f"{args}: missing; is '{expt_dir}' an experiment folder written by stage 2?")
-    return load_config(args)
-
-
-def load_model(cfg: Any, expt_dir: str | Path, checkpoint: str | None = None, use_ema: bool = True) -> DiffWave:
-    """The experiment's newest complete checkpoint (or `checkpoint`), EMA weights when present."""
-    folder = resolve_checkpoint(checkpoint or Path(expt_dir) / "checkpoint")
-    model = build_diffwave(cfg)
-    ema = folder / "ema.safetensors"
-    source = ema if use_ema and ema.is_file() else folder
-    load_into(model, load_weights(source), source)
-    log.info("loaded %s", source)
-    return model.eval()
 
 
 def _flag(value: bool | str, key: str, default: bool) -> bool:
@@ -68,8 +50,8 @@ class Vocoder:
                  betas: Sequence[float] | None = None, chunk_size: int = 65536, cache_gib: float = 1.0,
                  tile: int | None = 2048, engine: str = "auto", compile: bool | str = "auto",
                  cuda_graph: bool | str = "auto", gpu_memory_gib: float | None = None) -> None:
-        if sampler not in (*SAMPLERS, "searched"):
-            raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join((*SAMPLERS, 'searched'))}")
+        if sampler not in SAMPLER_NAMES:
+            raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLER_NAMES)}")
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
         self.cfg = cfg
@@ -186,9 +168,10 @@ class Vocoder:
 
 def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None, use_ema: bool = True,
                             cfg: Any = None, **options: Any) -> Vocoder:
-    """`cfg` defaults to the experiment's args.json."""
-    cfg = cfg if cfg is not None else experiment_config(expt_dir)
-    model = load_model(cfg, expt_dir, checkpoint, use_ema)
+    """`cfg` defaults to the experiment's own config."""
+    experiment = Experiment(expt_dir)
+    cfg = cfg if cfg is not None else experiment.config()
+    model = experiment.load_model(cfg, checkpoint, use_ema)
     infer = cfg.get("inference", {})
     options.setdefault("sampler", infer.get("sampler", "fast"))
     options.setdefault("batch_size", infer.get("batch_size", 1))
@@ -198,7 +181,5 @@ def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None,
         if infer.get(key) is not None:
             options.setdefault(key, infer.get(key))
     if options["sampler"] == "searched" and options.get("betas") is None:
-        from models.vocoders.diffusion.schedule_search import searched_betas
-
-        options["betas"] = searched_betas(expt_dir, options.get("steps"))
+        options["betas"] = experiment.searched_betas(options.get("steps"))
     return Vocoder(cfg, model, **options)

@@ -30,20 +30,15 @@ from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, collate, load_entries
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
-from processors.mel_conventions import write_contract
+from models.vocoders.diffusion.experiment import Experiment
+from models.vocoders.diffusion.train_state import TrainState
 from utils.checkpoint import (
-    CheckpointError,
-    first_line,
     is_accelerate_folder,
     list_checkpoints,
-    load_into,
-    load_weights,
-    read_state,
     resolve_checkpoint,
     safe_torch_load,
-    training_state_file,
 )
-from utils.config import ConfigError, save_config
+from utils.config import ConfigError
 from utils.text import plural
 from utils.threads import fair_threads
 
@@ -113,8 +108,8 @@ class DiffusionVocoderTrainer:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32", True))
             torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))
-        self.exp_dir = Path(cfg.log_dir) / name
-        self.ckpt_dir = self.exp_dir / "checkpoint"
+        self.experiment = Experiment(Path(cfg.log_dir) / name)
+        self.exp_dir, self.ckpt_dir = self.experiment.root, self.experiment.checkpoints
         refuse_to_mix_runs(self.exp_dir, resume_type)
         self.seed = int(tcfg.get("random_seed", 114514))
 
@@ -128,7 +123,7 @@ class DiffusionVocoderTrainer:
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, float(tcfg.exponential_lr.lr_decay))
         decay = float(tcfg.get("ema_decay", 0.0))
         self.ema = EMA(self.model, decay) if decay > 0 else None
-        self.epoch, self.step, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.ema, self.accelerator.scaler)
         fixed = int(tcfg.get("num_threads", 0) or 0)
         self.thread_ceiling = 0 if cuda else fixed or torch.get_num_threads()
         self.adapt_threads = not cuda and not fixed
@@ -152,9 +147,7 @@ class DiffusionVocoderTrainer:
         if self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.exp_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.exp_dir / "args.json")
-            write_contract(cfg.preprocess, self.exp_dir)
+            self.experiment.write_setup(cfg)
             self.writer = SummaryWriter(str(self.exp_dir))
         self.eval_logger = EvalLogger(cfg, self.valid_entries, self.writer)
         self._log_setup(precision)
@@ -219,40 +212,16 @@ class DiffusionVocoderTrainer:
         if not checkpoint:
             raise ConfigError("--resume_type finetune needs --checkpoint <checkpoint folder or weights file>")
         source = resolve_checkpoint(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint)
-        load_into(self.model, load_weights(source), source)
-        if self.ema is not None:
-            ema_file = source / "ema.safetensors" if source.is_dir() else None
-            if ema_file is not None and ema_file.is_file():
-                shadow = build_diffwave(self.cfg)
-                load_into(shadow, load_weights(ema_file), ema_file)  # the same clear error for a shape mismatch
-                self.ema.shadow = {k: v.detach().clone().float() for k, v in shadow.state_dict().items()}
-            else:
-                self.ema = EMA(self.model, self.ema.decay)
+        self.state.load_weights(source)
         log.info("finetuning from %s: weights%s loaded, optimizer and step start fresh", source,
                  " and EMA" if self.ema is not None else "")
 
     def _resume(self, checkpoint: str | Path) -> None:
         folder = resolve_checkpoint(checkpoint)
-        model = self.accelerator.unwrap_model(self.model)
-        load_into(model, load_weights(folder), folder)
-        for stem, target in (("optimizer", self.optimizer.optimizer), ("scheduler", self.scheduler)):
-            path = training_state_file(folder, stem)
-            state = safe_torch_load(path)
-            try:
-                target.load_state_dict(state)
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-                raise CheckpointError(f"{path}: damaged or from another model ({first_line(err)})") from None
-        if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
-            self.accelerator.scaler.load_state_dict(safe_torch_load(folder / "scaler.pt"))
-        if self.ema is not None:
-            ema_file = folder / "ema.safetensors"
-            self.ema.shadow = load_weights(ema_file) if ema_file.is_file() else EMA(model, self.ema.decay).shadow
-        state = read_state(folder)
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.batch_in_epoch, self.skipped_steps = state.get("batch_in_epoch", 0), state.get("skipped_steps", 0)
+        self.state.load_state_dict(folder)
         self._resume_rng(folder)
-        log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.step,
-                 self.batch_in_epoch)
+        log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, self.state.epoch,
+                 self.state.step, self.state.batch_in_epoch)
 
     def _resume_rng(self, folder: Path) -> None:
         if is_accelerate_folder(folder):
@@ -269,10 +238,10 @@ class DiffusionVocoderTrainer:
     def _refuse_no_op(self) -> None:
         """A resume that is already at its bound would train nothing: say so instead of exiting 0 silently."""
         max_steps, max_epoch = int(self.cfg.train.get("max_steps", 0) or 0), int(self.cfg.train.get("max_epoch", -1))
-        if max_steps and self.step >= max_steps:
-            raise ValueError(f"already at step {self.step} of max_steps {max_steps}; raise --max_steps to continue")
-        if 0 <= max_epoch <= self.epoch:
-            raise ValueError(f"already at epoch {self.epoch} of max_epoch {max_epoch}; raise train.max_epoch to continue")
+        if max_steps and self.state.step >= max_steps:
+            raise ValueError(f"already at step {self.state.step} of max_steps {max_steps}; raise --max_steps to continue")
+        if 0 <= max_epoch <= self.state.epoch:
+            raise ValueError(f"already at epoch {self.state.epoch} of max_epoch {max_epoch}; raise train.max_epoch to continue")
 
     # ----- training --------------------------------------------------------------
     def _loss(self, model: torch.nn.Module, mel: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
@@ -325,17 +294,17 @@ class DiffusionVocoderTrainer:
         if self.writer is not None:
             for tag, value in scalars.items():
                 if value is not None:
-                    self.writer.add_scalar(tag, value, self.step)
+                    self.writer.add_scalar(tag, value, self.state.step)
 
     def _save(self, loss: float, kinds: list[str]) -> None:
         acc = self.accelerator
         rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
-            self.policy.save(self, model, loss, rng_states, kinds)
+            self.policy.save(self.state, loss, rng_states, kinds)
             if self.policy.wants_eval(kinds) or "final" in kinds:
                 with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
-                    self.eval_logger.log(self._inference_weights(model), self.step)
+                    self.eval_logger.log(self._inference_weights(model), self.state.step)
         acc.wait_for_everyone()
 
     def _inference_weights(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -349,8 +318,8 @@ class DiffusionVocoderTrainer:
         kept = list_checkpoints(self.ckpt_dir)
         where = f"the last good checkpoint {kept[-1]} is kept" if kept else f"no checkpoint was saved yet in {self.ckpt_dir}"
         return FloatingPointError(
-            f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (at step {self.step}, epoch "
-            f"{self.epoch}): training stopped; {where}. Lower train.adamw.lr or set train.max_grad_norm"
+            f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (at step {self.state.step}, epoch "
+            f"{self.state.epoch}): training stopped; {where}. Lower train.adamw.lr or set train.max_grad_norm"
         )
 
     def train(self) -> None:
@@ -369,22 +338,22 @@ class DiffusionVocoderTrainer:
         rate = float(self.cfg.preprocess.sample_rate)
         bad_in_row = 0
         self.model.train()
-        while (max_epoch < 0 or self.epoch < max_epoch) and not (max_steps and self.step >= max_steps):
-            self.train_sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        while (max_epoch < 0 or self.state.epoch < max_epoch) and not (max_steps and self.state.step >= max_steps):
+            self.train_sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
             per_epoch = len(self.train_sampler)
-            bar = tqdm(total=per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch}", unit="batch",
+            bar = tqdm(total=per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {self.state.epoch}", unit="batch",
                        disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
             losses: list[float] = []
             pending: list[str] = []
             window_ok, window_audio, epoch_audio, epoch_steps = True, 0.0, 0.0, 0
             start = tick = time.perf_counter()
-            window_start = self.batch_in_epoch - self.batch_in_epoch % self.accum
+            window_start = self.state.batch_in_epoch - self.state.batch_in_epoch % self.accum
             for mel, audio in self.train_loader:
                 mel, audio = mel.to(acc.device, non_blocking=True), audio.to(acc.device, non_blocking=True)
                 window = min(self.accum, per_epoch - window_start)
-                sync = self.batch_in_epoch + 1 - window_start >= window
+                sync = self.state.batch_in_epoch + 1 - window_start >= window
                 loss = self.micro_step(mel, audio, window, sync)
-                self.batch_in_epoch += 1
+                self.state.batch_in_epoch += 1
                 window_ok = window_ok and math.isfinite(loss)
                 window_audio += audio.numel() * acc.num_processes / rate
                 if math.isfinite(loss):
@@ -395,53 +364,53 @@ class DiffusionVocoderTrainer:
                 stepped, grad_norm = self.optimizer_step(window_ok)
                 elapsed = max(time.perf_counter() - tick, 1e-9)
                 if stepped:
-                    self.step += 1
+                    self.state.step += 1
                     bad_in_row = 0
                     if self.ema is not None:
-                        self.ema.update(acc.unwrap_model(self.model), self.step)
+                        self.ema.update(acc.unwrap_model(self.model), self.state.step)
                 else:
-                    self.skipped_steps += 1
+                    self.state.skipped_steps += 1
                     bad_in_row += 1
                 self._log({
                     "train/loss": losses[-1] if stepped and losses else None, "train/grad_norm": grad_norm,
-                    "train/lr": self.optimizer.param_groups[0]["lr"], "train/skipped_steps": self.skipped_steps,
+                    "train/lr": self.optimizer.param_groups[0]["lr"], "train/skipped_steps": self.state.skipped_steps,
                     "train/steps_per_sec": 1 / elapsed, "train/audio_sec_per_sec": window_audio / elapsed,
                 })
                 epoch_audio, epoch_steps = epoch_audio + window_audio, epoch_steps + 1
-                bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", step=self.step,
+                bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", step=self.state.step,
                                 steps_s=f"{1 / elapsed:.2f}", audio_s_s=f"{window_audio / elapsed:.1f}")
-                window_ok, window_audio, window_start = True, 0.0, self.batch_in_epoch
+                window_ok, window_audio, window_start = True, 0.0, self.state.batch_in_epoch
                 if bad_in_row >= max_bad:
                     bar.close()
                     raise self._too_many_bad(bad_in_row)
-                kinds = self.policy.due_by_step(self.step) if stepped else []
-                stopping = bool(max_steps and self.step >= max_steps)
-                if kinds and not stopping and self.batch_in_epoch < per_epoch:
+                kinds = self.policy.due_by_step(self.state.step) if stepped else []
+                stopping = bool(max_steps and self.state.step >= max_steps)
+                if kinds and not stopping and self.state.batch_in_epoch < per_epoch:
                     self._save(losses[-1], kinds)
                 else:
                     pending += kinds  # saved once below, with the epoch's or the final checkpoint
                 tick = time.perf_counter()
                 if stopping:
                     break
-                if self.adapt_threads and self.step % THREAD_CHECK_STEPS == 0:
+                if self.adapt_threads and self.state.step % THREAD_CHECK_STEPS == 0:
                     self._share_cores()
             bar.close()
             seconds = time.perf_counter() - start
-            finished_epoch = self.batch_in_epoch >= per_epoch
+            finished_epoch = self.state.batch_in_epoch >= per_epoch
             if finished_epoch:
-                self.epoch += 1
-                self.batch_in_epoch = 0
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
                 self.scheduler.step()
             valid_loss = self.validate()
             mean_loss = float(np.mean(losses)) if losses else float("nan")
             self._log({"valid/loss": valid_loss, "train/epoch_loss": mean_loss})
             log.info("epoch %d%s: step %d, train loss %.5f, valid loss %.5f, lr %.3g, %.2f steps/s, %.1f audio s/s, "
-                     "%s skipped, %.1f s", self.epoch if finished_epoch else self.epoch + 1,
-                     "" if finished_epoch else " (stopped mid-epoch)", self.step, mean_loss, valid_loss,
+                     "%s skipped, %.1f s", self.state.epoch if finished_epoch else self.state.epoch + 1,
+                     "" if finished_epoch else " (stopped mid-epoch)", self.state.step, mean_loss, valid_loss,
                      self.optimizer.param_groups[0]["lr"], epoch_steps / max(seconds, 1e-9),
-                     epoch_audio / max(seconds, 1e-9), plural(self.skipped_steps, "step"), seconds)
-            stop = bool(max_steps and self.step >= max_steps) or (max_epoch >= 0 and self.epoch >= max_epoch)
-            kinds = pending + (self.policy.due_by_epoch(self.epoch) if finished_epoch else [])
+                     epoch_audio / max(seconds, 1e-9), plural(self.state.skipped_steps, "step"), seconds)
+            stop = bool(max_steps and self.state.step >= max_steps) or (max_epoch >= 0 and self.state.epoch >= max_epoch)
+            kinds = pending + (self.policy.due_by_epoch(self.state.epoch) if finished_epoch else [])
             if kinds or stop:
                 self._save(valid_loss, kinds + (["final"] if stop else []))
             if stop:

@@ -9,10 +9,9 @@ import numpy as np
 import torch
 
 from evaluation.metrics import cheap_metrics
+from models.vocoders.diffusion.diffusion_vocoder_dataset import first_by_name, load_items
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from processors.mel import mel_spectrogram
-from processors.preprocess import feature_paths
-from utils.io import load_npy
 
 log = logging.getLogger(__name__)
 MEL_IMAGE_MIN = (320, 640)  # pixels (height, width) of the mel images in TensorBoard, at least
@@ -36,26 +35,16 @@ class EvalLogger:
     def __init__(self, cfg: Any, entries: list[dict], writer: Any) -> None:
         self.cfg, self.writer = cfg, writer
         count = int(cfg.train.get("eval_utterances", 3))
-        self.entries = sorted(entries, key=lambda e: (e["Dataset"], e["Uid"]))[:count]
+        self.entries = first_by_name(entries, count)
         self.max_frames = int(float(cfg.train.get("eval_seconds", 2.0)) * cfg.preprocess.sample_rate / cfg.preprocess.hop_size)
         self.logged_truth = False
-
-    def _load(self) -> list[tuple[str, torch.Tensor, np.ndarray]]:
-        hop = int(self.cfg.preprocess.hop_size)
-        items = []
-        for entry in self.entries:
-            mel_path, audio_path = feature_paths(self.cfg.preprocess.processed_dir, entry)
-            mel = load_npy(mel_path)[:, : self.max_frames]
-            truth = load_npy(audio_path)[: mel.shape[1] * hop]
-            items.append((f"{entry['Dataset']}_{entry['Uid']}", torch.from_numpy(mel), truth))
-        return items
 
     @torch.no_grad()
     def log(self, model: torch.nn.Module, step: int) -> None:
         if self.writer is None or not self.entries:
             return
         was_training = model.training
-        items = self._load()
+        items = load_items(self.cfg, "valid", entries=self.entries, max_frames=self.max_frames)
         device = next(model.parameters()).device
         vocoder = Vocoder(self.cfg, model, sampler="fast", batch_size=len(items), device=str(device))
         preds = vocoder([m for _, m, _ in items], [n for n, _, _ in items])

@@ -1,4 +1,7 @@
-"""Which experiment and config stage 3 uses, whichever way the user names them.
+"""An experiment folder: its layout, its config, its model, its schedules and its mel contract.
+
+Stage 2 writes the folder; stage 3, export and schedule search read it, all through `Experiment`,
+so the file names below are spelled nowhere else.
 
 Users of the original toolkit point `--infer_expt_dir` at an experiment, at its `checkpoint/`
 folder or at one checkpoint folder, and pass the recipe's `--config` as its run.sh does.
@@ -9,13 +12,25 @@ setting that changes the result; `--config` contributes its `inference` section.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from utils.checkpoint import CHECKPOINT_PATTERN
-from utils.config import load_config, merge, to_attrdict, to_plain
+from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
+from models.vocoders.diffusion.train_state import weights_source
+from processors.mel_conventions import mel_contract
+from utils.checkpoint import CHECKPOINT_DIR, CHECKPOINT_PATTERN, list_checkpoints, load_into, load_weights, resolve_checkpoint
+from utils.config import ConfigError, load_config, merge, save_config, to_attrdict, to_plain
+from utils.io import load_json, save_json
 
 log = logging.getLogger(__name__)
+ARGS_FILE = "args.json"
+RECORDS_FILE = "ckpts.json"  # inside CHECKPOINT_DIR: which checkpoint each save kind keeps
+SCHEDULE_FILE = "searched_schedule.json"
+CONTRACT_FILE = "mel_contract.json"
+BETA_MIN, BETA_MAX = 1e-6, 0.9
 # Settings that change the waveform a trained model produces: the mel it was trained on, and its shape.
 RESULT_KEYS = (
     *(f"preprocess.{k}" for k in ("sample_rate", "hop_size", "n_fft", "win_size", "n_mel", "fmin", "fmax")),
@@ -24,14 +39,91 @@ RESULT_KEYS = (
 )
 
 
+def is_valid(betas: Sequence[float]) -> bool:
+    """Strictly increasing and within (BETA_MIN, BETA_MAX): what the fast sampler can walk back."""
+    return all(BETA_MIN <= b <= BETA_MAX for b in betas) and all(a < b for a, b in pairwise(betas))
+
+
+class Experiment:
+    """The folder stage 2 writes under `<log_dir>/<name>`, and everything read back from it."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.args = self.root / ARGS_FILE
+        self.checkpoints = self.root / CHECKPOINT_DIR
+        self.records = self.checkpoints / RECORDS_FILE
+        self.schedules = self.root / SCHEDULE_FILE
+        self.contract = self.root / CONTRACT_FILE
+
+    def has_run(self) -> bool:
+        """A run already wrote here: its config or a complete checkpoint."""
+        return self.args.exists() or bool(list_checkpoints(self.checkpoints))
+
+    def config(self) -> Any:
+        if not self.args.is_file():
+            raise ConfigError(f"{self.args}: missing; is '{self.root}' an experiment folder written by stage 2?")
+        return load_config(self.args)
+
+    def write_setup(self, cfg: Any) -> None:
+        """The run's config and the mel contract it trains on, beside its checkpoints."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.args)
+        save_json(self.contract, mel_contract(cfg.preprocess))
+
+    def read_contract(self) -> dict:
+        """The experiment's mel contract; experiments older than the file get it derived from args.json."""
+        if self.contract.is_file():
+            contract = load_json(self.contract)
+            if not isinstance(contract, dict) or "n_mel" not in contract:
+                raise ConfigError(f"{self.contract}: not a mel contract (no 'n_mel')")
+            return contract
+        if self.args.is_file():
+            return mel_contract(load_config(self.args).preprocess)
+        raise ConfigError(f"{self.root}: neither {CONTRACT_FILE} nor {ARGS_FILE}; "
+                          "is it an experiment folder written by stage 2?")
+
+    def load_model(self, cfg: Any, checkpoint: str | None = None, use_ema: bool = True) -> DiffWave:
+        """The newest complete checkpoint (or `checkpoint`), EMA weights when present, in eval mode."""
+        source = weights_source(resolve_checkpoint(checkpoint or self.checkpoints), use_ema)
+        model = build_diffwave(cfg)
+        load_into(model, load_weights(source), source)
+        log.info("loaded %s", source)
+        return model.eval()
+
+    def save_schedule(self, result: dict) -> Path:
+        """Add (or replace) this step count's searched schedule; it becomes the default."""
+        data = load_json(self.schedules) if self.schedules.is_file() else {"schedules": {}}
+        data["schedules"][str(result["steps"])] = result
+        data["default"] = str(result["steps"])
+        save_json(self.schedules, data)
+        return self.schedules
+
+    def searched_betas(self, steps: int | None = None) -> list[float]:
+        """The searched schedule with `steps` betas (default: the one searched last)."""
+        path = self.schedules
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing; run bins/vocoder/search_schedule.py --expt_dir {self.root} --steps N first")
+        data = load_json(path)
+        schedules = data.get("schedules", {})
+        key = str(steps) if steps else str(data.get("default"))
+        if key not in schedules:
+            raise ConfigError(f"{path}: no {key}-step schedule; searched: {', '.join(sorted(schedules, key=int)) or 'none'}")
+        betas = [float(b) for b in schedules[key]["betas"]]
+        if not is_valid(betas):
+            raise ConfigError(f"{path}: the {key}-step schedule is not a strictly increasing sequence in "
+                              f"[{BETA_MIN}, {BETA_MAX}]")
+        log.info("searched %s-step schedule from %s: %s", key, path, ", ".join(f"{b:.3g}" for b in betas))
+        return betas
+
+
 def locate_experiment(path: str | Path, checkpoint: str | None = None) -> tuple[Path, str | None]:
     """(experiment folder, checkpoint) from an experiment, its `checkpoint/` folder or one checkpoint folder."""
     path = Path(path)
-    if (path / "args.json").is_file() or checkpoint:
+    if Experiment(path).args.is_file() or checkpoint:
         return path, checkpoint
-    if path.name == "checkpoint" and (path.parent / "args.json").is_file():
+    if path.name == CHECKPOINT_DIR and Experiment(path.parent).args.is_file():
         return path.parent, str(path)
-    if CHECKPOINT_PATTERN.match(path.name) and (path.parent.parent / "args.json").is_file():
+    if CHECKPOINT_PATTERN.match(path.name) and Experiment(path.parent.parent).args.is_file():
         return path.parent.parent, str(path)
     return path, checkpoint
 
@@ -53,6 +145,6 @@ def with_recipe_config(cfg: Any, config_path: str | Path | None) -> Any:
         ours, theirs = _value(cfg, key), _value(recipe, key)
         if theirs is not None and theirs != ours:
             log.warning("%s: %s is %s, but the experiment was trained with %s: using the experiment's value "
-                        "(args.json); --config only sets the inference options", config_path, key, theirs, ours)
+                        "(%s); --config only sets the inference options", config_path, key, theirs, ours, ARGS_FILE)
     cfg["inference"] = to_attrdict(merge(to_plain(cfg.get("inference", {}) or {}), to_plain(recipe.get("inference", {}) or {})))
     return cfg

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.vocoders.diffusion.diffusion_vocoder_dataset import load_entries
+from models.vocoders.diffusion.diffusion_vocoder_dataset import load_items
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from processors.audio import AudioError, list_audio, load_audio
 from processors.mel import mel_spectrogram, min_samples
 from processors.mel_conventions import MelConverter
-from processors.preprocess import feature_paths
 from utils.io import atomic_write_text, load_npy, remove_stale_temps, safe_name, save_wav, unique_names
 from utils.text import plural
 
@@ -84,22 +83,6 @@ def named_outputs(items: list[tuple[str, torch.Tensor, Any]]) -> list[tuple[str,
     return [(name, mel, truth) for name, (_stem, mel, truth) in zip(names, items, strict=True)]
 
 
-def dataset_items(cfg: Any, datasets: list[str], skipped: list[str]) -> list[tuple[str, torch.Tensor, np.ndarray]]:
-    items = []
-    entries = load_entries(cfg, "valid", datasets)
-    prefix = len(datasets) > 1
-    for entry in entries:
-        mel_path, audio_path = feature_paths(cfg.preprocess.processed_dir, entry)
-        try:
-            mel = check_mel(load_npy(mel_path), int(cfg.preprocess.n_mel), str(mel_path))
-            truth = load_npy(audio_path)
-        except (InputError, ValueError, OSError) as err:
-            skipped.append(str(err))
-            continue
-        items.append((f"{entry['Dataset']}_{entry['Uid']}" if prefix else entry["Uid"], mel, truth))
-    return items
-
-
 def feature_items(cfg: Any, folder: Path, skipped: list[str],
                   convert: MelConverter | None = None) -> list[tuple[str, torch.Tensor, None]]:
     """Mels of a folder; `convert` checks each against the mel contract and undoes other conventions."""
@@ -141,7 +124,10 @@ def run_inference(vocoder: Vocoder, mode: str, output_dir: str | Path, datasets:
     for sub in ("pred", "gt"):
         remove_stale_temps(out / sub)
     if mode == "infer_from_dataset":
-        items = dataset_items(cfg, datasets or list(cfg.dataset), skipped)
+        datasets = datasets or list(cfg.dataset)
+        n_mel = int(cfg.preprocess.n_mel)
+        items = load_items(cfg, "valid", datasets, qualified=len(datasets) > 1,
+                           check=lambda mel, source: check_mel(mel, n_mel, source), skipped=skipped)
     elif mode == "infer_from_feature":
         items = feature_items(cfg, Path(feature_dir or ""), skipped, convert)
     elif mode == "infer_from_audio":

@@ -4,17 +4,15 @@ WaveGrad (Chen et al., 2021) and FastDiff (Huang et al., 2022) pick few-step sch
 searching monotone beta sequences against a spectral distance on held-out audio; the
 hand-written 6-step schedule is rarely the best one for a given model. Candidates run through
 the ordinary fast sampler (betas mapped to fractional training steps), so a searched schedule
-needs nothing new at synthesis time: stage 3 reads it back with `--infer_sampler searched`.
+needs nothing new at synthesis time: the experiment keeps it (`Experiment.save_schedule`) and stage 3
+reads it back with `--infer_sampler searched`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
-from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,16 +20,13 @@ import torch
 from tqdm import tqdm
 
 from evaluation.metrics import mel_l1, mstft
-from models.vocoders.diffusion.diffusion_vocoder_dataset import load_entries
+from models.vocoders.diffusion.diffusion_vocoder_dataset import first_by_name, load_entries, load_items
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
-from processors.preprocess import feature_paths
+from models.vocoders.diffusion.experiment import is_valid
 from utils.config import ConfigError
-from utils.io import load_json, load_npy, save_json
 from utils.text import plural
 
 log = logging.getLogger(__name__)
-SCHEDULE_FILE = "searched_schedule.json"
-BETA_MIN, BETA_MAX = 1e-6, 0.9
 # The coarse grid: geometric-like sequences from FIRSTS to LASTS, bent by POWERS.
 FIRSTS = (1e-5, 1e-4, 1e-3, 1e-2)
 LASTS = (0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
@@ -41,17 +36,11 @@ POWERS = (0.6, 1.0, 1.6)
 def validation_utterances(cfg: Any, count: int, seconds: float) -> list[tuple[str, torch.Tensor, np.ndarray]]:
     """The first `count` validation utterances (sorted by name), cut to `seconds`: (name, mel, audio)."""
     pre = cfg.preprocess
-    hop, frames = int(pre.hop_size), max(1, int(seconds * int(pre.sample_rate) / int(pre.hop_size)))
-    entries = sorted(load_entries(cfg, "valid"), key=lambda e: (e["Dataset"], e["Uid"]))[:count]
+    frames = max(1, int(seconds * int(pre.sample_rate) / int(pre.hop_size)))
+    entries = first_by_name(load_entries(cfg, "valid"), count)
     if not entries:
         raise FileNotFoundError(f"{pre.processed_dir}: no validation utterances with features to search a schedule on")
-    items = []
-    for entry in entries:
-        mel_path, audio_path = feature_paths(pre.processed_dir, entry)
-        mel = load_npy(mel_path)[:, :frames]
-        items.append((f"{entry['Dataset']}_{entry['Uid']}", torch.from_numpy(np.ascontiguousarray(mel)),
-                      load_npy(audio_path)[: mel.shape[1] * hop]))
-    return items
+    return load_items(cfg, "valid", entries=entries, max_frames=frames)
 
 
 class ScheduleScorer:
@@ -84,11 +73,6 @@ def shaped(first: float, last: float, power: float, steps: int) -> list[float]:
         return [last]
     span = math.log(last) - math.log(first)
     return [math.exp(math.log(first) + span * (i / (steps - 1)) ** power) for i in range(steps)]
-
-
-def is_valid(betas: Sequence[float]) -> bool:
-    """Strictly increasing and within (BETA_MIN, BETA_MAX): what the fast sampler can walk back."""
-    return all(BETA_MIN <= b <= BETA_MAX for b in betas) and all(a < b for a, b in pairwise(betas))
 
 
 def coarse_grid(steps: int, default: Sequence[float] | None = None) -> list[list[float]]:
@@ -151,30 +135,3 @@ def search_schedule(cfg: Any, model: torch.nn.Module, steps: int, utterances: in
         "seed": seed,
         "evaluations": score.evaluations,
     }
-
-
-def save_schedule(expt_dir: str | os.PathLike, result: dict) -> Path:
-    """Add (or replace) this step count's schedule in the experiment's file; it becomes the default."""
-    path = Path(expt_dir) / SCHEDULE_FILE
-    data = load_json(path) if path.is_file() else {"schedules": {}}
-    data["schedules"][str(result["steps"])] = result
-    data["default"] = str(result["steps"])
-    save_json(path, data)
-    return path
-
-
-def searched_betas(expt_dir: str | os.PathLike, steps: int | None = None) -> list[float]:
-    """The searched schedule with `steps` betas (default: the one searched last)."""
-    path = Path(expt_dir) / SCHEDULE_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: missing; run bins/vocoder/search_schedule.py --expt_dir {expt_dir} --steps N first")
-    data = load_json(path)
-    schedules = data.get("schedules", {})
-    key = str(steps) if steps else str(data.get("default"))
-    if key not in schedules:
-        raise ConfigError(f"{path}: no {key}-step schedule; searched: {', '.join(sorted(schedules, key=int)) or 'none'}")
-    betas = [float(b) for b in schedules[key]["betas"]]
-    if not is_valid(betas):
-        raise ConfigError(f"{path}: the {key}-step schedule is not a strictly increasing sequence in [{BETA_MIN}, {BETA_MAX}]")
-    log.info("searched %s-step schedule from %s: %s", key, path, ", ".join(f"{b:.3g}" for b in betas))
-    return betas

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from models.vocoders.diffusion.diffwave.geometry import upsample_factors
+
 EMBED_DIM = 128
 HIDDEN_DIM = 512
 
@@ -176,8 +178,6 @@ class DiffWave(nn.Module):
 
 def build_diffwave(cfg: Any) -> DiffWave:
     """The network described by a resolved config (`cfg.model.diffwave`, `cfg.preprocess`)."""
-    from models.vocoders.diffusion.ddpm import upsample_factors
-
     params = cfg.model.diffwave
     return DiffWave(
         n_mels=int(cfg.preprocess.n_mel),

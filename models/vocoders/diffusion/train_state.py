@@ -1,0 +1,110 @@
+"""What a training checkpoint holds, written and read back in one place.
+
+A checkpoint folder holds the model and EMA weights (safetensors), the optimizer, LR scheduler
+and grad scaler states, one RNG file per process (see checkpointing), and state.json with the
+counters that put a resumed run exactly where the uninterrupted one would be. `state_dict`
+names every file; `load_state_dict` (resume) and `load_weights` (finetune, inference) read them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.checkpoint import (
+    WEIGHT_FILES,
+    CheckpointError,
+    first_line,
+    load_into,
+    load_weights,
+    read_state,
+    safe_torch_load,
+    training_state_file,
+)
+
+log = logging.getLogger(__name__)
+MODEL_FILE, EMA_FILE, SCALER_FILE = WEIGHT_FILES[0], "ema.safetensors", "scaler.pt"
+COUNTERS = ("epoch", "step", "batch_in_epoch", "skipped_steps")
+
+
+def float_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached fp32 copy of the weights: what a fresh EMA starts from."""
+    return {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+
+def weights_source(folder: Path, use_ema: bool = True) -> Path:
+    """The file (EMA weights when present and wanted) or folder (raw weights) to synthesise with."""
+    ema = folder / EMA_FILE
+    return ema if use_ema and ema.is_file() else folder
+
+
+@dataclass
+class TrainState:
+    """The unwrapped model and optimizer, the scheduler, the EMA (`.shadow`) and grad scaler, and the counters."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Any = None
+    scaler: Any = None
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's files by name, without the counters (`counters`) and RNG states."""
+        files: dict[str, Any] = {
+            MODEL_FILE: self.model.state_dict(),
+            "optimizer.pt": self.optimizer.state_dict(),
+            "scheduler.pt": self.scheduler.state_dict(),
+        }
+        if self.ema is not None:
+            files[EMA_FILE] = self.ema.shadow
+        if self.scaler is not None:
+            files[SCALER_FILE] = self.scaler.state_dict()
+        return files
+
+    def counters(self) -> dict[str, int]:
+        return {key: getattr(self, key) for key in COUNTERS}
+
+    def load_state_dict(self, folder: Path) -> None:
+        """Resume: everything from a complete checkpoint folder, ours or accelerate's save_state."""
+        load_into(self.model, load_weights(folder), folder)
+        for stem, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
+            path = training_state_file(folder, stem)
+            saved = safe_torch_load(path)  # a refused file is reported as refused, not as damaged
+            try:
+                target.load_state_dict(saved)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+                raise CheckpointError(f"{path}: damaged or from another model ({first_line(err)})") from None
+        if self.scaler is not None and (folder / SCALER_FILE).is_file():
+            self.scaler.load_state_dict(safe_torch_load(folder / SCALER_FILE))
+        if self.ema is not None:
+            ema_file = folder / EMA_FILE
+            self.ema.shadow = load_weights(ema_file) if ema_file.is_file() else float_copy(self.model)
+        state = read_state(folder)
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.batch_in_epoch, self.skipped_steps = state.get("batch_in_epoch", 0), state.get("skipped_steps", 0)
+
+    def load_weights(self, source: Path) -> None:
+        """Finetune: the weights of a checkpoint folder or weights file, and its EMA when it has one.
+
+        Without EMA weights in the source, the EMA restarts from the loaded weights; the optimizer
+        and counters stay fresh.
+        """
+        load_into(self.model, load_weights(source), source)
+        if self.ema is None:
+            return
+        ema_file = source / EMA_FILE if source.is_dir() else None
+        if ema_file is not None and ema_file.is_file():
+            shadow = copy.deepcopy(self.model)
+            load_into(shadow, load_weights(ema_file), ema_file)  # the same clear error for a shape mismatch
+            self.ema.shadow = float_copy(shadow)
+        else:
+            self.ema.shadow = float_copy(self.model)
