@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.vocoders.diffusion.ddpm import SAMPLERS
-from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, tf32
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
 from models.vocoders.diffusion.windowed import ENGINES
 from utils.config import REPO_ROOT, load_config
@@ -55,12 +55,10 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
 def cuda_peaks(device: torch.device, size: int = 8192, repeats: int = 10) -> dict[str, float]:
     """The card's own ceilings, measured now: bf16 and TF32 matmul (TFLOP/s), device copy (TB/s, read + write)."""
     out = {}
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 operands on the tensor cores
     for name, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32)):
         a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-        out[f"{name}_tflops"] = 2 * size**3 / cuda_seconds(lambda a=a, b=b: torch.matmul(a, b), repeats) / 1e12
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+        with tf32():  # fp32 operands on the tensor cores
+            out[f"{name}_tflops"] = 2 * size**3 / cuda_seconds(lambda a=a, b=b: torch.matmul(a, b), repeats) / 1e12
     src = torch.randn(2**28, device=device)  # 1 GiB
     dst = torch.empty_like(src)
     out["copy_tbps"] = 2 * src.numel() * 4 / cuda_seconds(lambda: dst.copy_(src), repeats) / 1e12

@@ -123,7 +123,19 @@ BAD_VALUES = [  # (section, values, stage, key named in the error, words of the 
     ("train", {"batch_size": 0}, "train", "train.batch_size", "(0, inf)"),
     ("train", {"max_grad_norm": -1}, "train", "train.max_grad_norm", "[0, inf)"),
     ("inference", {"batch_size": -1}, "inference", "inference.batch_size", "(0, inf)"),
+    ("preprocess", {"use_mel": False}, "train", "preprocess.use_mel", "choose one of True"),
+    ("preprocess", {"extract_audio": False}, "preprocess", "preprocess.extract_audio", "choose one of True"),
+    ("train", {"tracker": ["tensorboard", "wandb"]}, "train", "train.tracker", "'wandb': choose one of tensorboard"),
+    ("train", {"dataloader": {"pin_memory": "yes"}}, "train", "train.dataloader.pin_memory", "must be bool"),
 ]
+
+
+@pytest.mark.parametrize(("key", "value"), [("model_type", "GANVocoder"), ("task_type", "tts")])
+def test_the_originals_selector_keys_must_select_this_recipe(tmp_path, key, value):
+    """model_type / task_type pick the model family in the original; here another choice is refused, not ignored."""
+    child = write(tmp_path / "child.json", json.dumps({"base_config": str(RECIPE), key: value}))
+    with pytest.raises(ConfigError, match=rf"key '{key}' is '{value}': choose one of"):
+        validate(load_config(child), "train")
 
 
 @pytest.mark.parametrize(("section", "values", "stage", "key", "reason"), BAD_VALUES,

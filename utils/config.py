@@ -217,6 +217,13 @@ def below_one(stages: str, required: bool = True) -> Rule:
 # The keys the recipe reads, with the ranges the DSP and DDPM maths need; other keys are reported by
 # unknown_keys (original configs carry many more, which still load).
 SCHEMA: dict[str, Rule] = {
+    # keys of the original's configs that select what we always do: checked, so a different choice is no silent no-op
+    "model_type": Rule(STR, "pti", required=False, choices=("DiffusionVocoder",)),
+    "task_type": Rule(STR, "pti", required=False, choices=("", "vocoder")),
+    **{f"preprocess.{k}": Rule((bool,), "pt", required=False, choices=(True,))
+       for k in ("extract_mel", "extract_audio", "use_mel", "use_audio")},
+    "train.tracker": Rule(LIST, "t", required=False, items=STR, choices=("tensorboard",)),
+    "train.dataloader.pin_memory": Rule((bool,), "t", required=False),
     "dataset": Rule(LIST, "pt", items=STR),
     "dataset_path": Rule((dict,), "p"),
     "use_custom_dataset": Rule(LIST, "p", required=False, items=STR),
@@ -285,8 +292,9 @@ def _check_rule(cfg: dict, dotted: str, rule: Rule, stage: str) -> None:
         return
     where = f"{source_of(cfg, dotted)}: key '{dotted}'"
     require(cfg, dotted, rule.kind)
-    if rule.choices and value not in rule.choices:
-        raise ConfigError(f"{where} is '{value}': choose one of {', '.join(rule.choices)}")
+    for item in (value if isinstance(value, list) else [value]) if rule.choices else ():
+        if item not in rule.choices:
+            raise ConfigError(f"{where} is '{item}': choose one of {', '.join(str(c) for c in rule.choices)}")
     for item in value if rule.items and isinstance(value, list) else ():
         if not _is(item, rule.items):
             names = " or ".join(k.__name__ for k in rule.items)

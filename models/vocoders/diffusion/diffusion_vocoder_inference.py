@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,17 @@ def _flag(value: bool | str, key: str, default: bool) -> bool:
     if isinstance(value, bool):
         return value
     raise ConfigError(f"{key} must be true, false or \"auto\", got {value!r}")
+
+
+@contextmanager
+def tf32(enabled: bool = True) -> Iterator[None]:
+    """TF32 for CUDA matmuls and convolutions inside the block only: the caller's settings come back after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -72,9 +83,6 @@ class Vocoder:
         self.cuda_graph = cuda_graph if cuda_graph == "auto" else _flag(cuda_graph, "inference.cuda_graph", default=cuda)
         self.memory_bytes = None if gpu_memory_gib is None else int(float(gpu_memory_gib) * 2**30)
         self._built: tuple[fused.FusedDiffWave | None, Any] | None = None  # the model's weights must not change after
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
     def _pick_engine(self, engine: str) -> str:
         """fused (Triton) on CUDA, row tiles for fp32 on CPU, else the plain forward; an explicit choice is checked."""
@@ -110,8 +118,9 @@ class Vocoder:
         exact = None if len(mels) == 1 else lengths.to(self.device)
         generators = [torch.Generator().manual_seed(utterance_seed(self.seed, n)) for n in names]
 
-        audio = sample(self._denoiser(padded, exact), self.plan, (len(mels), int(lengths.max())), self.device, exact,
-                       generators)
+        with tf32() if self.device.type == "cuda" else nullcontext():
+            audio = sample(self._denoiser(padded, exact), self.plan, (len(mels), int(lengths.max())), self.device, exact,
+                           generators)
         return [audio[i, : int(n)].cpu().numpy() for i, n in enumerate(lengths)]
 
     def _denoiser(self, mel: torch.Tensor, lengths: torch.Tensor | None) -> Denoiser:

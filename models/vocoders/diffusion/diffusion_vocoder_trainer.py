@@ -190,22 +190,23 @@ class DiffusionVocoderTrainer:
         self.train_sampler = EpochBatchSampler(
             len(train_entries), batch, self.seed, acc.process_index, acc.num_processes, shuffle=True, drop_last=True
         )
-        self.train_loader = self._loader(CropDataset(cfg, train_entries), self.train_sampler, workers)
+        pin = torch.cuda.is_available() and bool(cfg.train.get("dataloader", {}).get("pin_memory", True))
+        self.train_loader = self._loader(CropDataset(cfg, train_entries), self.train_sampler, workers, pin)
         valid_sampler = EpochBatchSampler(
             len(self.valid_entries), batch, self.seed, acc.process_index, acc.num_processes, shuffle=False, drop_last=False
         )
-        self.valid_loader = self._loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1))
+        self.valid_loader = self._loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1), pin)
         log.info("data: %d train / %s, %s of %d per process per epoch, %s", len(train_entries),
                  plural(len(self.valid_entries), "valid utterance"), plural(len(self.train_sampler), "batch", "batches"),
                  batch, plural(workers, "persistent loader worker"))
 
     @staticmethod
-    def _loader(dataset: CropDataset, sampler: EpochBatchSampler, workers: int) -> DataLoader:
+    def _loader(dataset: CropDataset, sampler: EpochBatchSampler, workers: int, pin: bool) -> DataLoader:
         # Its own generator: creating an iterator must not draw from the global RNG a resume restores.
         # Pinned batches, four per worker queued ahead: the copy to the GPU overlaps the step before it.
         return DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, generator=torch.Generator(),
-            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+            persistent_workers=workers > 0, pin_memory=pin, prefetch_factor=4 if workers else None,
         )
 
     def _finetune(self, checkpoint: str | None) -> None:
