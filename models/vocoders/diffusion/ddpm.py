@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -56,6 +56,15 @@ def fractional_steps(train_betas: Tensor, infer_betas: Tensor) -> Tensor:
     return torch.tensor(steps, dtype=torch.float32)
 
 
+class Step(NamedTuple):
+    """One reverse step: x <- clamp(x_scale * x + eps_scale * eps(x, position) + sigma * fresh noise, -1, 1)."""
+
+    position: float
+    x_scale: float
+    eps_scale: float
+    sigma: float
+
+
 @dataclass(frozen=True)
 class SamplerPlan:
     """A reverse walk: per step, the position fed to the step embedding and the schedule values."""
@@ -67,6 +76,25 @@ class SamplerPlan:
     @property
     def steps(self) -> int:
         return len(self.positions)
+
+    def walk(self) -> list[Step]:
+        """The steps in the order they run, as the one table every sampler loop (PyTorch, TorchScript, ONNX) reads."""
+        cum = alpha_cum(self.betas).tolist()
+        if self.kind == "ddim":  # x0 = (x - sqrt(1 - a) eps) / sqrt(a); x <- sqrt(a') x0 + sqrt(1 - a') eps
+            order = self.positions.long().flip(0).tolist()
+            walk = []
+            for i, t in enumerate(order):
+                a, prev = cum[t], cum[order[i + 1]] if i + 1 < len(order) else 1.0
+                scale = math.sqrt(prev) / math.sqrt(a)
+                walk.append(Step(float(t), scale, math.sqrt(1 - prev) - scale * math.sqrt(1 - a), 0.0))
+            return walk
+        walk = []  # ancestral: x <- (x - beta / sqrt(1 - a) eps) / sqrt(1 - beta) + sigma z, no noise at the last step
+        for n in range(self.steps - 1, -1, -1):
+            beta, a = float(self.betas[n]), cum[n]
+            sigma = math.sqrt((1 - cum[n - 1]) / (1 - a) * beta) if n > 0 else 0.0
+            walk.append(Step(float(self.positions[n]), 1 / math.sqrt(1 - beta), -beta / math.sqrt(1 - a) / math.sqrt(1 - beta),
+                             sigma))
+        return walk
 
 
 def make_plan(params: Any, sampler: str = "fast", steps: int | None = None, betas: Sequence[float] | None = None) -> SamplerPlan:
@@ -108,28 +136,13 @@ def sample(
 ) -> Tensor:
     """Run the reverse process from Gaussian noise; `denoise(x, step_positions)` predicts eps."""
     x = _to_device(_noise(shape, lengths, generators), device)
-    batch = shape[0]
-    if plan.kind == "ddim":
-        cum = alpha_cum(plan.betas)
-        order = plan.positions.long().flip(0)
-        for i, t in enumerate(order.tolist()):
-            eps = denoise(x, torch.full((batch,), float(t), device=device))
-            a = float(cum[t])
-            a_prev = float(cum[order[i + 1]]) if i + 1 < len(order) else 1.0
-            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-            # Clamp the sample after each step, as the DDPM path does. Clamping x0 instead pins every
-            # overshooting estimate at exactly +-1, and the deterministic walk keeps it there: clicks.
-            x = (math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps).clamp(-1.0, 1.0)
-        return x
-    betas, cum = plan.betas, alpha_cum(plan.betas)
-    positions = plan.positions.to(device)
-    for n in range(plan.steps - 1, -1, -1):
-        eps = denoise(x, positions[n].expand(batch))
-        beta, a = float(betas[n]), float(cum[n])
-        x = (x - beta / math.sqrt(1 - a) * eps) / math.sqrt(1 - beta)
-        if n > 0:  # drawn on the CPU (the same noise on every device) while the device denoises
-            sigma = math.sqrt((1 - float(cum[n - 1])) / (1 - a) * beta)
-            x = x + sigma * _to_device(_noise(shape, lengths, generators), device)
+    for step in plan.walk():
+        eps = denoise(x, torch.full((shape[0],), step.position, device=device))
+        x = step.x_scale * x + step.eps_scale * eps
+        if step.sigma > 0:  # drawn on the CPU (the same noise on every device) while the device denoises
+            x = x + step.sigma * _to_device(_noise(shape, lengths, generators), device)
+        # Clamped after every step on every path. (Clamping DDIM's x0 estimate instead pins each
+        # overshoot at exactly +-1, and the deterministic walk keeps it there: clicks.)
         x = x.clamp(-1.0, 1.0)
     return x
 

@@ -13,7 +13,6 @@ call Python closures); tests hold the two to the same waveform.
 import copy
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.vocoders.diffusion.ddpm import SamplerPlan, alpha_cum, sample
+from models.vocoders.diffusion.ddpm import SamplerPlan, sample
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, utterance_seed
 from utils.io import atomic_write, atomic_write_bytes
 
@@ -34,8 +33,8 @@ EXAMPLE_FRAMES = 16
 
 
 def noise_draws(plan: SamplerPlan) -> int:
-    """Gaussian draws one synthesis uses: the start, plus one per ancestral step but the last."""
-    return 1 if plan.kind == "ddim" else plan.steps
+    """Gaussian draws one synthesis uses: the start, plus one per step that adds noise."""
+    return 1 + sum(step.sigma > 0 for step in plan.walk())
 
 
 def seeded_noise(seed: int, draws: int, length: int) -> Tensor:
@@ -52,42 +51,22 @@ def _example(model: nn.Module, n_mel: int, batch: int = 1) -> tuple[Tensor, Tens
 class ScriptedSynthesis(nn.Module):
     """Mel `(batch, n_mel, frames)` and noise `(draws, batch, frames * hop)` to waveform `(batch, frames * hop)`."""
 
-    ddim: bool
     hop: int
     n_mel: int
     sample_rate: int
     draws: int
     positions: list[float]
-    scale_a: list[float]
-    scale_b: list[float]
-    scale_c: list[float]
-    scale_d: list[float]
+    x_scales: list[float]
+    eps_scales: list[float]
+    sigmas: list[float]
 
     def __init__(self, denoiser: nn.Module, plan: SamplerPlan, hop: int, n_mel: int, sample_rate: int) -> None:
         super().__init__()
         self.denoiser = denoiser
-        self.ddim = plan.kind == "ddim"
         self.hop, self.n_mel, self.sample_rate, self.draws = hop, n_mel, sample_rate, noise_draws(plan)
-        cum = alpha_cum(plan.betas)
-        a, b, c, d, positions = [], [], [], [], []
-        if self.ddim:
-            order = plan.positions.long().flip(0).tolist()
-            for i, t in enumerate(order):
-                prev = float(cum[order[i + 1]]) if i + 1 < len(order) else 1.0
-                positions.append(float(t))
-                a.append(math.sqrt(1 - float(cum[t])))
-                b.append(math.sqrt(float(cum[t])))
-                c.append(math.sqrt(prev))
-                d.append(math.sqrt(1 - prev))
-        else:
-            for n in range(plan.steps - 1, -1, -1):
-                beta, cum_n = float(plan.betas[n]), float(cum[n])
-                positions.append(float(plan.positions[n]))
-                a.append(beta / math.sqrt(1 - cum_n))
-                b.append(math.sqrt(1 - beta))
-                c.append(math.sqrt((1 - float(cum[n - 1])) / (1 - cum_n) * beta) if n > 0 else 0.0)
-                d.append(0.0)
-        self.positions, self.scale_a, self.scale_b, self.scale_c, self.scale_d = positions, a, b, c, d
+        walk = plan.walk()  # the table ddpm.sample runs on
+        self.positions, self.x_scales = [s.position for s in walk], [s.x_scale for s in walk]
+        self.eps_scales, self.sigmas = [s.eps_scale for s in walk], [s.sigma for s in walk]
 
     def forward(self, mel: Tensor, noise: Tensor) -> Tensor:
         batch, length = mel.size(0), mel.size(2) * self.hop
@@ -97,15 +76,10 @@ class ScriptedSynthesis(nn.Module):
         drawn = 1
         for i in range(len(self.positions)):
             step = torch.full([batch], self.positions[i], dtype=torch.float32, device=mel.device)
-            eps = self.denoiser(x, step, mel)
-            if self.ddim:  # the sample is clamped after each step on both paths, as in ddpm.sample
-                x0 = (x - self.scale_a[i] * eps) / self.scale_b[i]
-                x = self.scale_c[i] * x0 + self.scale_d[i] * eps
-            else:
-                x = (x - self.scale_a[i] * eps) / self.scale_b[i]
-                if i + 1 < len(self.positions):
-                    x = x + self.scale_c[i] * noise[drawn]
-                    drawn += 1
+            x = self.x_scales[i] * x + self.eps_scales[i] * self.denoiser(x, step, mel)
+            if self.sigmas[i] > 0:
+                x = x + self.sigmas[i] * noise[drawn]
+                drawn += 1
             x = x.clamp(-1.0, 1.0)
         return x
 
