@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from utils.io import load_json, load_npy, safe_name
 from utils.text import plural
@@ -170,3 +170,20 @@ class EpochBatchSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         yield from self._all_batches()[self.rank :: self.world][self.skip :]
+
+
+def dataloader_workers(cfg: Any) -> int:
+    """`train.dataloader.num_worker`, or (when -1) the spare cores up to 4."""
+    wanted = int(cfg.train.get("dataloader", {}).get("num_worker", -1))
+    if wanted >= 0:
+        return wanted
+    return max(0, min(4, len(os.sched_getaffinity(0)) - 1))
+
+
+def make_loader(dataset: CropDataset, sampler: EpochBatchSampler, workers: int, pin: bool) -> DataLoader:
+    """Persistent workers; its own generator, so creating an iterator draws nothing from the global RNG a
+    resume restores; pinned batches, four per worker queued ahead, so the copy to the GPU overlaps the step before."""
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, generator=torch.Generator(),
+        persistent_workers=workers > 0, pin_memory=pin, prefetch_factor=4 if workers else None,
+    )

@@ -14,6 +14,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, rng_state, set_rng_state
 from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
-from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, collate, load_entries
+from models.vocoders.diffusion.diffusion_vocoder_dataset import (
+    CropDataset,
+    EpochBatchSampler,
+    dataloader_workers,
+    load_entries,
+    make_loader,
+)
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
 from models.vocoders.diffusion.experiment import Experiment
-from models.vocoders.diffusion.train_state import TrainState
+from models.vocoders.diffusion.train_state import EMA, TrainState
 from utils.checkpoint import (
     is_accelerate_folder,
     list_checkpoints,
@@ -45,34 +51,6 @@ from utils.threads import fair_threads
 log = logging.getLogger(__name__)
 PRECISIONS = ("no", "fp16", "bf16")
 THREAD_CHECK_STEPS = 50
-
-
-class EMA:
-    """Exponential moving average of the weights, warmed up so short runs are usable."""
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for name, value in model.state_dict().items():
-            shadow = self.shadow[name]
-            if shadow.device != value.device:  # made or loaded before the model moved to its device
-                shadow = self.shadow[name] = shadow.to(value.device)
-            if value.dtype.is_floating_point:
-                shadow.mul_(decay).add_(value.detach().float(), alpha=1 - decay)
-            else:
-                shadow.copy_(value)
-
-
-def dataloader_workers(cfg: Any) -> int:
-    """`train.dataloader.num_worker`, or (when -1) the spare cores up to 4."""
-    wanted = int(cfg.train.get("dataloader", {}).get("num_worker", -1))
-    if wanted >= 0:
-        return wanted
-    return max(0, min(4, len(os.sched_getaffinity(0)) - 1))
 
 
 def compile_model(setting: bool | str, device: torch.device) -> bool:
@@ -191,23 +169,14 @@ class DiffusionVocoderTrainer:
             len(train_entries), batch, self.seed, acc.process_index, acc.num_processes, shuffle=True, drop_last=True
         )
         pin = torch.cuda.is_available() and bool(cfg.train.get("dataloader", {}).get("pin_memory", True))
-        self.train_loader = self._loader(CropDataset(cfg, train_entries), self.train_sampler, workers, pin)
+        self.train_loader = make_loader(CropDataset(cfg, train_entries), self.train_sampler, workers, pin)
         valid_sampler = EpochBatchSampler(
             len(self.valid_entries), batch, self.seed, acc.process_index, acc.num_processes, shuffle=False, drop_last=False
         )
-        self.valid_loader = self._loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1), pin)
+        self.valid_loader = make_loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1), pin)
         log.info("data: %d train / %s, %s of %d per process per epoch, %s", len(train_entries),
                  plural(len(self.valid_entries), "valid utterance"), plural(len(self.train_sampler), "batch", "batches"),
                  batch, plural(workers, "persistent loader worker"))
-
-    @staticmethod
-    def _loader(dataset: CropDataset, sampler: EpochBatchSampler, workers: int, pin: bool) -> DataLoader:
-        # Its own generator: creating an iterator must not draw from the global RNG a resume restores.
-        # Pinned batches, four per worker queued ahead: the copy to the GPU overlaps the step before it.
-        return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, generator=torch.Generator(),
-            persistent_workers=workers > 0, pin_memory=pin, prefetch_factor=4 if workers else None,
-        )
 
     def _finetune(self, checkpoint: str | None) -> None:
         if not checkpoint:
@@ -236,9 +205,13 @@ class DiffusionVocoderTrainer:
             log.warning("%s: no RNG state for process %d; the noise differs from the original run",
                         folder, self.accelerator.process_index)
 
+    def _bounds(self) -> tuple[int, int]:
+        """(max_steps, max_epoch) as the config says now: 0 and -1 mean no bound."""
+        return int(self.cfg.train.get("max_steps", 0) or 0), int(self.cfg.train.get("max_epoch", -1))
+
     def _refuse_no_op(self) -> None:
         """A resume that is already at its bound would train nothing: say so instead of exiting 0 silently."""
-        max_steps, max_epoch = int(self.cfg.train.get("max_steps", 0) or 0), int(self.cfg.train.get("max_epoch", -1))
+        max_steps, max_epoch = self._bounds()
         if max_steps and self.state.step >= max_steps:
             raise ValueError(f"already at step {self.state.step} of max_steps {max_steps}; raise --max_steps to continue")
         if 0 <= max_epoch <= self.state.epoch:
@@ -332,87 +305,115 @@ class DiffusionVocoderTrainer:
         self.accelerator.end_training()
 
     def _train(self) -> None:
-        acc, tcfg = self.accelerator, self.cfg.train
-        max_steps = int(tcfg.get("max_steps", 0) or 0)
-        max_epoch = int(tcfg.get("max_epoch", -1))
-        max_bad = int(tcfg.get("max_nonfinite_steps", 20))
-        rate = float(self.cfg.preprocess.sample_rate)
-        bad_in_row = 0
+        self.bad_in_row = 0
         self.model.train()
-        while (max_epoch < 0 or self.state.epoch < max_epoch) and not (max_steps and self.state.step >= max_steps):
-            self.train_sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
-            per_epoch = len(self.train_sampler)
-            bar = tqdm(total=per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {self.state.epoch}", unit="batch",
-                       disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
-            losses: list[float] = []
-            pending: list[str] = []
-            window_ok, window_audio, epoch_audio, epoch_steps = True, 0.0, 0.0, 0
-            start = tick = time.perf_counter()
-            window_start = self.state.batch_in_epoch - self.state.batch_in_epoch % self.accum
-            for mel, audio in self.train_loader:
-                mel, audio = mel.to(acc.device, non_blocking=True), audio.to(acc.device, non_blocking=True)
-                window = min(self.accum, per_epoch - window_start)
-                sync = self.state.batch_in_epoch + 1 - window_start >= window
-                loss = self.micro_step(mel, audio, window, sync)
-                self.state.batch_in_epoch += 1
-                window_ok = window_ok and math.isfinite(loss)
-                window_audio += audio.numel() * acc.num_processes / rate
-                if math.isfinite(loss):
-                    losses.append(loss)
-                bar.update()
-                if not sync:
-                    continue
-                stepped, grad_norm = self.optimizer_step(window_ok)
-                elapsed = max(time.perf_counter() - tick, 1e-9)
-                if stepped:
-                    self.state.step += 1
-                    bad_in_row = 0
-                    if self.ema is not None:
-                        self.ema.update(acc.unwrap_model(self.model), self.state.step)
-                else:
-                    self.state.skipped_steps += 1
-                    bad_in_row += 1
-                self._log({
-                    "train/loss": losses[-1] if stepped and losses else None, "train/grad_norm": grad_norm,
-                    "train/lr": self.optimizer.param_groups[0]["lr"], "train/skipped_steps": self.state.skipped_steps,
-                    "train/steps_per_sec": 1 / elapsed, "train/audio_sec_per_sec": window_audio / elapsed,
-                })
-                epoch_audio, epoch_steps = epoch_audio + window_audio, epoch_steps + 1
-                bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", step=self.state.step,
-                                steps_s=f"{1 / elapsed:.2f}", audio_s_s=f"{window_audio / elapsed:.1f}")
-                window_ok, window_audio, window_start = True, 0.0, self.state.batch_in_epoch
-                if bad_in_row >= max_bad:
-                    bar.close()
-                    raise self._too_many_bad(bad_in_row)
-                kinds = self.policy.due_by_step(self.state.step) if stepped else []
-                stopping = bool(max_steps and self.state.step >= max_steps)
-                if kinds and not stopping and self.state.batch_in_epoch < per_epoch:
-                    self._save(losses[-1], kinds)
-                else:
-                    pending += kinds  # saved once below, with the epoch's or the final checkpoint
-                tick = time.perf_counter()
-                if stopping:
-                    break
-                if self.adapt_threads and self.state.step % THREAD_CHECK_STEPS == 0:
-                    self._share_cores()
-            bar.close()
-            seconds = time.perf_counter() - start
-            finished_epoch = self.state.batch_in_epoch >= per_epoch
-            if finished_epoch:
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
-                self.scheduler.step()
-            valid_loss = self.validate()
-            mean_loss = float(np.mean(losses)) if losses else float("nan")
-            self._log({"valid/loss": valid_loss, "train/epoch_loss": mean_loss})
-            log.info("epoch %d%s: step %d, train loss %.5f, valid loss %.5f, lr %.3g, %.2f steps/s, %.1f audio s/s, "
-                     "%s skipped, %.1f s", self.state.epoch if finished_epoch else self.state.epoch + 1,
-                     "" if finished_epoch else " (stopped mid-epoch)", self.state.step, mean_loss, valid_loss,
-                     self.optimizer.param_groups[0]["lr"], epoch_steps / max(seconds, 1e-9),
-                     epoch_audio / max(seconds, 1e-9), plural(self.state.skipped_steps, "step"), seconds)
-            stop = bool(max_steps and self.state.step >= max_steps) or (max_epoch >= 0 and self.state.epoch >= max_epoch)
-            kinds = pending + (self.policy.due_by_epoch(self.state.epoch) if finished_epoch else [])
-            if kinds or stop:
-                self._save(valid_loss, kinds + (["final"] if stop else []))
-            if stop:
+        while not self._at_bound():
+            epoch = EpochLog()
+            pending = self._run_epoch(epoch)
+            if self._end_epoch(epoch, pending):
                 break
+
+    def _at_bound(self) -> bool:
+        max_steps, max_epoch = self._bounds()
+        return bool(max_steps and self.state.step >= max_steps) or 0 <= max_epoch <= self.state.epoch
+
+    def _run_epoch(self, epoch: EpochLog) -> list[str]:
+        """Batches until the epoch ends or max_steps is reached; returns the checkpoint kinds still to save."""
+        acc, state = self.accelerator, self.state
+        self.train_sampler.set_epoch(state.epoch, state.batch_in_epoch)
+        epoch.per_epoch = len(self.train_sampler)
+        bar = tqdm(total=epoch.per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}", unit="batch",
+                   disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
+        rate = float(self.cfg.preprocess.sample_rate)
+        pending: list[str] = []
+        window_ok, window_audio, tick = True, 0.0, time.perf_counter()
+        window_start = state.batch_in_epoch - state.batch_in_epoch % self.accum
+        for mel, audio in self.train_loader:
+            mel, audio = mel.to(acc.device, non_blocking=True), audio.to(acc.device, non_blocking=True)
+            window = min(self.accum, epoch.per_epoch - window_start)
+            sync = state.batch_in_epoch + 1 - window_start >= window
+            loss = self.micro_step(mel, audio, window, sync)
+            state.batch_in_epoch += 1
+            window_ok = window_ok and math.isfinite(loss)
+            window_audio += audio.numel() * acc.num_processes / rate
+            if math.isfinite(loss):
+                epoch.losses.append(loss)
+            bar.update()
+            if not sync:
+                continue
+            stepped = self._step_window(window_ok, window_audio, max(time.perf_counter() - tick, 1e-9), epoch, bar)
+            window_ok, window_audio, window_start = True, 0.0, state.batch_in_epoch
+            kinds = self.policy.due_by_step(state.step) if stepped else []
+            max_steps = self._bounds()[0]
+            stopping = bool(max_steps and state.step >= max_steps)
+            if kinds and not stopping and state.batch_in_epoch < epoch.per_epoch:
+                self._save(epoch.losses[-1], kinds)
+            else:
+                pending += kinds  # saved once at the epoch's end, with the epoch's or the final checkpoint
+            tick = time.perf_counter()
+            if stopping:
+                break
+            if self.adapt_threads and state.step % THREAD_CHECK_STEPS == 0:
+                self._share_cores()
+        bar.close()
+        return pending
+
+    def _step_window(self, window_ok: bool, window_audio: float, elapsed: float, epoch: EpochLog, bar: tqdm) -> bool:
+        """The optimizer step closing a window (or its skip), its logs, and the stop after too many bad ones."""
+        state = self.state
+        stepped, grad_norm = self.optimizer_step(window_ok)
+        if stepped:
+            state.step += 1
+            self.bad_in_row = 0
+            if self.ema is not None:
+                self.ema.update(self.accelerator.unwrap_model(self.model), state.step)
+        else:
+            state.skipped_steps += 1
+            self.bad_in_row += 1
+        losses = epoch.losses
+        self._log({
+            "train/loss": losses[-1] if stepped and losses else None, "train/grad_norm": grad_norm,
+            "train/lr": self.optimizer.param_groups[0]["lr"], "train/skipped_steps": state.skipped_steps,
+            "train/steps_per_sec": 1 / elapsed, "train/audio_sec_per_sec": window_audio / elapsed,
+        })
+        epoch.audio, epoch.steps = epoch.audio + window_audio, epoch.steps + 1
+        bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", step=state.step,
+                        steps_s=f"{1 / elapsed:.2f}", audio_s_s=f"{window_audio / elapsed:.1f}")
+        if self.bad_in_row >= int(self.cfg.train.get("max_nonfinite_steps", 20)):
+            bar.close()
+            raise self._too_many_bad(self.bad_in_row)
+        return stepped
+
+    def _end_epoch(self, epoch: EpochLog, pending: list[str]) -> bool:
+        """Validation, the epoch's log line and saves; True when training is over."""
+        state = self.state
+        seconds = max(time.perf_counter() - epoch.start, 1e-9)
+        finished = state.batch_in_epoch >= epoch.per_epoch
+        if finished:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            self.scheduler.step()
+        valid_loss = self.validate()
+        mean_loss = float(np.mean(epoch.losses)) if epoch.losses else float("nan")
+        self._log({"valid/loss": valid_loss, "train/epoch_loss": mean_loss})
+        log.info("epoch %d%s: step %d, train loss %.5f, valid loss %.5f, lr %.3g, %.2f steps/s, %.1f audio s/s, "
+                 "%s skipped, %.1f s", state.epoch if finished else state.epoch + 1,
+                 "" if finished else " (stopped mid-epoch)", state.step, mean_loss, valid_loss,
+                 self.optimizer.param_groups[0]["lr"], epoch.steps / seconds, epoch.audio / seconds,
+                 plural(state.skipped_steps, "step"), seconds)
+        stop = self._at_bound()
+        kinds = pending + (self.policy.due_by_epoch(state.epoch) if finished else [])
+        if kinds or stop:
+            self._save(valid_loss, kinds + (["final"] if stop else []))
+        return stop
+
+
+@dataclass
+class EpochLog:
+    """What one epoch's log line reports."""
+
+    per_epoch: int = 0
+    losses: list[float] = field(default_factory=list)
+    audio: float = 0.0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)

@@ -43,6 +43,26 @@ def weights_source(folder: Path, use_ema: bool = True) -> Path:
     return ema if use_ema and ema.is_file() else folder
 
 
+class EMA:
+    """Exponential moving average of the weights, warmed up so short runs are usable."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = float_copy(model)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, value in model.state_dict().items():
+            shadow = self.shadow[name]
+            if shadow.device != value.device:  # made or loaded before the model moved to its device
+                shadow = self.shadow[name] = shadow.to(value.device)
+            if value.dtype.is_floating_point:
+                shadow.mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+            else:
+                shadow.copy_(value)
+
+
 @dataclass
 class TrainState:
     """The unwrapped model and optimizer, the scheduler, the EMA (`.shadow`) and grad scaler, and the counters."""
