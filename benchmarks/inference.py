@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps({k: v for k, v in r.items() if k != "audio"}))
     allocated = "" if r["peak_allocated_gib"] is None else f" ({r['peak_allocated_gib']:.2f} GiB allocated)"
     print(f"wall {r['wall_s']:.3f} s, {r['ms_per_step']:.2f} ms per step, RTF {r['rtf']:.4f}, "
-          f"{r['x_realtime']:.0f}x real time, effective {r['gflops']:.1f} GFLOP/s, {ratio}, {memory} "
+          f"{r['x_realtime']:.3g}x real time, effective {r['gflops']:.1f} GFLOP/s, {ratio}, {memory} "
           f"{r['peak_gib']:.2f} GiB{allocated}, load average {os.getloadavg()[0]:.2f}")
 
 
