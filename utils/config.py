@@ -244,6 +244,7 @@ SCHEMA: dict[str, Rule] = {
     "train.batch_size": positive(INT, "t"),
     "train.max_epoch": Rule(INT, "t", required=False, low=-1),
     "train.max_steps": Rule(INT, "t", required=False, low=0),
+    "train.max_minutes": Rule(NUMBER, "t", required=False, low=0),
     "train.random_seed": Rule(INT, "t", required=False, low=0),
     "train.gradient_accumulation_step": positive(INT, "t", required=False),
     "train.save_checkpoint_stride": Rule(LIST, "t", required=False, items=INT, low=0),

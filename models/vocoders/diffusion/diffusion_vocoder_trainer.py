@@ -305,7 +305,7 @@ class DiffusionVocoderTrainer:
         self.accelerator.end_training()
 
     def _train(self) -> None:
-        self.bad_in_row = 0
+        self.bad_in_row, self.started = 0, time.perf_counter()
         self.model.train()
         while not self._at_bound():
             epoch = EpochLog()
@@ -315,7 +315,17 @@ class DiffusionVocoderTrainer:
 
     def _at_bound(self) -> bool:
         max_steps, max_epoch = self._bounds()
-        return bool(max_steps and self.state.step >= max_steps) or 0 <= max_epoch <= self.state.epoch
+        return bool(max_steps and self.state.step >= max_steps) or 0 <= max_epoch <= self.state.epoch or self._out_of_time()
+
+    def _out_of_time(self) -> bool:
+        """`train.max_minutes` of this run's wall time are spent; every process stops when the first one is over."""
+        minutes = float(self.cfg.train.get("max_minutes", 0) or 0)
+        if minutes <= 0:
+            return False
+        over = time.perf_counter() - self.started > 60 * minutes
+        if self.accelerator.num_processes > 1:
+            over = bool(self.accelerator.reduce(torch.tensor(float(over), device=self.accelerator.device), "max") > 0)
+        return over
 
     def _run_epoch(self, epoch: EpochLog) -> list[str]:
         """Batches until the epoch ends or max_steps is reached; returns the checkpoint kinds still to save."""
@@ -344,8 +354,7 @@ class DiffusionVocoderTrainer:
             stepped = self._step_window(window_ok, window_audio, max(time.perf_counter() - tick, 1e-9), epoch, bar)
             window_ok, window_audio, window_start = True, 0.0, state.batch_in_epoch
             kinds = self.policy.due_by_step(state.step) if stepped else []
-            max_steps = self._bounds()[0]
-            stopping = bool(max_steps and state.step >= max_steps)
+            stopping = self._at_bound()
             if kinds and not stopping and state.batch_in_epoch < epoch.per_epoch:
                 self._save(epoch.losses[-1], kinds)
             else:

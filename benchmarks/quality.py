@@ -1,0 +1,85 @@
+"""Quality per GPU-minute: the base recipe trained for a fixed wall-time budget, then scored against Griffin-Lim.
+
+    python -m benchmarks.quality --corpus SPEECH --minutes 8 --out fast.json            # bf16 + torch.compile
+    python -m benchmarks.quality --corpus SPEECH --minutes 8 --plain --out plain.json   # fp32, eager
+
+SPEECH is any folder of recordings (the folder dataset: `<speaker>/<name>.wav`, or flat);
+`bash benchmarks/speech_corpus.sh DIR` writes one with espeak-ng (Debian's package). Stages 1-4
+run through run.sh as a user runs them: features, `train.max_minutes` of training with the base
+model (batch 16), the test split vocoded with the fast schedule, and stage 4 against Griffin-Lim
+on the same mels. The script prints the steps trained and stage 4's table, and writes both as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from evaluation.evaluate import summary_table
+from utils.config import REPO_ROOT
+
+RUN_SH = REPO_ROOT / "egs/vocoder/diffusion/diffwave/run.sh"
+
+
+def recipe_config(work: Path, corpus: Path, minutes: float, plain: bool, batch_size: int) -> Path:
+    """The base recipe on the corpus, bounded by wall time only, checkpoints and evaluation at the end."""
+    cfg = {
+        "base_config": str(REPO_ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"),
+        "dataset": ["speech"], "use_custom_dataset": ["speech"], "dataset_path": {"speech": str(corpus)},
+        "log_dir": str(work / "ckpts"), "preprocess": {"processed_dir": str(work / "data")},
+        "train": {"batch_size": batch_size, "max_steps": 0, "max_epoch": -1, "max_minutes": minutes,
+                  "save_checkpoint_stride": [0], "keep_last": [1], "run_eval": [False],
+                  "mixed_precision": "no" if plain else "bf16", "compile": not plain},
+    }
+    path = work / "quality.json"
+    path.write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+    return path
+
+
+def stage(*args: str) -> float:
+    """One run.sh stage; its wall time."""
+    start = time.perf_counter()
+    subprocess.run(["sh", str(RUN_SH), *args], check=True)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", required=True, help="a folder of speech recordings")
+    parser.add_argument("--minutes", type=float, default=8.0, help="training wall time")
+    parser.add_argument("--plain", action="store_true", help="fp32 and eager: the run without the speed-ups")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--work", default=None, help="keep everything here (default: a temporary folder)")
+    parser.add_argument("--out", default="quality.json")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="quality_") as tmp:
+        work = Path(args.work or tmp).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        config = str(recipe_config(work, Path(args.corpus).resolve(), args.minutes, args.plain, args.batch_size))
+        expt = work / "ckpts" / "quality"
+        seconds = {
+            "stage1": stage("--stage", "1", "--config", config),
+            "stage2": stage("--stage", "2", "--config", config, "--name", "quality"),
+            "stage3": stage("--stage", "3", "--infer_mode", "infer_from_dataset", "--infer_datasets", "speech",
+                            "--infer_expt_dir", str(expt)),
+            "stage4": stage("--stage", "4", "--infer_expt_dir", str(expt), "--baseline", "griffinlim"),
+        }
+        summary = expt / "result" / "eval" / "summary.json"
+        records = json.loads((expt / "checkpoint" / "ckpts.json").read_text(encoding="utf-8"))["checkpoints"]
+        result = {"minutes": args.minutes, "plain": args.plain, "batch_size": args.batch_size, "seconds": seconds,
+                  "last_checkpoint": records[-1], "summary": json.loads(summary.read_text(encoding="utf-8"))}
+        Path(args.out).write_text(json.dumps(result, indent=1), encoding="utf-8")
+        print(f"trained {args.minutes:g} min ({'fp32 eager' if args.plain else 'bf16 compiled'}, batch "
+              f"{args.batch_size}); last checkpoint {records[-1]}")
+        print(summary_table(str(summary)))
+        print(f"figures in {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
