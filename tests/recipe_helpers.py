@@ -9,6 +9,28 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "egs/vocoder/diffusion/diffwave/run.sh"
+# The smallest trainer config the in-process training tests share: an 8-channel, 4-layer DiffWave at 8 kHz.
+TINY_TRAINING = {
+    "base_config": str(REPO / "egs/vocoder/diffusion/diffwave/exp_config.json"),
+    "dataset": ["demo"], "use_custom_dataset": ["demo"],
+    "preprocess": {"n_mel": 20, "sample_rate": 8000, "hop_size": 64, "win_size": 256, "n_fft": 256, "fmax": 4000,
+                   "cut_mel_frame": 8},
+    "model": {"diffwave": {"residual_channels": 8, "residual_layers": 4, "dilation_cycle_length": 2,
+                           "upsample_factors": [8, 8]}},
+    "train": {"batch_size": 4, "max_epoch": -1, "save_checkpoint_stride": [1], "keep_last": [-1], "run_eval": [False],
+              "ema_decay": 0.99, "adamw": {"lr": 1e-3}, "dataloader": {"num_worker": 0}, "eval_utterances": 1,
+              "compile": False},
+}
+
+
+def tiny_training_config(root: Path, name: str, **train: object) -> Path:
+    """TINY_TRAINING on `<root>/corpus`, features in `<root>/data`, experiments in `<root>/ckpts`; `train` overrides."""
+    config = dict(TINY_TRAINING, dataset_path={"demo": str(root / "corpus")}, log_dir=str(root / "ckpts"),
+                  preprocess=dict(TINY_TRAINING["preprocess"], processed_dir=str(root / "data")),
+                  train=dict(TINY_TRAINING["train"], **train))
+    path = root / name
+    path.write_text(json.dumps(config))
+    return path
 
 
 def tiny_config(root: Path, dataset: str = "toy", **train) -> Path:

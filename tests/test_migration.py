@@ -31,24 +31,13 @@ from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoder
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.experiment import Experiment, locate_experiment, with_recipe_config
 from processors.preprocess import preprocess
-from tests.recipe_helpers import REPO, RUN_SH, run_recipe
+from tests.recipe_helpers import REPO, RUN_SH, run_recipe, tiny_training_config
 from tests.tiny_experiment import make_experiment, tiny_cfg
 from utils.checkpoint import CheckpointError, list_checkpoints, load_weights, read_state, resolve_checkpoint
 from utils.config import ConfigError, load_config, save_config
 from utils.synthetic import write_corpus
 
 NEWEST, OLDER = "epoch-0003_step-0000120_loss-0.123456", "epoch-0001_step-0000060_loss-0.234567"
-TINY = {
-    "base_config": str(REPO / "egs/vocoder/diffusion/diffwave/exp_config.json"),
-    "dataset": ["demo"], "use_custom_dataset": ["demo"],
-    "preprocess": {"n_mel": 20, "sample_rate": 8000, "hop_size": 64, "win_size": 256, "n_fft": 256, "fmax": 4000,
-                   "cut_mel_frame": 8},
-    "model": {"diffwave": {"residual_channels": 8, "residual_layers": 4, "dilation_cycle_length": 2,
-                           "upsample_factors": [8, 8]}},
-    "train": {"batch_size": 4, "max_epoch": -1, "save_checkpoint_stride": [1], "keep_last": [1], "run_eval": [False],
-              "ema_decay": 0.99, "adamw": {"lr": 1e-3}, "dataloader": {"num_worker": 0}, "eval_utterances": 1},
-}
-
 
 class TouchOnLoad:
     """Unpickling this creates a file: proof that nobody unpickled it."""
@@ -92,10 +81,7 @@ def original(tmp_path_factory: pytest.TempPathFactory):
     """A preprocessed corpus and an experiment trained by the original: two checkpoints and args.json."""
     root = tmp_path_factory.mktemp("migration")
     write_corpus(root / "corpus", 2, 4, sample_rate=8000)
-    config = dict(TINY, dataset_path={"demo": str(root / "corpus")}, log_dir=str(root / "ckpts"),
-                  preprocess=dict(TINY["preprocess"], processed_dir=str(root / "data")))
-    (root / "config.json").write_text(json.dumps(config))
-    cfg = load_config(root / "config.json")
+    cfg = load_config(tiny_training_config(root, "config.json", keep_last=[1]))
     preprocess(cfg, num_workers=1)
     expt = root / "ckpts" / "old_exp"
     (expt / "checkpoint").mkdir(parents=True)

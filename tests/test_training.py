@@ -24,23 +24,10 @@ from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSample
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.experiment import Experiment
 from processors.preprocess import preprocess
+from tests.recipe_helpers import RUN_SH, tiny_training_config
 from utils.checkpoint import CheckpointError, list_checkpoints
 from utils.config import ConfigError, load_config
 from utils.synthetic import write_corpus
-
-ROOT = Path(__file__).resolve().parents[1]
-RUN_SH = ROOT / "egs/vocoder/diffusion/diffwave/run.sh"
-TINY = {
-    "base_config": str(ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"),
-    "dataset": ["demo"], "use_custom_dataset": ["demo"],
-    "preprocess": {"n_mel": 20, "sample_rate": 8000, "hop_size": 64, "win_size": 256, "n_fft": 256, "fmax": 4000,
-                   "cut_mel_frame": 8},
-    "model": {"diffwave": {"residual_channels": 8, "residual_layers": 4, "dilation_cycle_length": 2,
-                           "upsample_factors": [8, 8]}},
-    "train": {"batch_size": 4, "max_epoch": -1, "save_checkpoint_stride": [1], "keep_last": [-1], "run_eval": [False],
-              "ema_decay": 0.99, "adamw": {"lr": 1e-3}, "dataloader": {"num_worker": 0}, "eval_utterances": 1,
-              "compile": False},
-}
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +35,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One preprocessed corpus shared by every test (features only; experiments go elsewhere)."""
     root = tmp_path_factory.mktemp("train")
     write_corpus(root / "corpus", 2, 4, sample_rate=8000)
-    config = dict(TINY, dataset_path={"demo": str(root / "corpus")}, log_dir=str(root / "ckpts"),
-                  preprocess=dict(TINY["preprocess"], processed_dir=str(root / "data")))
-    (root / "base.json").write_text(json.dumps(config))
-    preprocess(load_config(root / "base.json"), num_workers=1)
+    preprocess(load_config(tiny_training_config(root, "base.json")), num_workers=1)
     return root
 
 
