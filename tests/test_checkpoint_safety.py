@@ -244,16 +244,14 @@ def test_stage2_cli_never_overwrites_an_existing_experiments_args(tmp_path):
 def trained(tmp_path_factory):
     """A tiny experiment trained for two steps in-process: a real, complete checkpoint to damage."""
     from processors.preprocess import preprocess
-    from tests.test_training import TINY, trainer
+    from tests.recipe_helpers import tiny_training_config
+    from tests.test_training import trainer
     from utils.config import load_config
     from utils.synthetic import write_corpus
 
     root = tmp_path_factory.mktemp("trained")
     write_corpus(root / "corpus", 1, 4, sample_rate=8000)
-    cfg = dict(TINY, dataset_path={"demo": str(root / "corpus")}, log_dir=str(root / "ckpts"),
-               preprocess=dict(TINY["preprocess"], processed_dir=str(root / "data")), train=dict(TINY["train"], max_steps=2))
-    (root / "config.json").write_text(json.dumps(cfg))
-    preprocess(load_config(root / "config.json"), num_workers=1)
+    preprocess(load_config(tiny_training_config(root, "config.json", max_steps=2)), num_workers=1)
     trainer(root / "config.json", "src").train()
     return root, list_checkpoints(root / "ckpts" / "src" / "checkpoint")[-1], trainer
 

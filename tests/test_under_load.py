@@ -5,14 +5,14 @@ The load average is simulated (monkeypatched): timings on a shared machine would
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_training import TINY, trainer
+from tests.recipe_helpers import tiny_training_config
+from tests.test_training import trainer
 from utils.synthetic import write_corpus
 from utils.threads import fair_threads
 
@@ -44,11 +44,7 @@ def test_fair_threads_leaves_the_neighbours_their_cores(machine, load, own, ceil
 
 def config(tmp_path: Path, **train: object) -> Path:
     write_corpus(tmp_path / "corpus", 1, 4, sample_rate=8000)
-    cfg = dict(TINY, dataset_path={"demo": str(tmp_path / "corpus")}, log_dir=str(tmp_path / "ckpts"),
-               preprocess=dict(TINY["preprocess"], processed_dir=str(tmp_path / "data")),
-               train=dict(TINY["train"], **train))
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(cfg))
+    path = tiny_training_config(tmp_path, "config.json", **train)
     from processors.preprocess import preprocess
     from utils.config import load_config
 
