@@ -181,6 +181,15 @@ def require(cfg: dict, dotted: str, kind: type | tuple[type, ...]) -> Any:
 
 INT, NUMBER, STR, LIST, NONE = (int,), (int, float), (str,), (list,), (type(None),)
 BOOL_OR_AUTO = (bool, str)  # true, false or "auto"
+
+
+def bool_or_auto(value: bool | str, key: str, auto: bool) -> bool:
+    """A BOOL_OR_AUTO setting: true / false, or `auto` (the caller's default for this device) for "auto"."""
+    if value == "auto":
+        return auto
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key} must be true, false or \"auto\", got {value!r}")
 GENERATORS = ("diffwave",)
 SAMPLER_NAMES = ("fast", "full", "ddim", "searched")
 

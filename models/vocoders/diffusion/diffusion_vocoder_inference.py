@@ -18,7 +18,7 @@ from models.vocoders.diffusion.ddpm import SAMPLER_NAMES, Denoiser, make_plan
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.windowed import ENGINES, GraphedDenoiser, WindowedDenoiser
-from utils.config import ConfigError
+from utils.config import ConfigError, bool_or_auto
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -27,15 +27,6 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 def utterance_seed(base_seed: int, name: str) -> int:
     """Each utterance's noise depends only on its name and the seed, not on its batch-mates."""
     return (int(base_seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % 2**63
-
-
-def _flag(value: bool | str, key: str, default: bool) -> bool:
-    """true / false, or "auto" for the device's default."""
-    if value == "auto":
-        return default
-    if isinstance(value, bool):
-        return value
-    raise ConfigError(f"{key} must be true, false or \"auto\", got {value!r}")
 
 
 @contextmanager
@@ -79,8 +70,8 @@ class Vocoder:
         self.cache_bytes = int(float(cache_gib) * 2**30)
         self.engine = self._pick_engine(engine)
         cuda = self.device.type == "cuda"
-        self.compile = _flag(compile, "inference.compile", default=False)
-        self.cuda_graph = cuda_graph if cuda_graph == "auto" else _flag(cuda_graph, "inference.cuda_graph", default=cuda)
+        self.compile = bool_or_auto(compile, "inference.compile", auto=False)
+        self.cuda_graph = cuda_graph if cuda_graph == "auto" else bool_or_auto(cuda_graph, "inference.cuda_graph", auto=cuda)
         self.memory_bytes = None if gpu_memory_gib is None else int(float(gpu_memory_gib) * 2**30)
         self._built: tuple[fused.FusedDiffWave | None, Any] | None = None  # the model's weights must not change after
 

@@ -44,7 +44,7 @@ from utils.checkpoint import (
     resolve_checkpoint,
     safe_torch_load,
 )
-from utils.config import ConfigError
+from utils.config import ConfigError, bool_or_auto
 from utils.text import plural
 from utils.threads import fair_threads
 
@@ -55,11 +55,8 @@ THREAD_CHECK_STEPS = 50
 
 def compile_model(setting: bool | str, device: torch.device) -> bool:
     """`train.compile`: true, false, or "auto" (on CUDA when Triton is there, which torch.compile needs)."""
-    if setting == "auto":
-        return device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    if not isinstance(setting, bool):
-        raise ConfigError(f"train.compile must be true, false or \"auto\", got {setting!r}")
-    return setting
+    auto = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return bool_or_auto(setting, "train.compile", auto)
 
 
 def seed_everything(seed: int) -> None:
