@@ -14,6 +14,7 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from processors.preprocess import preprocess
-from utils.config import REPO_ROOT, load_config
+from utils.config import COMPILE_MODES, REPO_ROOT, load_config
 from utils.synthetic import write_corpus
 
 DATASET = "bench"
@@ -43,9 +44,26 @@ def synthetic_setup(cfg: Any, root: Path, utterances: int) -> None:
     preprocess(cfg, num_workers=len(os.sched_getaffinity(0)))
 
 
-def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, name: str = "bench") -> dict[str, Any]:
+def batches(trainer: DiffusionVocoderTrainer, replay: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The trainer's batches epoch after epoch, on its device; with `replay`, its first batch again and again."""
+    device, epoch = trainer.accelerator.device, 0
+    while True:
+        trainer.train_sampler.set_epoch(epoch)
+        for mel, audio in trainer.train_loader:
+            pair = mel.to(device, non_blocking=True), audio.to(device, non_blocking=True)
+            if replay:
+                while True:
+                    yield pair
+            yield pair
+        epoch += 1
+
+
+def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, name: str = "bench",
+                     replay: bool = False) -> dict[str, Any]:
     """Time `steps` optimizer steps of the real trainer's step code (data loader included) after `warmup`.
 
+    `loader_ms` is the time per timed step spent waiting for the next batch; `replay` feeds the
+    first batch again and again from the device, which takes the loader out of the measurement.
     With `profile_steps` on CUDA, that many more steps run under torch.profiler: the GPU's busy
     fraction is their summed kernel time over their wall time.
     """
@@ -59,23 +77,20 @@ def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, 
     marks: dict[int, float] = {}
     profile = profile_steps if cuda else 0
     total = warmup + steps + profile
-    done, epoch, prof = 0, 0, None
-    while done < total:
-        trainer.train_sampler.set_epoch(epoch)
-        for mel, audio in trainer.train_loader:
-            if done in (0, warmup, warmup + steps):
-                if cuda:
-                    torch.cuda.synchronize(acc.device)
-                marks[done] = time.perf_counter()
-                if profile and done == warmup + steps:
-                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-                    prof.__enter__()
-            trainer.micro_step(mel.to(acc.device, non_blocking=True), audio.to(acc.device, non_blocking=True), 1, True)
-            trainer.optimizer_step(True)
-            done += 1
-            if done == total:
-                break
-        epoch += 1
+    prof, waited, source = None, 0.0, batches(trainer, replay)
+    for done in range(total):
+        if done in (0, warmup, warmup + steps):
+            if cuda:
+                torch.cuda.synchronize(acc.device)
+            marks[done] = time.perf_counter()
+            if profile and done == warmup + steps:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                prof.__enter__()
+        before = time.perf_counter()
+        mel, audio = next(source)
+        if warmup <= done < warmup + steps:
+            waited += time.perf_counter() - before
+        trainer.optimizer_step([trainer.micro_step(mel, audio, 1, True)])
     if cuda:
         torch.cuda.synchronize(acc.device)
     marks[total] = time.perf_counter()
@@ -87,8 +102,10 @@ def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, 
         busy = kernel_us / 1e6 / (marks[total] - marks[warmup + steps])
     audio_seconds = steps * batch * frames * hop / rate
     return {"batch": batch, "precision": cfg.train.get("mixed_precision", "no"), "device": str(acc.device),
-            "compile": bool(trainer.compiled), "warmup_s": marks[warmup] - marks[0], "steps_per_s": steps / seconds,
-            "ms_per_step": 1e3 * seconds / steps, "audio_s_per_s": audio_seconds / seconds,
+            "compile": bool(trainer.compiled), "compile_mode": cfg.train.get("compile_mode", "default"),
+            "fused_adamw": bool(trainer.optimizer.defaults.get("fused")), "replay": replay,
+            "warmup_s": marks[warmup] - marks[0], "steps_per_s": steps / seconds,
+            "ms_per_step": 1e3 * seconds / steps, "loader_ms": 1e3 * waited / steps, "audio_s_per_s": audio_seconds / seconds,
             "peak_gib": peak_memory_gib(acc.device), "gpu_busy": busy, "audio_per_step_s": batch * frames * hop / rate}
 
 
@@ -101,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: the config's")
     parser.add_argument("--compile", choices=["auto", "true", "false"], default=None, help="default: the config's")
     parser.add_argument("--utterances", type=int, default=24, help="synthetic utterances (2 speakers)")
+    parser.add_argument("--compile_mode", choices=COMPILE_MODES, default=None, help="default: the config's")
+    parser.add_argument("--replay", action="store_true", help="feed one batch again and again: the step without the loader")
     parser.add_argument("--profile_steps", type=int, default=3, help="CUDA: steps profiled for the GPU's busy fraction")
     args = parser.parse_args(argv)
 
@@ -111,15 +130,18 @@ def main(argv: list[str] | None = None) -> None:
         cfg.train.mixed_precision = args.mixed_precision
     if args.compile:
         cfg.train.compile = {"true": True, "false": False}.get(args.compile, "auto")
+    if args.compile_mode:
+        cfg.train.compile_mode = args.compile_mode
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         synthetic_setup(cfg, Path(tmp), args.utterances)
-        r = measure_training(cfg, args.steps, args.warmup, args.profile_steps)
+        r = measure_training(cfg, args.steps, args.warmup, args.profile_steps, replay=args.replay)
     busy = "" if r["gpu_busy"] is None else f", GPU busy {r['gpu_busy']:.0%}"
     print(f"device {r['device']}, {torch.get_num_threads()} torch threads, precision {r['precision']}, compile "
           f"{r['compile']}, model {cfg.model.diffwave.residual_channels} channels x {cfg.model.diffwave.residual_layers} "
           f"layers, batch {r['batch']} ({r['audio_per_step_s']:.2f} s of audio per step)")
     print(f"{args.steps} steps: {r['steps_per_s']:.3f} steps/s, {r['ms_per_step']:.1f} ms/step, {r['audio_s_per_s']:.2f} "
-          f"audio s/s, warm-up {r['warmup_s']:.1f} s, peak memory {r['peak_gib']:.2f} GiB "
+          f"audio s/s ({r['loader_ms']:.1f} ms/step waiting for data), warm-up {r['warmup_s']:.1f} s, "
+          f"peak memory {r['peak_gib']:.2f} GiB "
           f"({'CUDA allocator' if r['device'].startswith('cuda') else 'process RSS'}){busy}")
 
 

@@ -127,6 +127,8 @@ BAD_VALUES = [  # (section, values, stage, key named in the error, words of the 
     ("preprocess", {"extract_audio": False}, "preprocess", "preprocess.extract_audio", "choose one of True"),
     ("train", {"tracker": ["tensorboard", "wandb"]}, "train", "train.tracker", "'wandb': choose one of tensorboard"),
     ("train", {"dataloader": {"pin_memory": "yes"}}, "train", "train.dataloader.pin_memory", "must be bool"),
+    ("train", {"compile_mode": "fast"}, "train", "train.compile_mode", "choose one of default, reduce-overhead"),
+    ("train", {"adamw": {"fused": "yes"}}, "train", "train.adamw.fused", "auto"),
 ]
 
 

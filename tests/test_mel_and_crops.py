@@ -1,11 +1,13 @@
 """The mel contract, and the alignment of training crops."""
 
+from types import SimpleNamespace
+
 import librosa
 import numpy as np
 import pytest
 import torch
 
-from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler, crop_pair
+from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, crop_pair, feature_paths
 from processors.mel import mel_spectrogram
 
 PRE = {"sample_rate": 24000, "n_fft": 1024, "hop_size": 256, "win_size": 1024, "n_mel": 100, "fmin": 0, "fmax": 12000}
@@ -78,3 +80,22 @@ def test_sampler_shards_without_overlap_and_resumes_mid_epoch():
         r.set_epoch(2)
     seen = [i for r in ranks for batch in r for i, _ in batch]
     assert len(seen) == len(set(seen)) and len(list(ranks[0])) == len(list(ranks[1]))
+
+
+def test_dataset_crops_from_mapped_files_equal_crops_of_loaded_arrays(tmp_path):
+    rng = np.random.default_rng(2)
+    audio = rng.standard_normal(256 * 300 + 17).astype(np.float32)
+    mel = rng.standard_normal((100, 300)).astype(np.float32)
+    entry = {"Dataset": "d", "Uid": "u"}
+    mel_path, audio_path = feature_paths(tmp_path, entry)
+    mel_path.parent.mkdir(parents=True)
+    audio_path.parent.mkdir(parents=True)
+    np.save(mel_path, mel)
+    np.save(audio_path, audio)
+    cfg = SimpleNamespace(preprocess=SimpleNamespace(processed_dir=str(tmp_path), hop_size=256, cut_mel_frame=32))
+    dataset = CropDataset(cfg, [entry])
+    for seed in range(4):
+        mel_crop, audio_crop = dataset[0, seed]
+        expected = crop_pair(mel, audio, 32, 256, np.random.default_rng(seed))
+        assert torch.equal(mel_crop, expected[0]) and torch.equal(audio_crop, expected[1])
+        assert mel_crop.is_contiguous() and not isinstance(mel_crop.numpy(), np.memmap)

@@ -21,8 +21,9 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
-from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
+from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer, make_optimizer
 from models.vocoders.diffusion.experiment import Experiment
+from models.vocoders.diffusion.train_state import EMA
 from processors.preprocess import preprocess
 from tests.recipe_helpers import RUN_SH, tiny_training_config
 from utils.checkpoint import CheckpointError, list_checkpoints
@@ -221,6 +222,33 @@ def test_mixed_precision_and_nonfinite_steps(corpus: Path, tmp_path: Path, monke
     assert json.loads((last / "state.json").read_text())["step"] == 2
     assert all(torch.isfinite(v).all() for v in load_file(str(last / "model.safetensors")).values())
     assert [e.value for e in scalars(exp)["train/skipped_steps"]][-3:] == [1, 2, 3]
+
+
+def test_ema_update_is_the_moving_average_of_every_float_tensor() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model[1].num_batches_tracked += 5
+    ema.update(model, step=100)  # past the warm-up: decay 0.9
+    for name, value in model.state_dict().items():
+        if value.dtype.is_floating_point:
+            assert torch.allclose(ema.shadow[name], 0.9 * before[name] + 0.1 * value, atol=1e-6), name
+        else:
+            assert torch.equal(ema.shadow[name], value), name
+
+
+def test_the_fused_optimizer_is_chosen_per_device_and_refused_with_fp16(corpus: Path, tmp_path: Path) -> None:
+    tcfg = load_config(config(corpus, tmp_path)).train
+    model = torch.nn.Linear(2, 2)
+    assert not make_optimizer(model, tcfg, torch.device("cpu"), "no").defaults["fused"]
+    assert make_optimizer(model, tcfg, torch.device("cuda"), "bf16").defaults["fused"]
+    assert not make_optimizer(model, tcfg, torch.device("cuda"), "fp16").defaults["fused"]
+    tcfg.adamw.fused = True
+    with pytest.raises(ConfigError, match=r"train.adamw.fused: not with mixed_precision 'fp16'"):
+        make_optimizer(model, tcfg, torch.device("cuda"), "fp16")
 
 
 def test_stage3_uses_ema_weights_by_default(corpus: Path, tmp_path: Path) -> None:

@@ -223,6 +223,14 @@ def below_one(stages: str, required: bool = True) -> Rule:
     return Rule(NUMBER, stages, required, low=0, high=1, open_high=True)
 
 
+def switch(stages: str) -> Rule:
+    """An optional true / false / "auto" setting."""
+    return Rule(BOOL_OR_AUTO, stages, required=False, choices=(True, False, "auto"))
+
+
+# torch.compile's modes; "reduce-overhead" replays CUDA graphs, "max-autotune" also tunes its matmuls.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 # The keys the recipe reads, with the ranges the DSP and DDPM maths need; other keys are reported by
 # unknown_keys (original configs carry many more, which still load).
 SCHEMA: dict[str, Rule] = {
@@ -268,11 +276,13 @@ SCHEMA: dict[str, Rule] = {
     "train.mixed_precision": Rule(STR, "t", required=False, choices=("no", "fp16", "bf16")),
     "train.dataloader.num_worker": Rule(INT, "t", required=False, low=-1),
     "train.num_threads": Rule(INT, "t", required=False, low=0),
-    "train.compile": Rule(BOOL_OR_AUTO, "t", required=False),
+    "train.compile": switch("t"),
+    "train.compile_mode": Rule(STR, "t", required=False, choices=COMPILE_MODES),
+    "train.adamw.fused": switch("t"),
     "inference.batch_size": positive(INT, "i", required=False),
     "inference.engine": Rule(STR, "i", required=False, choices=("auto", "fused", "tiled", "plain")),
-    "inference.compile": Rule(BOOL_OR_AUTO, "i", required=False),
-    "inference.cuda_graph": Rule(BOOL_OR_AUTO, "i", required=False),
+    "inference.compile": switch("i"),
+    "inference.cuda_graph": switch("i"),
     "inference.gpu_memory_gib": Rule(NUMBER + NONE, "i", required=False, low=0, open_low=True),
     "inference.sampler": Rule(STR, "i", required=False, choices=SAMPLER_NAMES),
 }

@@ -165,16 +165,17 @@ def _npy_header(path: str | os.PathLike, size: int) -> None:
                          f"{size - offset} bytes of data")
 
 
-def load_npy(path: str | os.PathLike) -> np.ndarray:
+def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
     """Load a feature array after checking it is a regular file whose header matches its size.
 
     Pickled (object) arrays are refused before anything is unpickled, and a header claiming
-    more data than the file holds is refused before anything is allocated.
+    more data than the file holds is refused before anything is allocated. With `mmap` the
+    array is mapped read-only, so a reader that slices it pays only for the slice.
     """
     size = regular_file_size(path)
     try:
         _npy_header(path, size)
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, EOFError) as err:
         raise ValueError(f"{path}: not a plain numeric .npy array ({err or 'empty file'})") from None
     return array

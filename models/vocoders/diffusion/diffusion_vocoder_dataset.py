@@ -39,10 +39,10 @@ def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, 
     return folder / "mels" / f"{uid}.npy", folder / "audios" / f"{uid}.npy"
 
 
-def read_features(processed_dir: str | os.PathLike, entry: dict) -> tuple[np.ndarray, np.ndarray]:
-    """An entry's (mel, audio) arrays, each checked by the safe .npy loader."""
+def read_features(processed_dir: str | os.PathLike, entry: dict, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """An entry's (mel, audio) arrays, each checked by the safe .npy loader (mapped, not read, with `mmap`)."""
     mel_path, audio_path = feature_paths(processed_dir, entry)
-    return load_npy(mel_path), load_npy(audio_path)
+    return load_npy(mel_path, mmap), load_npy(audio_path, mmap)
 
 
 def load_entries(cfg: Any, split: str, datasets: list[str] | None = None) -> list[dict]:
@@ -112,7 +112,8 @@ class CropDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
         index, seed = key
-        mel, audio = read_features(self.processed_dir, self.entries[index])
+        # Mapped: a crop of a minutes-long song reads its own pages, not the whole file.
+        mel, audio = read_features(self.processed_dir, self.entries[index], mmap=True)
         return crop_pair(mel, audio, self.frames, self.hop, np.random.default_rng(seed))
 
 

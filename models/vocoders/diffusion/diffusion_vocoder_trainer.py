@@ -59,6 +59,21 @@ def compile_model(setting: bool | str, device: torch.device) -> bool:
     return bool_or_auto(setting, "train.compile", auto)
 
 
+def make_optimizer(model: torch.nn.Module, tcfg: Any, device: torch.device, precision: str) -> torch.optim.AdamW:
+    """AdamW; `train.adamw.fused` ("auto": on CUDA without a grad scaler) updates every tensor in one kernel.
+
+    Under fp16's grad scaler the fused kernel would skip overflowed steps without telling
+    accelerate, which counts skipped steps; there the multi-tensor update stays.
+    """
+    adamw = tcfg.adamw
+    fused = bool_or_auto(adamw.get("fused", "auto"), "train.adamw.fused", device.type == "cuda" and precision != "fp16")
+    if fused and precision == "fp16":
+        raise ConfigError("train.adamw.fused: not with mixed_precision 'fp16' (its grad scaler's skipped steps would "
+                          "go uncounted); use bf16, or fused 'auto'")
+    return torch.optim.AdamW(model.parameters(), lr=float(adamw.lr), betas=(float(adamw.adam_b1), float(adamw.adam_b2)),
+                             fused=fused or None)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -91,10 +106,7 @@ class DiffusionVocoderTrainer:
         seed_everything(self.seed)  # the same initial weights on every process
         self.model = build_diffwave(cfg)
         self.cum = alpha_cum(training_betas(cfg.model.diffwave)).to(self.accelerator.device)
-        adamw = tcfg.adamw
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=float(adamw.lr), betas=(float(adamw.adam_b1), float(adamw.adam_b2))
-        )
+        self.optimizer = make_optimizer(self.model, tcfg, self.accelerator.device, precision)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, float(tcfg.exponential_lr.lr_decay))
         decay = float(tcfg.get("ema_decay", 0.0))
         self.ema = EMA(self.model, decay) if decay > 0 else None
@@ -109,8 +121,8 @@ class DiffusionVocoderTrainer:
         if resume_type == "finetune":
             self._finetune(checkpoint)
         self.compiled = compile_model(tcfg.get("compile", "auto"), self.accelerator.device)
-        if self.compiled:
-            self.model.compile(dynamic=False)  # in place: the same module, parameter names and checkpoints
+        if self.compiled:  # in place: the same module, parameter names and checkpoints
+            self.model.compile(dynamic=False, mode=tcfg.get("compile_mode", "default"))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if resume_type == "resume":
             self._resume(checkpoint or self.ckpt_dir)
@@ -223,27 +235,30 @@ class DiffusionVocoderTrainer:
             predicted = model(noisy, t, mel)
         return F.l1_loss(predicted.float(), noise)
 
-    def micro_step(self, mel: torch.Tensor, audio: torch.Tensor, window: int, sync: bool) -> float:
-        """Forward and backward of one batch; returns its loss (NaN/inf when any process's loss was)."""
+    def micro_step(self, mel: torch.Tensor, audio: torch.Tensor, window: int, sync: bool) -> torch.Tensor:
+        """Forward and backward of one batch; returns its loss, mean over processes, still on the device."""
         acc = self.accelerator
         with nullcontext() if sync else acc.no_sync(self.model):
             loss = self._loss(self.model, mel, audio)
             # Every process backpropagates, so collective calls stay in step; a bad window is dropped at sync.
             acc.backward(loss / window)
-        return float(acc.reduce(loss.detach(), "mean"))
+        return acc.reduce(loss.detach(), "mean")
 
-    def optimizer_step(self, window_ok: bool) -> tuple[bool, float | None]:
-        """Clip and step, or drop the window's gradients; returns (stepped, grad norm)."""
-        grad_norm, stepped = None, False
-        if window_ok:
-            max_norm = float(self.cfg.train.get("max_grad_norm", 0) or math.inf)
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
-            # With a grad scaler an inf norm is its overflow signal: it skips the step and lowers the scale.
-            if math.isfinite(grad_norm) or self.accelerator.scaler is not None:
-                self.optimizer.step()
-                stepped = not self.optimizer.step_was_skipped
+    def optimizer_step(self, losses: list[torch.Tensor]) -> tuple[bool, float, list[float]]:
+        """Clip and step, or drop the window's gradients; returns (stepped, grad norm, the window's losses).
+
+        The window's losses and the norm reach the host in one read, the step's only wait for the GPU.
+        """
+        max_norm = float(self.cfg.train.get("max_grad_norm", 0) or math.inf)
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        *values, grad_norm = torch.stack([*losses, torch.as_tensor(norm, device=losses[0].device)]).float().tolist()
+        stepped = False
+        # With a grad scaler a non-finite norm is its overflow signal: it skips the step and lowers the scale.
+        if self.accelerator.scaler is not None or all(math.isfinite(v) for v in [*values, grad_norm]):
+            self.optimizer.step()
+            stepped = not self.optimizer.step_was_skipped
         self.optimizer.zero_grad(set_to_none=True)
-        return stepped, grad_norm
+        return stepped, grad_norm, values
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -333,23 +348,21 @@ class DiffusionVocoderTrainer:
                    disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
         rate = float(self.cfg.preprocess.sample_rate)
         pending: list[str] = []
-        window_ok, window_audio, tick = True, 0.0, time.perf_counter()
+        losses: list[torch.Tensor] = []
+        window_audio, tick = 0.0, time.perf_counter()
         window_start = state.batch_in_epoch - state.batch_in_epoch % self.accum
         for mel, audio in self.train_loader:
             mel, audio = mel.to(acc.device, non_blocking=True), audio.to(acc.device, non_blocking=True)
             window = min(self.accum, epoch.per_epoch - window_start)
             sync = state.batch_in_epoch + 1 - window_start >= window
-            loss = self.micro_step(mel, audio, window, sync)
+            losses.append(self.micro_step(mel, audio, window, sync))
             state.batch_in_epoch += 1
-            window_ok = window_ok and math.isfinite(loss)
             window_audio += audio.numel() * acc.num_processes / rate
-            if math.isfinite(loss):
-                epoch.losses.append(loss)
             bar.update()
             if not sync:
                 continue
-            stepped = self._step_window(window_ok, window_audio, max(time.perf_counter() - tick, 1e-9), epoch, bar)
-            window_ok, window_audio, window_start = True, 0.0, state.batch_in_epoch
+            stepped = self._step_window(losses, window_audio, max(time.perf_counter() - tick, 1e-9), epoch, bar)
+            losses, window_audio, window_start = [], 0.0, state.batch_in_epoch
             kinds = self.policy.due_by_step(state.step) if stepped else []
             stopping = self._at_bound()
             if kinds and not stopping and state.batch_in_epoch < epoch.per_epoch:
@@ -364,10 +377,12 @@ class DiffusionVocoderTrainer:
         bar.close()
         return pending
 
-    def _step_window(self, window_ok: bool, window_audio: float, elapsed: float, epoch: EpochLog, bar: tqdm) -> bool:
+    def _step_window(self, losses: list[torch.Tensor], window_audio: float, elapsed: float, epoch: EpochLog,
+                     bar: tqdm) -> bool:
         """The optimizer step closing a window (or its skip), its logs, and the stop after too many bad ones."""
         state = self.state
-        stepped, grad_norm = self.optimizer_step(window_ok)
+        stepped, grad_norm, values = self.optimizer_step(losses)
+        epoch.losses += [v for v in values if math.isfinite(v)]
         if stepped:
             state.step += 1
             self.bad_in_row = 0

@@ -52,15 +52,20 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
+        """shadow += (1 - decay) (weights - shadow), for every float tensor at once (a few kernels, not two per tensor)."""
         decay = min(self.decay, (1 + step) / (10 + step))
+        shadows, values = [], []
         for name, value in model.state_dict().items():
             shadow = self.shadow[name]
             if shadow.device != value.device:  # made or loaded before the model moved to its device
                 shadow = self.shadow[name] = shadow.to(value.device)
             if value.dtype.is_floating_point:
-                shadow.mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+                shadows.append(shadow)
+                values.append(value.detach().float())
             else:
                 shadow.copy_(value)
+        if shadows:
+            torch._foreach_lerp_(shadows, values, 1 - decay)
 
 
 @dataclass
