@@ -77,7 +77,7 @@ def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, 
     marks: dict[int, float] = {}
     profile = profile_steps if cuda else 0
     total = warmup + steps + profile
-    prof, waited, source = None, 0.0, batches(trainer, replay)
+    prof, waited, source, inflight = None, 0.0, batches(trainer, replay), None
     for done in range(total):
         if done in (0, warmup, warmup + steps):
             if cuda:
@@ -90,7 +90,13 @@ def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, 
         mel, audio = next(source)
         if warmup <= done < warmup + steps:
             waited += time.perf_counter() - before
-        trainer.optimizer_step([trainer.micro_step(mel, audio, 1, True)])
+        loss = trainer.micro_step(mel, audio, 1, True)
+        if inflight is not None:  # as the trainer does: read a step decided on the GPU while the next one runs
+            trainer.stepper.settle(inflight)
+        inflight = trainer.stepper.launch(trainer.model, [loss], done, 0.0)
+        if inflight.stepped is not None:
+            trainer.stepper.settle(inflight)
+            inflight = None
     if cuda:
         torch.cuda.synchronize(acc.device)
     marks[total] = time.perf_counter()

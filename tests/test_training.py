@@ -21,8 +21,9 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
-from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer, make_optimizer
+from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.experiment import Experiment
+from models.vocoders.diffusion.stepper import make_optimizer
 from models.vocoders.diffusion.train_state import EMA
 from processors.preprocess import preprocess
 from tests.recipe_helpers import RUN_SH, tiny_training_config
@@ -81,9 +82,12 @@ def scalars(exp: Path) -> dict[str, list]:
     return found
 
 
-def test_resume_is_exact_mid_epoch_and_from_one_checkpoint(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["decided-on-host", "decided-on-device"])
+def test_resume_is_exact_mid_epoch_and_from_one_checkpoint(corpus: Path, tmp_path: Path, fused: bool) -> None:
     # batch 2: 3 batches per epoch; accumulation 2: windows [0, 1] [2], so 2 optimizer steps per epoch.
-    cfg = config(corpus, tmp_path, batch_size=2, gradient_accumulation_step=2, max_grad_norm=1.0)
+    # Fused AdamW decides each step on the device (as on CUDA) and the trainer reads it a window later.
+    cfg = config(corpus, tmp_path, batch_size=2, gradient_accumulation_step=2, max_grad_norm=1.0,
+                 adamw={"lr": 1e-3, "fused": fused})
     logs = tmp_path / "ckpts"
     straight = trainer(cfg, "straight")
     straight.cfg.train.max_steps = 6
@@ -169,9 +173,10 @@ def test_checkpoint_policy_strides_keep_last_run_eval_and_tensorboard(corpus: Pa
                for r in caplog.records)
 
 
-def test_step_based_saving_merges_with_epoch_and_final_saves(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["decided-on-host", "decided-on-device"])
+def test_step_based_saving_merges_with_epoch_and_final_saves(corpus: Path, tmp_path: Path, fused: bool) -> None:
     cfg = config(corpus, tmp_path, batch_size=2, max_steps=5, save_checkpoint_stride=[0], keep_last=[2],
-                 save_checkpoints_steps=1)
+                 save_checkpoints_steps=1, adamw={"lr": 1e-3, "fused": fused})
     trainer(cfg, "steps").train()
     folder = tmp_path / "ckpts" / "steps" / "checkpoint"
     kept = [json.loads((p / "state.json").read_text())["step"] for p in list_checkpoints(folder)]
@@ -195,7 +200,7 @@ def test_a_wall_time_budget_stops_training_and_saves_the_last_state(corpus: Path
     assert "final" in record[-1]["kinds"]
 
 
-def test_mixed_precision_and_nonfinite_steps(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_precision(corpus: Path, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         trainer(config(corpus, tmp_path, mixed_precision="fp16", max_steps=2), "fp16").train()
         assert math.isfinite(json.loads((newest(tmp_path / "ckpts" / "fp16") / "state.json").read_text())["loss"])
@@ -207,6 +212,10 @@ def test_mixed_precision_and_nonfinite_steps(corpus: Path, tmp_path: Path, monke
     bf16.train()
     assert math.isfinite(json.loads((newest(tmp_path / "ckpts" / "bf16") / "state.json").read_text())["loss"])
 
+
+@pytest.mark.parametrize("fused", [False, True], ids=["decided-on-host", "decided-on-device"])
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(corpus: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, fused: bool) -> None:
     original = DiffusionVocoderTrainer._loss
 
     def poisoned(self: DiffusionVocoderTrainer, *args: object) -> torch.Tensor:
@@ -214,13 +223,20 @@ def test_mixed_precision_and_nonfinite_steps(corpus: Path, tmp_path: Path, monke
         return loss * float("nan") if self.state.step >= 2 else loss
 
     monkeypatch.setattr(DiffusionVocoderTrainer, "_loss", poisoned)
-    bad = trainer(config(corpus, tmp_path, max_steps=50, max_nonfinite_steps=3), "nan")
+    cfg = config(corpus, tmp_path, max_steps=50, max_nonfinite_steps=3, adamw={"lr": 1e-3, "fused": fused})
+    bad = trainer(cfg, "nan")
     with pytest.raises(FloatingPointError, match=r"3 optimizer steps in a row .* last good checkpoint .*step-0000002"):
         bad.train()
     exp = tmp_path / "ckpts" / "nan"
     last = newest(exp)  # epochs of skipped steps may save, but only the unchanged good weights
     assert json.loads((last / "state.json").read_text())["step"] == 2
-    assert all(torch.isfinite(v).all() for v in load_file(str(last / "model.safetensors")).values())
+    saved, saved_ema = load_file(str(last / "model.safetensors")), load_file(str(last / "ema.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    # the skipped steps left the weights, the EMA and Adam's step count where step 2 put them
+    now = bad.accelerator.unwrap_model(bad.model).state_dict()
+    assert all(torch.equal(now[k], saved[k]) for k in saved)
+    assert all(torch.equal(bad.ema.shadow[k], saved_ema[k]) for k in saved_ema)
+    assert all(int(s["step"]) == 2 for s in bad.optimizer.state_dict()["state"].values())
     assert [e.value for e in scalars(exp)["train/skipped_steps"]][-3:] == [1, 2, 3]
 
 
@@ -238,6 +254,18 @@ def test_ema_update_is_the_moving_average_of_every_float_tensor() -> None:
             assert torch.allclose(ema.shadow[name], 0.9 * before[name] + 0.1 * value, atol=1e-6), name
         else:
             assert torch.equal(ema.shadow[name], value), name
+
+
+def test_a_gated_ema_update_moves_only_when_the_gate_is_open() -> None:
+    model = torch.nn.Linear(3, 4)
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=100, gate=torch.tensor(False))
+    assert all(torch.equal(ema.shadow[k], before[k]) for k in before)
+    ema.update(model, step=100, gate=torch.tensor(True))
+    assert torch.allclose(ema.shadow["weight"], 0.9 * before["weight"] + 0.1 * model.weight, atol=1e-6)
 
 
 def test_the_fused_optimizer_is_chosen_per_device_and_refused_with_fp16(corpus: Path, tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from models.vocoders.diffusion.diffusion_vocoder_dataset import (
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
 from models.vocoders.diffusion.experiment import Experiment
+from models.vocoders.diffusion.stepper import Inflight, Stepper, make_optimizer
 from models.vocoders.diffusion.train_state import EMA, TrainState
 from utils.checkpoint import (
     is_accelerate_folder,
@@ -57,21 +58,6 @@ def compile_model(setting: bool | str, device: torch.device) -> bool:
     """`train.compile`: true, false, or "auto" (on CUDA when Triton is there, which torch.compile needs)."""
     auto = device.type == "cuda" and importlib.util.find_spec("triton") is not None
     return bool_or_auto(setting, "train.compile", auto)
-
-
-def make_optimizer(model: torch.nn.Module, tcfg: Any, device: torch.device, precision: str) -> torch.optim.AdamW:
-    """AdamW; `train.adamw.fused` ("auto": on CUDA without a grad scaler) updates every tensor in one kernel.
-
-    Under fp16's grad scaler the fused kernel would skip overflowed steps without telling
-    accelerate, which counts skipped steps; there the multi-tensor update stays.
-    """
-    adamw = tcfg.adamw
-    fused = bool_or_auto(adamw.get("fused", "auto"), "train.adamw.fused", device.type == "cuda" and precision != "fp16")
-    if fused and precision == "fp16":
-        raise ConfigError("train.adamw.fused: not with mixed_precision 'fp16' (its grad scaler's skipped steps would "
-                          "go uncounted); use bf16, or fused 'auto'")
-    return torch.optim.AdamW(model.parameters(), lr=float(adamw.lr), betas=(float(adamw.adam_b1), float(adamw.adam_b2)),
-                             fused=fused or None)
 
 
 def seed_everything(seed: int) -> None:
@@ -124,6 +110,7 @@ class DiffusionVocoderTrainer:
         if self.compiled:  # in place: the same module, parameter names and checkpoints
             self.model.compile(dynamic=False, mode=tcfg.get("compile_mode", "default"))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.stepper = Stepper(self.accelerator, self.optimizer, self.ema, tcfg.get("max_grad_norm", 0))
         if resume_type == "resume":
             self._resume(checkpoint or self.ckpt_dir)
             self._refuse_no_op()
@@ -244,22 +231,6 @@ class DiffusionVocoderTrainer:
             acc.backward(loss / window)
         return acc.reduce(loss.detach(), "mean")
 
-    def optimizer_step(self, losses: list[torch.Tensor]) -> tuple[bool, float, list[float]]:
-        """Clip and step, or drop the window's gradients; returns (stepped, grad norm, the window's losses).
-
-        The window's losses and the norm reach the host in one read, the step's only wait for the GPU.
-        """
-        max_norm = float(self.cfg.train.get("max_grad_norm", 0) or math.inf)
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        *values, grad_norm = torch.stack([*losses, torch.as_tensor(norm, device=losses[0].device)]).float().tolist()
-        stepped = False
-        # With a grad scaler a non-finite norm is its overflow signal: it skips the step and lowers the scale.
-        if self.accelerator.scaler is not None or all(math.isfinite(v) for v in [*values, grad_norm]):
-            self.optimizer.step()
-            stepped = not self.optimizer.step_was_skipped
-        self.optimizer.zero_grad(set_to_none=True)
-        return stepped, grad_norm, values
-
     @torch.no_grad()
     def validate(self) -> float:
         """Mean loss over one crop of every test utterance, with the same noise every time."""
@@ -340,7 +311,12 @@ class DiffusionVocoderTrainer:
         return over
 
     def _run_epoch(self, epoch: EpochLog) -> list[str]:
-        """Batches until the epoch ends or max_steps is reached; returns the checkpoint kinds still to save."""
+        """Batches until the epoch ends or a bound is reached; returns the checkpoint kinds still to save.
+
+        A step decided on the GPU is settled (read, counted, logged) while the next window runs,
+        unless it may be due for a save or end the run: then before that window starts, so that
+        a checkpoint holds exactly the state after its step (see stepper).
+        """
         acc, state = self.accelerator, self.state
         self.train_sampler.set_epoch(state.epoch, state.batch_in_epoch)
         epoch.per_epoch = len(self.train_sampler)
@@ -349,9 +325,13 @@ class DiffusionVocoderTrainer:
         rate = float(self.cfg.preprocess.sample_rate)
         pending: list[str] = []
         losses: list[torch.Tensor] = []
-        window_audio, tick = 0.0, time.perf_counter()
+        window_audio, self.tick, inflight = 0.0, time.perf_counter(), None
         window_start = state.batch_in_epoch - state.batch_in_epoch % self.accum
         for mel, audio in self.train_loader:
+            if inflight is not None and state.batch_in_epoch == window_start and self._settle_first():
+                stopping, inflight = self._settle(inflight, epoch, bar, pending), None
+                if stopping:
+                    break
             mel, audio = mel.to(acc.device, non_blocking=True), audio.to(acc.device, non_blocking=True)
             window = min(self.accum, epoch.per_epoch - window_start)
             sync = state.batch_in_epoch + 1 - window_start >= window
@@ -361,39 +341,41 @@ class DiffusionVocoderTrainer:
             bar.update()
             if not sync:
                 continue
-            stepped = self._step_window(losses, window_audio, max(time.perf_counter() - tick, 1e-9), epoch, bar)
+            if inflight is not None:  # the GPU has this window's work queued: reading the last step costs no wait
+                self._settle(inflight, epoch, bar, pending, bounds=False)
+            inflight = self.stepper.launch(self.model, losses, state.step, window_audio)
             losses, window_audio, window_start = [], 0.0, state.batch_in_epoch
-            kinds = self.policy.due_by_step(state.step) if stepped else []
-            stopping = self._at_bound()
-            if kinds and not stopping and state.batch_in_epoch < epoch.per_epoch:
-                self._save(epoch.losses[-1], kinds)
-            else:
-                pending += kinds  # saved once at the epoch's end, with the epoch's or the final checkpoint
-            tick = time.perf_counter()
-            if stopping:
-                break
-            if self.adapt_threads and state.step % THREAD_CHECK_STEPS == 0:
-                self._share_cores()
+            if inflight.stepped is not None:  # decided on the host already
+                stopping, inflight = self._settle(inflight, epoch, bar, pending), None
+                if stopping:
+                    break
+        if inflight is not None:
+            self._settle(inflight, epoch, bar, pending)
         bar.close()
         return pending
 
-    def _step_window(self, losses: list[torch.Tensor], window_audio: float, elapsed: float, epoch: EpochLog,
-                     bar: tqdm) -> bool:
-        """The optimizer step closing a window (or its skip), its logs, and the stop after too many bad ones."""
-        state = self.state
-        stepped, grad_norm, values = self.optimizer_step(losses)
-        epoch.losses += [v for v in values if math.isfinite(v)]
-        if stepped:
+    def _settle_first(self) -> bool:
+        """Whether the step in flight may be due for a save or end the run, if it was taken."""
+        step, (max_steps, _) = self.state.step + 1, self._bounds()
+        return bool(self.policy.due_by_step(step)) or bool(max_steps and step >= max_steps) or self._out_of_time()
+
+    def _settle(self, inflight: Inflight, epoch: EpochLog, bar: tqdm, pending: list[str], bounds: bool = True) -> bool:
+        """Count and log a launched step, save when due, stop after too many bad ones; True when a bound is reached.
+
+        Without `bounds` (a settle while the next window runs) due saves wait for the epoch's end.
+        """
+        state, outcome = self.state, Stepper.settle(inflight)
+        elapsed = max(time.perf_counter() - self.tick, 1e-9)
+        epoch.losses += [v for v in outcome.losses if math.isfinite(v)]
+        if outcome.stepped:
             state.step += 1
             self.bad_in_row = 0
-            if self.ema is not None:
-                self.ema.update(self.accelerator.unwrap_model(self.model), state.step)
         else:
             state.skipped_steps += 1
             self.bad_in_row += 1
-        losses = epoch.losses
+        losses, window_audio = epoch.losses, outcome.audio_seconds
         self._log({
-            "train/loss": losses[-1] if stepped and losses else None, "train/grad_norm": grad_norm,
+            "train/loss": losses[-1] if outcome.stepped and losses else None, "train/grad_norm": outcome.grad_norm,
             "train/lr": self.optimizer.param_groups[0]["lr"], "train/skipped_steps": state.skipped_steps,
             "train/steps_per_sec": 1 / elapsed, "train/audio_sec_per_sec": window_audio / elapsed,
         })
@@ -403,7 +385,16 @@ class DiffusionVocoderTrainer:
         if self.bad_in_row >= int(self.cfg.train.get("max_nonfinite_steps", 20)):
             bar.close()
             raise self._too_many_bad(self.bad_in_row)
-        return stepped
+        if self.adapt_threads and outcome.stepped and state.step % THREAD_CHECK_STEPS == 0:
+            self._share_cores()
+        kinds = self.policy.due_by_step(state.step) if outcome.stepped else []
+        stopping = bounds and self._at_bound()
+        if kinds and bounds and not stopping and state.batch_in_epoch < epoch.per_epoch:
+            self._save(losses[-1], kinds)
+        else:
+            pending += kinds  # saved once at the epoch's end, with the epoch's or the final checkpoint
+        self.tick = time.perf_counter()
+        return stopping
 
     def _end_epoch(self, epoch: EpochLog, pending: list[str]) -> bool:
         """Validation, the epoch's log line and saves; True when training is over."""

@@ -51,8 +51,9 @@ class EMA:
         self.shadow = float_copy(model)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        """shadow += (1 - decay) (weights - shadow), for every float tensor at once (a few kernels, not two per tensor)."""
+    def update(self, model: torch.nn.Module, step: int, gate: torch.Tensor | None = None) -> None:
+        """shadow += (1 - decay) (weights - shadow) for every float tensor at once; times `gate` (0 or 1, on the
+        device) when the optimizer step it follows was decided there."""
         decay = min(self.decay, (1 + step) / (10 + step))
         shadows, values = [], []
         for name, value in model.state_dict().items():
@@ -64,8 +65,14 @@ class EMA:
                 values.append(value.detach().float())
             else:
                 shadow.copy_(value)
-        if shadows:
+        if not shadows:
+            return
+        if gate is None:
             torch._foreach_lerp_(shadows, values, 1 - decay)
+            return
+        moves = torch._foreach_sub(values, shadows)
+        torch._foreach_mul_(moves, gate.float() * (1 - decay))
+        torch._foreach_add_(shadows, moves)
 
 
 @dataclass
