@@ -1,0 +1,42 @@
+"""The benchmark tools a briefly lent GPU runs: their plumbing checked here on the CPU, so a lease
+is not spent on a typo. The figures themselves are benchmarks, never asserted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+from benchmarks.gpu_suite import TRAINING_CASES
+from benchmarks.train import measure_training
+from processors.preprocess import preprocess
+from tests.recipe_helpers import tiny_training_config
+from utils.config import COMPILE_MODES, load_config, validate
+from utils.synthetic import write_corpus
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    write_corpus(root / "corpus", 2, 3, sample_rate=8000)
+    path = tiny_training_config(root, "bench.json", num_threads=1)
+    preprocess(load_config(path), num_workers=1)
+    return path
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_training_benchmark_measures_the_trainers_step_with_and_without_the_loader(tiny: Path, replay: bool) -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    r = measure_training(load_config(tiny), steps=3, warmup=1, name=f"replay_{replay}", replay=replay)
+    assert r["ms_per_step"] > 0 and r["audio_s_per_s"] > 0 and r["loader_ms"] >= 0
+    assert r["replay"] is replay and r["gpu_busy"] is None and r["audio_per_step_s"] == pytest.approx(4 * 8 * 64 / 8000)
+
+
+def test_the_gpu_suites_training_cases_are_valid_settings(tiny: Path) -> None:
+    cfg = load_config(tiny)
+    for precision, batch, compiled, mode, _replay in TRAINING_CASES:
+        cfg.train.update(mixed_precision=precision, batch_size=batch, compile=compiled, compile_mode=mode)
+        assert mode in COMPILE_MODES
+        validate(cfg, "train")
