@@ -26,7 +26,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
 from models.vocoders.diffusion.ddpm import make_plan
-from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
+from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, vocoder_from_experiment
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.experiment import Experiment, locate_experiment, with_recipe_config
@@ -266,6 +266,16 @@ def test_steps_for_a_fixed_step_sampler_are_an_error(tmp_path):
         result = run_recipe(*base, *extra, check=False)
         assert result.returncode == 1, result.stderr
         assert f"error: --infer_steps 3 does not apply to the {sampler} sampler" in result.stderr
+
+
+def test_steps_set_in_a_config_for_a_fixed_step_sampler_are_an_error(tmp_path):
+    expt, _cfg = make_experiment(tmp_path)
+    cfg = Experiment(expt).config()
+    cfg.inference.steps = 3
+    with pytest.raises(ConfigError, match=r"key 'inference.steps' \(3\) does not apply to the fast sampler"):
+        vocoder_from_experiment(expt, cfg=cfg)
+    cfg.inference.sampler = "ddim"
+    assert len(vocoder_from_experiment(expt, cfg=cfg).plan.positions) == 3
 
 
 def test_gpu_sets_the_devices_of_every_stage(tmp_path):

@@ -6,16 +6,13 @@ typed; the short names (`--sampler`, ...) still work.
 
 import argparse
 
-from models.vocoders.diffusion.ddpm import SAMPLER_NAMES
+from models.vocoders.diffusion.ddpm import FIXED_STEPS, SAMPLER_NAMES
 from models.vocoders.diffusion.diffusion_vocoder_inference import PRECISIONS, vocoder_from_experiment
 from models.vocoders.diffusion.experiment import Experiment, locate_experiment, with_recipe_config
 from models.vocoders.diffusion.inference_modes import MODES, run_inference
 from processors.mel_conventions import mel_converter
 from utils.cli import add_common_args, run
 from utils.config import ConfigError, validate
-
-FIXED_STEPS = {"fast": "its steps are the config's model.diffwave.inference_noise_schedule",
-               "full": "it walks every training step"}
 
 
 def main(args: argparse.Namespace) -> None:

@@ -17,7 +17,9 @@ from utils.checkpoint import (
     CheckpointError,
     checkpoint_name,
     first_line,
+    is_accelerate_folder,
     remove_checkpoint,
+    safe_torch_load,
     save_checkpoint,
 )
 from utils.config import ConfigError
@@ -53,6 +55,19 @@ def set_rng_state(state: dict, source: str | Path = "RNG state") -> None:
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
         detail = f"missing key {err}" if isinstance(err, KeyError) else first_line(err)
         raise CheckpointError(f"{source}: damaged RNG state ({detail})") from None
+
+
+def restore_rng(folder: Path, process_index: int) -> None:
+    """A resumed process's RNG state from its own file in `folder`; accelerate's RNG pickles are never loaded."""
+    if is_accelerate_folder(folder):
+        log.warning("%s: written by accelerate's save_state; its RNG pickles (random_states_*.pkl) are not "
+                    "loaded, since unpickling can run code: the RNG stream restarts from the seed", folder)
+        return
+    rng_file = folder / f"rng_{process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(safe_torch_load(rng_file), rng_file)
+    else:
+        log.warning("%s: no RNG state for process %d; the noise differs from the original run", folder, process_index)
 
 
 def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:

@@ -97,6 +97,11 @@ class SamplerPlan:
         return walk
 
 
+# Samplers whose number of steps is set elsewhere, and where.
+FIXED_STEPS = {"fast": "its steps are the config's model.diffwave.inference_noise_schedule",
+               "full": "it walks every training step"}
+
+
 def make_plan(params: Any, sampler: str = "fast", steps: int | None = None, betas: Sequence[float] | None = None) -> SamplerPlan:
     """Build a sampler plan from `model.diffwave` params; `betas` overrides the fast schedule."""
     train = training_betas(params)

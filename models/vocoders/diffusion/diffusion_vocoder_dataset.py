@@ -181,6 +181,26 @@ def dataloader_workers(cfg: Any) -> int:
     return max(0, min(4, len(os.sched_getaffinity(0)) - 1))
 
 
+class TrainingData:
+    """A process's shard of the training batches and of the validation utterances, with their loaders."""
+
+    def __init__(self, cfg: Any, seed: int, rank: int = 0, world: int = 1) -> None:
+        train_entries = load_entries(cfg, "train")
+        self.valid_entries = load_entries(cfg, "valid")
+        if not train_entries:
+            raise ValueError(f"no training utterances with features under {cfg.preprocess.processed_dir}")
+        batch = int(cfg.train.batch_size)
+        workers = dataloader_workers(cfg)
+        pin = torch.cuda.is_available() and bool(cfg.train.get("dataloader", {}).get("pin_memory", True))
+        self.train_sampler = EpochBatchSampler(len(train_entries), batch, seed, rank, world, shuffle=True, drop_last=True)
+        self.train_loader = make_loader(CropDataset(cfg, train_entries), self.train_sampler, workers, pin)
+        valid_sampler = EpochBatchSampler(len(self.valid_entries), batch, seed, rank, world, shuffle=False, drop_last=False)
+        self.valid_loader = make_loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1), pin)
+        log.info("data: %d train / %s, %s of %d per process per epoch, %s", len(train_entries),
+                 plural(len(self.valid_entries), "valid utterance"), plural(len(self.train_sampler), "batch", "batches"),
+                 batch, plural(workers, "persistent loader worker"))
+
+
 def make_loader(dataset: CropDataset, sampler: EpochBatchSampler, workers: int, pin: bool) -> DataLoader:
     """Persistent workers; its own generator, so creating an iterator draws nothing from the global RNG a
     resume restores; pinned batches, four per worker queued ahead, so the copy to the GPU overlaps the step before."""

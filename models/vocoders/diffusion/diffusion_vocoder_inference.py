@@ -14,11 +14,11 @@ import torch
 
 from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.chunked import ChunkedDenoiser
-from models.vocoders.diffusion.ddpm import SAMPLER_NAMES, Denoiser, make_plan
+from models.vocoders.diffusion.ddpm import FIXED_STEPS, SAMPLER_NAMES, Denoiser, make_plan
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.windowed import ENGINES, GraphedDenoiser, WindowedDenoiser
-from utils.config import ConfigError, bool_or_auto
+from utils.config import ConfigError, bool_or_auto, source_of
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -175,8 +175,12 @@ def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None,
     infer = cfg.get("inference", {})
     options.setdefault("sampler", infer.get("sampler", "fast"))
     options.setdefault("batch_size", infer.get("batch_size", 1))
-    if infer.get("steps") is not None:
-        options.setdefault("steps", infer.get("steps"))
+    if infer.get("steps") is not None and options.get("steps") is None:
+        if options["sampler"] in FIXED_STEPS:
+            raise ConfigError(f"{source_of(cfg, 'inference.steps')}: key 'inference.steps' ({infer['steps']}) does not "
+                              f"apply to the {options['sampler']} sampler ({FIXED_STEPS[options['sampler']]}); remove it, "
+                              "or set inference.sampler to ddim (N steps) or searched (a searched N-step schedule)")
+        options["steps"] = infer["steps"]
     for key in ("chunk_size", "cache_gib", "tile", "engine", "compile", "cuda_graph", "gpu_memory_gib"):
         if infer.get(key) is not None:
             options.setdefault(key, infer.get(key))

@@ -25,26 +25,15 @@ from accelerate.utils import gather_object
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, rng_state, set_rng_state
+from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, restore_rng, rng_state
 from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
-from models.vocoders.diffusion.diffusion_vocoder_dataset import (
-    CropDataset,
-    EpochBatchSampler,
-    dataloader_workers,
-    load_entries,
-    make_loader,
-)
+from models.vocoders.diffusion.diffusion_vocoder_dataset import TrainingData
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.stepper import Inflight, Stepper, make_optimizer
 from models.vocoders.diffusion.train_state import EMA, TrainState
-from utils.checkpoint import (
-    is_accelerate_folder,
-    list_checkpoints,
-    resolve_checkpoint,
-    safe_torch_load,
-)
+from utils.checkpoint import list_checkpoints, resolve_checkpoint
 from utils.config import ConfigError, bool_or_auto
 from utils.text import plural
 from utils.threads import fair_threads
@@ -115,7 +104,9 @@ class DiffusionVocoderTrainer:
             self._resume(checkpoint or self.ckpt_dir)
             self._refuse_no_op()
 
-        self._build_data()
+        data = TrainingData(cfg, self.seed, self.accelerator.process_index, self.accelerator.num_processes)
+        self.train_sampler, self.train_loader = data.train_sampler, data.train_loader
+        self.valid_entries, self.valid_loader = data.valid_entries, data.valid_loader
         self.policy = CheckpointPolicy(tcfg, self.ckpt_dir)
         self.writer = None
         if self.accelerator.is_main_process:
@@ -153,27 +144,6 @@ class DiffusionVocoderTrainer:
             log.info("process group: backend %s, world size %d, rendezvous port %s", torch.distributed.get_backend(),
                      torch.distributed.get_world_size(), os.environ.get("MASTER_PORT"))
 
-    def _build_data(self) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        train_entries = load_entries(cfg, "train")
-        self.valid_entries = load_entries(cfg, "valid")
-        if not train_entries:
-            raise ValueError(f"no training utterances with features under {cfg.preprocess.processed_dir}")
-        batch = int(cfg.train.batch_size)
-        workers = dataloader_workers(cfg)
-        self.train_sampler = EpochBatchSampler(
-            len(train_entries), batch, self.seed, acc.process_index, acc.num_processes, shuffle=True, drop_last=True
-        )
-        pin = torch.cuda.is_available() and bool(cfg.train.get("dataloader", {}).get("pin_memory", True))
-        self.train_loader = make_loader(CropDataset(cfg, train_entries), self.train_sampler, workers, pin)
-        valid_sampler = EpochBatchSampler(
-            len(self.valid_entries), batch, self.seed, acc.process_index, acc.num_processes, shuffle=False, drop_last=False
-        )
-        self.valid_loader = make_loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1), pin)
-        log.info("data: %d train / %s, %s of %d per process per epoch, %s", len(train_entries),
-                 plural(len(self.valid_entries), "valid utterance"), plural(len(self.train_sampler), "batch", "batches"),
-                 batch, plural(workers, "persistent loader worker"))
-
     def _finetune(self, checkpoint: str | None) -> None:
         if not checkpoint:
             raise ConfigError("--resume_type finetune needs --checkpoint <checkpoint folder or weights file>")
@@ -185,21 +155,9 @@ class DiffusionVocoderTrainer:
     def _resume(self, checkpoint: str | Path) -> None:
         folder = resolve_checkpoint(checkpoint)
         self.state.load_state_dict(folder)
-        self._resume_rng(folder)
+        restore_rng(folder, self.accelerator.process_index)
         log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, self.state.epoch,
                  self.state.step, self.state.batch_in_epoch)
-
-    def _resume_rng(self, folder: Path) -> None:
-        if is_accelerate_folder(folder):
-            log.warning("%s: written by accelerate's save_state; its RNG pickles (random_states_*.pkl) are not "
-                        "loaded, since unpickling can run code: the RNG stream restarts from the seed", folder)
-            return
-        rng_file = folder / f"rng_{self.accelerator.process_index}.pt"
-        if rng_file.is_file():
-            set_rng_state(safe_torch_load(rng_file), rng_file)
-        else:
-            log.warning("%s: no RNG state for process %d; the noise differs from the original run",
-                        folder, self.accelerator.process_index)
 
     def _bounds(self) -> tuple[int, int]:
         """(max_steps, max_epoch) as the config says now: 0 and -1 mean no bound."""
