@@ -137,9 +137,11 @@ class DiffusionVocoderTrainer:
                  plural(machines, "machine"), where, plural(torch.get_num_threads(), "torch thread"),
                  os.environ.get("OMP_NUM_THREADS", "unset"), os.environ.get("OMP_WAIT_POLICY", "unset"),
                  "; follows the load average" if self.adapt_threads else "")
-        log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, torch.compile %s, TF32 %s", precision,
-                 self.accum, self.cfg.train.get("max_grad_norm", 0) or "off", self.compiled,
-                 torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else "n/a (CPU)")
+        log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, torch.compile %s, TF32 %s, AdamW %s",
+                 precision, self.accum, self.cfg.train.get("max_grad_norm", 0) or "off",
+                 f"{self.compiled} ({self.cfg.train.get('compile_mode', 'default')})" if self.compiled else False,
+                 torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else "n/a (CPU)",
+                 "fused, steps decided on the device" if self.stepper.on_device else "multi-tensor")
         if acc.num_processes > 1 and torch.distributed.is_initialized():
             log.info("process group: backend %s, world size %d, rendezvous port %s", torch.distributed.get_backend(),
                      torch.distributed.get_world_size(), os.environ.get("MASTER_PORT"))
