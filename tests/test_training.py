@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.experiment import Experiment
-from models.vocoders.diffusion.stepper import make_optimizer
+from models.vocoders.diffusion.stepper import make_optimizer, to_host
 from models.vocoders.diffusion.train_state import EMA
 from processors.preprocess import preprocess
 from tests.recipe_helpers import RUN_SH, tiny_training_config
@@ -266,6 +266,17 @@ def test_a_gated_ema_update_moves_only_when_the_gate_is_open() -> None:
     assert all(torch.equal(ema.shadow[k], before[k]) for k in before)
     ema.update(model, step=100, gate=torch.tensor(True))
     assert torch.allclose(ema.shadow["weight"], 0.9 * before["weight"] + 0.1 * model.weight, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_steps_readings_reach_the_host_without_waiting_for_the_work_queued_after_them() -> None:
+    host, ready = to_host(torch.arange(4.0, device="cuda"))
+    big = torch.randn(8192, 8192, device="cuda")
+    for _ in range(20):  # about a third of a second of fp32 matmuls, queued after the copy
+        big = big @ big
+    ready.synchronize()
+    assert not torch.cuda.current_stream().query(), "the matmuls were already done: the check proves nothing"
+    assert host.tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_the_fused_optimizer_is_chosen_per_device_and_refused_with_fp16(corpus: Path, tmp_path: Path) -> None:

@@ -39,11 +39,27 @@ def make_optimizer(model: torch.nn.Module, tcfg: Any, device: torch.device, prec
 
 @dataclass
 class Inflight:
-    """A launched step: its window's losses, the gradient norm and 1 if it was taken, maybe still on the GPU."""
+    """A launched step: its window's losses, the gradient norm and 1 if it was taken, on their way to the host."""
 
-    readings: Tensor
+    readings: Tensor  # on the host; on CUDA filled by a copy that is complete once `ready` is
+    ready: Any
     audio_seconds: float
     stepped: bool | None  # None: decided on the device, known once `readings` are read
+
+
+def to_host(values: Tensor) -> tuple[Tensor, Any]:
+    """Start copying `values` to the host without waiting; (the host tensor, a CUDA event marking the copy's end).
+
+    The copy waits only for the work queued before it, not for the next window queued after it,
+    which a plain `.tolist()` at settle time would wait for.
+    """
+    if not values.is_cuda:
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 @dataclass
@@ -87,11 +103,13 @@ class Stepper:
             if stepped and self.ema is not None:
                 self.ema.update(acc.unwrap_model(model), step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        return Inflight(torch.cat([readings, ok.float().reshape(1)]), audio_seconds, stepped)
+        return Inflight(*to_host(torch.cat([readings, ok.float().reshape(1)])), audio_seconds, stepped)
 
     @staticmethod
     def settle(inflight: Inflight) -> Outcome:
-        """What a launched step did (waits for the GPU to get there)."""
+        """What a launched step did (waits for the GPU to get there, and no further)."""
+        if inflight.ready is not None:
+            inflight.ready.synchronize()
         *losses, grad_norm, ok = inflight.readings.tolist()
         stepped = ok > 0 if inflight.stepped is None else inflight.stepped
         return Outcome(stepped, losses, grad_norm, inflight.audio_seconds)
