@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target "$PWD/.site
 export PYTHONPATH="$PWD/.site:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 case "${1:-}" in
-  suite) python3 -m benchmarks.gpu_suite --quick_tests --out "$out/gpu_results.json" 2>&1 | tee "$out/gpu_suite.log" ;;
+  suite) python3 -m benchmarks.gpu_suite --quick_tests --tests_s 90 --budget_s 400 --out "$out/gpu_results.json" 2>&1 | tee "$out/gpu_suite.log" ;;
   quality)
     [ -d .quality/speech ] || { echo "no .quality/speech: make it with benchmarks/speech_corpus.sh and carry it" >&2; exit 2; }
     python3 -m benchmarks.quality --corpus .quality/speech --minutes "${MINUTES:-3}" --both --out "$out/quality.json" \
