@@ -186,12 +186,15 @@ def test_step_based_saving_merges_with_epoch_and_final_saves(corpus: Path, tmp_p
     assert not list(folder.glob(".tmp-*"))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["decided-on-host", "decided-on-device"])
 def test_a_wall_time_budget_stops_training_and_saves_the_last_state(corpus: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """train.max_minutes: a clock that ticks a second per reading passes the 6 s budget within a few steps."""
+                                                                       monkeypatch: pytest.MonkeyPatch, fused: bool) -> None:
+    """train.max_minutes: a clock that ticks a second per reading passes the 6 s budget within a few steps; with
+    steps decided on the device, the step in flight is settled before the window that would run past the budget."""
     clock = iter(range(1000))  # one "second" per reading of the clock
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
-    run = trainer(config(corpus, tmp_path, batch_size=2, max_steps=1000, max_minutes=0.1), "budget")
+    run = trainer(config(corpus, tmp_path, batch_size=2, max_steps=1000, max_minutes=0.1,
+                         adamw={"lr": 1e-3, "fused": fused}), "budget")
     run.train()
     assert 1 <= run.state.step <= 6, run.state.step  # six clock readings pass the 6 s budget within a few steps
     last = json.loads((newest(tmp_path / "ckpts" / "budget") / "state.json").read_text())
