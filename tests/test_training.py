@@ -114,6 +114,20 @@ def test_resume_is_exact_mid_epoch_and_from_one_checkpoint(corpus: Path, tmp_pat
         assert json.loads((got / "state.json").read_text())["step"] == 6
 
 
+@pytest.mark.parametrize("saved", [False, True], ids=["saved-multi-tensor", "saved-fused"])
+def test_a_resume_uses_this_runs_adamw_kernel_not_the_checkpoints(corpus: Path, tmp_path: Path, saved: bool) -> None:
+    """train.adamw.fused is this run's choice: a checkpoint saved with the other kernel (every checkpoint from before
+    the setting existed, an fp16 run's) resumes, rather than the saved param group's `fused` overriding the config
+    (fused steps with the device's skip flag then reached the single-tensor kernel, which refuses it)."""
+    name = f"switch_{saved}"
+    trainer(config(corpus, tmp_path, batch_size=2, max_steps=2, adamw={"lr": 1e-3, "fused": saved}), name).train()
+    cfg = config(corpus, tmp_path, batch_size=2, max_steps=4, adamw={"lr": 1e-3, "fused": not saved})
+    rest = trainer(cfg, name, "resume", str(tmp_path / "ckpts" / name))
+    rest.train()
+    assert rest.state.step == 4
+    assert all(bool(group["fused"]) is (not saved) for group in rest.optimizer.param_groups)
+
+
 def test_finetune_loads_weights_and_ema_only_and_names_a_mismatched_parameter(corpus: Path, tmp_path: Path) -> None:
     cfg = config(corpus, tmp_path, max_steps=2)
     trainer(cfg, "source").train()
