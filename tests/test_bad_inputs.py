@@ -311,15 +311,17 @@ def test_a_bad_feature_file_met_by_a_loader_worker_is_still_one_line(monkeypatch
     from torch._utils import ExceptionWrapper
 
     from utils.cli import add_common_args, run
+    from utils.config import ConfigError
 
     message = "/x/mels/u.npy: not a plain numeric .npy array (empty file)"
-    try:
-        raise ValueError(message)
-    except ValueError:
-        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
-    parser = argparse.ArgumentParser()
-    add_common_args(parser, config_required=False)
-    monkeypatch.setattr(sys, "argv", ["train"])
-    with pytest.raises(SystemExit):
-        run(lambda args: wrapped.reraise(), parser)
-    assert capsys.readouterr().err == f"error: {message}\n"
+    for kind in (ValueError, ConfigError):  # a builtin, and one whose traceback line names its module
+        try:
+            raise kind(message)
+        except kind:
+            wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+        parser = argparse.ArgumentParser()
+        add_common_args(parser, config_required=False)
+        monkeypatch.setattr(sys, "argv", ["train"])
+        with pytest.raises(SystemExit):
+            run(lambda args, wrapped=wrapped: wrapped.reraise(), parser)
+        assert capsys.readouterr().err == f"error: {message}\n"

@@ -33,8 +33,8 @@ def one_line(err: BaseException) -> str:
     text = str(err)
     if "\nOriginal Traceback" in text:
         last = text.rstrip().splitlines()[-1]
-        prefix = f"{type(err).__name__}: "
-        text = last[len(prefix):] if last.startswith(prefix) else last
+        kind, _, message = last.partition(": ")  # "ValueError: ..." or "utils.config.ConfigError: ..."
+        text = message if kind.rsplit(".", 1)[-1] == type(err).__name__ else last
     return text
 
 
