@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
-from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
+from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer, refuse_graphed_accumulation
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.stepper import make_optimizer, to_host
 from models.vocoders.diffusion.train_state import EMA
@@ -255,6 +255,19 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(corpus: Path, tmp_
     assert all(torch.equal(bad.ema.shadow[k], saved_ema[k]) for k in saved_ema)
     assert all(int(s["step"]) == 2 for s in bad.optimizer.state_dict()["state"].values())
     assert [e.value for e in scalars(exp)["train/skipped_steps"]][-3:] == [1, 2, 3]
+
+
+def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation() -> None:
+    """reduce-overhead / max-autotune replay CUDA graphs whose gradient buffers the next micro-batch overwrites
+    (pytorch/pytorch#169545): refused with accumulation on CUDA, before any training."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ConfigError, match=rf"^cfg.json: train.compile_mode '{mode}' .*gradient_accumulation_step 2"):
+            refuse_graphed_accumulation(mode, 2, cuda, "cfg.json")
+        refuse_graphed_accumulation(mode, 1, cuda, "cfg.json")
+        refuse_graphed_accumulation(mode, 2, cpu, "cfg.json")  # no CUDA graphs on the CPU
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        refuse_graphed_accumulation(mode, 4, cuda, "cfg.json")
 
 
 def test_ema_update_is_the_moving_average_of_every_float_tensor() -> None:
