@@ -257,6 +257,34 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(corpus: Path, tmp_
     assert [e.value for e in scalars(exp)["train/skipped_steps"]][-3:] == [1, 2, 3]
 
 
+def test_skips_next_to_due_saves_give_the_same_checkpoints_decided_on_host_or_device(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-finite windows mid-window, right before a due save and at an epoch's last window: the step read a
+    window later gives the checkpoints, counters and logged steps of the step read at once."""
+    original = DiffusionVocoderTrainer._loss
+    bad = {(0, 1), (1, 4), (1, 6), (2, 0)}  # (epoch, batch in epoch); batch 1: 7 batches, windows [0 1] [2 3] [4 5] [6]
+
+    def poisoned(self: DiffusionVocoderTrainer, *args: object) -> torch.Tensor:
+        loss = original(self, *args)
+        return loss * float("nan") if (self.state.epoch, self.state.batch_in_epoch) in bad else loss
+
+    monkeypatch.setattr(DiffusionVocoderTrainer, "_loss", poisoned)
+    seen = {}
+    for fused in (False, True):
+        cfg = config(corpus, tmp_path, batch_size=1, gradient_accumulation_step=2, max_steps=8, save_checkpoints_steps=2,
+                     keep_last=[-1], max_grad_norm=1.0, adamw={"lr": 1e-3, "fused": fused})
+        run = trainer(cfg, f"skips_{fused}")
+        run.train()
+        exp = tmp_path / "ckpts" / f"skips_{fused}"
+        states = [json.loads((p / "state.json").read_text()) for p in list_checkpoints(exp / "checkpoint")]
+        seen[fused] = ([(s["epoch"], s["step"], s["batch_in_epoch"], s["skipped_steps"]) for s in states],
+                       [(e.step, e.value) for e in scalars(exp)["train/skipped_steps"]], newest(exp))
+    assert seen[False][:2] == seen[True][:2]
+    assert seen[True][0][-1] == (3, 8, 0, 4)  # max_steps at the end of epoch 2, after 4 skipped windows
+    for weights in ("model.safetensors", "ema.safetensors"):
+        assert max_diff(seen[False][2] / weights, seen[True][2] / weights) <= 1e-6
+
+
 def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation() -> None:
     """reduce-overhead / max-autotune replay CUDA graphs whose gradient buffers the next micro-batch overwrites
     (pytorch/pytorch#169545): refused with accumulation on CUDA, before any training."""
