@@ -301,3 +301,27 @@ def test_stage3_checks_the_experiment_config(tmp_path, experiment):
                         "--audio_folder", str(tmp_path), "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 1 and result.stderr.strip() == (
         f"error: {broken / 'args.json'}: key 'inference.sampler' is 'turbo': choose one of fast, full, ddim, searched")
+
+
+def test_a_bad_feature_file_met_by_a_loader_worker_is_still_one_line(monkeypatch, capsys):
+    """Stage 2 reads crops in DataLoader workers (num_worker -1: up to 4), which wrap an error in the worker's
+    traceback; the entry point prints the worker's own one line, naming the file."""
+    import argparse
+
+    from torch._utils import ExceptionWrapper
+
+    from utils.cli import add_common_args, run
+    from utils.config import ConfigError
+
+    message = "/x/mels/u.npy: not a plain numeric .npy array (empty file)"
+    for kind in (ValueError, ConfigError):  # a builtin, and one whose traceback line names its module
+        try:
+            raise kind(message)
+        except kind:
+            wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+        parser = argparse.ArgumentParser()
+        add_common_args(parser, config_required=False)
+        monkeypatch.setattr(sys, "argv", ["train"])
+        with pytest.raises(SystemExit):
+            run(lambda args, wrapped=wrapped: wrapped.reraise(), parser)
+        assert capsys.readouterr().err == f"error: {message}\n"

@@ -286,3 +286,19 @@ def test_kinds_the_config_no_longer_has_are_kept_not_crashed_on(tmp_path):
         state = tiny_train_state(step)
         policy.save(state, 0.5, RNG, ["stride0"])
     assert [read_state(p)["step"] for p in list_checkpoints(root)] == [1, 2, 11]
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["listed-in-order", "listed-reversed"])
+def test_the_newest_of_two_checkpoints_at_one_step_is_the_later_epochs(tmp_path: Path, monkeypatch, listed: bool) -> None:
+    """Skipped windows at an epoch's end give its epoch checkpoint the step of a step save before them; a resume
+    from the experiment picks the later one whatever order the folder lists them in."""
+    root = tmp_path / "checkpoint"
+    names = ["epoch-0000_step-0000002_loss-0.500000", "epoch-0001_step-0000002_loss-0.600000"]
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "state.json").write_text("{}")
+        (root / name / "model.safetensors").write_bytes(b"")
+    listing = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(listing(self), reverse=listed)))
+    assert [p.name for p in list_checkpoints(root)] == names
+    assert resolve_checkpoint(tmp_path).name == names[1]

@@ -99,3 +99,19 @@ def test_dataset_crops_from_mapped_files_equal_crops_of_loaded_arrays(tmp_path):
         expected = crop_pair(mel, audio, 32, 256, np.random.default_rng(seed))
         assert torch.equal(mel_crop, expected[0]) and torch.equal(audio_crop, expected[1])
         assert mel_crop.is_contiguous() and not isinstance(mel_crop.numpy(), np.memmap)
+
+
+@pytest.mark.parametrize("bad", ["mel", "audio"])
+def test_a_feature_file_of_the_wrong_rank_is_one_error_naming_it(tmp_path, bad):
+    """A 1-D mel or a 2-D audio is refused naming the file (not an IndexError or a broadcast error from the crop)."""
+    rng = np.random.default_rng(3)
+    mel, audio = rng.standard_normal((100, 40)).astype(np.float32), rng.standard_normal(256 * 40).astype(np.float32)
+    entry = {"Dataset": "d", "Uid": "u"}
+    mel_path, audio_path = feature_paths(tmp_path, entry)
+    mel_path.parent.mkdir(parents=True)
+    audio_path.parent.mkdir(parents=True)
+    np.save(mel_path, mel.reshape(-1) if bad == "mel" else mel)
+    np.save(audio_path, audio.reshape(1, -1) if bad == "audio" else audio)
+    cfg = SimpleNamespace(preprocess=SimpleNamespace(processed_dir=str(tmp_path), hop_size=256, cut_mel_frame=32))
+    with pytest.raises(ValueError, match=rf"^{mel_path if bad == 'mel' else audio_path}: .*shape"):
+        CropDataset(cfg, [entry])[0, 0]

@@ -276,6 +276,9 @@ def test_steps_set_in_a_config_for_a_fixed_step_sampler_are_an_error(tmp_path):
         vocoder_from_experiment(expt, cfg=cfg)
     cfg.inference.sampler = "ddim"
     assert len(vocoder_from_experiment(expt, cfg=cfg).plan.positions) == 3
+    # the config's steps are its ddim sampler's: a caller (--infer_sampler fast) choosing a fixed-step sampler
+    # replaces that sampler, and its steps with it, rather than being told to set the ddim the config already has
+    assert vocoder_from_experiment(expt, cfg=cfg, sampler="fast").plan.kind == "ddpm"
 
 
 def test_gpu_sets_the_devices_of_every_stage(tmp_path):

@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
-from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
+from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer, refuse_graphed_accumulation
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.stepper import make_optimizer, to_host
 from models.vocoders.diffusion.train_state import EMA
@@ -114,6 +114,20 @@ def test_resume_is_exact_mid_epoch_and_from_one_checkpoint(corpus: Path, tmp_pat
         assert json.loads((got / "state.json").read_text())["step"] == 6
 
 
+@pytest.mark.parametrize("saved", [False, True], ids=["saved-multi-tensor", "saved-fused"])
+def test_a_resume_uses_this_runs_adamw_kernel_not_the_checkpoints(corpus: Path, tmp_path: Path, saved: bool) -> None:
+    """train.adamw.fused is this run's choice: a checkpoint saved with the other kernel (every checkpoint from before
+    the setting existed, an fp16 run's) resumes, rather than the saved param group's `fused` overriding the config
+    (fused steps with the device's skip flag then reached the single-tensor kernel, which refuses it)."""
+    name = f"switch_{saved}"
+    trainer(config(corpus, tmp_path, batch_size=2, max_steps=2, adamw={"lr": 1e-3, "fused": saved}), name).train()
+    cfg = config(corpus, tmp_path, batch_size=2, max_steps=4, adamw={"lr": 1e-3, "fused": not saved})
+    rest = trainer(cfg, name, "resume", str(tmp_path / "ckpts" / name))
+    rest.train()
+    assert rest.state.step == 4
+    assert all(bool(group["fused"]) is (not saved) for group in rest.optimizer.param_groups)
+
+
 def test_finetune_loads_weights_and_ema_only_and_names_a_mismatched_parameter(corpus: Path, tmp_path: Path) -> None:
     cfg = config(corpus, tmp_path, max_steps=2)
     trainer(cfg, "source").train()
@@ -186,12 +200,15 @@ def test_step_based_saving_merges_with_epoch_and_final_saves(corpus: Path, tmp_p
     assert not list(folder.glob(".tmp-*"))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["decided-on-host", "decided-on-device"])
 def test_a_wall_time_budget_stops_training_and_saves_the_last_state(corpus: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """train.max_minutes: a clock that ticks a second per reading passes the 6 s budget within a few steps."""
+                                                                       monkeypatch: pytest.MonkeyPatch, fused: bool) -> None:
+    """train.max_minutes: a clock that ticks a second per reading passes the 6 s budget within a few steps; with
+    steps decided on the device, the step in flight is settled before the window that would run past the budget."""
     clock = iter(range(1000))  # one "second" per reading of the clock
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
-    run = trainer(config(corpus, tmp_path, batch_size=2, max_steps=1000, max_minutes=0.1), "budget")
+    run = trainer(config(corpus, tmp_path, batch_size=2, max_steps=1000, max_minutes=0.1,
+                         adamw={"lr": 1e-3, "fused": fused}), "budget")
     run.train()
     assert 1 <= run.state.step <= 6, run.state.step  # six clock readings pass the 6 s budget within a few steps
     last = json.loads((newest(tmp_path / "ckpts" / "budget") / "state.json").read_text())
@@ -238,6 +255,47 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(corpus: Path, tmp_
     assert all(torch.equal(bad.ema.shadow[k], saved_ema[k]) for k in saved_ema)
     assert all(int(s["step"]) == 2 for s in bad.optimizer.state_dict()["state"].values())
     assert [e.value for e in scalars(exp)["train/skipped_steps"]][-3:] == [1, 2, 3]
+
+
+def test_skips_next_to_due_saves_give_the_same_checkpoints_decided_on_host_or_device(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-finite windows mid-window, right before a due save and at an epoch's last window: the step read a
+    window later gives the checkpoints, counters and logged steps of the step read at once."""
+    original = DiffusionVocoderTrainer._loss
+    bad = {(0, 1), (1, 4), (1, 6), (2, 0)}  # (epoch, batch in epoch); batch 1: 7 batches, windows [0 1] [2 3] [4 5] [6]
+
+    def poisoned(self: DiffusionVocoderTrainer, *args: object) -> torch.Tensor:
+        loss = original(self, *args)
+        return loss * float("nan") if (self.state.epoch, self.state.batch_in_epoch) in bad else loss
+
+    monkeypatch.setattr(DiffusionVocoderTrainer, "_loss", poisoned)
+    seen = {}
+    for fused in (False, True):
+        cfg = config(corpus, tmp_path, batch_size=1, gradient_accumulation_step=2, max_steps=8, save_checkpoints_steps=2,
+                     keep_last=[-1], max_grad_norm=1.0, adamw={"lr": 1e-3, "fused": fused})
+        run = trainer(cfg, f"skips_{fused}")
+        run.train()
+        exp = tmp_path / "ckpts" / f"skips_{fused}"
+        states = [json.loads((p / "state.json").read_text()) for p in list_checkpoints(exp / "checkpoint")]
+        seen[fused] = ([(s["epoch"], s["step"], s["batch_in_epoch"], s["skipped_steps"]) for s in states],
+                       [(e.step, e.value) for e in scalars(exp)["train/skipped_steps"]], newest(exp))
+    assert seen[False][:2] == seen[True][:2]
+    assert seen[True][0][-1] == (3, 8, 0, 4)  # max_steps at the end of epoch 2, after 4 skipped windows
+    for weights in ("model.safetensors", "ema.safetensors"):
+        assert max_diff(seen[False][2] / weights, seen[True][2] / weights) <= 1e-6
+
+
+def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation() -> None:
+    """reduce-overhead / max-autotune replay CUDA graphs whose gradient buffers the next micro-batch overwrites
+    (pytorch/pytorch#169545): refused with accumulation on CUDA, before any training."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ConfigError, match=rf"^cfg.json: train.compile_mode '{mode}' .*gradient_accumulation_step 2"):
+            refuse_graphed_accumulation(mode, 2, cuda, "cfg.json")
+        refuse_graphed_accumulation(mode, 1, cuda, "cfg.json")
+        refuse_graphed_accumulation(mode, 2, cpu, "cfg.json")  # no CUDA graphs on the CPU
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        refuse_graphed_accumulation(mode, 4, cuda, "cfg.json")
 
 
 def test_ema_update_is_the_moving_average_of_every_float_tensor() -> None:

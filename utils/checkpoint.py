@@ -189,11 +189,12 @@ def is_complete(folder: Path) -> bool:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest step first."""
+    """Complete checkpoints under `root`, oldest step first (of one step, the later epoch's: skipped windows
+    can give an epoch's checkpoint the step of a step save before them)."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and is_complete(p)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(2)))
+    return sorted(found, key=lambda p: tuple(int(n) for n in CHECKPOINT_PATTERN.match(p.name).group(2, 1)))
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

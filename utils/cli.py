@@ -28,6 +28,16 @@ def setup_logging(level: str) -> None:
     logging.captureWarnings(True)
 
 
+def one_line(err: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (its traceback inside), the worker's own line."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        kind, _, message = last.partition(": ")  # "ValueError: ..." or "utils.config.ConfigError: ..."
+        text = message if kind.rsplit(".", 1)[-1] == type(err).__name__ else last
+    return text
+
+
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
     """Parse, run, and turn expected failures into `error: ...` with exit status 1."""
     args = parser.parse_args()
@@ -37,7 +47,7 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     except EXPECTED_ERRORS as err:
         if args.log_level == "debug":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept", file=sys.stderr)

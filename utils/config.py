@@ -276,6 +276,7 @@ SCHEMA: dict[str, Rule] = {
     "train.mixed_precision": Rule(STR, "t", required=False, choices=("no", "fp16", "bf16")),
     "train.dataloader.num_worker": Rule(INT, "t", required=False, low=-1),
     "train.num_threads": Rule(INT, "t", required=False, low=0),
+    "train.max_nonfinite_steps": positive(INT, "t", required=False),
     "train.compile": switch("t"),
     "train.compile_mode": Rule(STR, "t", required=False, choices=COMPILE_MODES),
     "train.adamw.fused": switch("t"),
@@ -374,7 +375,7 @@ def validate(cfg: dict, stage: str) -> None:
 
 # Keys the code reads that neither SCHEMA nor the shipped configs name, and sections whose keys are free.
 OPTIONAL_KEYS = (
-    "config_path", "train.tf32", "train.max_nonfinite_steps", "train.eval_seconds", "train.eval_utterances",
+    "config_path", "train.tf32", "train.eval_seconds", "train.eval_utterances",
     "train.run_eval", "train.dataloader", "inference.steps", "inference.mel_convention", "inference.mel_stats",
     "inference.chunk_size", "inference.cache_gib", "inference.tile", "preprocess.spk2id", "preprocess.utt2spk",
 )

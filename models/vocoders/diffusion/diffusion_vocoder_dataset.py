@@ -114,6 +114,10 @@ class CropDataset(Dataset):
         index, seed = key
         # Mapped: a crop of a minutes-long song reads its own pages, not the whole file.
         mel, audio = read_features(self.processed_dir, self.entries[index], mmap=True)
+        if mel.ndim != 2 or audio.ndim != 1:
+            mel_path, audio_path = feature_paths(self.processed_dir, self.entries[index])
+            raise ValueError(f"{mel_path if mel.ndim != 2 else audio_path}: expected a (n_mel, frames) mel and 1-D audio, "
+                             f"got shapes {mel.shape} and {audio.shape}")
         return crop_pair(mel, audio, self.frames, self.hop, np.random.default_rng(seed))
 
 

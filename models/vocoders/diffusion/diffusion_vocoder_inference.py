@@ -176,11 +176,12 @@ def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None,
     options.setdefault("sampler", infer.get("sampler", "fast"))
     options.setdefault("batch_size", infer.get("batch_size", 1))
     if infer.get("steps") is not None and options.get("steps") is None:
-        if options["sampler"] in FIXED_STEPS:
+        if options["sampler"] not in FIXED_STEPS:
+            options["steps"] = infer["steps"]
+        elif infer.get("sampler", "fast") in FIXED_STEPS:  # else they are for the config's sampler the caller replaced
             raise ConfigError(f"{source_of(cfg, 'inference.steps')}: key 'inference.steps' ({infer['steps']}) does not "
                               f"apply to the {options['sampler']} sampler ({FIXED_STEPS[options['sampler']]}); remove it, "
                               "or set inference.sampler to ddim (N steps) or searched (a searched N-step schedule)")
-        options["steps"] = infer["steps"]
     for key in ("chunk_size", "cache_gib", "tile", "engine", "compile", "cuda_graph", "gpu_memory_gib"):
         if infer.get(key) is not None:
             options.setdefault(key, infer.get(key))

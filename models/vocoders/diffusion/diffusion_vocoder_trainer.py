@@ -49,6 +49,19 @@ def compile_model(setting: bool | str, device: torch.device) -> bool:
     return bool_or_auto(setting, "train.compile", auto)
 
 
+# torch.compile modes that replay CUDA graphs on CUDA.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def refuse_graphed_accumulation(mode: str, accum: int, device: torch.device, source: str) -> None:
+    """CUDA graphs hand the backward's output buffers to `.grad`, and the next micro-batch's replay overwrites
+    them: accumulated gradients come out wrong or the run stops mid-window (pytorch/pytorch#169545)."""
+    if device.type == "cuda" and accum > 1 and mode in CUDA_GRAPH_MODES:
+        raise ConfigError(f"{source}: train.compile_mode '{mode}' replays CUDA graphs, which cannot accumulate "
+                          f"gradients (gradient_accumulation_step {accum}): a later micro-batch overwrites them; use "
+                          "'default' or 'max-autotune-no-cudagraphs', or accumulation 1")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -97,7 +110,9 @@ class DiffusionVocoderTrainer:
             self._finetune(checkpoint)
         self.compiled = compile_model(tcfg.get("compile", "auto"), self.accelerator.device)
         if self.compiled:  # in place: the same module, parameter names and checkpoints
-            self.model.compile(dynamic=False, mode=tcfg.get("compile_mode", "default"))
+            mode = tcfg.get("compile_mode", "default")
+            refuse_graphed_accumulation(mode, self.accum, self.accelerator.device, str(cfg.config_path))
+            self.model.compile(dynamic=False, mode=mode)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.stepper = Stepper(self.accelerator, self.optimizer, self.ema, tcfg.get("max_grad_norm", 0))
         if resume_type == "resume":

@@ -75,6 +75,18 @@ class EMA:
         torch._foreach_add_(shadows, moves)
 
 
+def this_runs_kernel(saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Give a saved optimizer state this run's kernel choice (train.adamw.fused), not the saving run's.
+
+    Loading would otherwise copy the saved groups' `fused`/`foreach` over this optimizer's, so a checkpoint
+    saved without fused AdamW would step unfused under a trainer that passes it the device's skip flag.
+    """
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    for group, current in zip(groups if isinstance(groups, list) else [], optimizer.param_groups, strict=False):
+        if isinstance(group, dict):
+            group.update({key: current[key] for key in ("fused", "foreach", "capturable") if key in current})
+
+
 @dataclass
 class TrainState:
     """The unwrapped model and optimizer, the scheduler, the EMA (`.shadow`) and grad scaler, and the counters."""
@@ -111,6 +123,8 @@ class TrainState:
         for stem, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
             path = training_state_file(folder, stem)
             saved = safe_torch_load(path)  # a refused file is reported as refused, not as damaged
+            if target is self.optimizer:
+                this_runs_kernel(saved, self.optimizer)
             try:
                 target.load_state_dict(saved)
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
