@@ -18,9 +18,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from models.vocoders.diffusion.diffusion_vocoder_dataset import feature_paths
 from processors.audio import AudioError, load_audio
 from processors.datasets import collecting_left_out, get_parser
+from processors.feature_store import feature_paths
 from processors.fingerprint import changes, corpus_fingerprint, read_fingerprint, stale_uids, write_fingerprint
 from processors.mel import mel_spectrogram, min_samples
 from utils.config import check_dataset_paths

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from models.vocoders.diffusion.diffusion_vocoder_dataset import feature_paths
+from processors.feature_store import feature_paths
 from processors.preprocess import preprocess
 from tests.reliability_kit import (
     BAD_AUDIO,

@@ -18,9 +18,9 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.vocoders.diffusion.diffusion_vocoder_dataset import feature_paths
 from models.vocoders.diffusion.inference_modes import InputError, run_inference
 from processors.audio import AudioError, load_audio
+from processors.feature_store import feature_paths
 from processors.preprocess import distinct_uids, preprocess
 from tests.reliability_kit import HOP, N_MEL, RATE, make_experiment, python_bin, voice, write_config
 from utils.config import load_config

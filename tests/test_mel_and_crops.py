@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, crop_pair, feature_paths
+from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, crop_pair
+from processors.feature_store import feature_paths
 from processors.mel import mel_spectrogram
 
 PRE = {"sample_rate": 24000, "n_fft": 1024, "hop_size": 256, "win_size": 1024, "n_mel": 100, "fmin": 0, "fmax": 12000}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from models.vocoders.diffusion.diffusion_vocoder_dataset import feature_paths
 from processors.audio import load_audio
+from processors.feature_store import feature_paths
 from processors.preprocess import preprocess
 from tests.reliability_kit import RATE, voice, write_config
 from utils.config import load_config

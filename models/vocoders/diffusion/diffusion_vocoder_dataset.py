@@ -1,8 +1,4 @@
-"""The feature store, and training data drawn from it.
-
-Stage 1 writes each utterance's (mel, audio) features where `feature_paths` says; training,
-the TensorBoard evaluation, schedule search and stage 3's dataset mode all read them back
-through `load_entries` and `load_items`.
+"""Training data drawn from the feature store (processors/feature_store.py).
 
 Training takes random crops of `cut_mel_frame` mel frames with the matching audio slice. The
 crop of every item is a pure function of (seed, epoch, position), and the sampler can start
@@ -13,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,80 +17,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from utils.io import load_json, load_npy, safe_name
+from processors.feature_store import feature_paths, load_entries, read_features
 from utils.text import plural
 
 log = logging.getLogger(__name__)
-Item = tuple[str, Tensor, np.ndarray]
-
-
-def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, Path]:
-    """Where an entry's (mel, audio) features live: found through its own `Dataset` field.
-
-    Names are sanitised, so a Uid such as `../x` from a corpus listing stays inside the folder.
-    """
-    folder = Path(processed_dir) / safe_name(entry["Dataset"])
-    uid = safe_name(entry["Uid"])
-    return folder / "mels" / f"{uid}.npy", folder / "audios" / f"{uid}.npy"
-
-
-def read_features(processed_dir: str | os.PathLike, entry: dict, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """An entry's (mel, audio) arrays, each checked by the safe .npy loader (mapped, not read, with `mmap`)."""
-    mel_path, audio_path = feature_paths(processed_dir, entry)
-    return load_npy(mel_path, mmap), load_npy(audio_path, mmap)
-
-
-def load_entries(cfg: Any, split: str, datasets: list[str] | None = None) -> list[dict]:
-    """Metadata of every listed dataset whose features exist; missing ones are named and dropped."""
-    pre = cfg.preprocess
-    name = pre.train_file if split == "train" else pre.valid_file
-    entries, missing = [], 0
-    for dataset in datasets or cfg.dataset:
-        meta = Path(pre.processed_dir) / dataset / name
-        if not meta.is_file():
-            raise FileNotFoundError(f"{meta}: metadata missing; run stage 1 for dataset '{dataset}' first")
-        for entry in load_json(meta):
-            mel_path, audio_path = feature_paths(pre.processed_dir, entry)
-            if mel_path.is_file() and audio_path.is_file():
-                entries.append(entry)
-            else:
-                missing += 1
-    if missing:
-        log.warning("%s split: %s without features (skipped in stage 1?) left out", split, plural(missing, "utterance"))
-    return entries
-
-
-def first_by_name(entries: list[dict], count: int) -> list[dict]:
-    """The first `count` entries by (Dataset, Uid): a fixed choice whatever order the metadata lists them in."""
-    return sorted(entries, key=lambda e: (e["Dataset"], e["Uid"]))[:count]
-
-
-def load_items(cfg: Any, split: str, datasets: list[str] | None = None, *, entries: list[dict] | None = None,
-               max_frames: int | None = None, qualified: bool = True,
-               check: Callable[[np.ndarray, str], Tensor] | None = None, skipped: list[str] | None = None) -> list[Item]:
-    """(name, mel, audio) of a split's utterances (or of `entries`), named `<Dataset>_<Uid>` or, unqualified, `<Uid>`.
-
-    `max_frames` cuts each mel and its audio to match; `check` validates a loaded mel. With
-    `skipped`, an item that fails to load is named there and left out instead of raising.
-    """
-    pre = cfg.preprocess
-    items = []
-    for entry in load_entries(cfg, split, datasets) if entries is None else entries:
-        mel_path, audio_path = feature_paths(pre.processed_dir, entry)
-        try:
-            mel = load_npy(mel_path)
-            mel = check(mel, str(mel_path)) if check else torch.from_numpy(np.ascontiguousarray(mel))
-            audio = load_npy(audio_path)
-        except (ValueError, OSError) as err:
-            if skipped is None:
-                raise
-            skipped.append(str(err))
-            continue
-        if max_frames is not None:
-            mel = mel[:, :max_frames].contiguous()
-            audio = audio[: mel.shape[1] * int(pre.hop_size)]
-        items.append((f"{entry['Dataset']}_{entry['Uid']}" if qualified else entry["Uid"], mel, audio))
-    return items
 
 
 class CropDataset(Dataset):

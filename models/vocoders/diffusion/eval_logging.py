@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from evaluation.metrics import cheap_metrics
-from models.vocoders.diffusion.diffusion_vocoder_dataset import first_by_name, load_items
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
+from processors.feature_store import first_by_name, load_items
 from processors.mel import mel_spectrogram
 
 log = logging.getLogger(__name__)

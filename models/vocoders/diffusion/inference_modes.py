@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.vocoders.diffusion.diffusion_vocoder_dataset import load_items
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from processors.audio import AudioError, list_audio, load_audio
+from processors.feature_store import load_items
 from processors.mel import mel_spectrogram, min_samples
 from processors.mel_conventions import MelConverter
 from utils.io import atomic_write_text, load_npy, remove_stale_temps, safe_name, save_wav, unique_names

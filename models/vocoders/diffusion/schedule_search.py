@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from evaluation.metrics import mel_l1, mstft
-from models.vocoders.diffusion.diffusion_vocoder_dataset import first_by_name, load_entries, load_items
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.experiment import is_valid
+from processors.feature_store import first_by_name, load_entries, load_items
 from utils.config import ConfigError
 from utils.text import plural
 
