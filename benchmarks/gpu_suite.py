@@ -9,9 +9,9 @@
 3. stage 3: 1 s and 10 s at batch 1 and 16 in fp32/bf16/fp16 through the default engine (fused,
    CUDA-graphed), against the plain forward eagerly and under torch.compile; a 10-minute
    utterance within a 4 GiB budget, checked against the same utterance in one window;
-4. stage 2: fp32 and bf16 at batch 32 and 64, eager and compiled (also with CUDA graphs and with
-   autotuned matmuls), with the GPU's busy fraction and the time spent waiting for data; one
-   case replays a batch from the GPU, which measures the step without the loader.
+4. stage 2: fp32 and bf16 at batch 32 and 64, eager and compiled (also with CUDA graphs, with
+   autotuned matmuls and with cuDNN's algorithm search), with the GPU's busy fraction and the time
+   spent waiting for data; one case replays a batch from the GPU: the step without the loader.
 
 Each case prints one line as it finishes; all figures go to `--out` as JSON. Cases that would
 start past `--budget_s` are skipped and listed, so a short lease still returns a result.
@@ -200,11 +200,12 @@ def ten_minutes(suite: Suite, line: Callable[[dict], str]) -> None:
               f"(<= 4 GiB: {r['peak_gib'] <= 4.0})", flush=True)
 
 
-# (precision, batch, compiled, compile mode, replay): the default first, then what tells where a step's time goes.
-TRAINING_CASES = [("bf16", 32, True, "default", False), ("bf16", 32, True, "default", True),
-                  ("bf16", 32, True, "reduce-overhead", False), ("bf16", 64, True, "default", False),
-                  ("no", 32, False, "default", False), ("bf16", 32, False, "default", False),
-                  ("no", 64, False, "default", False), ("bf16", 32, True, "max-autotune-no-cudagraphs", False)]
+# (precision, batch, compiled, compile mode, variant): the default first, then what tells where a step's time
+# goes: "replay" feeds one batch from the GPU (no loader), "cudnn" sets train.cudnn_benchmark.
+TRAINING_CASES = [("bf16", 32, True, "default", ""), ("bf16", 32, True, "default", "replay"),
+                  ("bf16", 32, True, "reduce-overhead", ""), ("bf16", 32, True, "default", "cudnn"),
+                  ("bf16", 64, True, "default", ""), ("no", 32, False, "default", ""), ("bf16", 32, False, "default", ""),
+                  ("bf16", 32, True, "max-autotune-no-cudagraphs", "")]
 
 
 def training_cases(suite: Suite) -> None:
@@ -217,21 +218,22 @@ def training_cases(suite: Suite) -> None:
             return (f"{r['ms_per_step']:7.1f} ms/step  {r['audio_s_per_s']:7.1f} audio-s/s  data wait {r['loader_ms']:.1f} "
                     f"ms/step  warm-up {r['warmup_s']:.1f} s  peak {r['peak_gib']:.2f} GiB{busy}")
 
-        for precision, batch, compiled, mode, replay in TRAINING_CASES:
+        for precision, batch, compiled, mode, variant in TRAINING_CASES:
             name = (f"train {'fp32' if precision == 'no' else precision} b{batch} "
                     f"{('compiled' + ('' if mode == 'default' else f' {mode}')) if compiled else 'eager'}"
-                    f"{' replay' if replay else ''}")
+                    f"{f' {variant}' if variant else ''}")
 
             def fn(precision: str = precision, batch: int = batch, compiled: bool = compiled, mode: str = mode,
-                   replay: bool = replay, name: str = name) -> dict:
+                   variant: str = variant, name: str = name) -> dict:
                 from accelerate.state import AcceleratorState, GradientState
 
                 AcceleratorState._reset_state(reset_partial_state=True)
                 GradientState._reset_state()
-                cfg.train.update(mixed_precision=precision, batch_size=batch, compile=compiled, compile_mode=mode)
+                cfg.train.update(mixed_precision=precision, batch_size=batch, compile=compiled, compile_mode=mode,
+                                 cudnn_benchmark=variant == "cudnn")
                 cfg.train.dataloader.num_worker = 4
                 return measure_training(cfg, steps=10, warmup=3, profile_steps=3, name=f"bench_{name.replace(' ', '_')}",
-                                        replay=replay)
+                                        replay=variant == "replay")
             suite.case(name, fn, line)
 
 

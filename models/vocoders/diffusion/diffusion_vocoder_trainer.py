@@ -86,6 +86,8 @@ class DiffusionVocoderTrainer:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32", True))
             torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))
+            # Crops have one shape, so timing cuDNN's algorithms once pays; off by default: the choice may vary by run.
+            torch.backends.cudnn.benchmark = bool(tcfg.get("cudnn_benchmark", False))
         self.experiment = Experiment(Path(cfg.log_dir) / name)
         self.exp_dir, self.ckpt_dir = self.experiment.root, self.experiment.checkpoints
         refuse_to_mix_runs(self.exp_dir, resume_type)
