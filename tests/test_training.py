@@ -427,6 +427,17 @@ def test_two_processes_shard_data_save_once_and_use_the_port(corpus: Path, tmp_p
     assert out.count("INFO models.vocoders.diffusion.checkpointing: saved") == 2  # rank 0 only
 
 
+def test_two_processes_stop_together_at_a_wall_time_budget(corpus: Path, tmp_path: Path) -> None:
+    # the processes agree through a reduction read one check late: both stop, one final checkpoint, no hang
+    cfg = config(corpus, tmp_path, batch_size=1, max_steps=100000, max_minutes=0.002, save_checkpoint_stride=[0])
+    port = free_port()
+    (out,), _seen = finish([launch(cfg, "budget", "--gpu", "0,1", "--main_process_port", str(port))], port)
+    folder = tmp_path / "ckpts" / "budget" / "checkpoint"
+    records = json.loads((folder / "ckpts.json").read_text())["checkpoints"]
+    assert records[-1]["kinds"] == ["final"] and 1 <= records[-1]["step"] < 100000, out[-3000:]
+    assert "Traceback" not in out and out.count("INFO models.vocoders.diffusion.checkpointing: saved") == 1
+
+
 def test_busy_port_gives_a_clear_error(corpus: Path, tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -31,7 +31,7 @@ from models.vocoders.diffusion.diffusion_vocoder_dataset import TrainingData
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
 from models.vocoders.diffusion.experiment import Experiment
-from models.vocoders.diffusion.stepper import Inflight, Stepper, make_optimizer
+from models.vocoders.diffusion.stepper import Inflight, Stepper, make_optimizer, to_host
 from models.vocoders.diffusion.train_state import EMA, TrainState
 from utils.checkpoint import list_checkpoints, resolve_checkpoint
 from utils.config import ConfigError, bool_or_auto
@@ -265,7 +265,7 @@ class DiffusionVocoderTrainer:
         self.accelerator.end_training()
 
     def _train(self) -> None:
-        self.bad_in_row, self.started = 0, time.perf_counter()
+        self.bad_in_row, self.started, self.time_flag = 0, time.perf_counter(), None
         self.model.train()
         while not self._at_bound():
             epoch = EpochLog()
@@ -278,14 +278,25 @@ class DiffusionVocoderTrainer:
         return bool(max_steps and self.state.step >= max_steps) or 0 <= max_epoch <= self.state.epoch or self._out_of_time()
 
     def _out_of_time(self) -> bool:
-        """`train.max_minutes` of this run's wall time are spent; every process stops when the first one is over."""
+        """`train.max_minutes` of this run's wall time are spent; every process stops when the first one is over.
+
+        With several processes that is a reduction, read one check later: reading it at once would
+        wait for the GPU to finish the window queued before it, at every window.
+        """
         minutes = float(self.cfg.train.get("max_minutes", 0) or 0)
         if minutes <= 0:
             return False
         over = time.perf_counter() - self.started > 60 * minutes
-        if self.accelerator.num_processes > 1:
-            over = bool(self.accelerator.reduce(torch.tensor(float(over), device=self.accelerator.device), "max") > 0)
-        return over
+        if self.accelerator.num_processes == 1:
+            return over
+        flag = self.accelerator.reduce(torch.tensor(float(over), device=self.accelerator.device), "max")
+        previous, self.time_flag = self.time_flag, to_host(flag)
+        if previous is None:
+            return False
+        host, ready = previous
+        if ready is not None:
+            ready.synchronize()
+        return bool(host.item() > 0)
 
     def _run_epoch(self, epoch: EpochLog) -> list[str]:
         """Batches until the epoch ends or a bound is reached; returns the checkpoint kinds still to save.
