@@ -338,14 +338,15 @@ def test_a_steps_readings_reach_the_host_without_waiting_for_the_work_queued_aft
 
 
 def test_the_fused_optimizer_is_chosen_per_device_and_refused_with_fp16(corpus: Path, tmp_path: Path) -> None:
-    tcfg = load_config(config(corpus, tmp_path)).train
+    path = config(corpus, tmp_path)
+    cfg = load_config(path)
     model = torch.nn.Linear(2, 2)
-    assert not make_optimizer(model, tcfg, torch.device("cpu"), "no").defaults["fused"]
-    assert make_optimizer(model, tcfg, torch.device("cuda"), "bf16").defaults["fused"]
-    assert not make_optimizer(model, tcfg, torch.device("cuda"), "fp16").defaults["fused"]
-    tcfg.adamw.fused = True
-    with pytest.raises(ConfigError, match=r"train.adamw.fused: not with mixed_precision 'fp16'"):
-        make_optimizer(model, tcfg, torch.device("cuda"), "fp16")
+    assert not make_optimizer(model, cfg, torch.device("cpu"), "no").defaults["fused"]
+    assert make_optimizer(model, cfg, torch.device("cuda"), "bf16").defaults["fused"]
+    assert not make_optimizer(model, cfg, torch.device("cuda"), "fp16").defaults["fused"]
+    cfg.train.adamw.fused = True
+    with pytest.raises(ConfigError, match=rf"{path}: key 'train.adamw.fused' cannot be true with mixed_precision 'fp16'"):
+        make_optimizer(model, cfg, torch.device("cuda"), "fp16")
 
 
 def test_stage3_uses_ema_weights_by_default(corpus: Path, tmp_path: Path) -> None:

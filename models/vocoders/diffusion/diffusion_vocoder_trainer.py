@@ -96,7 +96,7 @@ class DiffusionVocoderTrainer:
         seed_everything(self.seed)  # the same initial weights on every process
         self.model = build_diffwave(cfg)
         self.cum = alpha_cum(training_betas(cfg.model.diffwave)).to(self.accelerator.device)
-        self.optimizer = make_optimizer(self.model, tcfg, self.accelerator.device, precision)
+        self.optimizer = make_optimizer(self.model, cfg, self.accelerator.device, precision)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, float(tcfg.exponential_lr.lr_decay))
         decay = float(tcfg.get("ema_decay", 0.0))
         self.ema = EMA(self.model, decay) if decay > 0 else None

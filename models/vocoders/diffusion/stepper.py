@@ -19,20 +19,21 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from models.vocoders.diffusion.train_state import EMA
-from utils.config import ConfigError, bool_or_auto
+from utils.config import ConfigError, bool_or_auto, source_of
 
 
-def make_optimizer(model: torch.nn.Module, tcfg: Any, device: torch.device, precision: str) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: Any, device: torch.device, precision: str) -> torch.optim.AdamW:
     """AdamW; `train.adamw.fused` ("auto": on CUDA without a grad scaler) updates every tensor in one kernel.
 
     Under fp16's grad scaler the fused kernel would skip overflowed steps without telling
     accelerate, which counts skipped steps; there the multi-tensor update stays.
     """
-    adamw = tcfg.adamw
+    adamw = cfg.train.adamw
     fused = bool_or_auto(adamw.get("fused", "auto"), "train.adamw.fused", device.type == "cuda" and precision != "fp16")
     if fused and precision == "fp16":
-        raise ConfigError("train.adamw.fused: not with mixed_precision 'fp16' (its grad scaler's skipped steps would "
-                          "go uncounted); use bf16, or fused 'auto'")
+        raise ConfigError(f"{source_of(cfg, 'train.adamw.fused')}: key 'train.adamw.fused' cannot be true with "
+                          "mixed_precision 'fp16' (its grad scaler's skipped steps would go uncounted); use bf16, or "
+                          "fused 'auto'")
     return torch.optim.AdamW(model.parameters(), lr=float(adamw.lr), betas=(float(adamw.adam_b1), float(adamw.adam_b2)),
                              fused=fused or None)
 
