@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a briefly lent GPU machine runs for issue 12, as two commands of under 10 minutes each:
 #   bash benchmarks/gpu_lease.sh suite     # GPU tests (quick set), the card's peaks, stage 3 and stage 2
-#   bash benchmarks/gpu_lease.sh quality   # quality per GPU-minute: fast and plain runs, MINUTES (3) each
+#   bash benchmarks/gpu_lease.sh quality   # quality per GPU-minute: fast and plain runs, MINUTES (2.5) each
 # Figures and logs go to $OUT (the device tool's output folder; default: here). The GPU image lacks
 # some dependencies: carry .whl (bash ../shared/gpu/fetch_wheels.sh) and, for `quality`, the corpus
 # .quality/speech (bash benchmarks/speech_corpus.sh .quality/speech 120, about 21 MB).
@@ -15,7 +15,7 @@ case "${1:-}" in
   suite) python3 -m benchmarks.gpu_suite --quick_tests --tests_s 90 --budget_s 400 --out "$out/gpu_results.json" 2>&1 | tee "$out/gpu_suite.log" ;;
   quality)
     [ -d .quality/speech ] || { echo "no .quality/speech: make it with benchmarks/speech_corpus.sh and carry it" >&2; exit 2; }
-    python3 -m benchmarks.quality --corpus .quality/speech --minutes "${MINUTES:-3}" --both --out "$out/quality.json" \
+    python3 -m benchmarks.quality --corpus .quality/speech --minutes "${MINUTES:-2.5}" --both --out "$out/quality.json" \
       2>&1 | tee "$out/quality.log" ;;
   *) echo "usage: bash benchmarks/gpu_lease.sh suite|quality" >&2; exit 2 ;;
 esac
