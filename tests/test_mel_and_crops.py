@@ -10,6 +10,7 @@ import torch
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, crop_pair
 from processors.feature_store import feature_paths
 from processors.mel import mel_spectrogram
+from utils import io
 
 PRE = {"sample_rate": 24000, "n_fft": 1024, "hop_size": 256, "win_size": 1024, "n_mel": 100, "fmin": 0, "fmax": 12000}
 
@@ -83,7 +84,9 @@ def test_sampler_shards_without_overlap_and_resumes_mid_epoch():
     assert len(seen) == len(set(seen)) and len(list(ranks[0])) == len(list(ranks[1]))
 
 
-def test_dataset_crops_from_mapped_files_equal_crops_of_loaded_arrays(tmp_path):
+@pytest.mark.parametrize("map_above", [0, 1 << 40], ids=["mapped", "read-whole"])
+def test_dataset_crops_from_mapped_files_equal_crops_of_loaded_arrays(tmp_path, monkeypatch, map_above):
+    monkeypatch.setattr(io, "MAP_ABOVE_BYTES", map_above)
     rng = np.random.default_rng(2)
     audio = rng.standard_normal(256 * 300 + 17).astype(np.float32)
     mel = rng.standard_normal((100, 300)).astype(np.float32)
@@ -100,6 +103,7 @@ def test_dataset_crops_from_mapped_files_equal_crops_of_loaded_arrays(tmp_path):
         expected = crop_pair(mel, audio, 32, 256, np.random.default_rng(seed))
         assert torch.equal(mel_crop, expected[0]) and torch.equal(audio_crop, expected[1])
         assert mel_crop.is_contiguous() and not isinstance(mel_crop.numpy(), np.memmap)
+    assert isinstance(io.load_npy(audio_path, mmap=True), np.memmap) == (map_above == 0)
 
 
 @pytest.mark.parametrize("bad", ["mel", "audio"])

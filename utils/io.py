@@ -165,17 +165,20 @@ def _npy_header(path: str | os.PathLike, size: int) -> None:
                          f"{size - offset} bytes of data")
 
 
+MAP_ABOVE_BYTES = 2 << 20  # below this, reading a whole file is cheaper than mapping it (benchmarks.crops)
+
+
 def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
     """Load a feature array after checking it is a regular file whose header matches its size.
 
     Pickled (object) arrays are refused before anything is unpickled, and a header claiming
-    more data than the file holds is refused before anything is allocated. With `mmap` the
-    array is mapped read-only, so a reader that slices it pays only for the slice.
+    more data than the file holds is refused before anything is allocated. With `mmap` a file
+    over MAP_ABOVE_BYTES is mapped read-only, so a reader that slices it pays only for the slice.
     """
     size = regular_file_size(path)
     try:
         _npy_header(path, size)
-        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap and size > MAP_ABOVE_BYTES else None)
     except (ValueError, EOFError) as err:
         raise ValueError(f"{path}: not a plain numeric .npy array ({err or 'empty file'})") from None
     return array
