@@ -20,8 +20,9 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
+from models.vocoders.diffusion.device_policy import refuse_graphed_accumulation
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
-from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer, refuse_graphed_accumulation
+from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.stepper import make_optimizer, to_host
 from models.vocoders.diffusion.train_state import EMA

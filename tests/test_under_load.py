@@ -54,7 +54,7 @@ def config(tmp_path: Path, **train: object) -> Path:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU thread policy")
 def test_cpu_training_shrinks_and_regrows_its_threads_with_the_load(tmp_path, machine, monkeypatch, caplog):
-    import models.vocoders.diffusion.diffusion_vocoder_trainer as module
+    import models.vocoders.diffusion.device_policy as module
 
     torch.set_num_threads(4)  # the ceiling, as OMP_NUM_THREADS would set it
     machine["load"] = 6.0  # six other busy processes on eight cores
@@ -71,4 +71,4 @@ def test_cpu_training_shrinks_and_regrows_its_threads_with_the_load(tmp_path, ma
 def test_a_fixed_num_threads_is_kept_whatever_the_load(tmp_path, machine):
     machine["load"] = 50.0
     run = trainer(config(tmp_path, max_steps=1, num_threads=3), "fixed")
-    assert torch.get_num_threads() == 3 and not run.adapt_threads
+    assert torch.get_num_threads() == 3 and not run.threads.adaptive

@@ -7,7 +7,6 @@ boundary and a resumed run takes exactly the steps the uninterrupted run would.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, restore_rng, rng_state
 from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
+from models.vocoders.diffusion.device_policy import CpuThreads, compile_in_place, set_cuda_math
 from models.vocoders.diffusion.diffusion_vocoder_dataset import TrainingData
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
@@ -34,32 +34,11 @@ from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.stepper import Inflight, Stepper, make_optimizer, to_host
 from models.vocoders.diffusion.train_state import EMA, TrainState
 from utils.checkpoint import list_checkpoints, resolve_checkpoint
-from utils.config import ConfigError, bool_or_auto
+from utils.config import ConfigError
 from utils.text import plural
-from utils.threads import fair_threads
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("no", "fp16", "bf16")
-THREAD_CHECK_STEPS = 50
-
-
-def compile_model(setting: bool | str, device: torch.device) -> bool:
-    """`train.compile`: true, false, or "auto" (on CUDA when Triton is there, which torch.compile needs)."""
-    auto = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    return bool_or_auto(setting, "train.compile", auto)
-
-
-# torch.compile modes that replay CUDA graphs on CUDA.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def refuse_graphed_accumulation(mode: str, accum: int, device: torch.device, source: str) -> None:
-    """CUDA graphs hand the backward's output buffers to `.grad`, and the next micro-batch's replay overwrites
-    them: accumulated gradients come out wrong or the run stops mid-window (pytorch/pytorch#169545)."""
-    if device.type == "cuda" and accum > 1 and mode in CUDA_GRAPH_MODES:
-        raise ConfigError(f"{source}: train.compile_mode '{mode}' replays CUDA graphs, which cannot accumulate "
-                          f"gradients (gradient_accumulation_step {accum}): a later micro-batch overwrites them; use "
-                          "'default' or 'max-autotune-no-cudagraphs', or accumulation 1")
 
 
 def seed_everything(seed: int) -> None:
@@ -84,10 +63,7 @@ class DiffusionVocoderTrainer:
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not cuda)
         self.accum = max(1, int(tcfg.get("gradient_accumulation_step", 1)))
         if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32", True))
-            torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))
-            # Crops have one shape, so timing cuDNN's algorithms once pays; off by default: the choice may vary by run.
-            torch.backends.cudnn.benchmark = bool(tcfg.get("cudnn_benchmark", False))
+            set_cuda_math(tcfg)
         self.experiment = Experiment(Path(cfg.log_dir) / name)
         self.exp_dir, self.ckpt_dir = self.experiment.root, self.experiment.checkpoints
         refuse_to_mix_runs(self.exp_dir, resume_type)
@@ -101,20 +77,12 @@ class DiffusionVocoderTrainer:
         decay = float(tcfg.get("ema_decay", 0.0))
         self.ema = EMA(self.model, decay) if decay > 0 else None
         self.state = TrainState(self.model, self.optimizer, self.scheduler, self.ema, self.accelerator.scaler)
-        fixed = int(tcfg.get("num_threads", 0) or 0)
-        self.thread_ceiling = 0 if cuda else fixed or torch.get_num_threads()
-        self.adapt_threads = not cuda and not fixed
-        if not cuda:
-            torch.set_num_threads(fixed or fair_threads(self.thread_ceiling))
+        self.threads = CpuThreads(tcfg, cuda)
         seed_everything(self.seed + self.accelerator.process_index)  # different noise per process
 
         if resume_type == "finetune":
             self._finetune(checkpoint)
-        self.compiled = compile_model(tcfg.get("compile", "auto"), self.accelerator.device)
-        if self.compiled:  # in place: the same module, parameter names and checkpoints
-            mode = tcfg.get("compile_mode", "default")
-            refuse_graphed_accumulation(mode, self.accum, self.accelerator.device, str(cfg.config_path))
-            self.model.compile(dynamic=False, mode=mode)
+        self.compiled = compile_in_place(self.model, cfg, self.accum, self.accelerator.device)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.stepper = Stepper(self.accelerator, self.optimizer, self.ema, tcfg.get("max_grad_norm", 0))
         if resume_type == "resume":
@@ -135,15 +103,6 @@ class DiffusionVocoderTrainer:
         self._log_setup(precision)
 
     # ----- setup -----------------------------------------------------------------
-    def _share_cores(self) -> None:
-        """Follow the machine's load: fewer threads while other jobs hold cores, more when they leave."""
-        current = torch.get_num_threads()
-        wanted = fair_threads(self.thread_ceiling, own_busy=current)
-        if wanted != current:
-            torch.set_num_threads(wanted)
-            log.info("torch threads %d -> %d (load average %.1f on %d cores)", current, wanted, os.getloadavg()[0],
-                     len(os.sched_getaffinity(0)))
-
     def _log_setup(self, precision: str) -> None:
         acc = self.accelerator
         state = acc.state
@@ -153,7 +112,7 @@ class DiffusionVocoderTrainer:
                  state.distributed_type.value, acc.device, plural(acc.num_processes, "process", "processes"),
                  plural(machines, "machine"), where, plural(torch.get_num_threads(), "torch thread"),
                  os.environ.get("OMP_NUM_THREADS", "unset"), os.environ.get("OMP_WAIT_POLICY", "unset"),
-                 "; follows the load average" if self.adapt_threads else "")
+                 "; follows the load average" if self.threads.adaptive else "")
         log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, torch.compile %s, TF32 %s, AdamW %s",
                  precision, self.accum, self.cfg.train.get("max_grad_norm", 0) or "off",
                  f"{self.compiled} ({self.cfg.train.get('compile_mode', 'default')})" if self.compiled else False,
@@ -373,8 +332,8 @@ class DiffusionVocoderTrainer:
         if self.bad_in_row >= int(self.cfg.train.get("max_nonfinite_steps", 20)):
             bar.close()
             raise self._too_many_bad(self.bad_in_row)
-        if self.adapt_threads and outcome.stepped and state.step % THREAD_CHECK_STEPS == 0:
-            self._share_cores()
+        if outcome.stepped:
+            self.threads.after_step(state.step)
         kinds = self.policy.due_by_step(state.step) if outcome.stepped else []
         stopping = bounds and self._at_bound()
         if kinds and bounds and not stopping and state.batch_in_epoch < epoch.per_epoch:

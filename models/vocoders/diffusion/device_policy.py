@@ -1,0 +1,78 @@
+"""How stage 2 uses its device: CUDA's math modes, torch.compile, and the CPU's threads.
+
+On CUDA, TF32 and cuDNN's algorithm search are set as the config says, and the model is compiled
+in place (its parameter names and checkpoints unchanged). On the CPU, the torch threads follow
+the machine's load, so a neighbour's job does not stall every op (see utils/threads).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Any
+
+import torch
+
+from utils.config import ConfigError, bool_or_auto
+from utils.threads import fair_threads
+
+log = logging.getLogger(__name__)
+THREAD_CHECK_STEPS = 50
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
+def set_cuda_math(tcfg: Any) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32", True))
+    torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))
+    # Crops have one shape, so timing cuDNN's algorithms once pays; off by default: the choice may vary by run.
+    torch.backends.cudnn.benchmark = bool(tcfg.get("cudnn_benchmark", False))
+
+
+def compile_model(setting: bool | str, device: torch.device) -> bool:
+    """`train.compile`: true, false, or "auto" (on CUDA when Triton is there, which torch.compile needs)."""
+    auto = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return bool_or_auto(setting, "train.compile", auto)
+
+
+def refuse_graphed_accumulation(mode: str, accum: int, device: torch.device, source: str) -> None:
+    """CUDA graphs hand the backward's output buffers to `.grad`, and the next micro-batch's replay overwrites
+    them: accumulated gradients come out wrong or the run stops mid-window (pytorch/pytorch#169545)."""
+    if device.type == "cuda" and accum > 1 and mode in CUDA_GRAPH_MODES:
+        raise ConfigError(f"{source}: train.compile_mode '{mode}' replays CUDA graphs, which cannot accumulate "
+                          f"gradients (gradient_accumulation_step {accum}): a later micro-batch overwrites them; use "
+                          "'default' or 'max-autotune-no-cudagraphs', or accumulation 1")
+
+
+def compile_in_place(model: torch.nn.Module, cfg: Any, accum: int, device: torch.device) -> bool:
+    """Compile `model` as `train.compile` and `train.compile_mode` say; whether it was."""
+    tcfg = cfg.train
+    if not compile_model(tcfg.get("compile", "auto"), device):
+        return False
+    mode = tcfg.get("compile_mode", "default")
+    refuse_graphed_accumulation(mode, accum, device, str(cfg.config_path))
+    model.compile(dynamic=False, mode=mode)
+    return True
+
+
+class CpuThreads:
+    """CPU: `train.num_threads` torch threads, or (0 or absent) as many as the load leaves, checked again every
+    THREAD_CHECK_STEPS steps. Nothing on CUDA."""
+
+    def __init__(self, tcfg: Any, cuda: bool) -> None:
+        fixed = int(tcfg.get("num_threads", 0) or 0)
+        self.ceiling = 0 if cuda else fixed or torch.get_num_threads()
+        self.adaptive = not cuda and not fixed
+        if not cuda:
+            torch.set_num_threads(fixed or fair_threads(self.ceiling))
+
+    def after_step(self, step: int) -> None:
+        """Fewer threads while other jobs hold cores, more when they leave."""
+        if not self.adaptive or step % THREAD_CHECK_STEPS:
+            return
+        current = torch.get_num_threads()
+        wanted = fair_threads(self.ceiling, own_busy=current)
+        if wanted != current:
+            torch.set_num_threads(wanted)
+            log.info("torch threads %d -> %d (load average %.1f on %d cores)", current, wanted, os.getloadavg()[0],
+                     len(os.sched_getaffinity(0)))
