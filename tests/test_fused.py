@@ -15,7 +15,8 @@ from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.windowed import GraphedDenoiser, WindowedDenoiser, bytes_per_sample
-from utils.config import ConfigError, to_attrdict
+from tests.tiny_experiment import model_cfg
+from utils.config import ConfigError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not fused.available(DEVICE), reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
@@ -28,10 +29,8 @@ TOLERANCE = {torch.float32: 1e-2 if DEVICE.type == "cuda" else 1e-4, torch.float
 
 
 def cfg(channels: int, n_mel: int, layers: int = 4, cycle: int = 2) -> object:
-    params = {"residual_channels": channels, "residual_layers": layers, "dilation_cycle_length": cycle,
-              "noise_schedule_factors": [1e-4, 0.05, 50], "inference_noise_schedule": [0.001, 0.05, 0.5],
-              "upsample_factors": [4, 4]}
-    return to_attrdict({"preprocess": {"n_mel": n_mel, "hop_size": HOP}, "model": {"diffwave": params}})
+    return model_cfg(n_mel, HOP, residual_channels=channels, residual_layers=layers, dilation_cycle_length=cycle,
+                     inference_noise_schedule=[0.001, 0.05, 0.5])
 
 
 def random_model(channels: int = 16, n_mel: int = 20, **kwargs: int) -> torch.nn.Module:

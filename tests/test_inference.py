@@ -9,17 +9,13 @@ from benchmarks.inference import flops_per_sample
 from models.vocoders.diffusion.chunked import ChunkedDenoiser
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
-from utils.config import to_attrdict
+from tests.tiny_experiment import model_cfg
 
 HOP = 16
 
 
-def tiny_cfg(sampler: str = "fast") -> object:
-    params = {"residual_channels": 8, "residual_layers": 6, "dilation_cycle_length": 3,
-              "noise_schedule_factors": [1e-4, 0.05, 50], "inference_noise_schedule": [0.0001, 0.001, 0.01, 0.05, 0.2, 0.5],
-              "upsample_factors": [4, 4]}
-    return to_attrdict({"preprocess": {"n_mel": 10, "hop_size": HOP}, "model": {"diffwave": params},
-                        "inference": {"sampler": sampler}})
+def tiny_cfg() -> object:
+    return model_cfg(hop=HOP, residual_layers=6, dilation_cycle_length=3)
 
 
 @pytest.fixture(scope="module")

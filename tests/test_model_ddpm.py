@@ -8,16 +8,10 @@ import torch
 
 from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, fractional_steps, make_plan, sample, training_betas
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
-from utils.config import ConfigError, load_config, to_attrdict
+from tests.tiny_experiment import model_cfg
+from utils.config import ConfigError, load_config
 
 RECIPE = Path(__file__).resolve().parents[1] / "egs/vocoder/diffusion/diffwave/exp_config.json"
-
-
-def tiny_cfg(**diffwave):
-    params = {"residual_channels": 8, "residual_layers": 4, "dilation_cycle_length": 2,
-              "noise_schedule_factors": [1e-4, 0.05, 50], "inference_noise_schedule": [0.0001, 0.001, 0.01, 0.05, 0.2, 0.5],
-              "upsample_factors": [4, 4], **diffwave}
-    return to_attrdict({"preprocess": {"n_mel": 10, "hop_size": 16}, "model": {"diffwave": params}})
 
 
 def expected_parameter_count(n_mel: int, c: int, layers: int, steps_embed: int = 128, hidden: int = 512) -> int:
@@ -43,7 +37,7 @@ def test_base_config_parameter_names_and_count():
 
 
 def test_output_shape_and_fractional_steps_accepted():
-    model = build_diffwave(tiny_cfg())
+    model = build_diffwave(model_cfg())
     audio, mel = torch.randn(3, 7 * 16), torch.randn(3, 10, 7)
     assert model(audio, torch.tensor([0, 10, 49]), mel).shape == (3, 112)
     assert model(audio, torch.tensor([0.5, 10.25, 48.9]), mel).shape == (3, 112)
@@ -51,11 +45,11 @@ def test_output_shape_and_fractional_steps_accepted():
 
 def test_upsample_factors_must_multiply_to_hop():
     with pytest.raises(ConfigError, match="multiply to 12"):
-        build_diffwave(tiny_cfg(upsample_factors=[4, 3]))
+        build_diffwave(model_cfg(upsample_factors=[4, 3]))
 
 
 def test_alpha_cum_and_training_noise():
-    cfg = tiny_cfg()
+    cfg = model_cfg()
     betas = training_betas(cfg.model.diffwave)
     cum = alpha_cum(betas)
     assert len(betas) == 50 and betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.05)
@@ -68,7 +62,7 @@ def test_alpha_cum_and_training_noise():
 
 
 def test_fast_schedule_steps_match_brute_force_inversion():
-    train = training_betas(tiny_cfg().model.diffwave)
+    train = training_betas(model_cfg().model.diffwave)
     infer = torch.tensor([0.0001, 0.001, 0.01, 0.05, 0.2, 0.5], dtype=torch.float64)
     steps = fractional_steps(train, infer)
     grid = torch.linspace(0, 49, 49 * 2000 + 1, dtype=torch.float64)
@@ -92,9 +86,9 @@ def pad_batch(mels):
 @pytest.mark.parametrize("sampler", ["fast", "full", "ddim"])
 def test_batched_sampling_equals_one_by_one(sampler):
     torch.manual_seed(0)
-    model = build_diffwave(tiny_cfg()).eval()
+    model = build_diffwave(model_cfg()).eval()
     torch.nn.init.normal_(model.output_projection.weight, std=0.3)
-    plan = make_plan(tiny_cfg().model.diffwave, sampler, steps=4)
+    plan = make_plan(model_cfg().model.diffwave, sampler, steps=4)
     mels = [torch.randn(10, 9), torch.randn(10, 23), torch.randn(10, 14)]
     padded, frames = pad_batch(mels)
     lengths = frames * 16
@@ -109,4 +103,4 @@ def test_batched_sampling_equals_one_by_one(sampler):
 
 def test_unknown_sampler_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown sampler"):
-        make_plan(tiny_cfg().model.diffwave, "dpm")
+        make_plan(model_cfg().model.diffwave, "dpm")
