@@ -4,11 +4,12 @@ is not spent on a typo. The figures themselves are benchmarks, never asserted.""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 
-from benchmarks.gpu_suite import TRAINING_CASES
+from benchmarks.gpu_suite import TRAINING_CASES, run_tests
 from benchmarks.train import measure_training
 from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
@@ -41,3 +42,15 @@ def test_the_gpu_suites_training_cases_are_valid_settings(tiny: Path) -> None:
                          cudnn_benchmark=variant == "cudnn")
         assert mode in COMPILE_MODES and variant in ("", "replay", "cudnn")
         validate(cfg, "train")
+
+
+def test_the_gpu_suites_test_run_reports_its_output_as_lines_when_stopped(tmp_path: Path) -> None:
+    # a run stopped at its time limit hands back its output so far as bytes, even with text=True
+    slow = tmp_path / "test_slow.py"
+    slow.write_text("import time\n\n\ndef test_slow():\n    print('first line\\nsecond line', flush=True)\n"
+                    "    time.sleep(120)\n")
+    suite = SimpleNamespace(results={})
+    run_tests(suite, 20, ["-s", str(slow)])
+    report = suite.results["tests"]
+    assert report["returncode"] == "timeout"
+    assert "second line" in report["tail"] and report["tail"][-1] == "stopped after 20 s", report["tail"]
