@@ -223,7 +223,7 @@ def test_a_budget_read_as_spent_at_any_check_ends_with_the_final_checkpoint(corp
                                                                             fused: bool) -> None:
     """With several processes the budget is a reduction read one check late, so it may first read as spent at
     any check, the one after validation included (that run ended with no checkpoint at all): every one saves."""
-    for first_spent in range(1, 9):
+    for first_spent in range(1, 6):
         calls = iter(range(1, 1000))
         monkeypatch.setattr(DiffusionVocoderTrainer, "_out_of_time",
                             lambda self, calls=calls, first_spent=first_spent: next(calls) >= first_spent)
