@@ -86,8 +86,10 @@ def run_tests(suite: Suite, limit_s: float, tests: list[str]) -> None:
     try:
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=limit_s)
         code, text = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as stopped:
-        code, text = "timeout", f"{stopped.stdout or ''}\nstopped after {limit_s:.0f} s"
+    except subprocess.TimeoutExpired as stopped:  # its output so far comes as bytes, whatever `text` says
+        so_far = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
+                         for part in (stopped.stdout or b"", stopped.stderr or b""))
+        code, text = "timeout", f"{so_far}\nstopped after {limit_s:.0f} s"
     tail = text.strip().splitlines()[-40:]
     suite.results["tests"] = {"returncode": code, "seconds": time.perf_counter() - start, "tail": tail}
     print("\n".join(["== GPU tests", *tail, f"(exit {code}, {time.perf_counter() - start:.0f} s)"]), flush=True)

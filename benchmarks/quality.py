@@ -86,14 +86,23 @@ def main(argv: list[str] | None = None) -> None:
         configs = {("plain" if plain else "fast"): recipe_config(work, corpus, args.minutes, plain, args.batch_size)
                    for plain in plains}
         stage1 = stage("--stage", "1", "--config", str(next(iter(configs.values()))))
-        results = {"minutes": args.minutes, "batch_size": args.batch_size, "stage1_s": stage1}
+        results, failed = {"minutes": args.minutes, "batch_size": args.batch_size, "stage1_s": stage1}, []
         for name, config in configs.items():
-            result = results[name] = train_and_score(work, config, name)
-            Path(args.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
+            try:
+                result = results[name] = train_and_score(work, config, name)
+            except Exception as error:  # one failing variant must not cost a lease the other
+                results[name] = {"error": f"{type(error).__name__}: {error}"}
+                failed.append(name)
+                print(f"{name}: FAILED: {results[name]['error']}", file=sys.stderr, flush=True)
+                continue
+            finally:
+                Path(args.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
             print(f"{name}: trained {args.minutes:g} min ({'fp32 eager' if name == 'plain' else 'bf16 compiled'}, "
                   f"batch {args.batch_size}); last checkpoint {result['last_checkpoint']}")
             print(summary_table(result["summary_path"]))
         print(f"figures in {args.out}", file=sys.stderr)
+        if failed:
+            sys.exit(f"failed: {', '.join(failed)} (see above)")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@ is not spent on a typo. The figures themselves are benchmarks, never asserted.""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 
-from benchmarks.gpu_suite import TRAINING_CASES
+from benchmarks import quality
+from benchmarks.gpu_suite import TRAINING_CASES, run_tests
 from benchmarks.train import measure_training
 from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
@@ -41,3 +45,32 @@ def test_the_gpu_suites_training_cases_are_valid_settings(tiny: Path) -> None:
                          cudnn_benchmark=variant == "cudnn")
         assert mode in COMPILE_MODES and variant in ("", "replay", "cudnn")
         validate(cfg, "train")
+
+
+def test_the_gpu_suites_test_run_reports_its_output_as_lines_when_stopped(tmp_path: Path) -> None:
+    # a run stopped at its time limit hands back its output so far as bytes, even with text=True
+    slow = tmp_path / "test_slow.py"
+    slow.write_text("import time\n\n\ndef test_slow():\n    print('first line\\nsecond line', flush=True)\n"
+                    "    time.sleep(120)\n")
+    suite = SimpleNamespace(results={})
+    run_tests(suite, 20, ["-s", str(slow)])
+    report = suite.results["tests"]
+    assert report["returncode"] == "timeout"
+    assert "second line" in report["tail"] and report["tail"][-1] == "stopped after 20 s", report["tail"]
+
+
+def test_the_quality_run_goes_on_to_the_plain_variant_when_the_fast_one_fails(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def train_and_score(work: Path, config: Path, name: str) -> dict:
+        if name == "fast":
+            raise subprocess.CalledProcessError(1, ["sh", "run.sh", "--stage", "2"])
+        return {"last_checkpoint": {"step": 7}, "summary_path": "summary.json"}
+
+    monkeypatch.setattr(quality, "stage", lambda *args: 0.0)
+    monkeypatch.setattr(quality, "train_and_score", train_and_score)
+    monkeypatch.setattr(quality, "summary_table", lambda path: "table")
+    out = tmp_path / "quality.json"
+    with pytest.raises(SystemExit, match="failed: fast"):
+        quality.main(["--corpus", str(tmp_path), "--both", "--work", str(tmp_path / "work"), "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["fast"]["error"].startswith("CalledProcessError") and results["plain"]["last_checkpoint"]["step"] == 7

@@ -218,6 +218,27 @@ def test_a_wall_time_budget_stops_training_and_saves_the_last_state(corpus: Path
     assert "final" in record[-1]["kinds"]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["decided-on-host", "decided-on-device"])
+def test_a_budget_read_as_spent_at_any_check_ends_with_the_final_checkpoint(corpus: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            fused: bool) -> None:
+    """With several processes the budget is a reduction read one check late, so it may first read as spent at
+    any check, the one after validation included (that run ended with no checkpoint at all): every one saves."""
+    for first_spent in range(1, 6):
+        calls = iter(range(1, 1000))
+        monkeypatch.setattr(DiffusionVocoderTrainer, "_out_of_time",
+                            lambda self, calls=calls, first_spent=first_spent: next(calls) >= first_spent)
+        name = f"spent{first_spent}"
+        # batch 4: one window an epoch, so the checks cycle through its window and its end (after validation)
+        run = trainer(config(corpus, tmp_path, batch_size=4, max_steps=1000, max_minutes=1, save_checkpoint_stride=[0],
+                             adamw={"lr": 1e-3, "fused": fused}), name)
+        run.train()
+        folder = tmp_path / "ckpts" / name / "checkpoint"
+        assert folder.is_dir(), f"budget first read as spent at check {first_spent}: no checkpoint"
+        record = json.loads((folder / "ckpts.json").read_text())["checkpoints"]
+        assert record[-1]["kinds"] == ["final"] and record[-1]["step"] == run.state.step >= 1, (first_spent, record)
+
+
 def test_mixed_precision(corpus: Path, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         trainer(config(corpus, tmp_path, mixed_precision="fp16", max_steps=2), "fp16").train()

@@ -226,15 +226,19 @@ class DiffusionVocoderTrainer:
     def _train(self) -> None:
         self.bad_in_row, self.started, self.time_flag = 0, time.perf_counter(), None
         self.model.train()
-        while not self._at_bound():
+        # The wall-time budget is decided within the epoch and at its end (which saves the final checkpoint), not
+        # here: with several processes a check reads the previous one's reduction, so a budget spent during
+        # validation would be read here first and end the run with its last steps unsaved.
+        while not self._at_bound(clock=False):
             epoch = EpochLog()
             pending = self._run_epoch(epoch)
             if self._end_epoch(epoch, pending):
                 break
 
-    def _at_bound(self) -> bool:
+    def _at_bound(self, clock: bool = True) -> bool:
         max_steps, max_epoch = self._bounds()
-        return bool(max_steps and self.state.step >= max_steps) or 0 <= max_epoch <= self.state.epoch or self._out_of_time()
+        return (bool(max_steps and self.state.step >= max_steps) or 0 <= max_epoch <= self.state.epoch
+                or (clock and self._out_of_time()))
 
     def _out_of_time(self) -> bool:
         """`train.max_minutes` of this run's wall time are spent; every process stops when the first one is over.
