@@ -23,6 +23,10 @@ pytestmark = pytest.mark.skipif(not fused.available(DEVICE), reason="needs Trito
 HOP = 16
 # On a GPU the tests pin one kernel variant (each variant has its own test below) instead of tuning every shape.
 VARIANT = {"BLOCK_T": 64, "TILES": 2, "MERGED": True} if DEVICE.type == "cuda" else None
+# The H200's autotuner chose one-tile, unpipelined programs; the first GPU run saw a 3.6% error (12 channels,
+# 7 mels, fp32, the shorter item) with VARIANT, which a TF32 emulation of the plain forward does not explain
+# (4e-3): both are checked on a GPU, so a failure says whether the multi-tile pipelined variant is at fault.
+VARIANTS = [VARIANT, {"BLOCK_T": 64, "TILES": 1, "MERGED": True, "num_stages": 1}] if DEVICE.type == "cuda" else [None]
 # Floors of the relative error: fp32 dots run as TF32 on a GPU (a 10-bit mantissa, as fp16's), bf16 keeps 7 bits.
 # Above the floor, the fused kernel may err as much as the plain forward under autocast does in that precision.
 TOLERANCE = {torch.float32: 1e-2 if DEVICE.type == "cuda" else 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
@@ -84,13 +88,14 @@ def within_rounding(got: torch.Tensor, model: torch.nn.Module, dtype: torch.dtyp
     assert all(e < a for e, a in zip(errors, allowed, strict=True)), (errors, allowed)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("channels", "n_mel"), [(16, 20), (12, 7)])
-def test_fused_layers_equal_the_plain_forward(dtype, channels, n_mel):
+def test_fused_layers_equal_the_plain_forward(dtype, channels, n_mel, variant):
     """Padded channel counts (12 -> 16, 7 -> 16 mels), a padded batch with its length mask, two steps."""
     model = random_model(channels, n_mel)
     mel, audio, lengths = batch([30, 17], n_mel)
-    net = fused.FusedDiffWave(model, dtype, VARIANT)
+    net = fused.FusedDiffWave(model, dtype, variant)
     cond = net.conditioner(mel, lengths // HOP)
     for step in (torch.tensor([3.0, 3.0]), torch.tensor([41.25, 0.5])):
         step = step.to(DEVICE)
