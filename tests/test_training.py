@@ -320,6 +320,18 @@ def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation() -> No
         refuse_graphed_accumulation(mode, 4, cuda, "cfg.json")
 
 
+def test_validation_runs_a_compiled_model_eagerly(corpus: Path, tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    run = trainer(config(corpus, tmp_path), "eager_validation")
+    run.accelerator.unwrap_model(run.model).compile(backend="eager", dynamic=False)  # tracing only: fast
+    run.compiled = True
+    torch._dynamo.reset()
+    counters.clear()
+    assert math.isfinite(run.validate())
+    assert counters["stats"]["unique_graphs"] == 0  # nothing traced, so nothing compiled
+
+
 def test_ema_update_is_the_moving_average_of_every_float_tensor() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     ema = EMA(model, decay=0.9)

@@ -169,12 +169,17 @@ class DiffusionVocoderTrainer:
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean loss over one crop of every test utterance, with the same noise every time."""
+        """Mean loss over one crop of every test utterance, with the same noise every time.
+
+        A compiled model runs eagerly here: its eval-mode, no-grad batches would each be a new
+        graph to compile (20-30 s apiece on a GPU) for a pass that takes well under a second.
+        """
         model = self.accelerator.unwrap_model(self.model)  # uneven shards: no collectives inside the loop
         model.eval()
         device = self.accelerator.device
         total = torch.zeros(2, device=device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        eager = torch.compiler.set_stance("force_eager") if self.compiled else nullcontext()
+        with eager, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             for mel, audio in self.valid_loader:
                 mel, audio = mel.to(device), audio.to(device)
