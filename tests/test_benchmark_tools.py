@@ -53,10 +53,10 @@ def test_the_gpu_suites_test_run_reports_its_output_as_lines_when_stopped(tmp_pa
     slow.write_text("import time\n\n\ndef test_slow():\n    print('first line\\nsecond line', flush=True)\n"
                     "    time.sleep(120)\n")
     suite = SimpleNamespace(results={})
-    run_tests(suite, 20, ["-s", str(slow)])
+    run_tests(suite, 8, ["--noconftest", "-p", "no:cacheprovider", "-s", str(slow)])
     report = suite.results["tests"]
     assert report["returncode"] == "timeout"
-    assert "second line" in report["tail"] and report["tail"][-1] == "stopped after 20 s", report["tail"]
+    assert "second line" in report["tail"] and report["tail"][-1] == "stopped after 8 s", report["tail"]
 
 
 def test_the_quality_run_goes_on_to_the_plain_variant_when_the_fast_one_fails(tmp_path: Path,
