@@ -101,6 +101,9 @@ def test_batched_sampling_equals_one_by_one(sampler):
         assert alone.abs().max() > 0.01  # a real signal, not a trivially equal zero
 
 
-def test_unknown_sampler_is_a_config_error():
+def test_unknown_sampler_and_impossible_ddim_steps_are_config_errors():
     with pytest.raises(ConfigError, match="unknown sampler"):
         make_plan(model_cfg().model.diffwave, "dpm")
+    for steps in (0, 51):  # 0 is not "the default"
+        with pytest.raises(ConfigError, match=rf"ddim steps must be in 1..50, got {steps}"):
+            make_plan(model_cfg().model.diffwave, "ddim", steps)

@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> None:
     options = {"seed": args.seed, "device": args.device, "precision": args.precision}
     if args.sampler:
         options["sampler"] = args.sampler
-    if args.steps:
+    if args.steps is not None:
         options["steps"] = args.steps
     if args.batch_size:
         options["batch_size"] = args.batch_size

@@ -111,7 +111,7 @@ def make_plan(params: Any, sampler: str = "fast", steps: int | None = None, beta
         infer = torch.tensor(betas if betas is not None else params["inference_noise_schedule"], dtype=torch.float64)
         return SamplerPlan("ddpm", fractional_steps(train, infer), infer)
     if sampler == "ddim":
-        n = int(steps or 6)
+        n = 6 if steps is None else int(steps)
         if not 1 <= n <= len(train):
             raise ConfigError(f"ddim steps must be in 1..{len(train)}, got {n}")
         chosen = torch.linspace(0, len(train) - 1, n).round().long().unique()
