@@ -24,7 +24,7 @@ from models.vocoders.diffusion.device_policy import refuse_graphed_accumulation
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.experiment import Experiment
-from models.vocoders.diffusion.stepper import make_optimizer, to_host
+from models.vocoders.diffusion.stepper import HostCopy, make_optimizer
 from models.vocoders.diffusion.train_state import EMA
 from processors.preprocess import preprocess
 from tests.recipe_helpers import RUN_SH, tiny_training_config
@@ -362,13 +362,13 @@ def test_a_gated_ema_update_moves_only_when_the_gate_is_open() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_steps_readings_reach_the_host_without_waiting_for_the_work_queued_after_them() -> None:
-    host, ready = to_host(torch.arange(4.0, device="cuda"))
+    copy = HostCopy(torch.arange(4.0, device="cuda"))
     big = torch.randn(8192, 8192, device="cuda")
     for _ in range(20):  # about a third of a second of fp32 matmuls, queued after the copy
         big = big @ big
-    ready.synchronize()
+    values = copy.read()
     assert not torch.cuda.current_stream().query(), "the matmuls were already done: the check proves nothing"
-    assert host.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert values == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_the_fused_optimizer_is_chosen_per_device_and_refused_with_fp16(corpus: Path, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from models.vocoders.diffusion.diffusion_vocoder_dataset import TrainingData
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
 from models.vocoders.diffusion.experiment import Experiment
-from models.vocoders.diffusion.stepper import Inflight, Stepper, make_optimizer, to_host
+from models.vocoders.diffusion.stepper import HostCopy, Inflight, Stepper, make_optimizer
 from models.vocoders.diffusion.train_state import EMA, TrainState
 from utils.checkpoint import list_checkpoints, resolve_checkpoint
 from utils.config import ConfigError
@@ -258,13 +258,8 @@ class DiffusionVocoderTrainer:
         if self.accelerator.num_processes == 1:
             return over
         flag = self.accelerator.reduce(torch.tensor(float(over), device=self.accelerator.device), "max")
-        previous, self.time_flag = self.time_flag, to_host(flag)
-        if previous is None:
-            return False
-        host, ready = previous
-        if ready is not None:
-            ready.synchronize()
-        return bool(host.item() > 0)
+        previous, self.time_flag = self.time_flag, HostCopy(flag)
+        return previous is not None and previous.read() > 0
 
     def _run_epoch(self, epoch: EpochLog) -> list[str]:
         """Batches until the epoch ends or a bound is reached; returns the checkpoint kinds still to save.

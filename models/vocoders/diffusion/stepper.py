@@ -38,29 +38,33 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, device: torch.device, preci
                              fused=fused or None)
 
 
+class HostCopy:
+    """`values` on their way to the host: the copy starts without waiting, and `read` waits only for the
+    work queued before it, not for the next window queued after it (which a plain `.tolist()` would)."""
+
+    def __init__(self, values: Tensor) -> None:
+        self.ready = None
+        self.host = values
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def read(self) -> Any:
+        """The values as Python numbers (a list, or one number for a 0-d tensor)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
 @dataclass
 class Inflight:
     """A launched step: its window's losses, the gradient norm and 1 if it was taken, on their way to the host."""
 
-    readings: Tensor  # on the host; on CUDA filled by a copy that is complete once `ready` is
-    ready: Any
+    readings: HostCopy
     audio_seconds: float
     stepped: bool | None  # None: decided on the device, known once `readings` are read
-
-
-def to_host(values: Tensor) -> tuple[Tensor, Any]:
-    """Start copying `values` to the host without waiting; (the host tensor, a CUDA event marking the copy's end).
-
-    The copy waits only for the work queued before it, not for the next window queued after it,
-    which a plain `.tolist()` at settle time would wait for.
-    """
-    if not values.is_cuda:
-        return values, None
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host.copy_(values, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
 
 
 @dataclass
@@ -104,13 +108,11 @@ class Stepper:
             if stepped and self.ema is not None:
                 self.ema.update(acc.unwrap_model(model), step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        return Inflight(*to_host(torch.cat([readings, ok.float().reshape(1)])), audio_seconds, stepped)
+        return Inflight(HostCopy(torch.cat([readings, ok.float().reshape(1)])), audio_seconds, stepped)
 
     @staticmethod
     def settle(inflight: Inflight) -> Outcome:
         """What a launched step did (waits for the GPU to get there, and no further)."""
-        if inflight.ready is not None:
-            inflight.ready.synchronize()
-        *losses, grad_norm, ok = inflight.readings.tolist()
+        *losses, grad_norm, ok = inflight.readings.read()
         stepped = ok > 0 if inflight.stepped is None else inflight.stepped
         return Outcome(stepped, losses, grad_norm, inflight.audio_seconds)

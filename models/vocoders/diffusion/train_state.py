@@ -65,14 +65,10 @@ class EMA:
                 values.append(value.detach().float())
             else:
                 shadow.copy_(value)
-        if not shadows:
-            return
-        if gate is None:
-            torch._foreach_lerp_(shadows, values, 1 - decay)
-            return
-        moves = torch._foreach_sub(values, shadows)
-        torch._foreach_mul_(moves, gate.float() * (1 - decay))
-        torch._foreach_add_(shadows, moves)
+        if shadows:
+            moves = torch._foreach_sub(values, shadows)
+            torch._foreach_mul_(moves, (1 - decay) if gate is None else gate.float() * (1 - decay))
+            torch._foreach_add_(shadows, moves)
 
 
 def this_runs_kernel(saved: Any, optimizer: torch.optim.Optimizer) -> None:
