@@ -226,6 +226,9 @@ class DiffusionVocoderTrainer:
         finally:
             if self.writer is not None:
                 self.writer.close()
+        # Every process leaves together: a process group torn down while a peer still talks through it can
+        # abort that peer (gloo: "terminate called without an active exception").
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
     def _train(self) -> None:
