@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=$(realpath "${OUT:-.}")
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$PWD/.site" .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$PWD/.site" .whl/*.whl
 export PYTHONPATH="$PWD/.site:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 case "${1:-}" in

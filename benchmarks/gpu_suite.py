@@ -82,7 +82,7 @@ class Suite:
 
 def run_tests(suite: Suite, limit_s: float, tests: list[str]) -> None:
     start = time.perf_counter()
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", "--tb=short", *tests]
     try:
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=limit_s)
         code, text = done.returncode, done.stdout + done.stderr
@@ -90,8 +90,10 @@ def run_tests(suite: Suite, limit_s: float, tests: list[str]) -> None:
         so_far = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
                          for part in (stopped.stdout or b"", stopped.stderr or b""))
         code, text = "timeout", f"{so_far}\nstopped after {limit_s:.0f} s"
+    log = suite.out.with_name(f"{suite.out.stem}_tests.log")  # whole, tracebacks included: the tail may hold none
+    log.write_text(text, encoding="utf-8")
     tail = text.strip().splitlines()[-40:]
-    suite.results["tests"] = {"returncode": code, "seconds": time.perf_counter() - start, "tail": tail}
+    suite.results["tests"] = {"returncode": code, "seconds": time.perf_counter() - start, "tail": tail, "log": str(log)}
     print("\n".join(["== GPU tests", *tail, f"(exit {code}, {time.perf_counter() - start:.0f} s)"]), flush=True)
 
 
@@ -214,12 +216,13 @@ TRAINING_CASES = [("bf16", 32, True, "default", ""), ("bf16", 32, True, "default
 def training_cases(suite: Suite) -> None:
     cfg = load_config(CONFIG)
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
-        synthetic_setup(cfg, Path(tmp), 256)
+        synthetic_setup(cfg, Path(tmp), 1024)  # 15 batches of 64 per epoch: few epoch-start stalls
 
         def line(r: dict) -> str:
             busy = "" if r["gpu_busy"] is None else f"  GPU busy {r['gpu_busy']:.0%}"
+            top = "".join(f"\n      {k['ms_per_step']:6.2f} ms {k['share']:4.0%}  {k['name']}" for k in r["top_kernels"][:5])
             return (f"{r['ms_per_step']:7.1f} ms/step  {r['audio_s_per_s']:7.1f} audio-s/s  data wait {r['loader_ms']:.1f} "
-                    f"ms/step  warm-up {r['warmup_s']:.1f} s  peak {r['peak_gib']:.2f} GiB{busy}")
+                    f"ms/step  warm-up {r['warmup_s']:.1f} s  peak {r['peak_gib']:.2f} GiB{busy}{top}")
 
         for precision, batch, compiled, mode, variant in TRAINING_CASES:
             name = (f"train {'fp32' if precision == 'no' else precision} b{batch} "

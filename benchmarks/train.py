@@ -64,8 +64,8 @@ def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, 
 
     `loader_ms` is the time per timed step spent waiting for the next batch; `replay` feeds the
     first batch again and again from the device, which takes the loader out of the measurement.
-    With `profile_steps` on CUDA, that many more steps run under torch.profiler: the GPU's busy
-    fraction is their summed kernel time over their wall time.
+    With `profile_steps` on CUDA, that many more steps run under torch.profiler: their kernel time per
+    step gives the GPU's busy fraction and the kernels that take it (`kernel_times`).
     """
     trainer = DiffusionVocoderTrainer(cfg, name)
     acc = trainer.accelerator
@@ -101,18 +101,31 @@ def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, 
         torch.cuda.synchronize(acc.device)
     marks[total] = time.perf_counter()
     seconds = marks[warmup + steps] - marks[warmup]
-    busy = None
+    busy, kernels = None, []
     if prof is not None:
         prof.__exit__(None, None, None)
-        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
-        busy = kernel_us / 1e6 / (marks[total] - marks[warmup + steps])
+        gpu_ms, kernels = kernel_times(prof.key_averages(), profile)
+        busy = gpu_ms / (1e3 * seconds / steps)
     audio_seconds = steps * batch * frames * hop / rate
     return {"batch": batch, "precision": cfg.train.get("mixed_precision", "no"), "device": str(acc.device),
             "compile": bool(trainer.compiled), "compile_mode": cfg.train.get("compile_mode", "default"),
             "fused_adamw": bool(trainer.optimizer.defaults.get("fused")), "replay": replay,
             "warmup_s": marks[warmup] - marks[0], "steps_per_s": steps / seconds,
             "ms_per_step": 1e3 * seconds / steps, "loader_ms": 1e3 * waited / steps, "audio_s_per_s": audio_seconds / seconds,
-            "peak_gib": peak_memory_gib(acc.device), "gpu_busy": busy, "audio_per_step_s": batch * frames * hop / rate}
+            "peak_gib": peak_memory_gib(acc.device), "gpu_busy": busy, "top_kernels": kernels,
+            "audio_per_step_s": batch * frames * hop / rate}
+
+
+def kernel_times(averages: Any, steps: int, top: int = 8) -> tuple[float, list[dict[str, Any]]]:
+    """GPU milliseconds per step, and the `top` kernels by their share of it, from a profile of `steps` steps.
+
+    The busy fraction is this time over the unprofiled step's wall time: the profiler's own
+    overhead lengthens the profiled steps, not the kernels.
+    """
+    per_step = [(e.key, e.self_device_time_total / 1e3 / steps) for e in averages if e.self_device_time_total > 0]
+    total = sum(ms for _, ms in per_step)
+    ranked = sorted(per_step, key=lambda kv: kv[1], reverse=True)[:top]
+    return total, [{"name": name[:100], "ms_per_step": ms, "share": ms / total} for name, ms in ranked]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from benchmarks import quality
 from benchmarks.gpu_suite import TRAINING_CASES, run_tests
-from benchmarks.train import measure_training
+from benchmarks.train import kernel_times, measure_training
 from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
 from utils.config import COMPILE_MODES, load_config, validate
@@ -47,16 +47,26 @@ def test_the_gpu_suites_training_cases_are_valid_settings(tiny: Path) -> None:
         validate(cfg, "train")
 
 
+def test_kernel_times_are_per_step_and_ranked() -> None:
+    events = [SimpleNamespace(key=key, self_device_time_total=us) for key, us in
+              (("cpu_only_op", 0.0), ("conv_bwd", 6000.0), ("gemm", 3000.0), ("elementwise", 1000.0), ("adamw", 2000.0))]
+    gpu_ms, top = kernel_times(events, steps=2, top=3)
+    assert gpu_ms == pytest.approx(6.0)  # 12 ms of kernels over two steps; the CPU-only op counts nothing
+    assert [(k["name"], k["ms_per_step"]) for k in top] == [("conv_bwd", 3.0), ("gemm", 1.5), ("adamw", 1.0)]
+    assert top[0]["share"] == pytest.approx(0.5)
+
+
 def test_the_gpu_suites_test_run_reports_its_output_as_lines_when_stopped(tmp_path: Path) -> None:
     # a run stopped at its time limit hands back its output so far as bytes, even with text=True
     slow = tmp_path / "test_slow.py"
     slow.write_text("import time\n\n\ndef test_slow():\n    print('first line\\nsecond line', flush=True)\n"
                     "    time.sleep(120)\n")
-    suite = SimpleNamespace(results={})
+    suite = SimpleNamespace(results={}, out=tmp_path / "gpu_results.json")
     run_tests(suite, 8, ["--noconftest", "-p", "no:cacheprovider", "-s", str(slow)])
     report = suite.results["tests"]
     assert report["returncode"] == "timeout"
     assert "second line" in report["tail"] and report["tail"][-1] == "stopped after 8 s", report["tail"]
+    assert "second line" in (tmp_path / "gpu_results_tests.log").read_text()  # the whole output, kept beside
 
 
 def test_the_quality_run_goes_on_to_the_plain_variant_when_the_fast_one_fails(tmp_path: Path,

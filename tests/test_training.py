@@ -272,9 +272,9 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(corpus: Path, tmp_
     saved, saved_ema = load_file(str(last / "model.safetensors")), load_file(str(last / "ema.safetensors"))
     assert all(torch.isfinite(v).all() for v in saved.values())
     # the skipped steps left the weights, the EMA and Adam's step count where step 2 put them
-    now = bad.accelerator.unwrap_model(bad.model).state_dict()
-    assert all(torch.equal(now[k], saved[k]) for k in saved)
-    assert all(torch.equal(bad.ema.shadow[k], saved_ema[k]) for k in saved_ema)
+    now = bad.accelerator.unwrap_model(bad.model).state_dict()  # on the run's device; the files load on the CPU
+    assert all(torch.equal(now[k].cpu(), saved[k]) for k in saved)
+    assert all(torch.equal(bad.ema.shadow[k].cpu(), saved_ema[k]) for k in saved_ema)
     assert all(int(s["step"]) == 2 for s in bad.optimizer.state_dict()["state"].values())
     assert [e.value for e in scalars(exp)["train/skipped_steps"]][-3:] == [1, 2, 3]
 
@@ -303,8 +303,15 @@ def test_skips_next_to_due_saves_give_the_same_checkpoints_decided_on_host_or_de
                        [(e.step, e.value) for e in scalars(exp)["train/skipped_steps"]], newest(exp))
     assert seen[False][:2] == seen[True][:2]
     assert seen[True][0][-1] == (3, 8, 0, 4)  # max_steps at the end of epoch 2, after 4 skipped windows
+    adam_steps = [{int(s["step"]) for s in torch.load(seen[fused][2] / "optimizer.pt", weights_only=True)["state"].values()}
+                  for fused in (False, True)]
+    assert adam_steps == [{8}, {8}]  # a skipped window moved no step count
+    # The two AdamW kernels round alike on the CPU; on CUDA they are different kernels (and cuDNN's gradients need not
+    # repeat to the last bit), so there the bound is a tenth of one step's size: a skipped window applied, or an EMA
+    # moved by one, would still exceed it.
+    bound = 1e-4 if torch.cuda.is_available() else 1e-6
     for weights in ("model.safetensors", "ema.safetensors"):
-        assert max_diff(seen[False][2] / weights, seen[True][2] / weights) <= 1e-6
+        assert max_diff(seen[False][2] / weights, seen[True][2] / weights) <= bound
 
 
 def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation() -> None:
