@@ -20,7 +20,7 @@ case "${1:-}" in
     python3 -m benchmarks.quality --corpus .quality/speech --minutes "${MINUTES:-2.5}" --both --out "$out/quality.json" \
       --work /tmp/quality "${@:2}" 2>&1 | tee "$out/quality.log" || rc=$?
     # each variant's result/ (pred/, gt/, eval/), to score again where a metric's package is missing (pesq there)
-    (cd /tmp/quality/ckpts && tar czf "$out/quality_outputs.tgz" ./*/result) || true
+    (cd /tmp/quality/ckpts && tar czf "$out/quality_outputs.tgz" ./*/result ./*/args.json) || true
     exit "$rc" ;;
   *) echo "usage: bash benchmarks/gpu_lease.sh suite|quality" >&2; exit 2 ;;
 esac

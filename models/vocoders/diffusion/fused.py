@@ -55,17 +55,16 @@ def _padded(n: int) -> int:
 
 if triton is not None:
 
-    def _config(block: int, tiles: int, merged: bool, warps: int, stages: int) -> triton.Config:
-        return triton.Config({"BLOCK_T": block, "TILES": tiles, "MERGED": merged}, num_warps=warps, num_stages=stages)
+    def _config(block: int, merged: bool, warps: int, stages: int = 1) -> triton.Config:
+        return triton.Config({"BLOCK_T": block, "MERGED": merged}, num_warps=warps, num_stages=stages)
 
-    # Tried in turn on a new shape; MERGED does the gate/filter and residual/skip halves as one N = 2C
-    # dot each, TILES > 1 loads the weights once for several row tiles (and pipelines their loads).
-    TUNED = [_config(64, 1, True, 4, 1), _config(128, 1, True, 8, 1), _config(64, 4, True, 4, 2),
-             _config(128, 4, True, 8, 2), _config(64, 16, True, 4, 3), _config(128, 8, True, 8, 3),
-             _config(64, 1, False, 4, 1), _config(128, 1, False, 4, 1)]
-    # The split-dot, one-tile variant: what the first GPU measurements ran; kept as the fallback.
-    PLAIN = [_config(32, 1, False, 4, 1), _config(64, 1, False, 4, 1), _config(128, 1, False, 4, 1),
-             _config(128, 1, False, 8, 1)]
+    # Tried in turn on a new shape; MERGED does the gate/filter and residual/skip halves as one N = 2C dot each.
+    # (Programs that looped over several row tiles, reusing the weights and pipelining the loads, never won on
+    # an H200, and the one wrong result a GPU test ever showed came from one of them: removed.)
+    TUNED = [_config(64, True, 4), _config(128, True, 8), _config(64, True, 8), _config(128, True, 4),
+             _config(64, False, 4), _config(128, False, 4)]
+    # The split-dot variants: what the first GPU measurements ran; kept as the fallback.
+    PLAIN = [_config(32, False, 4), _config(64, False, 4), _config(128, False, 4), _config(128, False, 8)]
 
     @triton.jit
     def _tap(x_base, shift, t, c, cm, length, C, DOT: tl.constexpr):
@@ -90,8 +89,7 @@ if triton is not None:
     def _residual_layer(
         x_ptr, cond_ptr, skip_ptr, out_ptr, shift_ptr, len_ptr, w_tap_ptr, w_cond_ptr, w_out_ptr, b_in_ptr, b_out_ptr,
         T, C, M, dilation, shift_stride, size_class,
-        CP: tl.constexpr, MP: tl.constexpr, BLOCK_T: tl.constexpr, TILES: tl.constexpr, MERGED: tl.constexpr,
-        WIDEN: tl.constexpr,
+        CP: tl.constexpr, MP: tl.constexpr, BLOCK_T: tl.constexpr, MERGED: tl.constexpr, WIDEN: tl.constexpr,
     ):
         b = tl.program_id(1)
         c = tl.arange(0, CP)
@@ -104,35 +102,34 @@ if triton is not None:
         x_base = x_ptr + b * T * C
         bias_gate, bias_filt = tl.load(b_in_ptr + 2 * c), tl.load(b_in_ptr + 2 * c + 1)
         bias_res, bias_skip = tl.load(b_out_ptr + 2 * c), tl.load(b_out_ptr + 2 * c + 1)
-        for i in range(TILES):
-            t = (tl.program_id(0) * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)
-            gate = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
-            filt = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
-            for k in tl.static_range(3):
-                y = _tap(x_base, shift, t + (k - 1) * dilation, c, cm, length, C, DOT)
-                g, f = _halves(y, w_tap_ptr + k * CP * 2 * CP, c, c, CP, MERGED, DOT)
-                gate += g
-                filt += f
-            inside = t < T
-            cond = tl.load(cond_ptr + b * T * M + t[:, None] * M + m[None, :],
-                           mask=inside[:, None] & (m < M)[None, :], other=0.0).to(DOT)
-            g, f = _halves(cond, w_cond_ptr, m, c, CP, MERGED, DOT)
-            gate += g + bias_gate[None, :]
-            filt += f + bias_filt[None, :]
-            z = (tl.sigmoid(gate) * (2.0 * tl.sigmoid(2.0 * filt) - 1.0)).to(io).to(DOT)
-            residual, skip = _halves(z, w_out_ptr, c, c, CP, MERGED, DOT)
-            rows = inside[:, None] & cm[None, :]
-            offsets = b * T * C + t[:, None] * C + c[None, :]
-            x = tl.load(x_ptr + offsets, mask=rows, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offsets, ((x + residual + bias_res[None, :]) * 0.7071067811865476).to(io), mask=rows)  # / sqrt 2
-            total = tl.load(skip_ptr + offsets, mask=rows, other=0.0)
-            tl.store(skip_ptr + offsets, total + skip + bias_skip[None, :], mask=rows)
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        gate = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+        filt = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+        for k in tl.static_range(3):
+            y = _tap(x_base, shift, t + (k - 1) * dilation, c, cm, length, C, DOT)
+            g, f = _halves(y, w_tap_ptr + k * CP * 2 * CP, c, c, CP, MERGED, DOT)
+            gate += g
+            filt += f
+        inside = t < T
+        cond = tl.load(cond_ptr + b * T * M + t[:, None] * M + m[None, :],
+                       mask=inside[:, None] & (m < M)[None, :], other=0.0).to(DOT)
+        g, f = _halves(cond, w_cond_ptr, m, c, CP, MERGED, DOT)
+        gate += g + bias_gate[None, :]
+        filt += f + bias_filt[None, :]
+        z = (tl.sigmoid(gate) * (2.0 * tl.sigmoid(2.0 * filt) - 1.0)).to(io).to(DOT)
+        residual, skip = _halves(z, w_out_ptr, c, c, CP, MERGED, DOT)
+        rows = inside[:, None] & cm[None, :]
+        offsets = b * T * C + t[:, None] * C + c[None, :]
+        x = tl.load(x_ptr + offsets, mask=rows, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, ((x + residual + bias_res[None, :]) * 0.7071067811865476).to(io), mask=rows)  # / sqrt 2
+        total = tl.load(skip_ptr + offsets, mask=rows, other=0.0)
+        tl.store(skip_ptr + offsets, total + skip + bias_skip[None, :], mask=rows)
 
     def _tuner(configs: list) -> triton.runtime.Autotuner:
         """Tuned once per GPU model and shape class: Triton 3.2+ keeps the winner on disk, so a later
         process starts without the tuning run (about 20 s on an H200)."""
         if INTERPRET:
-            configs = [_config(32, 2, True, 4, 1)]
+            configs = [_config(32, True, 4)]
         on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
         return triton.autotune(configs=configs, key=["C", "M", "CP", "MP", "size_class"], restore_value=["skip_ptr"],
                                **on_disk)(_residual_layer)
@@ -148,7 +145,7 @@ class FusedDiffWave:
     """
 
     def __init__(self, model: DiffWave, dtype: torch.dtype = torch.float32, config: dict | None = None) -> None:
-        """`config` ({"BLOCK_T", "TILES", "MERGED"}, optional "num_warps", "num_stages") skips the tuning."""
+        """`config` ({"BLOCK_T", "MERGED"}, optional "num_warps", "num_stages") skips the tuning."""
         if triton is None:
             raise RuntimeError("the fused kernel needs Triton: pip install triton (the gpu extra)")
         self.model, self.dtype, self.config = model, dtype, config
@@ -220,7 +217,7 @@ class FusedDiffWave:
         skip = torch.zeros(batch, total, self.channels, dtype=torch.float32, device=audio.device)
 
         def grid(meta: dict) -> tuple[int, int]:
-            return triton.cdiv(total, meta["BLOCK_T"] * meta["TILES"]), batch
+            return triton.cdiv(total, meta["BLOCK_T"]), batch
 
         size_class = int(batch * total >= 1 << 18)  # short and long inputs are tuned apart
         for i, d in enumerate(self.dilations):
