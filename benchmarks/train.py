@@ -46,16 +46,13 @@ def synthetic_setup(cfg: Any, root: Path, utterances: int) -> None:
 
 def batches(trainer: DiffusionVocoderTrainer, replay: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The trainer's batches epoch after epoch, on its device; with `replay`, its first batch again and again."""
-    device, epoch = trainer.accelerator.device, 0
-    while True:
-        trainer.train_sampler.set_epoch(epoch)
-        for mel, audio in trainer.train_loader:
-            pair = mel.to(device, non_blocking=True), audio.to(device, non_blocking=True)
-            if replay:
-                while True:
-                    yield pair
-            yield pair
-        epoch += 1
+    device = trainer.accelerator.device
+    for mel, audio in trainer.train_loader:  # its sampler is endless: epoch after epoch, as in training
+        pair = mel.to(device, non_blocking=True), audio.to(device, non_blocking=True)
+        if replay:
+            while True:
+                yield pair
+        yield pair
 
 
 def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, name: str = "bench",

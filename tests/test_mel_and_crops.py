@@ -1,5 +1,6 @@
 """The mel contract, and the alignment of training crops."""
 
+import itertools
 from types import SimpleNamespace
 
 import librosa
@@ -82,6 +83,22 @@ def test_sampler_shards_without_overlap_and_resumes_mid_epoch():
         r.set_epoch(2)
     seen = [i for r in ranks for batch in r for i, _ in batch]
     assert len(seen) == len(set(seen)) and len(list(ranks[0])) == len(list(ranks[1]))
+
+
+def test_an_endless_sampler_runs_on_into_the_next_epochs():
+    """What training draws: from a resume point through the epochs that follow, each as a sampler of its own."""
+    def epoch(number: int) -> list:
+        one = EpochBatchSampler(37, 4, seed=3, rank=1, world=2)
+        one.set_epoch(number)
+        return list(one)
+
+    endless = EpochBatchSampler(37, 4, seed=3, rank=1, world=2, endless=True)
+    endless.set_epoch(2, skip_batches=3)
+    assert len(endless) == len(epoch(2)) == 4  # 9 batches of 4, odd one left out, every other one
+    drawn = list(itertools.islice(endless, 1 + 4 + 4))
+    assert drawn == epoch(2)[3:] + epoch(3) + epoch(4)
+    assert epoch(3) != epoch(4)  # a new order each epoch
+    assert list(itertools.islice(EpochBatchSampler(0, 4, seed=3, endless=True), 5)) == []  # no items: no endless loop
 
 
 @pytest.mark.parametrize("map_above", [0, 1 << 40], ids=["mapped", "read-whole"])

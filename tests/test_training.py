@@ -403,6 +403,25 @@ def test_stage3_uses_ema_weights_by_default(corpus: Path, tmp_path: Path) -> Non
     assert all(torch.equal(chosen[k], raw[k]) for k in raw)
 
 
+def test_the_loader_prefetches_across_epochs_from_one_iterator(corpus: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new epoch's first batch is drawn (and loaded by the worker) before the last epoch ends, not after its
+    validation: the next epoch's order depends only on (seed, epoch)."""
+    events: list[tuple[str, int]] = []
+    draw, validate = EpochBatchSampler._all_batches, DiffusionVocoderTrainer.validate
+    monkeypatch.setattr(EpochBatchSampler, "_all_batches",
+                        lambda self, epoch: events.append(("draw", epoch)) or draw(self, epoch))
+    monkeypatch.setattr(DiffusionVocoderTrainer, "validate",
+                        lambda self: events.append(("validate", self.state.epoch)) or validate(self))
+    iterators = []
+    original_iter = torch.utils.data.DataLoader.__iter__
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", lambda self: iterators.append(self) or original_iter(self))
+    run = trainer(config(corpus, tmp_path, max_epoch=3, dataloader={"num_worker": 1}), "prefetch")
+    run.train()
+    assert run.state.epoch == 3 and iterators.count(run.train_loader) == 1
+    assert events.index(("draw", 1)) < events.index(("validate", 1))  # epoch 1 drawn before epoch 0's validation
+
+
 def test_validation_sampler_covers_every_item_once() -> None:
     shards = [list(EpochBatchSampler(5, 4, 0, rank, 2, shuffle=False, drop_last=False)) for rank in range(2)]
     assert sorted(i for shard in shards for batch in shard for i, _ in batch) == [0, 1, 2, 3, 4]

@@ -70,19 +70,22 @@ class EpochBatchSampler:
 
     Every process draws the same permutation from (seed, epoch) and takes every
     `world`-th batch, so data is sharded without overlap and without a distributed sampler.
+    An `endless` sampler goes on to the next epochs' batches, so that a loader prefetches
+    across an epoch's end instead of stalling at each new epoch's first batch; `len` is
+    the batches of one epoch.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 shuffle: bool = True, drop_last: bool = True) -> None:
+                 shuffle: bool = True, drop_last: bool = True, endless: bool = False) -> None:
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world, self.shuffle, self.drop_last = rank, world, shuffle, drop_last
-        self.epoch, self.skip = 0, 0
+        self.endless, self.epoch, self.skip = endless, 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
 
-    def _all_batches(self) -> list[list[tuple[int, int]]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def _all_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
         crop_seeds = rng.integers(0, 2**31, size=self.size) if self.shuffle else np.arange(self.size) + self.seed
         pairs = [(int(i), int(crop_seeds[k])) for k, i in enumerate(order)]
@@ -96,10 +99,16 @@ class EpochBatchSampler:
         return batches[: len(batches) - len(batches) % self.world]
 
     def __len__(self) -> int:
-        return len(self._all_batches()[self.rank :: self.world])
+        return len(self._all_batches(self.epoch)[self.rank :: self.world])
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        yield from self._all_batches()[self.rank :: self.world][self.skip :]
+        epoch, skip = self.epoch, self.skip
+        while True:
+            batches = self._all_batches(epoch)[self.rank :: self.world]
+            yield from batches[skip:]
+            if not (self.endless and batches):
+                return
+            epoch, skip = epoch + 1, 0
 
 
 def dataloader_workers(cfg: Any) -> int:
@@ -121,7 +130,7 @@ class TrainingData:
         batch = int(cfg.train.batch_size)
         workers = dataloader_workers(cfg)
         pin = torch.cuda.is_available() and bool(cfg.train.get("dataloader", {}).get("pin_memory", True))
-        self.train_sampler = EpochBatchSampler(len(train_entries), batch, seed, rank, world, shuffle=True, drop_last=True)
+        self.train_sampler = EpochBatchSampler(len(train_entries), batch, seed, rank, world, endless=True)
         self.train_loader = make_loader(CropDataset(cfg, train_entries), self.train_sampler, workers, pin)
         valid_sampler = EpochBatchSampler(len(self.valid_entries), batch, seed, rank, world, shuffle=False, drop_last=False)
         self.valid_loader = make_loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1), pin)
