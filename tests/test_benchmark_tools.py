@@ -12,8 +12,11 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 
 from benchmarks import quality
+from benchmarks.epoch_starts import wait_ms_per_step
 from benchmarks.gpu_suite import TRAINING_CASES, run_tests
 from benchmarks.train import kernel_times, measure_training
+from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset
+from processors.feature_store import load_entries
 from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
 from utils.config import COMPILE_MODES, load_config, validate
@@ -36,6 +39,12 @@ def test_training_benchmark_measures_the_trainers_step_with_and_without_the_load
     r = measure_training(load_config(tiny), steps=3, warmup=1, name=f"replay_{replay}", replay=replay)
     assert r["ms_per_step"] > 0 and r["audio_s_per_s"] > 0 and r["loader_ms"] >= 0
     assert r["replay"] is replay and r["gpu_busy"] is None and r["audio_per_step_s"] == pytest.approx(4 * 8 * 64 / 8000)
+
+
+@pytest.mark.parametrize("endless", [False, True])
+def test_the_epoch_start_benchmark_runs_every_epoch_through(tiny: Path, endless: bool) -> None:
+    cfg = load_config(tiny)
+    assert wait_ms_per_step(CropDataset(cfg, load_entries(cfg, "train")), 2, 0, endless, epochs=3, step_s=0) >= 0
 
 
 def test_the_gpu_suites_training_cases_are_valid_settings(tiny: Path) -> None:
