@@ -55,8 +55,8 @@ def _padded(n: int) -> int:
 
 if triton is not None:
 
-    def _config(block: int, merged: bool, warps: int, stages: int = 1) -> triton.Config:
-        return triton.Config({"BLOCK_T": block, "MERGED": merged}, num_warps=warps, num_stages=stages)
+    def _config(block: int, merged: bool, warps: int) -> triton.Config:
+        return triton.Config({"BLOCK_T": block, "MERGED": merged}, num_warps=warps, num_stages=1)  # no loop to pipeline
 
     # Tried in turn on a new shape; MERGED does the gate/filter and residual/skip halves as one N = 2C dot each.
     # (Programs that looped over several row tiles, reusing the weights and pipelining the loads, never won on
