@@ -5,7 +5,7 @@
 # Arguments after the first go to the Python command (e.g. `suite --only train --budget_s 150`).
 # Figures and logs go to $OUT (the device tool's output folder; default: here). The GPU image lacks
 # some dependencies: carry .whl (bash ../shared/gpu/fetch_wheels.sh) and, for `quality`, the corpus
-# .quality/speech (bash benchmarks/speech_corpus.sh .quality/speech 120, about 21 MB).
+# .quality/speech (bash benchmarks/speech_corpus.sh .quality/speech 240, about 34 MB).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=$(realpath "${OUT:-.}")
