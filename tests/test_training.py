@@ -422,6 +422,18 @@ def test_the_loader_prefetches_across_epochs_from_one_iterator(corpus: Path, tmp
     assert events.index(("draw", 1)) < events.index(("validate", 1))  # epoch 1 drawn before epoch 0's validation
 
 
+def test_a_resume_past_the_end_of_a_shorter_epoch_goes_on_with_the_next(corpus: Path, tmp_path: Path) -> None:
+    """A mid-epoch checkpoint resumed where an epoch has fewer batches (a larger batch, more processes, fewer
+    utterances) has nothing left of its epoch: the epoch ends and the next one starts, as with an iterator per
+    epoch (the remaining count went negative and the resume failed in itertools.islice)."""
+    trainer(config(corpus, tmp_path, batch_size=1, max_steps=5), "shrunk").train()  # 7 batches: stops at batch 5
+    rest = trainer(config(corpus, tmp_path, batch_size=4, max_steps=7), "shrunk", "resume",
+                   str(tmp_path / "ckpts" / "shrunk"))
+    assert (rest.state.epoch, rest.state.batch_in_epoch, len(rest.train_sampler)) == (0, 5, 1)
+    rest.train()
+    assert (rest.state.epoch, rest.state.step, rest.state.batch_in_epoch) == (3, 7, 0)  # epochs 1 and 2: a step each
+
+
 def test_validation_sampler_covers_every_item_once() -> None:
     shards = [list(EpochBatchSampler(5, 4, 0, rank, 2, shuffle=False, drop_last=False)) for rank in range(2)]
     assert sorted(i for shard in shards for batch in shard for i, _ in batch) == [0, 1, 2, 3, 4]

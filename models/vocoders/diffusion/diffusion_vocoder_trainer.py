@@ -283,7 +283,8 @@ class DiffusionVocoderTrainer:
         losses: list[torch.Tensor] = []
         window_audio, self.tick, inflight = 0.0, time.perf_counter(), None
         window_start = state.batch_in_epoch - state.batch_in_epoch % self.accum
-        for mel, audio in itertools.islice(self._batches(), epoch.per_epoch - state.batch_in_epoch):
+        # A resume may start past the end of an epoch that is shorter now (a larger batch, more processes): none left.
+        for mel, audio in itertools.islice(self._batches(), max(0, epoch.per_epoch - state.batch_in_epoch)):
             if inflight is not None and state.batch_in_epoch == window_start and self._settle_first():
                 stopping, inflight = self._settle(inflight, epoch, bar, pending), None
                 if stopping:
