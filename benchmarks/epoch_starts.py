@@ -28,9 +28,11 @@ def wait_ms_per_step(dataset: CropDataset, batch_size: int, workers: int, endles
                      step_s: float) -> float:
     sampler = EpochBatchSampler(len(dataset), batch_size, seed=0, endless=endless)
     loader = make_loader(dataset, sampler, workers, pin=False)
-    per_epoch, waited, steps, batches = len(sampler), 0.0, 0, iter(loader)
+    per_epoch, waited, steps = len(sampler), 0.0, 0
     for epoch in range(epochs):
-        if not endless:  # what stage 2 did before: each epoch a new pass, its prefetch started from nothing
+        # Not endless: what stage 2 did before, each epoch a new pass, its prefetch started from nothing. Both ways
+        # start their first pass here, so both pay for the workers' start in their timed steps.
+        if epoch == 0 or not endless:
             sampler.set_epoch(epoch)
             batches = iter(loader)
         for _ in range(per_epoch):
