@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatchSampler, crop_pair
+from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset, EpochBatches, EpochBatchSampler, crop_pair
 from processors.feature_store import feature_paths
 from processors.mel import mel_spectrogram
 from utils import io
@@ -99,6 +99,30 @@ def test_an_endless_sampler_runs_on_into_the_next_epochs():
     assert drawn == epoch(2)[3:] + epoch(3) + epoch(4)
     assert epoch(3) != epoch(4)  # a new order each epoch
     assert list(itertools.islice(EpochBatchSampler(0, 4, seed=3, endless=True), 5)) == []  # no items: no endless loop
+
+
+def test_epoch_batches_keep_one_iterator_while_the_trainer_follows_it():
+    sampler = EpochBatchSampler(20, 4, seed=1, endless=True)  # 5 batches per epoch
+    passes = []
+
+    class Loader:  # what EpochBatches needs of a DataLoader: a new pass over the sampler per iter()
+        def __iter__(self):
+            passes.append(1)
+            return iter(sampler)
+
+    def epoch(number: int, first: int = 0) -> list:
+        one = EpochBatchSampler(20, 4, seed=1)
+        one.set_epoch(number, first)
+        return list(one)
+
+    batches = EpochBatches(Loader(), sampler)
+    assert list(batches.rest_of_epoch(0, 0)) == epoch(0)
+    assert list(itertools.islice(batches.rest_of_epoch(1, 0), 2)) == epoch(1)[:2]  # a stop mid-epoch
+    assert list(batches.rest_of_epoch(1, 2)) == epoch(1, 2) and len(passes) == 1  # followed on: the same pass
+    assert list(itertools.islice(batches.rest_of_epoch(2, 0), 3)) == epoch(2)[:3]
+    assert list(batches.rest_of_epoch(2, 1)) == epoch(2, 1) and len(passes) == 2  # behind the pass: a new one
+    assert list(batches.rest_of_epoch(3, 7)) == [] and list(batches.rest_of_epoch(4, 0)) == epoch(4)  # past the end
+    assert len(passes) == 3
 
 
 @pytest.mark.parametrize("map_above", [0, 1 << 40], ids=["mapped", "read-whole"])

@@ -111,6 +111,29 @@ class EpochBatchSampler:
             epoch, skip = epoch + 1, 0
 
 
+class EpochBatches:
+    """Training batches by epoch from one loader iterator over an endless sampler, so the workers prefetch
+    across an epoch's end; a new iterator starts only where the last one stopped elsewhere (a resume)."""
+
+    def __init__(self, loader: DataLoader, sampler: EpochBatchSampler) -> None:
+        self.loader, self.sampler = loader, sampler
+        self.iterator: Iterator = iter(())
+        self.at: tuple[int, int] | None = None  # the (epoch, batch) the iterator yields next
+
+    def rest_of_epoch(self, epoch: int, first: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches `first`... of `epoch`. A resume may start past the end of an epoch that is shorter now (a
+        larger batch, more processes): then there are none, and the iterator is at the next epoch's start."""
+        if (epoch, first) != self.at:
+            self.sampler.set_epoch(epoch, first)
+            self.iterator = iter(self.loader)
+        per_epoch = len(self.sampler)
+        self.at = (epoch, first) if first < per_epoch else (epoch + 1, 0)
+        for done in range(first + 1, per_epoch + 1):
+            batch = next(self.iterator)
+            self.at = (epoch, done) if done < per_epoch else (epoch + 1, 0)  # taken, trained on or not
+            yield batch
+
+
 def dataloader_workers(cfg: Any) -> int:
     """`train.dataloader.num_worker`, or (when -1) the spare cores up to 4."""
     wanted = int(cfg.train.get("dataloader", {}).get("num_worker", -1))
@@ -132,6 +155,7 @@ class TrainingData:
         pin = torch.cuda.is_available() and bool(cfg.train.get("dataloader", {}).get("pin_memory", True))
         self.train_sampler = EpochBatchSampler(len(train_entries), batch, seed, rank, world, endless=True)
         self.train_loader = make_loader(CropDataset(cfg, train_entries), self.train_sampler, workers, pin)
+        self.train_batches = EpochBatches(self.train_loader, self.train_sampler)
         valid_sampler = EpochBatchSampler(len(self.valid_entries), batch, seed, rank, world, shuffle=False, drop_last=False)
         self.valid_loader = make_loader(CropDataset(cfg, self.valid_entries), valid_sampler, min(workers, 1), pin)
         log.info("data: %d train / %s, %s of %d per process per epoch, %s", len(train_entries),

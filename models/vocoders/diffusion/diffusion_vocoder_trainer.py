@@ -7,13 +7,11 @@ boundary and a resumed run takes exactly the steps the uninterrupted run would.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +90,7 @@ class DiffusionVocoderTrainer:
             self._refuse_no_op()
 
         data = TrainingData(cfg, self.seed, self.accelerator.process_index, self.accelerator.num_processes)
-        self.train_sampler, self.train_loader = data.train_sampler, data.train_loader
+        self.train_sampler, self.train_loader, self.train_batches = data.train_sampler, data.train_loader, data.train_batches
         self.valid_entries, self.valid_loader = data.valid_entries, data.valid_loader
         self.policy = CheckpointPolicy(tcfg, self.ckpt_dir)
         self.writer = None
@@ -235,7 +233,6 @@ class DiffusionVocoderTrainer:
 
     def _train(self) -> None:
         self.bad_in_row, self.started, self.time_flag = 0, time.perf_counter(), None
-        self.batches, self.batches_at = iter(()), None
         self.model.train()
         # The wall-time budget is decided within the epoch and at its end (which saves the final checkpoint), not
         # here: with several processes a check reads the previous one's reduction, so a budget spent during
@@ -283,8 +280,7 @@ class DiffusionVocoderTrainer:
         losses: list[torch.Tensor] = []
         window_audio, self.tick, inflight = 0.0, time.perf_counter(), None
         window_start = state.batch_in_epoch - state.batch_in_epoch % self.accum
-        # A resume may start past the end of an epoch that is shorter now (a larger batch, more processes): none left.
-        for mel, audio in itertools.islice(self._batches(), max(0, epoch.per_epoch - state.batch_in_epoch)):
+        for mel, audio in self.train_batches.rest_of_epoch(state.epoch, state.batch_in_epoch):
             if inflight is not None and state.batch_in_epoch == window_start and self._settle_first():
                 stopping, inflight = self._settle(inflight, epoch, bar, pending), None
                 if stopping:
@@ -309,18 +305,7 @@ class DiffusionVocoderTrainer:
         if inflight is not None:
             self._settle(inflight, epoch, bar, pending)
         bar.close()
-        self.batches_at = (state.epoch, state.batch_in_epoch) if state.batch_in_epoch < epoch.per_epoch else (state.epoch + 1, 0)
         return pending
-
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The loader's batches from the state's epoch and batch on. One iterator serves the epochs that follow
-        (the sampler is endless), so the workers prefetch across an epoch's end; a new one starts where the
-        state is anywhere else (a resume)."""
-        at = (self.state.epoch, self.state.batch_in_epoch)
-        if at != self.batches_at:
-            self.train_sampler.set_epoch(*at)
-            self.batches, self.batches_at = iter(self.train_loader), at
-        return self.batches
 
     def _settle_first(self) -> bool:
         """Whether the step in flight may be due for a save or end the run, if it was taken."""
