@@ -125,6 +125,31 @@ def test_epoch_batches_keep_one_iterator_while_the_trainer_follows_it():
     assert len(passes) == 3
 
 
+
+def test_epoch_batches_start_a_new_pass_after_a_batch_that_failed_to_load():
+    """The loader has used up a batch whose loading raised: a later call at that batch (a retry in the same
+    process) must not follow the pass on, or it would get the batch after it as that one and skip a batch."""
+    sampler = EpochBatchSampler(20, 4, seed=1, endless=True)  # 5 batches per epoch
+    failed = []
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 20
+
+        def __getitem__(self, key: tuple[int, int]) -> int:
+            if key == sampler._all_batches(0)[2][0] and not failed:  # batch 2 of epoch 0 fails once
+                failed.append(key)
+                raise OSError("a read failed")
+            return key[0]
+
+    loader = torch.utils.data.DataLoader(Items(), batch_sampler=sampler, collate_fn=list)
+    want = [[i for i, _ in batch] for batch in sampler._all_batches(0)]
+    batches = EpochBatches(loader, sampler)
+    with pytest.raises(OSError):
+        list(batches.rest_of_epoch(0, 0))
+    assert failed and list(batches.rest_of_epoch(0, 2)) == want[2:]
+
+
 @pytest.mark.parametrize("map_above", [0, 1 << 40], ids=["mapped", "read-whole"])
 def test_dataset_crops_from_mapped_files_equal_crops_of_loaded_arrays(tmp_path, monkeypatch, map_above):
     monkeypatch.setattr(io, "MAP_ABOVE_BYTES", map_above)

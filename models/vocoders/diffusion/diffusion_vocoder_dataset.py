@@ -129,6 +129,7 @@ class EpochBatches:
         per_epoch = len(self.sampler)
         self.at = (epoch, first) if first < per_epoch else (epoch + 1, 0)
         for done in range(first + 1, per_epoch + 1):
+            self.at = None  # a batch that fails to load is used up: a retry there must start a new pass
             batch = next(self.iterator)
             self.at = (epoch, done) if done < per_epoch else (epoch + 1, 0)  # taken, trained on or not
             yield batch
