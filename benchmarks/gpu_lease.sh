@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a briefly lent GPU machine runs for issue 12, as two commands of under 10 minutes each:
 #   bash benchmarks/gpu_lease.sh suite     # GPU tests (quick set), the card's peaks, stage 3 and stage 2
-#   bash benchmarks/gpu_lease.sh quality   # quality per GPU-minute: fast and plain runs, MINUTES (2.5) each
+#   bash benchmarks/gpu_lease.sh quality   # quality per GPU-minute: fast and plain runs, MINUTES (3.5) each
 # Arguments after the first go to the Python command (e.g. `suite --only train --budget_s 150`).
 # Figures and logs go to $OUT (the device tool's output folder; default: here). The GPU image lacks
 # some dependencies: carry .whl (bash ../shared/gpu/fetch_wheels.sh) and, for `quality`, the corpus
@@ -17,7 +17,7 @@ case "${1:-}" in
   quality)
     [ -d .quality/speech ] || { echo "no .quality/speech: make it with benchmarks/speech_corpus.sh and carry it" >&2; exit 2; }
     rc=0
-    python3 -m benchmarks.quality --corpus .quality/speech --minutes "${MINUTES:-2.5}" --both --out "$out/quality.json" \
+    python3 -m benchmarks.quality --corpus .quality/speech --minutes "${MINUTES:-3.5}" --both --out "$out/quality.json" \
       --work /tmp/quality "${@:2}" 2>&1 | tee "$out/quality.log" || rc=$?
     # each variant's result/ (pred/, gt/, eval/), to score again where a metric's package is missing (pesq there)
     (cd /tmp/quality/ckpts && tar czf "$out/quality_outputs.tgz" ./*/result ./*/args.json) || true

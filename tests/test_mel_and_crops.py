@@ -125,7 +125,6 @@ def test_epoch_batches_keep_one_iterator_while_the_trainer_follows_it():
     assert len(passes) == 3
 
 
-
 def test_epoch_batches_start_a_new_pass_after_a_batch_that_failed_to_load():
     """The loader has used up a batch whose loading raised: a later call at that batch (a retry in the same
     process) must not follow the pass on, or it would get the batch after it as that one and skip a batch."""
