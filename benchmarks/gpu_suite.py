@@ -11,7 +11,9 @@
    utterance within a 4 GiB budget, checked against the same utterance in one window;
 4. stage 2: fp32 and bf16 at batch 32 and 64, eager and compiled (also with CUDA graphs), with the
    GPU's busy fraction, the kernels that take the most of it and the time spent waiting for data;
-   one case replays a batch from the GPU: the step without the loader.
+   one case replays a batch from the GPU: the step without the loader. Each is also given as a
+   multiple of the original recipe's step at its batch, measured first in the same run as a plain
+   fp32 loop (`benchmarks.train.measure_plain_loop`).
 
 Each case prints one line as it finishes; all figures go to `--out` as JSON. Cases that would
 start past `--budget_s` are skipped and listed, so a short lease still returns a result.
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks.inference import bytes_per_sample, cuda_peaks, cuda_seconds, flops_per_sample, measure
-from benchmarks.train import measure_training, synthetic_setup
+from benchmarks.train import measure_plain_loop, measure_training, synthetic_setup
 from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.fused import FusedDiffWave
@@ -218,11 +220,21 @@ def training_cases(suite: Suite) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
         synthetic_setup(cfg, Path(tmp), 1024)  # 15 batches of 64 per epoch: few epoch-start stalls
 
+        baselines = {}  # batch -> the original's step as a plain loop, audio-s/s: issue 12's training target is 3x
+        for batch in (32, 64):
+            r = suite.case(f"train plain loop fp32 b{batch} (the original's step)",
+                           lambda batch=batch: measure_plain_loop(cfg, batch, 10, 3, torch.device("cuda")),
+                           lambda r: f"{r['ms_per_step']:7.1f} ms/step  {r['audio_s_per_s']:7.1f} audio-s/s  peak "
+                                     f"{r['peak_gib']:.2f} GiB{'' if r['finite'] else '  NON-FINITE'}")
+            if r:
+                baselines[batch] = r["audio_s_per_s"]
+
         def line(r: dict) -> str:
             busy = "" if r["gpu_busy"] is None else f"  GPU busy {r['gpu_busy']:.0%}"
+            ratio = f"  {r['x_plain_loop']:.2f}x the plain loop" if r["x_plain_loop"] else ""
             top = "".join(f"\n      {k['ms_per_step']:6.2f} ms {k['share']:4.0%}  {k['name']}" for k in r["top_kernels"][:5])
             return (f"{r['ms_per_step']:7.1f} ms/step  {r['audio_s_per_s']:7.1f} audio-s/s  data wait {r['loader_ms']:.1f} "
-                    f"ms/step  warm-up {r['warmup_s']:.1f} s  peak {r['peak_gib']:.2f} GiB{busy}{top}")
+                    f"ms/step  warm-up {r['warmup_s']:.1f} s  peak {r['peak_gib']:.2f} GiB{busy}{ratio}{top}")
 
         for precision, batch, compiled, mode, variant in TRAINING_CASES:
             name = (f"train {'fp32' if precision == 'no' else precision} b{batch} "
@@ -237,8 +249,9 @@ def training_cases(suite: Suite) -> None:
                 GradientState._reset_state()
                 cfg.train.update(mixed_precision=precision, batch_size=batch, compile=compiled, compile_mode=mode)
                 cfg.train.dataloader.num_worker = 4
-                return measure_training(cfg, steps=10, warmup=3, profile_steps=3, name=f"bench_{name.replace(' ', '_')}",
-                                        replay=variant == "replay")
+                r = measure_training(cfg, steps=10, warmup=3, profile_steps=3, name=f"bench_{name.replace(' ', '_')}",
+                                     replay=variant == "replay")
+                return {**r, "x_plain_loop": r["audio_s_per_s"] / baselines[batch] if batch in baselines else None}
             suite.case(name, fn, line)
 
 

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
+from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
+from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from processors.preprocess import preprocess
 from utils.config import COMPILE_MODES, REPO_ROOT, load_config
 from utils.synthetic import write_corpus
@@ -111,6 +114,45 @@ def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, 
             "ms_per_step": 1e3 * seconds / steps, "loader_ms": 1e3 * waited / steps, "audio_s_per_s": audio_seconds / seconds,
             "peak_gib": peak_memory_gib(acc.device), "gpu_busy": busy, "top_kernels": kernels,
             "audio_per_step_s": batch * frames * hop / rate}
+
+
+def measure_plain_loop(cfg: Any, batch: int, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
+    """The original recipe's step as a minimal loop, the baseline the trainer's step is compared with in one run:
+    the same network in fp32, eager, AdamW, PyTorch's default math flags, one batch of random crops kept on the
+    device (no loader, EMA, clipping, checks or host reads: the loop at its fastest)."""
+    frames, hop, rate = int(cfg.preprocess.cut_mel_frame), int(cfg.preprocess.hop_size), int(cfg.preprocess.sample_rate)
+    torch.manual_seed(0)
+    model = build_diffwave(cfg).to(device).train()
+    adamw = cfg.train.adamw
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(adamw.lr), betas=(float(adamw.adam_b1), float(adamw.adam_b2)))
+    cum = alpha_cum(training_betas(cfg.model.diffwave)).to(device)
+    mel = torch.randn(batch, int(cfg.preprocess.n_mel), frames, device=device)
+    audio = torch.rand(batch, frames * hop, device=device) * 2 - 1
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = False, True, False
+    try:
+        for done in range(warmup + steps):
+            if done == warmup:
+                if cuda:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+            t = torch.randint(0, len(cum), (batch,), device=device)
+            noise = torch.randn_like(audio)
+            loss = F.l1_loss(model(add_noise(audio, noise, t, cum), t, mel), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+    audio_per_step = batch * frames * hop / rate
+    return {"batch": batch, "ms_per_step": 1e3 * seconds / steps, "audio_s_per_s": steps * audio_per_step / seconds,
+            "peak_gib": peak_memory_gib(device), "finite": bool(torch.isfinite(loss))}
 
 
 def kernel_times(averages: Any, steps: int, top: int = 8) -> tuple[float, list[dict[str, Any]]]:

@@ -9,13 +9,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 
 from benchmarks import quality
 from benchmarks.epoch_starts import wait_ms_per_step
 from benchmarks.gpu_suite import TRAINING_CASES, run_tests
-from benchmarks.train import kernel_times, measure_training
+from benchmarks.train import kernel_times, measure_plain_loop, measure_training
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset
 from processors.feature_store import load_entries
 from processors.preprocess import preprocess
@@ -61,6 +62,17 @@ def test_the_gpu_suites_training_cases_are_valid_settings(tiny: Path) -> None:
         cfg.train.update(mixed_precision=precision, batch_size=batch, compile=compiled, compile_mode=mode)
         assert mode in COMPILE_MODES and variant in ("", "replay")
         validate(cfg, "train")
+
+
+def test_the_plain_loop_baseline_trains_and_leaves_the_math_flags_as_it_found_them(tiny: Path) -> None:
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.benchmark = True  # as a trainer before may leave them
+    try:
+        r = measure_plain_loop(load_config(tiny), batch=2, steps=2, warmup=1, device=torch.device("cpu"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = saved
+    assert r["finite"] and r["ms_per_step"] > 0 and r["audio_s_per_s"] > 0
 
 
 def test_kernel_times_are_per_step_and_ranked() -> None:
