@@ -277,6 +277,8 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(corpus: Path, tmp_
     assert all(torch.equal(bad.ema.shadow[k].cpu(), saved_ema[k]) for k in saved_ema)
     assert all(int(s["step"]) == 2 for s in bad.optimizer.state_dict()["state"].values())
     assert [e.value for e in scalars(exp)["train/skipped_steps"]][-3:] == [1, 2, 3]
+    norms = scalars(exp)["train/grad_norm"]  # the skipped steps' non-finite norms are left out of the plot
+    assert [e.step for e in norms] == [1, 2] and all(math.isfinite(e.value) for e in norms)
 
 
 def test_skips_next_to_due_saves_give_the_same_checkpoints_decided_on_host_or_device(

@@ -327,8 +327,9 @@ class DiffusionVocoderTrainer:
             state.skipped_steps += 1
             self.bad_in_row += 1
         losses, window_audio = epoch.losses, outcome.audio_seconds
-        self._log({
-            "train/loss": losses[-1] if outcome.stepped and losses else None, "train/grad_norm": outcome.grad_norm,
+        self._log({  # a skipped step's loss and non-finite norm are gaps in the plots, not points that wreck their scale
+            "train/loss": losses[-1] if outcome.stepped and losses else None,
+            "train/grad_norm": outcome.grad_norm if math.isfinite(outcome.grad_norm) else None,
             "train/lr": self.optimizer.param_groups[0]["lr"], "train/skipped_steps": state.skipped_steps,
             "train/steps_per_sec": 1 / elapsed, "train/audio_sec_per_sec": window_audio / elapsed,
         })
