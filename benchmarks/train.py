@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
-from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
+from models.vocoders.diffusion.ddpm import alpha_cum, noise_prediction_loss, training_betas
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from processors.preprocess import preprocess
@@ -139,9 +138,7 @@ def measure_plain_loop(cfg: Any, batch: int, steps: int, warmup: int, device: to
                 if cuda:
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-            t = torch.randint(0, len(cum), (batch,), device=device)
-            noise = torch.randn_like(audio)
-            loss = F.l1_loss(model(add_noise(audio, noise, t, cum), t, mel), noise)
+            loss = noise_prediction_loss(model, mel, audio, cum)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from utils.config import ConfigError
 
@@ -37,6 +39,17 @@ def add_noise(audio: Tensor, noise: Tensor, t: Tensor, cum: Tensor) -> Tensor:
     """x_t = sqrt(alpha_cum[t]) x_0 + sqrt(1 - alpha_cum[t]) eps, per item."""
     a = cum.to(audio.device)[t].float().unsqueeze(-1)
     return a.sqrt() * audio + (1.0 - a).sqrt() * noise
+
+
+def noise_prediction_loss(model: torch.nn.Module, mel: Tensor, audio: Tensor, cum: Tensor,
+                          autocast: AbstractContextManager | None = None) -> Tensor:
+    """DiffWave's training objective: L1 between the noise added at a random training step and the model's
+    prediction of it (the prediction in `autocast`, the loss in fp32)."""
+    t = torch.randint(0, len(cum), (audio.shape[0],), device=audio.device)
+    noise = torch.randn_like(audio)
+    with autocast or nullcontext():
+        predicted = model(add_noise(audio, noise, t, cum), t, mel)
+    return F.l1_loss(predicted.float(), noise)
 
 
 def fractional_steps(train_betas: Tensor, infer_betas: Tensor) -> Tensor:

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, restore_rng, rng_state
-from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, training_betas
+from models.vocoders.diffusion.ddpm import alpha_cum, noise_prediction_loss, training_betas
 from models.vocoders.diffusion.device_policy import CpuThreads, compile_in_place, set_cuda_math
 from models.vocoders.diffusion.diffusion_vocoder_dataset import TrainingData
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
@@ -151,12 +150,7 @@ class DiffusionVocoderTrainer:
 
     # ----- training --------------------------------------------------------------
     def _loss(self, model: torch.nn.Module, mel: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        t = torch.randint(0, len(self.cum), (audio.shape[0],), device=audio.device)
-        noise = torch.randn_like(audio)
-        noisy = add_noise(audio, noise, t, self.cum)
-        with self.accelerator.autocast():
-            predicted = model(noisy, t, mel)
-        return F.l1_loss(predicted.float(), noise)
+        return noise_prediction_loss(model, mel, audio, self.cum, self.accelerator.autocast())
 
     def micro_step(self, mel: torch.Tensor, audio: torch.Tensor, window: int, sync: bool) -> torch.Tensor:
         """Forward and backward of one batch; returns its loss, mean over processes, still on the device."""
