@@ -116,7 +116,8 @@ def measure(cfg: Any, model: DiffWave, seconds: float, batch: int = 1, repeats: 
     audio_seconds = batch * frames * hop / rate
     steps = vocoder.plan.steps
     return {
-        "engine": vocoder.engine, "device": str(vocoder.device), "steps": steps, "batch": batch, "seconds": seconds,
+        "engine": vocoder.engine, "precision": vocoder.precision, "device": str(vocoder.device), "steps": steps,
+        "batch": batch, "seconds": seconds,
         "first_call_s": first, "wall_s": wall, "ms_per_step": 1e3 * wall / steps, "rtf": wall / audio_seconds,
         "x_realtime": audio_seconds / wall,
         "gflops": flops_per_sample(model, n_mel) * rate * audio_seconds * steps / wall / 1e9,
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the plain engine's forward")
     parser.add_argument("--no_cuda_graph", action="store_true", help="launch every kernel instead of graph replay")
     parser.add_argument("--gpu_memory_gib", type=float, default=None, help="GPU memory budget (default: 80%% of free)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="auto: stage 3's default (fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no_warmup", action="store_true", help="skip the warm-up run (long utterances)")
@@ -172,10 +174,11 @@ def main(argv: list[str] | None = None) -> None:
                "gpu_memory_gib": args.gpu_memory_gib}
     r = measure(cfg, model, args.seconds, args.batch, args.repeats, not args.no_warmup, **options)
     print(f"sampler {args.sampler}, {r['steps']} steps, batch {args.batch} x {args.seconds:.2f} s, engine {r['engine']}, "
-          f"{args.precision} on {r['device']}" + (f", first call {r['first_call_s']:.2f} s" if r["first_call_s"] else ""))
+          f"{r['precision']} on {r['device']}" + (f", first call {r['first_call_s']:.2f} s" if r["first_call_s"] else ""))
     if device.type == "cuda":
-        matmul = peaks["tf32_tflops" if args.precision == "fp32" else "bf16_tflops"] * 1e3
-        ratio = (f"{r['gflops'] / matmul:.1%} of the {'TF32' if args.precision == 'fp32' else 'bf16'} peak, "
+        tf32 = r["precision"] == "fp32"
+        matmul = peaks["tf32_tflops" if tf32 else "bf16_tflops"] * 1e3
+        ratio = (f"{r['gflops'] / matmul:.1%} of the {'TF32' if tf32 else 'bf16'} peak, "
                  f"{r['gbps'] / 1e3:.2f} TB/s = {r['gbps'] / 1e3 / peaks['copy_tbps']:.1%} of the copy peak")
         memory = "peak GPU memory (reserved)"
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from processors.feature_store import feature_paths
 from processors.preprocess import preprocess
@@ -325,3 +326,27 @@ def test_a_bad_feature_file_met_by_a_loader_worker_is_still_one_line(monkeypatch
         with pytest.raises(SystemExit):
             run(lambda args, wrapped=wrapped: wrapped.reraise(), parser)
         assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_running_out_of_gpu_memory_is_one_line_that_says_what_to_lower(monkeypatch, capsys):
+    import argparse
+
+    from utils.cli import add_common_args, run
+
+    report = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 7.79 GiB of which 1.02 "
+              "GiB is free. Of the allocated memory 5.90 GiB is allocated by PyTorch, and 90.10 MiB is reserved by "
+              "PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+    def main(args: argparse.Namespace) -> None:
+        raise torch.cuda.OutOfMemoryError(report)
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser, config_required=False)
+    monkeypatch.setattr(sys, "argv", ["train"])
+    with pytest.raises(SystemExit) as stop:
+        run(main, parser)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has "
+                          "a total capacity of 7.79 GiB of which 1.02 GiB is free); lower train.batch_size"), err

@@ -112,3 +112,17 @@ def test_the_quality_run_goes_on_to_the_plain_variant_when_the_fast_one_fails(tm
         quality.main(["--corpus", str(tmp_path), "--both", "--work", str(tmp_path / "work"), "--out", str(out)])
     results = json.loads(out.read_text())
     assert results["fast"]["error"].startswith("CalledProcessError") and results["plain"]["last_checkpoint"]["step"] == 7
+    # 7 steps of 16 crops of 32 frames x 256 samples in 8 minutes, against 1M steps x 16 x 16,000 samples
+    assert results["plain"]["hours_to_paper"] == pytest.approx(1e6 * 16 * 16_000 / (7 * 16 * 32 * 256 / 480) / 3600)
+
+
+def test_suite_rates_are_extrapolated_to_the_published_training_budget(tmp_path: Path, capsys) -> None:
+    suite = tmp_path / "gpu_results.json"
+    suite.write_text(json.dumps({"cases": [{"case": "infer fused 10s b1 fp16", "ms_per_step": 6.5},
+                                           {"case": "train bf16 b64 compiled", "audio_s_per_s": 250.0}]}))
+    quality.main(["--extrapolate", str(suite)])
+    assert capsys.readouterr().out.split() == ["train", "bf16", "b64", "compiled", "250.0", "audio-s/s",
+                                               f"{2.56e11 / (250 * 24000) / 3600:.1f}", "GPU-hours"]
+    suite.write_text(json.dumps({"cases": [{"case": "infer fused 10s b1 fp16", "ms_per_step": 6.5}]}))
+    with pytest.raises(SystemExit, match="no training case"):
+        quality.main(["--extrapolate", str(suite)])

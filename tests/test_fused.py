@@ -142,7 +142,8 @@ def test_vocoder_fused_engine_matches_the_reference_engine():
     model = random_model()
     mels = [torch.randn(20, n, generator=torch.Generator().manual_seed(n)) for n in (40, 23)]
     reference = "plain" if DEVICE.type == "cuda" else "tiled"
-    outs = {engine: Vocoder(cfg(16, 20), model, batch_size=2, device=DEVICE.type, engine=engine)(mels, ["a", "b"])
+    outs = {engine: Vocoder(cfg(16, 20), model, batch_size=2, device=DEVICE.type, engine=engine, precision="fp32")(
+                mels, ["a", "b"])
             for engine in ("fused", reference)}
     for got, want in zip(outs["fused"], outs[reference], strict=True):
         assert got.shape == want.shape
@@ -168,3 +169,33 @@ def test_graph_replay_equals_eager_steps():
         step = torch.full((2,), t, device=DEVICE)
         x = audio * (1 + t)
         assert torch.equal(graphed(x, step), eager(x, step))
+
+
+class Failing:
+    """A kernel family whose every launch raises `error` (as Triton's compiler does on a GPU it cannot target)."""
+
+    def __init__(self, error: type[BaseException]) -> None:
+        self.error, self.launches = error, 0
+
+    def __getitem__(self, grid: object) -> object:
+        def launch(*args: object, **meta: object) -> None:
+            self.launches += 1
+            raise self.error("unsupported target")
+        return launch
+
+
+def test_a_kernel_the_compiler_rejects_tries_the_split_dot_family_then_says_so(monkeypatch, caplog):
+    model = random_model()
+    mel, audio, lengths = batch([40], 20)
+    net = fused.FusedDiffWave(model)
+    cond, step = net.conditioner(mel), torch.full((1,), 3.0, device=DEVICE)
+    families = {"tuned": Failing(RuntimeError), "plain": Failing(RuntimeError)}
+    monkeypatch.setattr(fused, "KERNELS", families)
+    monkeypatch.setattr(fused, "_kernel", "tuned")
+    with pytest.raises(fused.KernelError, match=r"failed on this GPU \(RuntimeError: unsupported target\)"):
+        net(audio, step, cond, lengths)
+    assert families["tuned"].launches == families["plain"].launches == 1 and "tuned variants failed" in caplog.text
+    monkeypatch.setattr(fused, "KERNELS", {"tuned": Failing(torch.cuda.OutOfMemoryError), "plain": Failing(RuntimeError)})
+    monkeypatch.setattr(fused, "_kernel", "tuned")
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # the windows are sized by memory: not a compiler's verdict
+        net(audio, step, cond, lengths)

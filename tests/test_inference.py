@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pytest
 import torch
 
 from benchmarks.inference import flops_per_sample
+from models.vocoders.diffusion import diffusion_vocoder_inference as inference
+from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.chunked import ChunkedDenoiser
+from models.vocoders.diffusion.device_policy import inference_precision
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from tests.tiny_experiment import model_cfg
@@ -62,8 +68,7 @@ def test_chunked_forward_keeps_length_masking_exact(model):
 
 
 def synthesize(model, sampler: str, seed: int, batch_size: int, chunk_size: int = 65536, names=("a", "b", "c", "d")):
-    mel, _, _ = padded_batch([23, 9, 17, 9])
-    mels = [mel[i, :, :f] for i, f in enumerate([23, 9, 17, 9])]
+    mels = four_mels()[0]
     vocoder = Vocoder(tiny_cfg(), model, sampler, steps=4, batch_size=batch_size, seed=seed, device="cpu",
                       chunk_size=chunk_size, cache_gib=1e-5)
     return vocoder(mels, list(names))
@@ -96,3 +101,70 @@ def test_flop_count_matches_the_layer_shapes(model):
     upsampler = mels * 2 * 3 * 8 / 4 * (1 + 1 / 4)  # 3 x 8 kernel, stride 4, at audio and at audio / 4 rate
     expected = 2 * c + layers * per_layer + 2 * c * c + 2 * c + upsampler
     assert flops_per_sample(model, mels) == pytest.approx(expected)
+
+
+def four_mels() -> tuple[list[torch.Tensor], list[str]]:
+    mel, _, _ = padded_batch([23, 9, 17, 9])
+    return [mel[i, :, :f] for i, f in enumerate([23, 9, 17, 9])], ["a", "b", "c", "d"]
+
+
+def test_default_precision_is_fp32_on_the_cpu_and_fp16_on_cuda(model):
+    assert Vocoder(tiny_cfg(), model, device="cpu").precision == "fp32"
+    assert inference_precision("auto", torch.device("cuda")) == "fp16"
+    assert inference_precision("bf16", torch.device("cuda")) == "bf16"
+
+
+def test_an_automatic_half_precision_that_overflows_is_redone_in_fp32(model, monkeypatch, caplog):
+    """As a GPU's auto fp16 would: the batch is vocoded again in fp32 and the rest stay there. A precision the
+    user chose is kept, overflow and all."""
+    mels, names = four_mels()
+    want = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu", precision="fp32", engine="plain")(mels, names)
+    monkeypatch.setattr(inference, "inference_precision", lambda setting, device: "bf16" if setting == "auto" else setting)
+    forward = type(model).forward
+
+    def overflows_under_autocast(self, *args):
+        out = forward(self, *args)
+        return out * float("inf") if torch.is_autocast_enabled("cpu") else out
+
+    monkeypatch.setattr(type(model), "forward", overflows_under_autocast)
+    vocoder = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu")
+    assert vocoder.precision == "bf16"
+    with caplog.at_level(logging.WARNING):
+        got = vocoder(mels, names)
+    assert vocoder.precision == "fp32" and "bf16 synthesis overflowed" in caplog.text
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g, w)
+    caplog.clear()
+    chosen = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu", precision="bf16")
+    with caplog.at_level(logging.WARNING):
+        chosen(mels, names)
+    assert chosen.precision == "bf16" and "non-finite noise predictions in bf16" in caplog.text
+
+
+def test_a_fused_kernel_this_gpu_cannot_compile_gives_way_to_the_plain_forward(model, monkeypatch, caplog):
+    """The automatic engine falls back (with a warning) where Triton rejects the kernel; a chosen one fails."""
+
+    class Rejected:  # FusedDiffWave on a GPU whose compiler rejects the kernel at its first launch
+        def __init__(self, net: torch.nn.Module, dtype: torch.dtype) -> None:
+            self.net = net
+
+        def conditioner(self, mel: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+            return self.net.spectrogram_upsampler(mel, frames).transpose(1, 2).contiguous()
+
+        def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+            raise fused.KernelError("the fused kernel failed on this GPU (CompilationError: no bf16 dot on sm_75)")
+
+    monkeypatch.setattr(fused, "FusedDiffWave", Rejected)
+    mels, names = four_mels()
+    want = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu", engine="plain")(mels, names)
+    vocoder = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu")
+    vocoder.engine = "fused"  # what the automatic choice is on a CUDA GPU with Triton
+    with caplog.at_level(logging.WARNING):
+        got = vocoder(mels, names)
+    assert vocoder.engine == "plain" and "failed on this GPU" in caplog.text and "plain forward instead" in caplog.text
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g, w)
+    chosen = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu")
+    chosen.engine, chosen.chosen["engine"] = "fused", True  # as `inference.engine: fused` would set them on a GPU
+    with pytest.raises(fused.KernelError, match="failed on this GPU"):
+        chosen(mels, names)

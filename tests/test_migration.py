@@ -249,7 +249,7 @@ def test_help_lists_every_flag_and_exits_zero():
     (["-s", "2", "-n", "x", "--checkpoint", "c"], "--checkpoint in stage 2 needs --resume_type resume or finetune"),
     (["-s", "3", "--infer_mode", "infer_from_audio", "--infer_audio_dir", ".", "--infer_expt_dir", "x",
       "--infer_mel_convention", "log10"], "--infer_mel_convention does not apply to infer_from_audio"),
-    (["-s", "3", "--infer_precision", "fp8"], "--infer_precision must be fp32, fp16 or bf16, got 'fp8'"),
+    (["-s", "3", "--infer_precision", "fp8"], "--infer_precision must be auto, fp32, fp16 or bf16, got 'fp8'"),
     (["-s", "3", "--infer_sampler", "turbo"], "--infer_sampler must be fast, full, ddim or searched, got 'turbo'"),
 ])
 def test_short_options_and_ignored_flags_are_errors(args, message):

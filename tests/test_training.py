@@ -7,7 +7,9 @@ runs are in-process, the launches are real `accelerate launch` subprocesses on g
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import math
 import os
 import socket
@@ -20,6 +22,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
+from models.vocoders.diffusion import device_policy
 from models.vocoders.diffusion.device_policy import refuse_graphed_accumulation
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
@@ -537,3 +540,22 @@ def test_two_nodes_on_one_machine_share_steps_and_one_checkpoint(corpus: Path, t
     check_one_experiment(exp, 2, 2)
     assert len(list_checkpoints(exp / "checkpoint")) == 1
 
+
+
+def test_automatic_precision_and_compile_follow_the_gpu(monkeypatch, caplog):
+    """bf16 training only where the GPU computes it natively, torch.compile only where Triton targets it."""
+    assert device_policy.training_precision("auto", cuda=False) == "no"
+    monkeypatch.setattr(device_policy, "gpus_have", lambda capability: capability <= (7, 5))  # a T4
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert device_policy.training_precision("auto", cuda=True) == "no"
+    with caplog.at_level(logging.WARNING):
+        assert device_policy.training_precision("bf16", cuda=True) == "bf16"
+    assert "'bf16' on Tesla T4 (compute capability 7.5) is emulated" in caplog.text
+    assert device_policy.compile_model("auto", torch.device("cuda")) == (importlib.util.find_spec("triton") is not None)
+    monkeypatch.setattr(device_policy, "gpus_have", lambda capability: capability <= (6, 1))  # a GTX 1080
+    assert not device_policy.compile_model("auto", torch.device("cuda"))
+    assert device_policy.compile_model(True, torch.device("cuda"))  # asked for: tried, and torch says why if it fails
+    monkeypatch.setattr(device_policy, "gpus_have", lambda capability: True)  # an A100 or later
+    assert device_policy.training_precision("auto", cuda=True) == "bf16"
+    assert device_policy.training_precision("no", cuda=True) == "no"

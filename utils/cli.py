@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Callable
 
+import torch
+
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 
@@ -38,6 +40,14 @@ def one_line(err: BaseException) -> str:
     return text
 
 
+def out_of_memory(err: BaseException) -> str:
+    """CUDA's out-of-memory report is a paragraph; its first sentence and what to change are the line."""
+    first = str(err).split(". Of the allocated")[0].split("\n")[0].rstrip(".")
+    return (f"the GPU ran out of memory ({first}); lower train.batch_size (stage 2, with gradient_accumulation_step "
+            "to keep the effective batch) or --infer_batch_size / inference.gpu_memory_gib (stage 3); saved checkpoints "
+            "and written outputs are kept")
+
+
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
     """Parse, run, and turn expected failures into `error: ...` with exit status 1."""
     args = parser.parse_args()
@@ -48,6 +58,11 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
         if args.log_level == "debug":
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(1)
+    except torch.cuda.OutOfMemoryError as err:
+        if args.log_level == "debug":
+            raise
+        print(f"error: {out_of_memory(err)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept", file=sys.stderr)

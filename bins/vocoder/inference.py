@@ -24,7 +24,9 @@ def main(args: argparse.Namespace) -> None:
     if args.steps is not None and sampler in FIXED_STEPS:
         raise ConfigError(f"--infer_steps {args.steps} does not apply to the {sampler} sampler ({FIXED_STEPS[sampler]}); "
                           "use --infer_sampler ddim for N steps, or searched for a searched N-step schedule")
-    options = {"seed": args.seed, "device": args.device, "precision": args.precision}
+    options = {"seed": args.seed, "device": args.device}
+    if args.precision:
+        options["precision"] = args.precision
     if args.sampler:
         options["sampler"] = args.sampler
     if args.steps is not None:
@@ -61,7 +63,8 @@ if __name__ == "__main__":
                         help="(2, n_mel) .npy of per-bin mean and scale for meanvar")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--infer_precision", "--precision", dest="precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--infer_precision", "--precision", dest="precision", default=None, choices=list(PRECISIONS),
+                        help="default: config inference.precision, else auto (fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--infer_raw_weights", "--raw_weights", dest="raw_weights", action="store_true",
                         help="use the raw weights even when EMA weights exist")
     run(main, parser)

@@ -15,13 +15,14 @@ import torch
 from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.chunked import ChunkedDenoiser
 from models.vocoders.diffusion.ddpm import FIXED_STEPS, SAMPLER_NAMES, Denoiser, make_plan
+from models.vocoders.diffusion.device_policy import inference_precision
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.windowed import ENGINES, GraphedDenoiser, WindowedDenoiser
 from utils.config import ConfigError, bool_or_auto, source_of
 
 log = logging.getLogger(__name__)
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # auto: see inference_precision
 
 
 def utterance_seed(base_seed: int, name: str) -> int:
@@ -44,11 +45,28 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+class FiniteWatch:
+    """A denoiser that notes, on its device and without waiting for it, whether every prediction was finite.
+    (The sampler clamps each step's sample, so an overflow to inf would leave finite but useless audio.)"""
+
+    def __init__(self, denoise: Denoiser) -> None:
+        self.denoise, self.finite = denoise, None
+
+    def __call__(self, audio: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        eps = self.denoise(audio, step)
+        ok = torch.isfinite(eps).all()
+        self.finite = ok if self.finite is None else self.finite & ok
+        return eps
+
+    def all_finite(self) -> bool:
+        return self.finite is None or bool(self.finite)
+
+
 class Vocoder:
     """Vocodes lists of mels, grouped by length into padded batches that equal one-by-one synthesis."""
 
     def __init__(self, cfg: Any, model: DiffWave, sampler: str = "fast", steps: int | None = None,
-                 batch_size: int = 1, seed: int = 1234, device: str | None = None, precision: str = "fp32",
+                 batch_size: int = 1, seed: int = 1234, device: str | None = None, precision: str = "auto",
                  betas: Sequence[float] | None = None, chunk_size: int = 65536, cache_gib: float = 1.0,
                  tile: int | None = 2048, engine: str = "auto", compile: bool | str = "auto",
                  cuda_graph: bool | str = "auto", gpu_memory_gib: float | None = None) -> None:
@@ -64,7 +82,9 @@ class Vocoder:
         self.seed = seed
         self.hop = int(cfg.preprocess.hop_size)
         self.n_mel = int(cfg.preprocess.n_mel)
-        self.dtype = PRECISIONS[precision]
+        self.precision = inference_precision(precision, self.device)
+        self.dtype = PRECISIONS[self.precision]
+        self.chosen = {"precision": precision != "auto", "engine": engine != "auto"}  # else fall back where they fail
         self.chunk_size = int(chunk_size)
         self.tile = tile
         self.cache_bytes = int(float(cache_gib) * 2**30)
@@ -107,11 +127,30 @@ class Vocoder:
             padded[i, :, : mel.shape[-1]] = mel
         padded = padded.to(self.device)
         exact = None if len(mels) == 1 else lengths.to(self.device)
-        generators = [torch.Generator().manual_seed(utterance_seed(self.seed, n)) for n in names]
 
-        with tf32() if self.device.type == "cuda" else nullcontext():
-            audio = sample(self._denoiser(padded, exact), self.plan, (len(mels), int(lengths.max())), self.device, exact,
-                           generators)
+        def synthesise() -> tuple[torch.Tensor, FiniteWatch]:
+            watch = FiniteWatch(self._denoiser(padded, exact))
+            with tf32() if self.device.type == "cuda" else nullcontext():
+                return sample(watch, self.plan, (len(mels), int(lengths.max())), self.device, exact,
+                              [torch.Generator().manual_seed(utterance_seed(self.seed, n)) for n in names]), watch
+
+        try:
+            audio, watch = synthesise()
+        except fused.KernelError as error:
+            if self.chosen["engine"]:
+                raise
+            log.warning("%s; vocoding with the plain forward instead", error)
+            self.engine, self._built = "plain", None
+            audio, watch = synthesise()
+        if not watch.all_finite():
+            if self.dtype is None or self.chosen["precision"]:
+                log.warning("non-finite noise predictions in %s for the batch with %s: its audio is noise", self.precision,
+                            names[0])
+            else:
+                log.warning("%s synthesis overflowed (non-finite noise predictions for the batch with %s); this batch "
+                            "and the rest run in fp32", self.precision, names[0])
+                self.precision, self.dtype, self._built = "fp32", None, None
+                audio, _ = synthesise()
         return [audio[i, : int(n)].cpu().numpy() for i, n in enumerate(lengths)]
 
     def _denoiser(self, mel: torch.Tensor, lengths: torch.Tensor | None) -> Denoiser:
@@ -182,7 +221,7 @@ def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None,
             raise ConfigError(f"{source_of(cfg, 'inference.steps')}: key 'inference.steps' ({infer['steps']}) does not "
                               f"apply to the {options['sampler']} sampler ({FIXED_STEPS[options['sampler']]}); remove it, "
                               "or set inference.sampler to ddim (N steps) or searched (a searched N-step schedule)")
-    for key in ("chunk_size", "cache_gib", "tile", "engine", "compile", "cuda_graph", "gpu_memory_gib"):
+    for key in ("precision", "chunk_size", "cache_gib", "tile", "engine", "compile", "cuda_graph", "gpu_memory_gib"):
         if infer.get(key) is not None:
             options.setdefault(key, infer.get(key))
     if options["sampler"] == "searched" and options.get("betas") is None:

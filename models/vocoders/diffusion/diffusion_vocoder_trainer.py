@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, restore_rng, rng_state
 from models.vocoders.diffusion.ddpm import alpha_cum, noise_prediction_loss, training_betas
-from models.vocoders.diffusion.device_policy import CpuThreads, compile_in_place, set_cuda_math
+from models.vocoders.diffusion.device_policy import CpuThreads, compile_in_place, set_cuda_math, training_precision
 from models.vocoders.diffusion.diffusion_vocoder_dataset import TrainingData
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
@@ -37,7 +37,7 @@ from utils.config import ConfigError
 from utils.text import plural
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
 def seed_everything(seed: int) -> None:
@@ -51,10 +51,11 @@ class DiffusionVocoderTrainer:
         self.cfg, tcfg = cfg, cfg.train
         if resume_type not in (None, "", "resume", "finetune"):
             raise ConfigError(f"unknown --resume_type '{resume_type}': use resume or finetune")
-        precision = tcfg.get("mixed_precision", "no")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"{cfg.config_path}: train.mixed_precision must be one of {PRECISIONS}, got {precision!r}")
+        setting = tcfg.get("mixed_precision", "auto")
+        if setting not in PRECISIONS:
+            raise ConfigError(f"{cfg.config_path}: train.mixed_precision must be one of {PRECISIONS}, got {setting!r}")
         cuda = torch.cuda.is_available()
+        precision = training_precision(setting, cuda)
         if precision == "fp16" and not cuda:
             raise ConfigError(f"{cfg.config_path}: train.mixed_precision 'fp16' needs a CUDA GPU (no fp16 grad scaling "
                               "on CPU); use 'bf16' or 'no'")
@@ -99,7 +100,7 @@ class DiffusionVocoderTrainer:
             self.experiment.write_setup(cfg)
             self.writer = SummaryWriter(str(self.exp_dir))
         self.eval_logger = EvalLogger(cfg, self.valid_entries, self.writer)
-        self._log_setup(precision)
+        self._log_setup(precision if setting != "auto" else f"{precision} (auto)")
 
     # ----- setup -----------------------------------------------------------------
     def _log_setup(self, precision: str) -> None:

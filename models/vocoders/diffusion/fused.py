@@ -37,6 +37,20 @@ log = logging.getLogger(__name__)
 _kernel = "tuned"  # which of KERNELS runs; falls back to "plain" once if a tuned variant fails to compile
 
 
+class KernelError(RuntimeError):
+    """The fused kernel does not compile or run on this GPU (an old architecture, an old Triton)."""
+
+
+def _run(family: str, grid: Any, args: tuple, meta: dict) -> None:
+    try:
+        KERNELS[family][grid](*args, **meta)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # Triton raises compiler errors of many kinds
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise KernelError(f"the fused kernel failed on this GPU ({type(error).__name__}: {first})") from error
+
+
 def available(device: torch.device) -> bool:
     """Whether the fused kernel can run on `device` (CUDA with Triton, or any device under the interpreter)."""
     return triton is not None and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
@@ -189,14 +203,13 @@ class FusedDiffWave:
             _residual_layer[grid](*args, **meta, **self.config)
             return
         try:
-            KERNELS[_kernel][grid](*args, **meta)
-        except Exception as error:  # Triton raises compiler errors of many kinds
+            _run(_kernel, grid, args, meta)
+        except KernelError as error:
             if _kernel == "plain":
                 raise
-            log.warning("fused kernel: the tuned variants failed (%s: %s); using the split-dot variant",
-                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            log.warning("fused kernel: the tuned variants failed (%s); using the split-dot variant", error.__cause__)
             _kernel = "plain"
-            KERNELS[_kernel][grid](*args, **meta)
+            _run(_kernel, grid, args, meta)
 
     @torch.no_grad()
     def conditioner(self, mel: Tensor, frames: Tensor | None = None) -> Tensor:

@@ -39,7 +39,8 @@ stage 3  --infer_mode MODE          infer_from_dataset | infer_from_feature | in
          --infer_sampler NAME       fast (6 steps) | full (50) | ddim | searched (default: config inference.sampler)
          --infer_steps N            ddim: number of steps; searched: which searched schedule
          --infer_batch_size N       utterances per batch (default: config inference.batch_size)
-         --infer_precision P        fp32 | fp16 | bf16 (half precisions on CUDA; default fp32)
+         --infer_precision P        auto | fp32 | fp16 | bf16 (default: config inference.precision, else auto:
+                                    fp16 on CUDA, fp32 on the CPU)
          --infer_raw_weights        the raw weights even when EMA weights exist
          --infer_mel_convention C   feature mode: ln | log10 | db_normalized | meanvar, chained with +
          --infer_mel_stats FILE     feature mode, meanvar: (2, n_mel) .npy of per-bin mean and scale
@@ -54,7 +55,7 @@ USAGE
 stage="" name="" config="$exp_dir/exp_config.json" gpu="0" checkpoint="" resume_type=""
 main_process_port=29500 num_machines=1 machine_rank=0 main_process_ip="" accelerate_config=""
 infer_mode="" infer_datasets="" infer_feature_dir="" infer_audio_dir="" infer_expt_dir="" infer_output_dir=""
-infer_sampler="" infer_steps="" infer_mel_convention="" infer_mel_stats="" infer_batch_size="" infer_precision="fp32" infer_raw_weights="" num_workers=""
+infer_sampler="" infer_steps="" infer_mel_convention="" infer_mel_stats="" infer_batch_size="" infer_precision="" infer_raw_weights="" num_workers=""
 max_steps="" log_level="info" eval_args=()
 given=" "  # every option on the command line, by its long name: for the checks below
 
@@ -133,7 +134,7 @@ only_for 4 --plot --baseline
 if [ -n "$accelerate_config" ]; then
   not_with "with --accelerate_config (the file sets it)" --num_machines --machine_rank --main_process_ip
 fi
-case "$infer_precision" in fp32|fp16|bf16) ;; *) die "--infer_precision must be fp32, fp16 or bf16, got '$infer_precision'" ;; esac
+case "$infer_precision" in ""|auto|fp32|fp16|bf16) ;; *) die "--infer_precision must be auto, fp32, fp16 or bf16, got '$infer_precision'" ;; esac
 case "$infer_sampler" in ""|fast|full|ddim|searched) ;; *) die "--infer_sampler must be fast, full, ddim or searched, got '$infer_sampler'" ;; esac
 [ -f "$config" ] || die "config '$config' does not exist"
 cd "$work_dir"
@@ -220,7 +221,7 @@ except OSError: sys.exit(1)" 2>/dev/null; then
       *) die "unknown --infer_mode '$infer_mode': use infer_from_dataset, infer_from_feature or infer_from_audio" ;;
     esac
     args=(--infer_mode "$infer_mode" --infer_expt_dir "$infer_expt_dir" --infer_output_dir "${infer_output_dir:-$infer_expt_dir/result}"
-          --infer_precision "$infer_precision" --log_level "$log_level")
+          --log_level "$log_level")
     # the experiment's args.json defines the model; a --config typed here adds its inference section
     if is_given --config; then args+=(--config "$config"); fi
     # shellcheck disable=SC2206 # the dataset list is space-separated on purpose
@@ -233,6 +234,7 @@ except OSError: sys.exit(1)" 2>/dev/null; then
     [ -n "$infer_mel_stats" ] && args+=(--infer_mel_stats "$infer_mel_stats")
     [ -n "$infer_steps" ] && args+=(--infer_steps "$infer_steps")
     [ -n "$infer_batch_size" ] && args+=(--infer_batch_size "$infer_batch_size")
+    [ -n "$infer_precision" ] && args+=(--infer_precision "$infer_precision")
     [ -n "$infer_raw_weights" ] && args+=(--infer_raw_weights)
     python bins/vocoder/inference.py "${args[@]}"
     ;;
