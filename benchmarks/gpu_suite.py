@@ -211,9 +211,18 @@ def ten_minutes(suite: Suite, line: Callable[[dict], str]) -> None:
 # default, the same step with one batch replayed from the GPU (no loader), the eager step, the larger batch, CUDA
 # graphs. (cuDNN's algorithm search and max-autotune gained nothing on an H200, max-autotune after a 113 s warm-up:
 # no longer measured here.)
-TRAINING_CASES = [("bf16", 32, True, "default", ""), ("bf16", 32, True, "default", "replay"),
-                  ("bf16", 32, False, "default", ""), ("bf16", 64, True, "default", ""),
+# channels-last: `train.channels_last`, cuDNN's NHWC kernels (not yet measured on a GPU).
+TRAINING_CASES = [("bf16", 32, True, "default", ""), ("bf16", 32, True, "default", "channels-last"),
+                  ("bf16", 32, True, "default", "replay"), ("bf16", 32, False, "default", ""),
+                  ("bf16", 64, True, "default", ""), ("bf16", 32, False, "default", "channels-last"),
                   ("bf16", 32, True, "reduce-overhead", ""), ("no", 32, False, "default", "")]
+VARIANTS = ("", "replay", "channels-last")
+
+
+def case_settings(precision: str, batch: int, compiled: bool, mode: str, variant: str) -> dict[str, Any]:
+    """A training case's `train.*` settings."""
+    return {"mixed_precision": precision, "batch_size": batch, "compile": compiled, "compile_mode": mode,
+            "channels_last": variant == "channels-last"}
 
 
 def training_cases(suite: Suite) -> None:
@@ -248,7 +257,7 @@ def training_cases(suite: Suite) -> None:
 
                 AcceleratorState._reset_state(reset_partial_state=True)
                 GradientState._reset_state()
-                cfg.train.update(mixed_precision=precision, batch_size=batch, compile=compiled, compile_mode=mode)
+                cfg.train.update(case_settings(precision, batch, compiled, mode, variant))
                 cfg.train.dataloader.num_worker = 4
                 r = measure_training(cfg, steps=10, warmup=3, profile_steps=3, name=f"bench_{name.replace(' ', '_')}",
                                      replay=variant == "replay")

@@ -108,6 +108,7 @@ def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, 
     audio_seconds = steps * batch * frames * hop / rate
     return {"batch": batch, "precision": acc.mixed_precision, "device": str(acc.device),
             "compile": bool(trainer.compiled), "compile_mode": cfg.train.get("compile_mode", "default"),
+            "channels_last": bool(cfg.train.get("channels_last", False)),
             "fused_adamw": bool(trainer.optimizer.defaults.get("fused")), "replay": replay,
             "warmup_s": marks[warmup] - marks[0], "steps_per_s": steps / seconds,
             "ms_per_step": 1e3 * seconds / steps, "loader_ms": 1e3 * waited / steps, "audio_s_per_s": audio_seconds / seconds,
@@ -170,10 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, kernels, workers)")
     parser.add_argument("--batch_size", type=int, default=None, help="default: the config's train.batch_size")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: the config's")
+    parser.add_argument("--mixed_precision", choices=["auto", "no", "fp16", "bf16"], default=None,
+                        help="default: the config's")
     parser.add_argument("--compile", choices=["auto", "true", "false"], default=None, help="default: the config's")
     parser.add_argument("--utterances", type=int, default=24, help="synthetic utterances (2 speakers)")
     parser.add_argument("--compile_mode", choices=COMPILE_MODES, default=None, help="default: the config's")
+    parser.add_argument("--channels_last", action="store_true", help="train.channels_last: cuDNN's NHWC kernels")
     parser.add_argument("--replay", action="store_true", help="feed one batch again and again: the step without the loader")
     parser.add_argument("--profile_steps", type=int, default=3, help="CUDA: steps profiled for the GPU's busy fraction")
     args = parser.parse_args(argv)
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg.train.compile = {"true": True, "false": False}.get(args.compile, "auto")
     if args.compile_mode:
         cfg.train.compile_mode = args.compile_mode
+    if args.channels_last:
+        cfg.train.channels_last = True
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         synthetic_setup(cfg, Path(tmp), args.utterances)
         r = measure_training(cfg, args.steps, args.warmup, args.profile_steps, replay=args.replay)

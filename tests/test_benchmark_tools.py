@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks import quality
 from benchmarks.epoch_starts import wait_ms_per_step
-from benchmarks.gpu_suite import TRAINING_CASES, run_tests
+from benchmarks.gpu_suite import TRAINING_CASES, VARIANTS, case_settings, run_tests
 from benchmarks.train import kernel_times, measure_plain_loop, measure_training
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset
 from processors.feature_store import load_entries
@@ -58,9 +58,9 @@ def test_the_epoch_start_benchmark_runs_every_epoch_through(tiny: Path, endless:
 
 def test_the_gpu_suites_training_cases_are_valid_settings(tiny: Path) -> None:
     cfg = load_config(tiny)
-    for precision, batch, compiled, mode, variant in TRAINING_CASES:
-        cfg.train.update(mixed_precision=precision, batch_size=batch, compile=compiled, compile_mode=mode)
-        assert mode in COMPILE_MODES and variant in ("", "replay")
+    for case in TRAINING_CASES:
+        cfg.train.update(case_settings(*case))
+        assert case[3] in COMPILE_MODES and case[4] in VARIANTS
         validate(cfg, "train")
 
 

@@ -107,3 +107,25 @@ def test_unknown_sampler_and_impossible_ddim_steps_are_config_errors():
     for steps in (0, 51):  # 0 is not "the default"
         with pytest.raises(ConfigError, match=rf"ddim steps must be in 1..50, got {steps}"):
             make_plan(model_cfg().model.diffwave, "ddim", steps)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_channels_last_computes_the_same_noise_and_gradients(padded):
+    """`channels_last` (the residual stack as NHWC images) is a way to compute, not another network."""
+    torch.manual_seed(0)
+    net = build_diffwave(model_cfg(10, 16, residual_channels=8, residual_layers=6, dilation_cycle_length=3))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # the zero-initialised output projection too: every weight matters
+    mel, audio, steps = torch.randn(3, 10, 20), torch.randn(3, 320), torch.tensor([3.0, 7.5, 1.0])
+    lengths = torch.tensor([320, 200, 96]) if padded else None
+    results = []
+    for channels_last in (False, True):
+        net.zero_grad()
+        net.channels_last = channels_last
+        noise = net(audio, steps, mel, lengths)
+        (noise.square() * torch.linspace(0, 1, 320)).sum().backward()
+        results.append((noise.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}))
+    (first, first_grads), (last, last_grads) = results
+    assert last.shape == first.shape == (3, 320) and torch.allclose(last, first, atol=1e-5, rtol=1e-5)
+    for name, grad in first_grads.items():
+        assert torch.allclose(last_grads[name], grad, atol=1e-5 * float(grad.abs().max()), rtol=1e-4), name

@@ -559,3 +559,15 @@ def test_automatic_precision_and_compile_follow_the_gpu(monkeypatch, caplog):
     monkeypatch.setattr(device_policy, "gpus_have", lambda capability: True)  # an A100 or later
     assert device_policy.training_precision("auto", cuda=True) == "bf16"
     assert device_policy.training_precision("no", cuda=True) == "no"
+
+
+def test_channels_last_training_takes_the_same_steps(corpus: Path, tmp_path: Path) -> None:
+    """`train.channels_last` changes how the convolutions run, not what is learned; checkpoints are the same kind."""
+    runs = {}
+    for channels_last in (False, True):
+        name = f"cl{int(channels_last)}"
+        run = trainer(config(corpus, tmp_path, channels_last=channels_last, max_steps=3), name)
+        assert run.accelerator.unwrap_model(run.model).channels_last is channels_last
+        run.train()
+        runs[channels_last] = newest(tmp_path / "ckpts" / name)
+    assert max_diff(runs[False] / "model.safetensors", runs[True] / "model.safetensors") <= 1e-4

@@ -71,6 +71,7 @@ class DiffusionVocoderTrainer:
 
         seed_everything(self.seed)  # the same initial weights on every process
         self.model = build_diffwave(cfg)
+        self.model.channels_last = bool(tcfg.get("channels_last", False))
         self.cum = alpha_cum(training_betas(cfg.model.diffwave)).to(self.accelerator.device)
         self.optimizer = make_optimizer(self.model, cfg, self.accelerator.device, precision)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, float(tcfg.exponential_lr.lr_decay))

@@ -2,6 +2,10 @@
 
 `lengths` (audio samples per item) makes a padded batch exact: every convolution input
 is zeroed past its item's end, which is what the same item sees alone (zero padding).
+
+`channels_last` runs the residual stack as one-row images (B, C, 1, T) stored channels-last, each
+1-D convolution as the equal 2-D one: on a GPU, cuDNN's NHWC tensor-core kernels without the
+layout transposes around each convolution. The same parameters and numbers within rounding.
 """
 
 from __future__ import annotations
@@ -23,6 +27,20 @@ def _conv1d(*args: Any, **kwargs: Any) -> nn.Conv1d:
     layer = nn.Conv1d(*args, **kwargs)
     nn.init.kaiming_normal_(layer.weight)
     return layer
+
+
+def conv(layer: nn.Conv1d, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """`layer` (or its `weight`, `bias` in its geometry) on (B, C, T), or on (B, C, 1, T) as a 2-D convolution."""
+    weight = layer.weight if weight is None else weight
+    bias = layer.bias if bias is None else bias
+    if x.dim() == 3:
+        return F.conv1d(x, weight, bias, padding=layer.padding, dilation=layer.dilation)
+    return F.conv2d(x, weight.unsqueeze(2), bias, padding=(0, layer.padding[0]), dilation=(1, layer.dilation[0]))
+
+
+def as_image(x: Tensor) -> Tensor:
+    """(B, C, T) -> (B, C, 1, T), stored channels-last."""
+    return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
 
 
 def length_mask(lengths: Tensor | None, size: int, device: torch.device) -> Tensor | None:
@@ -108,12 +126,13 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, step: Tensor, projected: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`projected` is this layer's conditioner_projection output (see DiffWave.project_conditioner)."""
-        y = x + self.diffusion_projection(step).unsqueeze(-1)
+        shift = self.diffusion_projection(step)
+        y = x + shift.view(*shift.shape, *[1] * (x.dim() - 2))
         if mask is not None:
             y = y * mask
-        y = self.dilated_conv(y) + projected
+        y = conv(self.dilated_conv, y) + projected
         gate, filt = torch.chunk(y, 2, dim=1)
-        y = self.output_projection(torch.sigmoid(gate) * torch.tanh(filt))
+        y = conv(self.output_projection, torch.sigmoid(gate) * torch.tanh(filt))
         residual, skip = torch.chunk(y, 2, dim=1)
         return (x + residual) / math.sqrt(2.0), skip
 
@@ -131,6 +150,7 @@ class DiffWave(nn.Module):
         super().__init__()
         self.hop_size = math.prod(upsample_factors)
         self.fuse_group = max(1, dilation_cycle_length)
+        self.channels_last = False  # a way to compute, not a weight: not in checkpoints
         self.input_projection = _conv1d(1, residual_channels, 1)
         self.diffusion_embedding = DiffusionEmbedding(num_train_steps)
         self.spectrogram_upsampler = SpectrogramUpsampler(upsample_factors)
@@ -156,24 +176,28 @@ class DiffWave(nn.Module):
         layers = list(self.residual_layers)
         for start in range(0, len(layers), self.fuse_group):
             group = [layer.conditioner_projection for layer in layers[start : start + self.fuse_group]]
-            weight = torch.cat([conv.weight for conv in group])
-            bias = torch.cat([conv.bias for conv in group])
-            out += F.conv1d(conditioner, weight, bias).chunk(len(group), dim=1)
+            weight = torch.cat([layer.weight for layer in group])
+            bias = torch.cat([layer.bias for layer in group])
+            out += conv(group[0], conditioner, weight, bias).chunk(len(group), dim=1)
         return out
 
     def forward(self, audio: Tensor, diffusion_step: Tensor, spectrogram: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Predict the noise in `audio` (B, T) at `diffusion_step` (B,) given mels (B, n_mel, T // hop)."""
         frames = None if lengths is None else lengths // self.hop_size
-        projected = self.project_conditioner(self.spectrogram_upsampler(spectrogram, frames))
+        cond = self.spectrogram_upsampler(spectrogram, frames)
         mask = length_mask(lengths, audio.shape[-1], audio.device)
         x = F.relu(self.input_projection(audio.unsqueeze(1)))
+        if self.channels_last:
+            cond, x = as_image(cond), as_image(x)
+            mask = None if mask is None else mask.unsqueeze(2)
+        projected = self.project_conditioner(cond)
         step = self.diffusion_embedding(diffusion_step)
         skip = torch.zeros_like(x)
         for layer, layer_projected in zip(self.residual_layers, projected, strict=True):
             x, layer_skip = layer(x, step, layer_projected, mask)
             skip = skip + layer_skip
-        x = F.relu(self.skip_projection(skip / math.sqrt(len(self.residual_layers))))
-        return self.output_projection(x).squeeze(1)
+        x = F.relu(conv(self.skip_projection, skip / math.sqrt(len(self.residual_layers))))
+        return conv(self.output_projection, x).flatten(1)
 
 
 def build_diffwave(cfg: Any) -> DiffWave:
