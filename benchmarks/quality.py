@@ -42,7 +42,10 @@ def hours_to_paper(samples_per_s: float) -> float:
 
 def extrapolate(results: Path, sample_rate: int) -> None:
     """Every training case of a GPU suite's JSON as GPU-hours to the published budget."""
-    cases = [c for c in json.loads(results.read_text(encoding="utf-8"))["cases"] if "audio_s_per_s" in c]
+    try:
+        cases = [c for c in json.loads(results.read_text(encoding="utf-8"))["cases"] if "audio_s_per_s" in c]
+    except (OSError, ValueError, KeyError) as error:
+        sys.exit(f"{results}: not a GPU suite's results ({type(error).__name__}: {error})")
     if not cases:
         sys.exit(f"{results}: no training case with audio_s_per_s")
     for case in cases:

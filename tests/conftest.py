@@ -1,8 +1,30 @@
-"""Without a GPU, Triton kernels run under Triton's CPU interpreter (set before anything imports Triton)."""
+"""Without a GPU, Triton kernels run under Triton's CPU interpreter (set before anything imports Triton).
+
+`fake_gpus` stands in for CUDA GPUs of given names and compute capabilities, for the per-device choices.
+"""
 
 import os
+from collections.abc import Callable
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """`fake_gpus(("Tesla T4", (7, 5)), ...)`: these GPUs are what torch.cuda reports, cuda:0 first."""
+
+    def install(*gpus: tuple[str, tuple[int, int]]) -> None:
+        def index(device: object = None) -> int:
+            return 0 if device is None else device if isinstance(device, int) else torch.device(device).index or 0
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(gpus))
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpus[index(device)][0])
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpus[index(device)][1])
+
+    return install

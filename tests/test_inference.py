@@ -16,6 +16,7 @@ from models.vocoders.diffusion.device_policy import inference_precision
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from tests.tiny_experiment import model_cfg
+from utils.config import ConfigError
 
 HOP = 16
 
@@ -108,10 +109,23 @@ def four_mels() -> tuple[list[torch.Tensor], list[str]]:
     return [mel[i, :, :f] for i, f in enumerate([23, 9, 17, 9])], ["a", "b", "c", "d"]
 
 
-def test_default_precision_is_fp32_on_the_cpu_and_fp16_on_cuda(model):
+def test_default_precision_is_fp16_on_gpus_with_tensor_cores_and_fp32_elsewhere(model, fake_gpus):
     assert Vocoder(tiny_cfg(), model, device="cpu").precision == "fp32"
-    assert inference_precision("auto", torch.device("cuda")) == "fp16"
+    fake_gpus(("NVIDIA GeForce GTX 1080", (6, 1)), ("NVIDIA H100", (9, 0)))
+    assert inference_precision("auto", torch.device("cuda")) == "fp32"  # cuda:0, whose fp16 is slow
+    assert inference_precision("auto", torch.device("cuda", 1)) == "fp16"
     assert inference_precision("bf16", torch.device("cuda")) == "bf16"
+
+
+def test_the_configs_precision_is_the_default_and_a_bad_one_names_its_file(model, tmp_path):
+    cfg = tiny_cfg()
+    cfg.inference = {"precision": "bf16"}
+    assert Vocoder(cfg, model, device="cpu").precision == "bf16"
+    assert Vocoder(cfg, model, device="cpu", precision="fp32").precision == "fp32"
+    cfg.inference = {"precision": "fp8"}
+    cfg.config_path = str(tmp_path / "exp.json")
+    with pytest.raises(ConfigError, match=r"exp\.json: inference\.precision: unknown precision 'fp8'"):
+        Vocoder(cfg, model, device="cpu")
 
 
 def test_an_automatic_half_precision_that_overflows_is_redone_in_fp32(model, monkeypatch, caplog):
@@ -141,19 +155,26 @@ def test_an_automatic_half_precision_that_overflows_is_redone_in_fp32(model, mon
     assert chosen.precision == "bf16" and "non-finite noise predictions in bf16" in caplog.text
 
 
+class Rejected:
+    """FusedDiffWave on a GPU whose compiler rejects the kernel at its first launch (in `rejects` precisions;
+    in the others its noise prediction overflows)."""
+
+    rejects = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __init__(self, net: torch.nn.Module, dtype: torch.dtype) -> None:
+        self.net, self.dtype = net, dtype
+
+    def conditioner(self, mel: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net.spectrogram_upsampler(mel, frames).transpose(1, 2).contiguous()
+
+    def __call__(self, audio: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        if self.dtype in self.rejects:
+            raise fused.KernelError("the fused kernel failed on this GPU (CompilationError: no bf16 dot on sm_75)")
+        return torch.full_like(audio, float("nan"))
+
+
 def test_a_fused_kernel_this_gpu_cannot_compile_gives_way_to_the_plain_forward(model, monkeypatch, caplog):
     """The automatic engine falls back (with a warning) where Triton rejects the kernel; a chosen one fails."""
-
-    class Rejected:  # FusedDiffWave on a GPU whose compiler rejects the kernel at its first launch
-        def __init__(self, net: torch.nn.Module, dtype: torch.dtype) -> None:
-            self.net = net
-
-        def conditioner(self, mel: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
-            return self.net.spectrogram_upsampler(mel, frames).transpose(1, 2).contiguous()
-
-        def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-            raise fused.KernelError("the fused kernel failed on this GPU (CompilationError: no bf16 dot on sm_75)")
-
     monkeypatch.setattr(fused, "FusedDiffWave", Rejected)
     mels, names = four_mels()
     want = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu", engine="plain")(mels, names)
@@ -168,3 +189,40 @@ def test_a_fused_kernel_this_gpu_cannot_compile_gives_way_to_the_plain_forward(m
     chosen.engine, chosen.chosen["engine"] = "fused", True  # as `inference.engine: fused` would set them on a GPU
     with pytest.raises(fused.KernelError, match="failed on this GPU"):
         chosen(mels, names)
+
+
+def test_a_half_precision_overflow_then_a_kernel_the_gpu_rejects_ends_on_the_plain_forward(model, monkeypatch):
+    """Both automatic: fp16 overflows on the fused engine, whose fp32 variant this GPU cannot compile."""
+    monkeypatch.setattr(Rejected, "rejects", (torch.float32,))
+    monkeypatch.setattr(fused, "FusedDiffWave", Rejected)
+    monkeypatch.setattr(inference, "inference_precision", lambda setting, device: "bf16" if setting == "auto" else setting)
+    mels, names = four_mels()
+    want = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu", precision="fp32", engine="plain")(mels, names)
+    vocoder = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu")
+    vocoder.engine = "fused"
+    got = vocoder(mels, names)
+    assert (vocoder.precision, vocoder.engine) == ("fp32", "plain")
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g, w)
+
+
+def test_a_checkpoint_that_is_not_finite_in_any_precision_is_tried_in_fp32_once(model, monkeypatch, caplog):
+    """Not an overflow: said once per batch, and the run keeps the faster precision rather than redoing every batch."""
+    monkeypatch.setattr(inference, "inference_precision", lambda setting, device: "bf16" if setting == "auto" else setting)
+    forward, calls = type(model).forward, []
+
+    def diverged(self, *args):
+        calls.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *args) * float("nan")
+
+    monkeypatch.setattr(type(model), "forward", diverged)
+    mels, names = four_mels()
+    vocoder = Vocoder(tiny_cfg(), model, steps=4, batch_size=4, device="cpu")
+    with caplog.at_level(logging.WARNING):
+        first = vocoder(mels, names)
+        vocoder(mels, names)
+    assert calls == [True] * 6 + [False] * 6 + [True] * 6  # 6 steps in bf16, again in fp32, then bf16 alone
+    assert vocoder.precision == "bf16" and all(np.isnan(a).all() for a in first)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["non-finite noise predictions in bf16 and in fp32 for the batch with a: its audio is noise",
+                        "non-finite noise predictions in bf16 for the batch with a: its audio is noise"], warnings

@@ -12,7 +12,7 @@ from utils.text import plural
 
 
 def main(args: argparse.Namespace) -> None:
-    options = {"device": "cpu", "seed": args.seed}
+    options = {"device": "cpu", "precision": "fp32", "seed": args.seed}  # exports are fp32, traced on the CPU
     if args.sampler:
         options["sampler"] = args.sampler
     if args.steps:

@@ -23,32 +23,44 @@ log = logging.getLogger(__name__)
 THREAD_CHECK_STEPS = 50
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 NATIVE_BF16 = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores
-TRITON_GPUS = (7, 0)  # the oldest GPUs Inductor's Triton backend compiles for
+TRITON_GPUS = TENSOR_CORES = (7, 0)  # Volta: the oldest GPUs Inductor's Triton backend compiles for, with fp16 tensor cores
 
 
-def gpus_have(capability: tuple[int, int]) -> bool:
-    """Whether every visible CUDA GPU has at least this compute capability (all processes see the same answer)."""
+def launch_gpus() -> list[int]:
+    """The CUDA devices this launch trains on: one per local process (accelerate and torchrun set
+    LOCAL_WORLD_SIZE; a lone process uses device 0)."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return count > 0 and all(torch.cuda.get_device_capability(i) >= capability for i in range(count))
+    return list(range(min(count, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+
+
+def lacking(capability: tuple[int, int], devices: list[int]) -> int | None:
+    """The first of `devices` below this compute capability, or None."""
+    return next((i for i in devices if torch.cuda.get_device_capability(i) < capability), None)
 
 
 def training_precision(setting: str, cuda: bool) -> str:
     """`train.mixed_precision`: "auto" is bf16 on GPUs that compute it natively (compute capability 8.0+: A100,
     RTX 30xx, H100 and later) and fp32 ("no") elsewhere; fp16 needs a grad scaler, so auto never picks it."""
+    gpus = launch_gpus() if cuda else []
+    old = lacking(NATIVE_BF16, gpus) if gpus else None
     if setting == "auto":
-        return "bf16" if cuda and gpus_have(NATIVE_BF16) else "no"
-    if setting == "bf16" and cuda and not gpus_have(NATIVE_BF16):
-        log.warning("train.mixed_precision 'bf16' on %s (compute capability %d.%d) is emulated and slower than fp32; "
-                    "'fp16' or 'no' train faster there", torch.cuda.get_device_name(0), *torch.cuda.get_device_capability(0))
+        return "bf16" if gpus and old is None else "no"
+    if setting == "bf16" and old is not None:
+        log.warning("train.mixed_precision 'bf16' on %s (cuda:%d, compute capability %d.%d) is emulated and slower than "
+                    "fp32; 'fp16' or 'no' train faster there", torch.cuda.get_device_name(old), old,
+                    *torch.cuda.get_device_capability(old))
     return setting
 
 
 def inference_precision(setting: str, device: torch.device) -> str:
-    """Stage 3's precision: "auto" is fp16 on CUDA (2.3x faster than fp32 on an H200, and closer to the exact
-    result than fp32's TF32 dot products: 1.6e-3 vs 5.7e-3 relative error) and fp32 on the CPU."""
-    if setting == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return setting
+    """Stage 3's precision: "auto" is fp16 on CUDA GPUs with tensor cores (compute capability 7.0+; 2.3x faster
+    than fp32 on an H200, and closer to the exact result than fp32's TF32 dot products: 1.6e-3 vs 5.7e-3 relative
+    error), fp32 elsewhere (older GPUs compute fp16 slowly, if at all; the CPU)."""
+    if setting != "auto":
+        return setting
+    cuda = device.type == "cuda"
+    index = torch.cuda.current_device() if cuda and device.index is None else device.index
+    return "fp16" if cuda and torch.cuda.get_device_capability(index) >= TENSOR_CORES else "fp32"
 
 
 def set_cuda_math(tcfg: Any) -> None:
@@ -61,7 +73,8 @@ def set_cuda_math(tcfg: Any) -> None:
 def compile_model(setting: bool | str, device: torch.device) -> bool:
     """`train.compile`: true, false, or "auto" (on CUDA when Triton is there and supports the GPUs, as
     torch.compile needs)."""
-    auto = device.type == "cuda" and importlib.util.find_spec("triton") is not None and gpus_have(TRITON_GPUS)
+    cuda = device.type == "cuda"
+    auto = cuda and importlib.util.find_spec("triton") is not None and lacking(TRITON_GPUS, launch_gpus()) is None
     return bool_or_auto(setting, "train.compile", auto)
 
 

@@ -66,14 +66,16 @@ class Vocoder:
     """Vocodes lists of mels, grouped by length into padded batches that equal one-by-one synthesis."""
 
     def __init__(self, cfg: Any, model: DiffWave, sampler: str = "fast", steps: int | None = None,
-                 batch_size: int = 1, seed: int = 1234, device: str | None = None, precision: str = "auto",
+                 batch_size: int = 1, seed: int = 1234, device: str | None = None, precision: str | None = None,
                  betas: Sequence[float] | None = None, chunk_size: int = 65536, cache_gib: float = 1.0,
                  tile: int | None = 2048, engine: str = "auto", compile: bool | str = "auto",
                  cuda_graph: bool | str = "auto", gpu_memory_gib: float | None = None) -> None:
         if sampler not in SAMPLER_NAMES:
             raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLER_NAMES)}")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+        setting = precision or cfg.get("inference", {}).get("precision") or "auto"  # the caller's, the config's
+        if setting not in PRECISIONS:
+            where = "" if precision else f"{source_of(cfg, 'inference.precision')}: inference.precision: "
+            raise ConfigError(f"{where}unknown precision '{setting}': choose one of {', '.join(PRECISIONS)}")
         self.cfg = cfg
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
@@ -82,9 +84,9 @@ class Vocoder:
         self.seed = seed
         self.hop = int(cfg.preprocess.hop_size)
         self.n_mel = int(cfg.preprocess.n_mel)
-        self.precision = inference_precision(precision, self.device)
+        self.precision = inference_precision(setting, self.device)
         self.dtype = PRECISIONS[self.precision]
-        self.chosen = {"precision": precision != "auto", "engine": engine != "auto"}  # else fall back where they fail
+        self.chosen = {"precision": setting != "auto", "engine": engine != "auto"}  # else fall back where they fail
         self.chunk_size = int(chunk_size)
         self.tile = tile
         self.cache_bytes = int(float(cache_gib) * 2**30)
@@ -118,8 +120,6 @@ class Vocoder:
     @torch.no_grad()
     def batch(self, mels: Sequence[torch.Tensor], names: Sequence[str]) -> list[np.ndarray]:
         """One padded batch: each output is `frames * hop` samples."""
-        from models.vocoders.diffusion.ddpm import sample
-
         frames = torch.tensor([m.shape[-1] for m in mels])
         lengths = frames * self.hop
         padded = torch.zeros(len(mels), self.n_mel, int(frames.max()))
@@ -127,31 +127,45 @@ class Vocoder:
             padded[i, :, : mel.shape[-1]] = mel
         padded = padded.to(self.device)
         exact = None if len(mels) == 1 else lengths.to(self.device)
+        shape = (len(mels), int(lengths.max()))
+        audio, finite = self._attempt(padded, exact, shape, names)
+        first, redone = self.precision, not finite and self.dtype is not None and not self.chosen["precision"]
+        if redone:
+            del audio  # the failed attempt's buffers go before the fp32 one allocates its own
+            half, self.precision, self.dtype, self._built = (self.precision, self.dtype), "fp32", None, None
+            audio, finite = self._attempt(padded, exact, shape, names)
+            if finite:
+                log.warning("%s synthesis overflowed for the batch with %s (non-finite noise predictions): vocoded "
+                            "again in fp32, and the rest of the run stays in fp32", first, names[0])
+            else:  # fp32 is no cure: back to the faster precision, warning only from now on
+                (self.precision, self.dtype), self._built, self.chosen["precision"] = half, None, True
+        if not finite:
+            log.warning("non-finite noise predictions in %s for the batch with %s: its audio is noise",
+                        f"{first} and in fp32" if redone else first, names[0])
+        return [audio[i, : int(n)].cpu().numpy() for i, n in enumerate(lengths)]
 
-        def synthesise() -> tuple[torch.Tensor, FiniteWatch]:
-            watch = FiniteWatch(self._denoiser(padded, exact))
-            with tf32() if self.device.type == "cuda" else nullcontext():
-                return sample(watch, self.plan, (len(mels), int(lengths.max())), self.device, exact,
-                              [torch.Generator().manual_seed(utterance_seed(self.seed, n)) for n in names]), watch
-
+    def _attempt(self, mel: torch.Tensor, lengths: torch.Tensor | None, shape: tuple[int, int],
+                 names: Sequence[str]) -> tuple[torch.Tensor, bool]:
+        """One synthesis of the batch, and whether every noise prediction was finite; where the automatic fused
+        engine does not compile on this GPU, on the plain forward instead."""
         try:
-            audio, watch = synthesise()
+            return self._sample(mel, lengths, shape, names)
         except fused.KernelError as error:
             if self.chosen["engine"]:
                 raise
             log.warning("%s; vocoding with the plain forward instead", error)
             self.engine, self._built = "plain", None
-            audio, watch = synthesise()
-        if not watch.all_finite():
-            if self.dtype is None or self.chosen["precision"]:
-                log.warning("non-finite noise predictions in %s for the batch with %s: its audio is noise", self.precision,
-                            names[0])
-            else:
-                log.warning("%s synthesis overflowed (non-finite noise predictions for the batch with %s); this batch "
-                            "and the rest run in fp32", self.precision, names[0])
-                self.precision, self.dtype, self._built = "fp32", None, None
-                audio, _ = synthesise()
-        return [audio[i, : int(n)].cpu().numpy() for i, n in enumerate(lengths)]
+        return self._sample(mel, lengths, shape, names)  # outside the handler: the failed call's frames are gone
+
+    def _sample(self, mel: torch.Tensor, lengths: torch.Tensor | None, shape: tuple[int, int],
+                names: Sequence[str]) -> tuple[torch.Tensor, bool]:
+        from models.vocoders.diffusion.ddpm import sample
+
+        watch = FiniteWatch(self._denoiser(mel, lengths))
+        generators = [torch.Generator().manual_seed(utterance_seed(self.seed, n)) for n in names]
+        with tf32() if self.device.type == "cuda" else nullcontext():
+            audio = sample(watch, self.plan, shape, self.device, lengths, generators)
+        return audio, watch.all_finite()
 
     def _denoiser(self, mel: torch.Tensor, lengths: torch.Tensor | None) -> Denoiser:
         """This batch's `denoise(x, step)`: the engine, over memory-bounded windows, CUDA-graphed where it pays."""
@@ -221,7 +235,7 @@ def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None,
             raise ConfigError(f"{source_of(cfg, 'inference.steps')}: key 'inference.steps' ({infer['steps']}) does not "
                               f"apply to the {options['sampler']} sampler ({FIXED_STEPS[options['sampler']]}); remove it, "
                               "or set inference.sampler to ddim (N steps) or searched (a searched N-step schedule)")
-    for key in ("precision", "chunk_size", "cache_gib", "tile", "engine", "compile", "cuda_graph", "gpu_memory_gib"):
+    for key in ("chunk_size", "cache_gib", "tile", "engine", "compile", "cuda_graph", "gpu_memory_gib"):
         if infer.get(key) is not None:
             options.setdefault(key, infer.get(key))
     if options["sampler"] == "searched" and options.get("betas") is None:

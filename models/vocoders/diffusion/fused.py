@@ -42,12 +42,16 @@ class KernelError(RuntimeError):
 
 
 def _run(family: str, grid: Any, args: tuple, meta: dict) -> None:
+    """Launch; a compiler's or launcher's refusal becomes a KernelError. Running out of memory, a CUDA fault
+    (the context is lost: nothing else would run either) and our own mistakes stay what they are."""
     try:
         KERNELS[family][grid](*args, **meta)
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, TypeError, NameError, KeyError, IndexError):
         raise
     except Exception as error:  # Triton raises compiler errors of many kinds
         first = str(error).splitlines()[0] if str(error) else ""
+        if "CUDA" in first and ("illegal" in first or "misaligned" in first or "unspecified launch" in first):
+            raise
         raise KernelError(f"the fused kernel failed on this GPU ({type(error).__name__}: {first})") from error
 
 
