@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks import quality
 from benchmarks.epoch_starts import wait_ms_per_step
-from benchmarks.gpu_suite import TRAINING_CASES, VARIANTS, case_settings, run_tests
+from benchmarks.gpu_suite import TRAINING_CASES, VARIANTS, Suite, case_settings, run_tests
 from benchmarks.train import kernel_times, measure_plain_loop, measure_training
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset
 from processors.feature_store import load_entries
@@ -126,3 +126,16 @@ def test_suite_rates_are_extrapolated_to_the_published_training_budget(tmp_path:
     suite.write_text(json.dumps({"cases": [{"case": "infer fused 10s b1 fp16", "ms_per_step": 6.5}]}))
     with pytest.raises(SystemExit, match="no training case"):
         quality.main(["--extrapolate", str(suite)])
+
+
+def test_the_gpu_suite_skips_a_case_that_would_end_past_its_budget(tmp_path: Path, fake_gpus, monkeypatch) -> None:
+    fake_gpus(("NVIDIA H200", (9, 0)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    suite = Suite(60.0, tmp_path / "gpu_results.json")
+    assert suite.case("quick", lambda: {"ms": 1.0}, str, expect_s=10)["case_s"] >= 0
+    suite.start -= 45  # 45 s of the 60 gone
+    assert suite.case("compiled", lambda: {"ms": 2.0}, str, expect_s=30) is None
+    assert suite.case("short", lambda: 1 / 0, str, expect_s=10) is None
+    saved = json.loads((tmp_path / "gpu_results.json").read_text())
+    assert [c["case"] for c in saved["cases"]] == ["quick"] and suite.results["skipped"] == ["compiled"]
+    assert suite.results["failed"] == [{"case": "short", "error": "ZeroDivisionError: division by zero"}]

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,7 +355,9 @@ class DiffusionVocoderTrainer:
         if finished:
             state.epoch += 1
             state.batch_in_epoch = 0
-            self.scheduler.step()
+            with warnings.catch_warnings():  # a resume may reach an epoch's end before this process's first step:
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # due all the same
+                self.scheduler.step()
         valid_loss = self.validate()
         mean_loss = float(np.mean(epoch.losses)) if epoch.losses else float("nan")
         self._log({"valid/loss": valid_loss, "train/epoch_loss": mean_loss})
