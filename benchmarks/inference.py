@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the plain engine's forward")
     parser.add_argument("--no_cuda_graph", action="store_true", help="launch every kernel instead of graph replay")
     parser.add_argument("--gpu_memory_gib", type=float, default=None, help="GPU memory budget (default: 80%% of free)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                        help="auto: stage 3's default (fp16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+                        help="default: the config's inference.precision, else auto (fp16 on CUDA GPUs with tensor "
+                             "cores, else fp32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no_warmup", action="store_true", help="skip the warm-up run (long utterances)")

@@ -110,20 +110,25 @@ def test_unknown_sampler_and_impossible_ddim_steps_are_config_errors():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_channels_last_computes_the_same_noise_and_gradients(padded):
-    """`channels_last` (the residual stack as NHWC images) is a way to compute, not another network."""
+def test_channels_last_computes_the_same_noise_and_gradients(padded, monkeypatch):
+    """`channels_last` (the residual stack as NHWC images) is a way to compute, not another network: on a GPU,
+    cuDNN's NHWC kernels against its NCHW ones (TF32 off, so that both are fp32)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     net = build_diffwave(model_cfg(10, 16, residual_channels=8, residual_layers=6, dilation_cycle_length=3))
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.3)  # the zero-initialised output projection too: every weight matters
+    net = net.to(device)
     mel, audio, steps = torch.randn(3, 10, 20), torch.randn(3, 320), torch.tensor([3.0, 7.5, 1.0])
-    lengths = torch.tensor([320, 200, 96]) if padded else None
+    mel, audio, steps = mel.to(device), audio.to(device), steps.to(device)
+    lengths = torch.tensor([320, 200, 96], device=device) if padded else None
     results = []
     for channels_last in (False, True):
         net.zero_grad()
         net.channels_last = channels_last
         noise = net(audio, steps, mel, lengths)
-        (noise.square() * torch.linspace(0, 1, 320)).sum().backward()
+        (noise.square() * torch.linspace(0, 1, 320, device=device)).sum().backward()
         results.append((noise.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}))
     (first, first_grads), (last, last_grads) = results
     assert last.shape == first.shape == (3, 320) and torch.allclose(last, first, atol=1e-5, rtol=1e-5)

@@ -100,3 +100,25 @@ def test_no_import_loops():
         return False
 
     assert [m for m in graph if reaches(m, m, set())] == []
+
+
+def test_the_scorer_keeps_fp32_once_an_automatic_half_precision_overflowed(experiment, monkeypatch, caplog):
+    """Each schedule gets its own Vocoder: an overflow found once is not paid (and warned of) again per candidate."""
+    import logging
+
+    import torch
+
+    from models.vocoders.diffusion import diffusion_vocoder_inference as inference
+    from models.vocoders.diffusion.schedule_search import ScheduleScorer, validation_utterances
+
+    expt, cfg = experiment
+    model = Experiment(expt).load_model(Experiment(expt).config())
+    forward = type(model).forward
+    monkeypatch.setattr(inference, "inference_precision", lambda setting, device: "bf16" if setting == "auto" else setting)
+    monkeypatch.setattr(type(model), "forward", lambda self, *args: forward(self, *args) * (
+        float("inf") if torch.is_autocast_enabled("cpu") else 1.0))
+    scorer = ScheduleScorer(cfg, model, validation_utterances(cfg, 2, 0.3), device="cpu")
+    with caplog.at_level(logging.WARNING):
+        first, second = scorer("fast"), scorer("searched", [0.001, 0.01, 0.5])
+    assert scorer.precision == "fp32" and caplog.text.count("overflowed") == 1
+    assert all(value == value for value in [*first.values(), *second.values()])  # no NaN scores

@@ -566,3 +566,17 @@ def test_automatic_precision_and_compile_follow_the_gpus(fake_gpus, monkeypatch,
     with caplog.at_level(logging.WARNING):
         device_policy.training_precision("bf16", cuda=True)
     assert "on Tesla V100 (cuda:1, compute capability 7.0)" in caplog.text
+
+
+def test_channels_last_training_takes_the_same_steps(corpus: Path, tmp_path: Path) -> None:
+    """`train.channels_last` changes how the convolutions run, not what is learned; checkpoints are the same kind.
+    (fp32 without TF32, so that on a GPU too the two kernels' rounding stays far below the bound.)"""
+    runs = {}
+    for channels_last in (False, True):
+        name = f"cl{int(channels_last)}"
+        run = trainer(config(corpus, tmp_path, channels_last=channels_last, max_steps=3, mixed_precision="no",
+                             tf32=False), name)
+        assert run.accelerator.unwrap_model(run.model).channels_last is channels_last
+        run.train()
+        runs[channels_last] = newest(tmp_path / "ckpts" / name)
+    assert max_diff(runs[False] / "model.safetensors", runs[True] / "model.safetensors") <= 1e-4

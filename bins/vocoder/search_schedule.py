@@ -2,7 +2,7 @@
 
 import argparse
 
-from models.vocoders.diffusion.experiment import Experiment
+from models.vocoders.diffusion.experiment import Experiment, with_recipe_config
 from models.vocoders.diffusion.schedule_search import search_schedule
 from utils.cli import add_common_args, run
 from utils.text import plural
@@ -10,7 +10,7 @@ from utils.text import plural
 
 def main(args: argparse.Namespace) -> None:
     experiment = Experiment(args.expt_dir)
-    cfg = experiment.config()
+    cfg = with_recipe_config(experiment.config(), args.config)  # as stage 3: a --config adds its inference section
     model = experiment.load_model(cfg, args.checkpoint, not args.raw_weights)
     result = search_schedule(cfg, model, args.steps, args.utterances, args.seconds, args.rounds, args.seed, args.device)
     path = experiment.save_schedule(result)

@@ -87,6 +87,7 @@ class Vocoder:
         self.precision = inference_precision(setting, self.device)
         self.dtype = PRECISIONS[self.precision]
         self.chosen = {"precision": setting != "auto", "engine": engine != "auto"}  # else fall back where they fail
+        self.overflowed = False  # an automatic half precision overflowed and this Vocoder went on in fp32
         self.chunk_size = int(chunk_size)
         self.tile = tile
         self.cache_bytes = int(float(cache_gib) * 2**30)
@@ -135,13 +136,14 @@ class Vocoder:
             half, self.precision, self.dtype, self._built = (self.precision, self.dtype), "fp32", None, None
             audio, finite = self._attempt(padded, exact, shape, names)
             if finite:
+                self.overflowed = True
                 log.warning("%s synthesis overflowed for the batch with %s (non-finite noise predictions): vocoded "
                             "again in fp32, and the rest of the run stays in fp32", first, names[0])
-            else:  # fp32 is no cure: back to the faster precision, warning only from now on
-                (self.precision, self.dtype), self._built, self.chosen["precision"] = half, None, True
+            else:  # not an overflow (a diverged checkpoint, an absurd mel): the faster precision stays
+                (self.precision, self.dtype), self._built = half, None
         if not finite:
-            log.warning("non-finite noise predictions in %s for the batch with %s: its audio is noise",
-                        f"{first} and in fp32" if redone else first, names[0])
+            log.warning("non-finite noise predictions in %s for the batch with %s: its audio is noise (the model's "
+                        "output is not finite for these mels)", f"{first} and in fp32" if redone else first, names[0])
         return [audio[i, : int(n)].cpu().numpy() for i, n in enumerate(lengths)]
 
     def _attempt(self, mel: torch.Tensor, lengths: torch.Tensor | None, shape: tuple[int, int],

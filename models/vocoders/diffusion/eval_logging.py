@@ -38,6 +38,7 @@ class EvalLogger:
         self.entries = first_by_name(entries, count)
         self.max_frames = int(float(cfg.train.get("eval_seconds", 2.0)) * cfg.preprocess.sample_rate / cfg.preprocess.hop_size)
         self.logged_truth = False
+        self.precision: str | None = None  # the config's, or fp32 once an automatic half precision overflowed
 
     @torch.no_grad()
     def log(self, model: torch.nn.Module, step: int) -> None:
@@ -46,8 +47,10 @@ class EvalLogger:
         was_training = model.training
         items = load_items(self.cfg, "valid", entries=self.entries, max_frames=self.max_frames)
         device = next(model.parameters()).device
-        vocoder = Vocoder(self.cfg, model, sampler="fast", batch_size=len(items), device=str(device))
+        vocoder = Vocoder(self.cfg, model, sampler="fast", batch_size=len(items), device=str(device),
+                          precision=self.precision)
         preds = vocoder([m for _, m, _ in items], [n for n, _, _ in items])
+        self.precision = "fp32" if vocoder.overflowed else self.precision
         model.train(was_training)
         rate = int(self.cfg.preprocess.sample_rate)
         totals: dict[str, list[float]] = {}

@@ -50,14 +50,16 @@ class ScheduleScorer:
                  seed: int = 1234, device: str | None = None) -> None:
         self.cfg, self.model, self.items, self.seed, self.device = cfg, model, items, seed, device
         self.evaluations = 0
+        self.precision: str | None = None  # the config's, or fp32 once an automatic half precision overflowed
         self._cache: dict[tuple[str, tuple[float, ...]], dict[str, float]] = {}
 
     def __call__(self, sampler: str = "searched", betas: Sequence[float] | None = None) -> dict[str, float]:
         key = (sampler, tuple(round(float(b), 12) for b in betas or ()))
         if key not in self._cache:
             vocoder = Vocoder(self.cfg, self.model, sampler=sampler, betas=betas, batch_size=len(self.items),
-                              seed=self.seed, device=self.device)
+                              seed=self.seed, device=self.device, precision=self.precision)
             preds = vocoder([m for _, m, _ in self.items], [n for n, _, _ in self.items])
+            self.precision = "fp32" if vocoder.overflowed else self.precision
             rate = int(self.cfg.preprocess.sample_rate)
             pairs = [(truth, pred) for (_, _, truth), pred in zip(self.items, preds, strict=True)]
             mel = float(np.mean([mel_l1(t, p, rate, self.cfg.preprocess) for t, p in pairs]))
