@@ -108,7 +108,7 @@ def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, 
     audio_seconds = steps * batch * frames * hop / rate
     return {"batch": batch, "precision": acc.mixed_precision, "device": str(acc.device),
             "compile": bool(trainer.compiled), "compile_mode": cfg.train.get("compile_mode", "default"),
-            "channels_last": bool(cfg.train.get("channels_last", False)),
+            "channels_last": trainer.accelerator.unwrap_model(trainer.model).channels_last,
             "fused_adamw": bool(trainer.optimizer.defaults.get("fused")), "replay": replay,
             "warmup_s": marks[warmup] - marks[0], "steps_per_s": steps / seconds,
             "ms_per_step": 1e3 * seconds / steps, "loader_ms": 1e3 * waited / steps, "audio_s_per_s": audio_seconds / seconds,
@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", choices=["auto", "true", "false"], default=None, help="default: the config's")
     parser.add_argument("--utterances", type=int, default=24, help="synthetic utterances (2 speakers)")
     parser.add_argument("--compile_mode", choices=COMPILE_MODES, default=None, help="default: the config's")
-    parser.add_argument("--channels_last", action="store_true", help="train.channels_last: cuDNN's NHWC kernels")
+    parser.add_argument("--channels_last", choices=["auto", "true", "false"], default=None,
+                        help="train.channels_last (default: the config's, else auto: on the CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: train.num_threads (default: follow the load)")
     parser.add_argument("--replay", action="store_true", help="feed one batch again and again: the step without the loader")
     parser.add_argument("--profile_steps", type=int, default=3, help="CUDA: steps profiled for the GPU's busy fraction")
     args = parser.parse_args(argv)
@@ -190,15 +192,18 @@ def main(argv: list[str] | None = None) -> None:
         cfg.train.compile = {"true": True, "false": False}.get(args.compile, "auto")
     if args.compile_mode:
         cfg.train.compile_mode = args.compile_mode
+    if args.threads:
+        cfg.train.num_threads = args.threads
     if args.channels_last:
-        cfg.train.channels_last = True
+        cfg.train.channels_last = {"true": True, "false": False}.get(args.channels_last, "auto")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         synthetic_setup(cfg, Path(tmp), args.utterances)
         r = measure_training(cfg, args.steps, args.warmup, args.profile_steps, replay=args.replay)
     busy = "" if r["gpu_busy"] is None else f", GPU busy {r['gpu_busy']:.0%}"
+    model = cfg.model.diffwave
     print(f"device {r['device']}, {torch.get_num_threads()} torch threads, precision {r['precision']}, compile "
-          f"{r['compile']}, model {cfg.model.diffwave.residual_channels} channels x {cfg.model.diffwave.residual_layers} "
-          f"layers, batch {r['batch']} ({r['audio_per_step_s']:.2f} s of audio per step)")
+          f"{r['compile']}, channels_last {r['channels_last']}, model {model.residual_channels} channels x "
+          f"{model.residual_layers} layers, batch {r['batch']} ({r['audio_per_step_s']:.2f} s of audio per step)")
     print(f"{args.steps} steps: {r['steps_per_s']:.3f} steps/s, {r['ms_per_step']:.1f} ms/step, {r['audio_s_per_s']:.2f} "
           f"audio s/s ({r['loader_ms']:.1f} ms/step waiting for data), warm-up {r['warmup_s']:.1f} s, "
           f"peak memory {r['peak_gib']:.2f} GiB "

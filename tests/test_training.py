@@ -580,3 +580,5 @@ def test_channels_last_training_takes_the_same_steps(corpus: Path, tmp_path: Pat
         run.train()
         runs[channels_last] = newest(tmp_path / "ckpts" / name)
     assert max_diff(runs[False] / "model.safetensors", runs[True] / "model.safetensors") <= 1e-4
+    default = trainer(config(corpus, tmp_path), "auto")  # on the CPU, where it is faster; off on CUDA until measured
+    assert default.accelerator.unwrap_model(default.model).channels_last is (not torch.cuda.is_available())

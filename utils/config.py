@@ -280,7 +280,7 @@ SCHEMA: dict[str, Rule] = {
     "train.compile": switch("t"),
     "train.compile_mode": Rule(STR, "t", required=False, choices=COMPILE_MODES),
     "train.cudnn_benchmark": Rule((bool,), "t", required=False),
-    "train.channels_last": Rule((bool,), "t", required=False),
+    "train.channels_last": switch("t"),
     "train.adamw.fused": switch("t"),
     "inference.batch_size": positive(INT, "i", required=False),
     "inference.engine": Rule(STR, "i", required=False, choices=("auto", "fused", "tiled", "plain")),

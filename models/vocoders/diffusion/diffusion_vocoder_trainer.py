@@ -34,7 +34,7 @@ from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.stepper import HostCopy, Inflight, Stepper, make_optimizer
 from models.vocoders.diffusion.train_state import EMA, TrainState
 from utils.checkpoint import list_checkpoints, resolve_checkpoint
-from utils.config import ConfigError
+from utils.config import ConfigError, bool_or_auto
 from utils.text import plural
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class DiffusionVocoderTrainer:
 
         seed_everything(self.seed)  # the same initial weights on every process
         self.model = build_diffwave(cfg)
-        self.model.channels_last = bool(tcfg.get("channels_last", False))
+        # auto: on the CPU, where it trains 18-36% faster (docs/benchmarks.md); off on CUDA until measured there
+        self.model.channels_last = bool_or_auto(tcfg.get("channels_last", "auto"), "train.channels_last", not cuda)
         self.cum = alpha_cum(training_betas(cfg.model.diffwave)).to(self.accelerator.device)
         self.optimizer = make_optimizer(self.model, cfg, self.accelerator.device, precision)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, float(tcfg.exponential_lr.lr_decay))
