@@ -1,7 +1,7 @@
 """How the stages use their device: precision, CUDA's math modes, torch.compile, the CPU's threads.
 
 "auto" precisions are half on a GPU and fp32 on the CPU: stage 2 trains in bf16 where the GPU
-computes it natively, stage 3 vocodes in fp16 on any CUDA GPU. On CUDA, TF32 and cuDNN's
+computes it natively, stage 3 vocodes in fp16 where it has tensor cores. On CUDA, TF32 and cuDNN's
 algorithm search are set as the config says, and the model is compiled in place (its parameter
 names and checkpoints unchanged). On the CPU, the torch threads follow the machine's load, so a
 neighbour's job does not stall every op (see utils/threads).

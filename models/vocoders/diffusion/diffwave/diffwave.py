@@ -4,8 +4,9 @@
 is zeroed past its item's end, which is what the same item sees alone (zero padding).
 
 `channels_last` runs the residual stack as one-row images (B, C, 1, T) stored channels-last, each
-1-D convolution as the equal 2-D one: on a GPU, cuDNN's NHWC tensor-core kernels without the
-layout transposes around each convolution. The same parameters and numbers within rounding.
+1-D convolution as the equal 2-D one: NHWC kernels (oneDNN's on the CPU, faster there; cuDNN's
+tensor-core kernels on a GPU, without layout transposes around each convolution). The same
+parameters and numbers within rounding.
 """
 
 from __future__ import annotations
