@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg.train.compile = {"true": True, "false": False}.get(args.compile, "auto")
     if args.compile_mode:
         cfg.train.compile_mode = args.compile_mode
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be 1 or more, got {args.threads}")
     if args.threads:
         cfg.train.num_threads = args.threads
     if args.channels_last:

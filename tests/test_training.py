@@ -580,5 +580,11 @@ def test_channels_last_training_takes_the_same_steps(corpus: Path, tmp_path: Pat
         run.train()
         runs[channels_last] = newest(tmp_path / "ckpts" / name)
     assert max_diff(runs[False] / "model.safetensors", runs[True] / "model.safetensors") <= 1e-4
-    default = trainer(config(corpus, tmp_path), "auto")  # on the CPU, where it is faster; off on CUDA until measured
-    assert default.accelerator.unwrap_model(default.model).channels_last is (not torch.cuda.is_available())
+    narrow = trainer(config(corpus, tmp_path), "narrow")  # auto: a few channels, slower so on one thread: off
+    assert narrow.accelerator.unwrap_model(narrow.model).channels_last is False
+    path = config(corpus, tmp_path)
+    wide = json.loads(path.read_text())
+    wide["model"]["diffwave"]["residual_channels"] = 32
+    path.write_text(json.dumps(wide))
+    wide = trainer(path, "wide")  # auto: on the CPU from 32 channels, where it is faster; off on CUDA until measured
+    assert wide.accelerator.unwrap_model(wide.model).channels_last is (not torch.cuda.is_available())

@@ -318,7 +318,8 @@ def _check_rule(cfg: dict, dotted: str, rule: Rule, stage: str) -> None:
     require(cfg, dotted, rule.kind)
     for item in (value if isinstance(value, list) else [value]) if rule.choices else ():
         if item not in rule.choices:
-            raise ConfigError(f"{where} is '{item}': choose one of {', '.join(str(c) for c in rule.choices)}")
+            choices = ", ".join(c if isinstance(c, str) else json.dumps(c) for c in rule.choices)  # true, not True
+            raise ConfigError(f"{where} is '{item}': choose one of {choices}")
     for item in value if rule.items and isinstance(value, list) else ():
         if not _is(item, rule.items):
             names = " or ".join(k.__name__ for k in rule.items)
