@@ -64,7 +64,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--infer_precision", "--precision", dest="precision", default=None, choices=list(PRECISIONS),
-                        help="default: config inference.precision, else auto (fp16 on CUDA, fp32 on the CPU)")
+                        help="default: config inference.precision, else auto (fp16 on CUDA GPUs with tensor cores, "
+                             "else fp32)")
     parser.add_argument("--infer_raw_weights", "--raw_weights", dest="raw_weights", action="store_true",
                         help="use the raw weights even when EMA weights exist")
     run(main, parser)

@@ -40,7 +40,7 @@ stage 3  --infer_mode MODE          infer_from_dataset | infer_from_feature | in
          --infer_steps N            ddim: number of steps; searched: which searched schedule
          --infer_batch_size N       utterances per batch (default: config inference.batch_size)
          --infer_precision P        auto | fp32 | fp16 | bf16 (default: config inference.precision, else auto:
-                                    fp16 on CUDA, fp32 on the CPU)
+                                    fp16 on CUDA GPUs with tensor cores, else fp32)
          --infer_raw_weights        the raw weights even when EMA weights exist
          --infer_mel_convention C   feature mode: ln | log10 | db_normalized | meanvar, chained with +
          --infer_mel_stats FILE     feature mode, meanvar: (2, n_mel) .npy of per-bin mean and scale
