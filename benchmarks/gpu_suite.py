@@ -115,7 +115,7 @@ class InferenceCases:
         torch.manual_seed(0)
         self.model = build_diffwave(self.cfg).eval().cuda()
         torch.nn.init.normal_(self.model.output_projection.weight, std=0.1)  # zero at initialisation: make it matter
-        self.tuned: set[tuple[str, bool]] = set()  # (precision, long) the fused kernel's tuner has seen: 20 s each
+        self.tuned: set[tuple[str, int]] = set()  # (precision, size class) the fused kernel's tuner saw: 20 s each
 
     def line(self, r: dict) -> str:
         peak = self.peaks["tf32_tflops" if r["precision"] == "fp32" else "bf16_tflops"]
@@ -129,7 +129,7 @@ class InferenceCases:
         def fn() -> dict:
             return {"precision": precision, **measure(self.cfg, self.model, seconds, batch, 3, device="cuda",
                                                       precision=precision, **options)}
-        shape = (precision, batch * seconds * int(self.cfg.preprocess.sample_rate) >= 1 << 18)  # fused.py's classes
+        shape = (precision, fused.size_class(batch * seconds * int(self.cfg.preprocess.sample_rate)))
         fused_first = "engine" not in options and shape not in self.tuned
         expect = 30 if options.get("compile") else 25 if fused_first else 6
         result = self.suite.case(name, fn, self.line, expect_s=expect)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.vocoders.diffusion.ddpm import SAMPLERS
-from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, tf32
+from models.vocoders.diffusion.diffusion_vocoder_inference import PRECISIONS, Vocoder, tf32
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
 from models.vocoders.diffusion.windowed import ENGINES
 from utils.config import REPO_ROOT, load_config
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the plain engine's forward")
     parser.add_argument("--no_cuda_graph", action="store_true", help="launch every kernel instead of graph replay")
     parser.add_argument("--gpu_memory_gib", type=float, default=None, help="GPU memory budget (default: 80%% of free)")
-    parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+    parser.add_argument("--precision", default=None, choices=list(PRECISIONS),
                         help="default: the config's inference.precision, else auto (fp16 on CUDA GPUs with tensor "
                              "cores, else fp32)")
     parser.add_argument("--device", default="cpu")

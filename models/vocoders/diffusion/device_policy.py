@@ -63,6 +63,13 @@ def inference_precision(setting: str, device: torch.device) -> str:
     return "fp16" if cuda and torch.cuda.get_device_capability(index) >= TENSOR_CORES else "fp32"
 
 
+def channels_last(setting: bool | str, cuda: bool, channels: int) -> bool:
+    """`train.channels_last`: "auto" is on for the CPU with models of 32+ residual channels (the base model trains
+    15% faster in fp32, 48% in bf16 on 2 threads, and the same on one; smaller models lose on one thread), off on
+    CUDA until measured there."""
+    return bool_or_auto(setting, "train.channels_last", not cuda and channels >= 32)
+
+
 def set_cuda_math(tcfg: Any) -> None:
     torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32", True))
     torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))

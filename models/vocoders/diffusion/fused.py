@@ -55,6 +55,11 @@ def _run(family: str, grid: Any, args: tuple, meta: dict) -> None:
         raise KernelError(f"the fused kernel failed on this GPU ({type(error).__name__}: {first})") from error
 
 
+def size_class(samples: int) -> int:
+    """Short and long inputs (batch x samples) are tuned apart."""
+    return int(samples >= 1 << 18)
+
+
 def available(device: torch.device) -> bool:
     """Whether the fused kernel can run on `device` (CUDA with Triton, or any device under the interpreter)."""
     return triton is not None and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
@@ -236,11 +241,11 @@ class FusedDiffWave:
         def grid(meta: dict) -> tuple[int, int]:
             return triton.cdiv(total, meta["BLOCK_T"]), batch
 
-        size_class = int(batch * total >= 1 << 18)  # short and long inputs are tuned apart
+        tuned_as = size_class(batch * total)
         for i, d in enumerate(self.dilations):
             args = (x, cond, skip, spare, shifts[:, i * self.channels :], lengths, self.w_tap[i], self.w_cond[i],
                     self.w_out[i], self.b_in[i], self.b_out[i], total, self.channels, self.n_mel, d, shifts.shape[1],
-                    size_class)
+                    tuned_as)
             self._launch(grid, args)
             x, spare = spare, x
         w_skip = m.skip_projection.weight[:, :, 0] / math.sqrt(len(self.dilations))
