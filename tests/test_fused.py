@@ -7,6 +7,10 @@ on a CUDA machine the same tests run the compiled kernel.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from models.vocoders.diffusion.windowed import GraphedDenoiser, WindowedDenoiser
 from tests.tiny_experiment import model_cfg
 from utils.config import ConfigError
 
+REPO = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not fused.available(DEVICE), reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
 HOP = 16
@@ -201,3 +206,17 @@ def test_a_kernel_the_compiler_rejects_tries_the_split_dot_family_then_says_so(m
         with pytest.raises(error):
             net(audio, step, cond, lengths)
         assert fused._kernel == "tuned"
+
+
+@pytest.mark.skipif(fused.triton is None or DEVICE.type == "cuda", reason="needs Triton's NVIDIA backend; a GPU runs the kernel")
+def test_the_first_tuned_variants_compile_for_hopper_without_spilling_and_three_programs_fit():
+    """Compiled for sm_90 here, without a GPU (the interpreter compiles nothing: a process without it). The kernel
+    before its in-place accumulators took 255 registers a thread and spilled 160 bytes: two programs an SM."""
+    probe = ("from benchmarks.kernel_resources import resources\nfrom models.vocoders.diffusion import fused\n"
+             "for config in fused.TUNED[:2]: print(resources(config, 'bf16'))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("Resources(")]
+    assert len(rows) == 2 and all("stack=0," in row and "mma='HGMMA'" in row for row in rows), out.stdout
+    assert any("programs=3" in row or "programs=4" in row for row in rows), out.stdout

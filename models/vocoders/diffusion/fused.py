@@ -76,16 +76,27 @@ def _padded(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
+def kernel_constants(channels: int, n_mel: int, widen: bool) -> dict:
+    """The kernel's compile-time shapes: channels and mels padded for tl.dot, the mels' chunk (half, at least 16)."""
+    mels = _padded(n_mel)
+    return {"CP": _padded(channels), "MP": mels, "MC": max(16, mels // 2), "WIDEN": widen}
+
+
 if triton is not None:
 
-    def _config(block: int, merged: bool, warps: int) -> triton.Config:
-        return triton.Config({"BLOCK_T": block, "MERGED": merged}, num_warps=warps, num_stages=1)  # no loop to pipeline
+    def _config(block: int, merged: bool, warps: int, registers: int | None = None) -> triton.Config:
+        """`registers` caps each thread's registers, so that more programs share a multiprocessor."""
+        return triton.Config({"BLOCK_T": block, "MERGED": merged}, num_warps=warps, num_stages=1,  # no loop to pipeline
+                             maxnreg=registers)
 
     # Tried in turn on a new shape; MERGED does the gate/filter and residual/skip halves as one N = 2C dot each.
-    # (Programs that looped over several row tiles, reusing the weights and pipelining the loads, never won on
-    # an H200, and the one wrong result a GPU test ever showed came from one of them: removed.)
-    TUNED = [_config(64, True, 4), _config(128, True, 8), _config(64, True, 8), _config(128, True, 4),
-             _config(64, False, 4), _config(128, False, 4)]
+    # `python -m benchmarks.kernel_resources` compiles them for Hopper on any machine: with Triton 3.6, 168
+    # registers a thread at 64 rows and 4 warps, no spills, 3 programs a multiprocessor (the kernel before the
+    # in-place accumulators: 255 and 160 spilled bytes, 2); the caps fit 3 programs of 4 warps with other Tritons,
+    # or 2 of 8. (Programs that looped over several row tiles, reusing the weights and pipelining the loads, never
+    # won on an H200, and the one wrong result a GPU test ever showed came from one of them: removed.)
+    TUNED = [_config(64, True, 4), _config(64, True, 4, 168), _config(64, True, 8, 128), _config(128, True, 8),
+             _config(128, True, 8, 128), _config(32, True, 4), _config(64, False, 4)]
     # The split-dot variants: what the first GPU measurements ran; kept as the fallback.
     PLAIN = [_config(32, False, 4), _config(64, False, 4), _config(128, False, 4), _config(128, False, 8)]
 
@@ -97,56 +108,74 @@ if triton is not None:
         return tl.where(ok[:, None], x.to(tl.float32) + shift[None, :], 0.0).to(x_base.dtype.element_ty).to(DOT)
 
     @triton.jit
-    def _halves(y, w_ptr, rows, c, CP: tl.constexpr, MERGED: tl.constexpr, DOT: tl.constexpr):
-        """y @ W for a (rows, 2 CP) weight whose columns interleave two halves; returns the halves."""
+    def _zeros(rows: tl.constexpr, CP: tl.constexpr, MERGED: tl.constexpr):
+        """The fp32 accumulator of a (rows, 2 CP) product: one interleaved tile, or its two halves apart."""
+        if MERGED:
+            return tl.zeros((rows, 2 * CP), dtype=tl.float32)
+        else:
+            return tl.zeros((rows, CP), dtype=tl.float32), tl.zeros((rows, CP), dtype=tl.float32)
+
+    @triton.jit
+    def _project(y, w_ptr, rows, c, acc, CP: tl.constexpr, MERGED: tl.constexpr, DOT: tl.constexpr):
+        """acc + y @ W for a (rows, 2 CP) weight whose columns interleave two halves. The tensor cores add into
+        the accumulator in place: a separate sum per tap held a second copy and spilled registers."""
         if MERGED:
             n = tl.arange(0, 2 * CP)
-            both = tl.dot(y, tl.load(w_ptr + rows[:, None] * (2 * CP) + n[None, :]).to(DOT))
-            first, second = tl.split(tl.reshape(both, (y.shape[0], CP, 2)))
+            return tl.dot(y, tl.load(w_ptr + rows[:, None] * (2 * CP) + n[None, :]).to(DOT), acc)
         else:
-            first = tl.dot(y, tl.load(w_ptr + rows[:, None] * (2 * CP) + 2 * c[None, :]).to(DOT))
-            second = tl.dot(y, tl.load(w_ptr + rows[:, None] * (2 * CP) + 2 * c[None, :] + 1).to(DOT))
+            first, second = acc
+            first = tl.dot(y, tl.load(w_ptr + rows[:, None] * (2 * CP) + 2 * c[None, :]).to(DOT), first)
+            second = tl.dot(y, tl.load(w_ptr + rows[:, None] * (2 * CP) + 2 * c[None, :] + 1).to(DOT), second)
+            return first, second
+
+    @triton.jit
+    def _halves(acc, bias_ptr, c, CP: tl.constexpr, MERGED: tl.constexpr):
+        """The accumulator plus its (interleaved) bias, as its two halves."""
+        if MERGED:
+            n = tl.arange(0, 2 * CP)
+            first, second = tl.split(tl.reshape(acc + tl.load(bias_ptr + n)[None, :], (acc.shape[0], CP, 2)))
+        else:
+            first, second = acc
+            first += tl.load(bias_ptr + 2 * c)[None, :]
+            second += tl.load(bias_ptr + 2 * c + 1)[None, :]
         return first, second
 
     @triton.jit
     def _residual_layer(
         x_ptr, cond_ptr, skip_ptr, out_ptr, shift_ptr, len_ptr, w_tap_ptr, w_cond_ptr, w_out_ptr, b_in_ptr, b_out_ptr,
         T, C, M, dilation, shift_stride, size_class,
-        CP: tl.constexpr, MP: tl.constexpr, BLOCK_T: tl.constexpr, MERGED: tl.constexpr, WIDEN: tl.constexpr,
+        CP: tl.constexpr, MP: tl.constexpr, MC: tl.constexpr, BLOCK_T: tl.constexpr, MERGED: tl.constexpr,
+        WIDEN: tl.constexpr,
     ):
         b = tl.program_id(1)
         c = tl.arange(0, CP)
         cm = c < C
-        m = tl.arange(0, MP)
         io = x_ptr.dtype.element_ty
         DOT = tl.float32 if WIDEN else io
         length = tl.load(len_ptr + b)
         shift = tl.load(shift_ptr + b * shift_stride + c, mask=cm, other=0.0)
         x_base = x_ptr + b * T * C
-        bias_gate, bias_filt = tl.load(b_in_ptr + 2 * c), tl.load(b_in_ptr + 2 * c + 1)
-        bias_res, bias_skip = tl.load(b_out_ptr + 2 * c), tl.load(b_out_ptr + 2 * c + 1)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        gate = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
-        filt = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+        acc = _zeros(BLOCK_T, CP, MERGED)
         for k in tl.static_range(3):
             y = _tap(x_base, shift, t + (k - 1) * dilation, c, cm, length, C, DOT)
-            g, f = _halves(y, w_tap_ptr + k * CP * 2 * CP, c, c, CP, MERGED, DOT)
-            gate += g
-            filt += f
+            acc = _project(y, w_tap_ptr + k * CP * 2 * CP, c, c, acc, CP, MERGED, DOT)
         inside = t < T
-        cond = tl.load(cond_ptr + b * T * M + t[:, None] * M + m[None, :],
-                       mask=inside[:, None] & (m < M)[None, :], other=0.0).to(DOT)
-        g, f = _halves(cond, w_cond_ptr, m, c, CP, MERGED, DOT)
-        gate += g + bias_gate[None, :]
-        filt += f + bias_filt[None, :]
+        for j in tl.static_range(MP // MC):  # in two halves: the (MP, 2 CP) weight tile alone took 32 KiB of shared memory
+            m = j * MC + tl.arange(0, MC)
+            cond = tl.load(cond_ptr + b * T * M + t[:, None] * M + m[None, :],
+                           mask=inside[:, None] & (m < M)[None, :], other=0.0).to(DOT)
+            acc = _project(cond, w_cond_ptr, m, c, acc, CP, MERGED, DOT)
+        gate, filt = _halves(acc, b_in_ptr, c, CP, MERGED)
         z = (tl.sigmoid(gate) * (2.0 * tl.sigmoid(2.0 * filt) - 1.0)).to(io).to(DOT)
-        residual, skip = _halves(z, w_out_ptr, c, c, CP, MERGED, DOT)
+        out = _project(z, w_out_ptr, c, c, _zeros(BLOCK_T, CP, MERGED), CP, MERGED, DOT)
+        residual, skip = _halves(out, b_out_ptr, c, CP, MERGED)
         rows = inside[:, None] & cm[None, :]
         offsets = b * T * C + t[:, None] * C + c[None, :]
         x = tl.load(x_ptr + offsets, mask=rows, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offsets, ((x + residual + bias_res[None, :]) * 0.7071067811865476).to(io), mask=rows)  # / sqrt 2
+        tl.store(out_ptr + offsets, ((x + residual) * 0.7071067811865476).to(io), mask=rows)  # / sqrt 2
         total = tl.load(skip_ptr + offsets, mask=rows, other=0.0)
-        tl.store(skip_ptr + offsets, total + skip + bias_skip[None, :], mask=rows)
+        tl.store(skip_ptr + offsets, total + skip, mask=rows)
 
     def _tuner(configs: list) -> triton.runtime.Autotuner:
         """Tuned once per GPU model and shape class: Triton 3.2+ keeps the winner on disk, so a later
@@ -207,7 +236,7 @@ class FusedDiffWave:
     def _launch(self, grid: Any, args: tuple) -> None:
         """The tuned kernels, or the proven split-dot ones where this GPU's compiler rejects a tuned variant."""
         global _kernel
-        meta = {"CP": self.cp, "MP": self.mp, "WIDEN": INTERPRET and self.dtype != torch.float32}
+        meta = kernel_constants(self.channels, self.n_mel, widen=INTERPRET and self.dtype != torch.float32)
         if self.config is not None:
             _residual_layer[grid](*args, **meta, **self.config)
             return
