@@ -26,6 +26,7 @@ from torch import nn
 from models.vocoders.diffusion.ddpm import SAMPLERS
 from models.vocoders.diffusion.diffusion_vocoder_inference import PRECISIONS, Vocoder, tf32
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
+from models.vocoders.diffusion.fused import mel_row
 from models.vocoders.diffusion.windowed import ENGINES
 from utils.config import REPO_ROOT, load_config
 
@@ -82,11 +83,11 @@ def cuda_seconds(fn: Any, repeats: int) -> float:
 
 def bytes_per_sample(model: DiffWave, dtype: torch.dtype | None) -> float:
     """Device-memory traffic of one fused denoising step per audio sample: each layer reads its input and the
-    upsampled mel once and writes its output once (I/O dtype), and reads and writes the fp32 skip sum."""
+    upsampled mel (its padded rows) once and writes its output once (I/O dtype), and reads and writes the fp32 skip sum."""
     layer = model.residual_layers[0]
     channels, n_mel = layer.dilated_conv.in_channels, layer.conditioner_projection.in_channels
     size = 4 if dtype is None else torch.finfo(dtype).bits // 8
-    return len(model.residual_layers) * ((2 * channels + n_mel) * size + 8 * channels)
+    return len(model.residual_layers) * ((2 * channels + mel_row(n_mel)) * size + 8 * channels)
 
 
 def _timed(fn: Any) -> float:

@@ -4,7 +4,7 @@
 
 Compiles every variant the tuner tries, and the fallback's, for a CUDA architecture with the
 installed Triton, specialised as the launcher specialises them (aligned pointers and channel
-counts), and prints for each: registers a thread, spilled bytes (the stack frame), shared
+counts, the mel rows padded to 16 bins), and prints for each: registers a thread, spilled bytes (the stack frame), shared
 memory, the matrix instructions (HGMMA is Hopper's asynchronous tensor-core path, HMMA the older
 one) and how many programs fit on one multiprocessor. Needs no GPU: Triton's NVIDIA backend
 carries ptxas and cuobjdump. A design aid: a variant that spills, or fits few warps on a
@@ -77,7 +77,7 @@ def compile_variant(config: triton.Config, io: str, channels: int, n_mel: int, a
             signature[name] = "*fp32" if name in FLOAT_ARGS else "*i32" if name == "len_ptr" else f"*{io}"
         else:
             signature[name] = "i32"
-        if name.endswith("_ptr") or (name in ("C", "shift_stride") and channels % 16 == 0):
+        if name.endswith("_ptr") or name == "M" or (name in ("C", "shift_stride") and channels % 16 == 0):
             aligned.append(i)
     source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()},
                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from models.vocoders.diffusion.chunked import MEL_MARGIN
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave
-from models.vocoders.diffusion.fused import FusedDiffWave
+from models.vocoders.diffusion.fused import FusedDiffWave, mel_row
 from utils.config import ConfigError
 
 ENGINES = ("auto", "fused", "tiled", "plain")
@@ -36,7 +36,7 @@ def bytes_per_sample(model: DiffWave, engine: str, dtype: torch.dtype | None) ->
     channels, n_mel = layers[0].dilated_conv.in_channels, layers[0].conditioner_projection.in_channels
     size = torch.finfo(dtype).bits // 8 if dtype is not None else 4
     if engine == "fused":  # x twice (ping-pong), fp32 skip, the window's conditioner, upsampler or tail temporaries
-        return int(SAFETY * (2 * channels * size + 4 * channels + n_mel * size + max(12 * n_mel, 8 * channels) + 32))
+        return int(SAFETY * (2 * channels * size + 4 * channels + mel_row(n_mel) * size + max(12 * n_mel, 8 * channels) + 32))
     # the plain forward holds every layer's conditioner projection and a layer's temporaries at once
     return int(SAFETY * ((len(layers) + 8) * 2 * channels * 4 + 12 * n_mel + 32))
 
