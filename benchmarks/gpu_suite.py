@@ -13,7 +13,7 @@
    data, and as a multiple of the original recipe's step at its batch, measured first in the same
    run as a plain fp32 loop (`benchmarks.train.measure_plain_loop`);
 5. the extras, while time is left: the fused network's step alone with its error against float64,
-   CUDA graphs forced on and off, the plain forward in more cases and under torch.compile, windows
+   each of the kernel tuner's variants pinned, CUDA graphs forced on and off, the plain forward in more cases and under torch.compile, windows
    against one window; in training a batch replayed from the GPU (the step without the loader),
    eager bf16 (also channels-last), CUDA graphs.
 
@@ -34,6 +34,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -164,14 +165,17 @@ def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str
     rate, hop = int(cfg.preprocess.sample_rate), int(cfg.preprocess.hop_size)
     per_sample = flops_per_sample(model, int(cfg.preprocess.n_mel))
 
+    def inputs(seconds: float, batch: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        frames = round(seconds * rate / hop)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        mel = torch.randn(batch, int(cfg.preprocess.n_mel), frames, device="cuda", generator=gen)
+        audio = torch.randn(batch, frames * hop, device="cuda", generator=gen)
+        return frames, mel, audio, torch.full((batch,), 20.5, device="cuda")
+
     def fn(seconds: float, batch: int, precision: str) -> Callable[[], dict]:
         def inner() -> dict:
             dtype = PRECISION_DTYPES[precision]
-            frames = round(seconds * rate / hop)
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            mel = torch.randn(batch, int(cfg.preprocess.n_mel), frames, device="cuda", generator=gen)
-            audio = torch.randn(batch, frames * hop, device="cuda", generator=gen)
-            step = torch.full((batch,), 20.5, device="cuda")
+            frames, mel, audio, step = inputs(seconds, batch)
             net = FusedDiffWave(model, dtype or torch.float32)
             cond = net.conditioner(mel)
             start = time.perf_counter()
@@ -198,9 +202,22 @@ def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str
                 f"{r['tbps']:5.2f} TB/s ({r['tbps'] / peaks['copy_tbps']:5.1%})  rel.err {r['relative_error']:.1e}  "
                 f"first {r['first_call_s']:.1f} s  {r['kernel']}")
 
+    def variants() -> dict:
+        """Each of the tuner's variants pinned, at 10 s batch 1 in fp16: what the tuner's choice is worth."""
+        _, mel, audio, step = inputs(10, 1)
+        times = {}
+        for config in fused.TUNED:
+            pinned = {**config.kwargs, "num_warps": config.num_warps, "maxnreg": config.maxnreg}
+            net = FusedDiffWave(model, torch.float16, config=pinned)
+            run = partial(net, audio, step, net.conditioner(mel))
+            times[" ".join(f"{k}={v}" for k, v in pinned.items())] = 1e3 * cuda_seconds(run, 10)
+        return {"ms_per_step": times}
+
     for seconds, batch, precision in ((10, 1, "fp16"), (10, 16, "fp16"), (10, 1, "bf16"), (10, 1, "fp32"),
                                       (10, 16, "fp32"), (1, 1, "fp16")):
         suite.case(f"kernel step {seconds}s b{batch} {precision}", fn(seconds, batch, precision), line)
+    suite.case("kernel variants 10s b1 fp16", variants,
+               lambda r: "  ".join(f"[{k}] {ms:.2f} ms" for k, ms in r["ms_per_step"].items()), expect_s=40)
 
 
 def windows_exact(suite: Suite, cfg: Any, model: torch.nn.Module) -> None:

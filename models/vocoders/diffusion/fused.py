@@ -204,7 +204,7 @@ class FusedDiffWave:
     """
 
     def __init__(self, model: DiffWave, dtype: torch.dtype = torch.float32, config: dict | None = None) -> None:
-        """`config` ({"BLOCK_T", "MERGED"}, optional "num_warps", "num_stages") skips the tuning."""
+        """`config` ({"BLOCK_T", "MERGED"}, optional "num_warps", "num_stages", "maxnreg") skips the tuning."""
         if triton is None:
             raise RuntimeError("the fused kernel needs Triton: pip install triton (the gpu extra)")
         self.model, self.dtype, self.config = model, dtype, config
