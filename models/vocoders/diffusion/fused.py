@@ -103,7 +103,7 @@ if triton is not None:
     # or 2 of 8. (Programs that looped over several row tiles, reusing the weights and pipelining the loads, never
     # won on an H200, and the one wrong result a GPU test ever showed came from one of them: removed.)
     TUNED = [_config(64, True, 4), _config(64, True, 4, 168), _config(64, True, 8, 128), _config(128, True, 8),
-             _config(128, True, 8, 128), _config(32, True, 4), _config(64, False, 4)]
+             _config(32, True, 4), _config(64, False, 4)]
     # The split-dot variants: what the first GPU measurements ran; kept as the fallback.
     PLAIN = [_config(32, False, 4), _config(64, False, 4), _config(128, False, 4), _config(128, False, 8)]
 
