@@ -13,9 +13,9 @@
    data, and as a multiple of the original recipe's step at its batch, measured first in the same
    run as a plain fp32 loop (`benchmarks.train.measure_plain_loop`);
 5. the extras, while time is left: the fused network's step alone with its error against float64,
-   each of the kernel tuner's variants pinned, CUDA graphs forced on and off, the plain forward in more cases and under torch.compile, windows
-   against one window; in training a batch replayed from the GPU (the step without the loader),
-   eager bf16 (also channels-last), CUDA graphs.
+   each of the kernel tuner's variants pinned, CUDA graphs forced on and off, the plain forward in
+   more cases and under torch.compile, windows against one window; in training a batch replayed from
+   the GPU (the step without the loader), eager bf16 (also channels-last), CUDA graphs.
 
 Each case prints one line as it finishes; all figures go to `--out` as JSON. `--budget_s` bounds the
 whole run, tests included: a case whose usual time would end past it is skipped and listed, so a

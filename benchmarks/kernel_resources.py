@@ -14,12 +14,14 @@ multiprocessor, waits on memory with nothing else to run. Run it without TRITON_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from io import StringIO as io_buffer
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -89,7 +91,8 @@ def compile_variant(config: triton.Config, io: str, channels: int, n_mel: int, a
 
 def resources(config: triton.Config, io: str, channels: int = 64, n_mel: int = 100, arch: int = 90) -> Resources:
     """Compile one of the tuner's configs and read its binary."""
-    compiled = compile_variant(config, io, channels, n_mel, arch)
+    with contextlib.redirect_stdout(io_buffer()):  # Triton prints a failed variant's whole PTX
+        compiled = compile_variant(config, io, channels, n_mel, arch)
     with tempfile.TemporaryDirectory() as folder:
         cubin = os.path.join(folder, "kernel.cubin")
         with open(cubin, "wb") as f:
@@ -121,10 +124,16 @@ def main(argv: list[str] | None = None) -> None:
     for family, configs in (("tuned", fused.TUNED), ("plain", fused.PLAIN)):
         for io in args.dtypes:
             for config in configs:
-                r = resources(config, io, args.channels, args.n_mel, args.arch)
-                print(f"{family:7} {io:6} {config.kwargs['BLOCK_T']:4}  {config.kwargs['MERGED']!s:6}  "
-                      f"{config.num_warps:5}  {config.maxnreg or '-':>3}  {r.registers:9}  {r.stack:9}  "
-                      f"{r.shared / 1024:10.0f}  {r.mma:5}  {r.programs:11}", flush=True)
+                head = (f"{family:7} {io:6} {config.kwargs['BLOCK_T']:4}  {config.kwargs['MERGED']!s:6}  "
+                        f"{config.num_warps:5}  {config.maxnreg or '-':>3}  ")
+                try:
+                    r = resources(config, io, args.channels, args.n_mel, args.arch)
+                except Exception as error:  # a compiler's refusal (too many registers, too much shared memory)
+                    fatal = [line for line in str(error).splitlines() if "fatal" in line or "Error" in line]
+                    print(f"{head}does not compile: {(fatal or [type(error).__name__])[0].strip()}", flush=True)
+                    continue
+                print(f"{head}{r.registers:9}  {r.stack:9}  {r.shared / 1024:10.0f}  {r.mma:5}  {r.programs:11}",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,11 @@ def test_engine_choice_is_checked():
         Vocoder(cfg(16, 20), model, device=DEVICE.type, engine="turbo")
     with pytest.raises(ConfigError, match=r"inference\.cuda_graph"):
         Vocoder(cfg(16, 20), model, device=DEVICE.type, cuda_graph="sometimes")
+    wide = random_model(channels=fused.MAX_CHANNELS + 8, layers=2)  # no variant's tiles fit in shared memory
+    with pytest.raises(ConfigError, match=r"at most 128 residual channels; this model has 136; use engine 'auto'"):
+        Vocoder(cfg(136, 20, layers=2), wide, device=DEVICE.type, engine="fused")
+    assert Vocoder(cfg(136, 20, layers=2), wide, device=DEVICE.type).engine != "fused"
+    assert fused.too_wide(random_model(channels=fused.MAX_CHANNELS, layers=2)) is None
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")

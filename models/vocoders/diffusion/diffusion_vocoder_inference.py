@@ -103,12 +103,15 @@ class Vocoder:
         if engine not in ENGINES:
             raise ConfigError(f"unknown inference engine '{engine}': choose one of {', '.join(ENGINES)}")
         plain_model = isinstance(self.model, DiffWave)
+        too_wide = fused.too_wide(self.model) if plain_model else None
         if engine == "auto":
             if self.device.type == "cuda":
-                return "fused" if plain_model and fused.available(self.device) else "plain"
+                return "fused" if plain_model and fused.available(self.device) and not too_wide else "plain"
             return "tiled" if self.dtype is None and plain_model and self.chunk_size > 0 else "plain"
         if engine == "fused" and not (plain_model and fused.available(self.device)):
             raise ConfigError("inference engine 'fused' needs a CUDA GPU and Triton (pip install triton)")
+        if engine == "fused" and too_wide:
+            raise ConfigError(f"inference engine 'fused': {too_wide}; use engine 'auto' or 'plain'")
         if engine == "tiled" and not plain_model:
             raise ConfigError("inference engine 'tiled' needs a plain DiffWave model")
         return engine

@@ -33,6 +33,7 @@ except ImportError:  # the gpu extra is not installed
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_CHANNELS = 128
 log = logging.getLogger(__name__)
 _kernel = "tuned"  # which of KERNELS runs; falls back to "plain" once if a tuned variant fails to compile
 
@@ -63,6 +64,15 @@ def size_class(samples: int) -> int:
 def available(device: torch.device) -> bool:
     """Whether the fused kernel can run on `device` (CUDA with Triton, or any device under the interpreter)."""
     return triton is not None and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
+
+
+def too_wide(model: DiffWave) -> str | None:
+    """Why the kernel cannot run this model, if it cannot: past 128 residual channels no variant's tiles fit in a
+    multiprocessor's shared memory (`python -m benchmarks.kernel_resources --channels 256`)."""
+    channels = model.residual_layers[0].dilated_conv.in_channels
+    if channels <= MAX_CHANNELS:
+        return None
+    return f"the fused kernel takes at most {MAX_CHANNELS} residual channels; this model has {channels}"
 
 
 def kernel_in_use() -> str:
