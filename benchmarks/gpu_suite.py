@@ -203,21 +203,35 @@ def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str
                 f"first {r['first_call_s']:.1f} s  {r['kernel']}")
 
     def variants() -> dict:
-        """Each of the tuner's variants pinned, at 10 s batch 1 in fp16: what the tuner's choice is worth."""
+        """Each of the tuner's variants pinned, at 10 s batch 1 in fp16: what the tuner's choice is worth, and the
+        registers and spills the driver reports for it (to check `benchmarks.kernel_resources`, compiled offline)."""
         _, mel, audio, step = inputs(10, 1)
-        times = {}
+        times, resources = {}, {}
         for config in fused.TUNED:
             pinned = {**config.kwargs, "num_warps": config.num_warps, "maxnreg": config.maxnreg}
+            label = " ".join(f"{k}={v}" for k, v in pinned.items())
+            before = set(compiled_kernels())
             net = FusedDiffWave(model, torch.float16, config=pinned)
-            run = partial(net, audio, step, net.conditioner(mel))
-            times[" ".join(f"{k}={v}" for k, v in pinned.items())] = 1e3 * cuda_seconds(run, 10)
-        return {"ms_per_step": times}
+            times[label] = 1e3 * cuda_seconds(partial(net, audio, step, net.conditioner(mel)), 10)
+            resources[label] = [(getattr(k, "n_regs", None), getattr(k, "n_spills", None))
+                                for h, k in compiled_kernels().items() if h not in before]
+        return {"ms_per_step": times, "registers_spills": resources}
 
     for seconds, batch, precision in ((10, 1, "fp16"), (10, 16, "fp16"), (10, 1, "bf16"), (10, 1, "fp32"),
                                       (10, 16, "fp32"), (1, 1, "fp16")):
         suite.case(f"kernel step {seconds}s b{batch} {precision}", fn(seconds, batch, precision), line)
     suite.case("kernel variants 10s b1 fp16", variants,
-               lambda r: "  ".join(f"[{k}] {ms:.2f} ms" for k, ms in r["ms_per_step"].items()), expect_s=40)
+               lambda r: "  ".join(f"[{k}] {ms:.2f} ms {r['registers_spills'][k]}" for k, ms in r["ms_per_step"].items()),
+               expect_s=40)
+
+
+def compiled_kernels() -> dict[str, Any]:
+    """The fused layer's kernels compiled in this process, by hash (Triton's internals: empty where they differ)."""
+    found = {}
+    for caches in getattr(fused._residual_layer, "device_caches", {}).values():
+        kernels = caches[0] if isinstance(caches, tuple) and caches and isinstance(caches[0], dict) else {}
+        found.update({getattr(kernel, "hash", str(key)): kernel for key, kernel in kernels.items()})
+    return found
 
 
 def windows_exact(suite: Suite, cfg: Any, model: torch.nn.Module) -> None:
