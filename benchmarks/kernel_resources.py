@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if fused.triton is None:
         raise SystemExit("kernel_resources: Triton is not installed (pip install triton)")
+    if not 1 <= args.channels <= fused.MAX_CHANNELS or args.n_mel < 1:
+        raise SystemExit(f"kernel_resources: --channels must be 1-{fused.MAX_CHANNELS} (stage 3 runs wider models with "
+                         "the plain forward: their tiles exceed shared memory, and ptxas takes minutes to say so) and "
+                         "--n_mel at least 1")
     print(f"sm_{args.arch}, Triton {fused.triton.__version__}, {args.channels} channels, {args.n_mel} mels")
     print("family  dtype  rows  merged  warps  cap  registers  spilled B  shared KiB  mma    programs/SM")
     for family, configs in (("tuned", fused.TUNED), ("plain", fused.PLAIN)):
