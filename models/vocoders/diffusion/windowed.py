@@ -58,7 +58,7 @@ class WindowedDenoiser:
         window_budget = budget_bytes // 2 if engine == "fused" else budget_bytes
         window = window_budget // per_sample // self.hop * self.hop
         if engine == "fused":  # the kernel's offsets are 32-bit: batch x window x channels stays below 2**31
-            widest = max(model.residual_layers[0].dilated_conv.in_channels, mel.shape[1])
+            widest = max(model.residual_layers[0].dilated_conv.in_channels, mel_row(mel.shape[1]))  # padded rows
             window = min(window, (2**31 - 1) // (batch * widest) // self.hop * self.hop)
         if window < 2 * self.halo + 2 * self.hop and window < self.total:
             need = (2 * self.halo + 2 * self.hop) * per_sample * (2 if engine == "fused" else 1)
