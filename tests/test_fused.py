@@ -225,3 +225,12 @@ def test_the_first_tuned_variants_compile_for_hopper_without_spilling_and_three_
     rows = [line for line in out.stdout.splitlines() if line.startswith("Resources(")]
     assert len(rows) == 2 and all("stack=0," in row and "mma='HGMMA'" in row for row in rows), out.stdout
     assert any("programs=3" in row or "programs=4" in row for row in rows), out.stdout
+
+
+def test_windows_take_a_compiled_forward():
+    """A compiled module proxies len() to DiffWave, so `bool(compiled)` raises: the H200 suite's compiled plain case
+    failed on it."""
+    model = random_model()
+    compiled = torch.compile(model, dynamic=False)  # compiles lazily: nothing runs here
+    mel, _, lengths = batch([30, 17], 20)
+    assert WindowedDenoiser(model, mel, lengths, None, 1 << 30, None, compiled).forward is compiled

@@ -49,7 +49,7 @@ class WindowedDenoiser:
                  budget_bytes: int, fused: FusedDiffWave | None = None, forward: Callable | None = None) -> None:
         engine = "fused" if fused is not None else "plain"
         self.model, self.mel, self.lengths, self.dtype, self.fused = model, mel, lengths, dtype, fused
-        self.forward = forward or model
+        self.forward = model if forward is None else forward  # not `or`: a compiled module proxies len() to DiffWave
         self.hop = model.hop_size
         self.total = mel.shape[-1] * self.hop
         batch = mel.shape[0]
