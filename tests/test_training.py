@@ -23,6 +23,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from models.vocoders.diffusion import device_policy
+from models.vocoders.diffusion.device_policy import channels_last as channels_last_rule
 from models.vocoders.diffusion.device_policy import refuse_graphed_accumulation
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
@@ -588,3 +589,13 @@ def test_channels_last_training_takes_the_same_steps(corpus: Path, tmp_path: Pat
     path.write_text(json.dumps(wide))
     wide = trainer(path, "wide")  # auto: on the CPU from 32 channels, where it is faster; off on CUDA until measured
     assert wide.accelerator.unwrap_model(wide.model).channels_last is (not torch.cuda.is_available())
+
+
+def test_channels_last_auto_follows_the_device_and_cuda_graphs() -> None:
+    """Measured on an H200: channels-last wins on CUDA only when CUDA graphs replay the step; on the CPU from 32
+    residual channels."""
+    assert channels_last_rule("auto", cuda=False, channels=64) and not channels_last_rule("auto", cuda=False, channels=16)
+    assert not channels_last_rule("auto", cuda=True, channels=64)
+    assert channels_last_rule("auto", cuda=True, channels=64, graphed=True)
+    assert not channels_last_rule("auto", cuda=True, channels=16, graphed=True)
+    assert channels_last_rule(True, cuda=True, channels=8) and not channels_last_rule(False, cuda=False, channels=64)

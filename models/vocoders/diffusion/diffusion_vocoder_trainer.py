@@ -26,7 +26,14 @@ from tqdm import tqdm
 
 from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, restore_rng, rng_state
 from models.vocoders.diffusion.ddpm import alpha_cum, noise_prediction_loss, training_betas
-from models.vocoders.diffusion.device_policy import CpuThreads, channels_last, compile_in_place, set_cuda_math, training_precision
+from models.vocoders.diffusion.device_policy import (
+    CpuThreads,
+    channels_last,
+    compile_in_place,
+    graphed_compile,
+    set_cuda_math,
+    training_precision,
+)
 from models.vocoders.diffusion.diffusion_vocoder_dataset import TrainingData
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.eval_logging import EvalLogger
@@ -73,7 +80,8 @@ class DiffusionVocoderTrainer:
         seed_everything(self.seed)  # the same initial weights on every process
         self.model = build_diffwave(cfg)
         self.model.channels_last = channels_last(tcfg.get("channels_last", "auto"), cuda,
-                                                 int(cfg.model.diffwave.residual_channels))
+                                                 int(cfg.model.diffwave.residual_channels),
+                                                 graphed_compile(tcfg, self.accelerator.device))
         self.cum = alpha_cum(training_betas(cfg.model.diffwave)).to(self.accelerator.device)
         self.optimizer = make_optimizer(self.model, cfg, self.accelerator.device, precision)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, float(tcfg.exponential_lr.lr_decay))
