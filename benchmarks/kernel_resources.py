@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=64, help="residual channels (base config: 64)")
     parser.add_argument("--n_mel", type=int, default=100, help="mel bins (base config: 100)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     from models.vocoders.diffusion import fused
+
+    if fused.INTERPRET:
+        raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
     if fused.triton is None:
         raise SystemExit("kernel_resources: Triton is not installed (pip install triton)")

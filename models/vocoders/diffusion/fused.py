@@ -32,7 +32,7 @@ try:
 except ImportError:  # the gpu extra is not installed
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")  # as Triton reads it
 MAX_CHANNELS = 128
 log = logging.getLogger(__name__)
 _kernel = "tuned"  # which of KERNELS runs; falls back to "plain" once if a tuned variant fails to compile
@@ -107,13 +107,14 @@ if triton is not None:
                              maxnreg=registers)
 
     # Tried in turn on a new shape; MERGED does the gate/filter and residual/skip halves as one N = 2C dot each.
-    # `python -m benchmarks.kernel_resources` compiles them for Hopper on any machine: with Triton 3.6, 168
+    # `python -m benchmarks.kernel_resources` compiles them for Hopper on any machine: with Triton 3.6, 164-168
     # registers a thread at 64 rows and 4 warps, no spills, 3 programs a multiprocessor (the kernel before the
-    # in-place accumulators: 255 and 160 spilled bytes, 2); the caps fit 3 programs of 4 warps with other Tritons,
-    # or 2 of 8. (Programs that looped over several row tiles, reusing the weights and pipelining the loads, never
-    # won on an H200, and the one wrong result a GPU test ever showed came from one of them: removed.)
+    # in-place accumulators: 255 and 160 spilled bytes, 2). On an H200 the 168 cap won in 16 bits (4.46 ms a 10 s
+    # step against 4.64 uncapped); the others lost there but have no spills on sm_80/89, and the split dots (30 ms)
+    # stay only as the fallback. (Programs that looped over several row tiles, reusing the weights and pipelining
+    # the loads, never won on an H200, and the one wrong result a GPU test showed came from one of them: removed.)
     TUNED = [_config(64, True, 4), _config(64, True, 4, 168), _config(64, True, 8, 128), _config(128, True, 8),
-             _config(32, True, 4), _config(64, False, 4)]
+             _config(32, True, 4)]
     # The split-dot variants: what the first GPU measurements ran; kept as the fallback.
     PLAIN = [_config(32, False, 4), _config(64, False, 4), _config(128, False, 4), _config(128, False, 8)]
 
@@ -178,7 +179,7 @@ if triton is not None:
             y = _tap(x_base, shift, t + (k - 1) * dilation, c, cm, length, C, DOT)
             acc = _project(y, w_tap_ptr + k * CP * 2 * CP, c, c, acc, CP, MERGED, DOT)
         inside = t < T
-        for j in tl.static_range(MP // MC):  # in two halves: the (MP, 2 CP) weight tile alone took 32 KiB of shared memory
+        for j in tl.static_range(MP // MC):  # in halves (past 16 bins): a (128, 2 CP) weight tile took 32 KiB of shared memory
             m = j * MC + tl.arange(0, MC)
             cond = tl.load(cond_ptr + b * T * M + t[:, None] * M + m[None, :],
                            mask=inside[:, None] & (m < M)[None, :], other=0.0).to(DOT)
@@ -277,6 +278,9 @@ class FusedDiffWave:
     def __call__(self, audio: Tensor, diffusion_step: Tensor, cond: Tensor, lengths: Tensor | None = None) -> Tensor:
         m = self.model
         batch, total = audio.shape
+        if cond.shape != (batch, total, self.mel_row):  # a narrower one would be read past its end
+            raise ValueError(f"conditioner of shape {tuple(cond.shape)}: expected {(batch, total, self.mel_row)} "
+                             "(FusedDiffWave.conditioner pads the mel rows)")
         if lengths is None:
             lengths = torch.full((batch,), total, dtype=torch.int32, device=audio.device)
         lengths = lengths.to(torch.int32)
