@@ -68,7 +68,7 @@ def available(device: torch.device) -> bool:
 
 def too_wide(model: DiffWave) -> str | None:
     """Why the kernel cannot run this model, if it cannot: past 128 residual channels no variant's tiles fit in a
-    multiprocessor's shared memory (`python -m benchmarks.kernel_resources --channels 256`)."""
+    multiprocessor's shared memory, and ptxas takes minutes to say so (docs/benchmarks.md)."""
     channels = model.residual_layers[0].dilated_conv.in_channels
     if channels <= MAX_CHANNELS:
         return None
