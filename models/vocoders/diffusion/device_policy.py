@@ -72,12 +72,6 @@ def channels_last(setting: bool | str, cuda: bool, channels: int, graphed: bool 
     return bool_or_auto(setting, "train.channels_last", channels >= 32 and (not cuda or graphed))
 
 
-def graphed_compile(tcfg: Any, device: torch.device) -> bool:
-    """Whether `train.compile` and `train.compile_mode` make the trainer replay CUDA graphs."""
-    return (device.type == "cuda" and tcfg.get("compile_mode", "default") in CUDA_GRAPH_MODES
-            and compile_model(tcfg.get("compile", "auto"), device))
-
-
 def set_cuda_math(tcfg: Any) -> None:
     torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32", True))
     torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))
@@ -102,13 +96,17 @@ def refuse_graphed_accumulation(mode: str, accum: int, device: torch.device, sou
                           "'default' or 'max-autotune-no-cudagraphs', or accumulation 1")
 
 
-def compile_in_place(model: torch.nn.Module, cfg: Any, accum: int, device: torch.device) -> bool:
-    """Compile `model` as `train.compile` and `train.compile_mode` say; whether it was."""
-    tcfg = cfg.train
-    if not compile_model(tcfg.get("compile", "auto"), device):
+def compile_mode(tcfg: Any, device: torch.device) -> str | None:
+    """The torch.compile mode the trainer runs (`train.compile`, `train.compile_mode`), None when it does not
+    compile: decided once, since channels-last's `auto` depends on it too."""
+    return tcfg.get("compile_mode", "default") if compile_model(tcfg.get("compile", "auto"), device) else None
+
+
+def compile_in_place(model: torch.nn.Module, mode: str | None, accum: int, device: torch.device, source: str) -> bool:
+    """Compile `model` in `mode` (see compile_mode); whether it was."""
+    if mode is None:
         return False
-    mode = tcfg.get("compile_mode", "default")
-    refuse_graphed_accumulation(mode, accum, device, str(cfg.config_path))
+    refuse_graphed_accumulation(mode, accum, device, source)
     model.compile(dynamic=False, mode=mode)
     return True
 

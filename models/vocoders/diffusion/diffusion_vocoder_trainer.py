@@ -27,10 +27,11 @@ from tqdm import tqdm
 from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, restore_rng, rng_state
 from models.vocoders.diffusion.ddpm import alpha_cum, noise_prediction_loss, training_betas
 from models.vocoders.diffusion.device_policy import (
+    CUDA_GRAPH_MODES,
     CpuThreads,
     channels_last,
     compile_in_place,
-    graphed_compile,
+    compile_mode,
     set_cuda_math,
     training_precision,
 )
@@ -79,9 +80,10 @@ class DiffusionVocoderTrainer:
 
         seed_everything(self.seed)  # the same initial weights on every process
         self.model = build_diffwave(cfg)
+        mode = compile_mode(tcfg, self.accelerator.device)
         self.model.channels_last = channels_last(tcfg.get("channels_last", "auto"), cuda,
                                                  int(cfg.model.diffwave.residual_channels),
-                                                 graphed_compile(tcfg, self.accelerator.device))
+                                                 graphed=cuda and mode in CUDA_GRAPH_MODES)
         self.cum = alpha_cum(training_betas(cfg.model.diffwave)).to(self.accelerator.device)
         self.optimizer = make_optimizer(self.model, cfg, self.accelerator.device, precision)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, float(tcfg.exponential_lr.lr_decay))
@@ -93,7 +95,7 @@ class DiffusionVocoderTrainer:
 
         if resume_type == "finetune":
             self._finetune(checkpoint)
-        self.compiled = compile_in_place(self.model, cfg, self.accum, self.accelerator.device)
+        self.compiled = compile_in_place(self.model, mode, self.accum, self.accelerator.device, str(cfg.config_path))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.stepper = Stepper(self.accelerator, self.optimizer, self.ema, tcfg.get("max_grad_norm", 0))
         if resume_type == "resume":
