@@ -90,6 +90,14 @@ class Suite:
         self.out.write_text(json.dumps(self.results, indent=1, default=float))
 
 
+def profile_lines(r: dict) -> str:
+    """The GPU's busy fraction and its top five kernels (per step), where the case was profiled."""
+    if r.get("gpu_busy") is None:
+        return ""
+    return f"  GPU busy {r['gpu_busy']:.0%}" + "".join(f"\n      {k['ms_per_step']:6.2f} ms {k['share']:4.0%}  {k['name']}"
+                                                     for k in r["top_kernels"][:5])
+
+
 def run_tests(suite: Suite, limit_s: float, tests: list[str]) -> None:
     start = time.perf_counter()
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", "--tb=short", *tests]
@@ -124,12 +132,13 @@ class InferenceCases:
         return (f"{r['ms_per_step']:8.2f} ms/step  RTF {r['rtf']:.5f}  {r['x_realtime']:8.0f}x  "
                 f"{r['gflops'] / 1e3:6.1f} TFLOP/s ({r['gflops'] / 1e3 / peak:5.1%})  {r['gbps'] / 1e3:5.2f} TB/s "
                 f"({r['gbps'] / 1e3 / self.peaks['copy_tbps']:5.1%})  {first}peak {r['peak_gib']:.2f} GiB"
-                f"{'' if r['finite'] else '  NON-FINITE'}")
+                f"{'' if r['finite'] else '  NON-FINITE'}{profile_lines(r)}")
 
-    def run(self, name: str, seconds: float, batch: int, precision: str, **options: Any) -> dict | None:
+    def run(self, name: str, seconds: float, batch: int, precision: str, profile: bool = False,
+            **options: Any) -> dict | None:
         def fn() -> dict:
             return {"precision": precision, **measure(self.cfg, self.model, seconds, batch, 3, device="cuda",
-                                                      precision=precision, **options)}
+                                                      precision=precision, profile=profile, **options)}
         shape = (precision, fused.size_class(batch * seconds * int(self.cfg.preprocess.sample_rate)))
         fused_first = "engine" not in options and shape not in self.tuned
         expect = 30 if options.get("compile") else 25 if fused_first else 6
@@ -140,10 +149,11 @@ class InferenceCases:
 
     def core(self) -> None:
         """fp16 first (stage 3's default on CUDA); batch 1 and 16, 1 s and 10 s, the three precisions, the plain
-        forward, and 10 minutes within 4 GiB."""
+        forward, and 10 minutes within 4 GiB. The two targets' cases (10 s fp16, batch 1 and 16) are profiled."""
         for seconds, batch, precision in ((10, 1, "fp16"), (10, 1, "bf16"), (10, 1, "fp32"), (1, 1, "fp16"),
                                           (10, 16, "fp16"), (10, 16, "fp32"), (1, 16, "fp16")):
-            self.run(f"infer fused {seconds}s b{batch} {precision}", seconds, batch, precision)
+            self.run(f"infer fused {seconds}s b{batch} {precision}", seconds, batch, precision,
+                     profile=seconds == 10 and precision == "fp16")
         self.run("infer plain 10s b1 fp32", 10, 1, "fp32", engine="plain", cuda_graph=False)
         ten_minutes(self.suite, self.line)
 
@@ -302,11 +312,9 @@ class TrainingCases:
 
     @staticmethod
     def line(r: dict) -> str:
-        busy = "" if r["gpu_busy"] is None else f"  GPU busy {r['gpu_busy']:.0%}"
         ratio = f"  {r['x_plain_loop']:.2f}x the plain loop" if r["x_plain_loop"] else ""
-        top = "".join(f"\n      {k['ms_per_step']:6.2f} ms {k['share']:4.0%}  {k['name']}" for k in r["top_kernels"][:5])
         return (f"{r['ms_per_step']:7.1f} ms/step  {r['audio_s_per_s']:7.1f} audio-s/s  data wait {r['loader_ms']:.1f} "
-                f"ms/step  warm-up {r['warmup_s']:.1f} s  peak {r['peak_gib']:.2f} GiB{busy}{ratio}{top}")
+                f"ms/step  warm-up {r['warmup_s']:.1f} s  peak {r['peak_gib']:.2f} GiB{ratio}{profile_lines(r)}")
 
     def run(self, cases: list[tuple[str, int, bool, str, str]]) -> None:
         for case in cases:

@@ -90,6 +90,18 @@ def bytes_per_sample(model: DiffWave, dtype: torch.dtype | None) -> float:
     return len(model.residual_layers) * ((2 * channels + mel_row(n_mel)) * size + 8 * channels)
 
 
+def kernel_times(averages: Any, steps: int, top: int = 8) -> tuple[float, list[dict[str, Any]]]:
+    """GPU milliseconds per step, and the `top` kernels by their share of it, from a profile of `steps` steps.
+
+    The busy fraction is this time over the unprofiled step's wall time: the profiler's own
+    overhead lengthens the profiled steps, not the kernels.
+    """
+    per_step = [(e.key, e.self_device_time_total / 1e3 / steps) for e in averages if e.self_device_time_total > 0]
+    total = sum(ms for _, ms in per_step)
+    ranked = sorted(per_step, key=lambda kv: kv[1], reverse=True)[:top]
+    return total, [{"name": name[:100], "ms_per_step": ms, "share": ms / total} for name, ms in ranked]
+
+
 def _timed(fn: Any) -> float:
     start = time.perf_counter()
     fn()
@@ -99,8 +111,9 @@ def _timed(fn: Any) -> float:
 
 
 def measure(cfg: Any, model: DiffWave, seconds: float, batch: int = 1, repeats: int = 1, warmup: bool = True,
-            **options: Any) -> dict[str, Any]:
-    """Vocode `batch` random mels of `seconds` each through `Vocoder`; wall time of the best repeat and its rates."""
+            profile: bool = False, **options: Any) -> dict[str, Any]:
+    """Vocode `batch` random mels of `seconds` each through `Vocoder`; wall time of the best repeat and its rates.
+    `profile` (CUDA): one more call under torch.profiler, for the GPU's busy fraction and the kernels taking it."""
     n_mel, hop, rate = int(cfg.preprocess.n_mel), int(cfg.preprocess.hop_size), int(cfg.preprocess.sample_rate)
     frames = max(1, round(seconds * rate / hop))
     gen = torch.Generator().manual_seed(0)
@@ -116,6 +129,12 @@ def measure(cfg: Any, model: DiffWave, seconds: float, batch: int = 1, repeats: 
     wall = min(_timed(lambda: outputs.append(vocoder(mels, names))) for _ in range(max(1, repeats)))
     audio_seconds = batch * frames * hop / rate
     steps = vocoder.plan.steps
+    busy, kernels = None, []
+    if profile and cuda:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            vocoder(mels, names)
+        gpu_ms, kernels = kernel_times(prof.key_averages(), steps)
+        busy = gpu_ms / (1e3 * wall / steps)
     return {
         "engine": vocoder.engine, "precision": vocoder.precision, "device": str(vocoder.device), "steps": steps,
         "batch": batch, "seconds": seconds,
@@ -127,6 +146,7 @@ def measure(cfg: Any, model: DiffWave, seconds: float, batch: int = 1, repeats: 
                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         "peak_allocated_gib": torch.cuda.max_memory_allocated(vocoder.device) / 2**30 if cuda else None,
         "finite": all(bool(np.isfinite(a).all()) for a in outputs[-1]), "audio": outputs[-1],
+        "gpu_busy": busy, "top_kernels": kernels,
     }
 
 

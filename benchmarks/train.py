@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.inference import kernel_times
 from models.vocoders.diffusion.ddpm import alpha_cum, noise_prediction_loss, training_betas
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
@@ -151,18 +152,6 @@ def measure_plain_loop(cfg: Any, batch: int, steps: int, warmup: int, device: to
     audio_per_step = batch * frames * hop / rate
     return {"batch": batch, "ms_per_step": 1e3 * seconds / steps, "audio_s_per_s": steps * audio_per_step / seconds,
             "peak_gib": peak_memory_gib(device), "finite": bool(torch.isfinite(loss))}
-
-
-def kernel_times(averages: Any, steps: int, top: int = 8) -> tuple[float, list[dict[str, Any]]]:
-    """GPU milliseconds per step, and the `top` kernels by their share of it, from a profile of `steps` steps.
-
-    The busy fraction is this time over the unprofiled step's wall time: the profiler's own
-    overhead lengthens the profiled steps, not the kernels.
-    """
-    per_step = [(e.key, e.self_device_time_total / 1e3 / steps) for e in averages if e.self_device_time_total > 0]
-    total = sum(ms for _, ms in per_step)
-    ranked = sorted(per_step, key=lambda kv: kv[1], reverse=True)[:top]
-    return total, [{"name": name[:100], "ms_per_step": ms, "share": ms / total} for name, ms in ranked]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,9 +15,11 @@ from torch.utils.data import DataLoader
 
 from benchmarks import quality
 from benchmarks.epoch_starts import wait_ms_per_step
-from benchmarks.gpu_suite import TRAINING_CASES, VARIANTS, Suite, case_settings, run_tests
-from benchmarks.train import kernel_times, measure_plain_loop, measure_training
+from benchmarks.gpu_suite import TRAINING_CASES, VARIANTS, InferenceCases, Suite, TrainingCases, case_settings, run_tests
+from benchmarks.inference import kernel_times, measure
+from benchmarks.train import measure_plain_loop, measure_training
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset
+from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from processors.feature_store import load_entries
 from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
@@ -139,3 +141,20 @@ def test_the_gpu_suite_skips_a_case_that_would_end_past_its_budget(tmp_path: Pat
     saved = json.loads((tmp_path / "gpu_results.json").read_text())
     assert [c["case"] for c in saved["cases"]] == ["quick"] and suite.results["skipped"] == ["compiled"]
     assert suite.results["failed"] == [{"case": "short", "error": "ZeroDivisionError: division by zero"}]
+
+
+def test_the_gpu_suites_lines_print_measured_cases_with_and_without_a_profile(tiny: Path) -> None:
+    """A case's line is printed after it ran: a format error there would end the lease's suite."""
+    cfg = load_config(tiny)
+    inference = object.__new__(InferenceCases)
+    inference.peaks = {"bf16_tflops": 780.0, "tf32_tflops": 407.0, "copy_tbps": 4.2}
+    r = {"precision": "fp32", **measure(cfg, build_diffwave(cfg).eval(), 0.2, 2, device="cpu", precision="fp32",
+                                        profile=True)}
+    assert r["gpu_busy"] is None and "ms/step" in inference.line(r) and "GPU busy" not in inference.line(r)
+    top = [{"name": "_residual_layer", "ms_per_step": 4.4, "share": 0.9}]
+    assert "GPU busy 85%\n        4.40 ms  90%  _residual_layer" in inference.line({**r, "gpu_busy": 0.85, "top_kernels": top})
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    trained = {**measure_training(cfg, steps=1, warmup=1, name="line"), "x_plain_loop": 1.5}
+    assert "1.50x the plain loop" in TrainingCases.line(trained)
+    assert "GPU busy 97%" in TrainingCases.line({**trained, "gpu_busy": 0.97, "top_kernels": top})

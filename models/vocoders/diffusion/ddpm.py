@@ -9,8 +9,11 @@ Used by the trainer, the in-training evaluation and stage 3 alike.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -132,15 +135,31 @@ def make_plan(params: Any, sampler: str = "fast", steps: int | None = None, beta
     raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLER_NAMES)}")
 
 
-def _noise(shape: tuple[int, int], lengths: Tensor | None, generators: Sequence[torch.Generator] | None) -> Tensor:
-    """Gaussian noise drawn per item from its own generator, zero past each item's end."""
+def _noise(shape: tuple[int, int], sizes: list[int] | None, generators: Sequence[torch.Generator] | None,
+           pinned: bool = False) -> Tensor:
+    """Gaussian noise drawn per item from its own generator, zero past each item's end (`sizes`), straight into
+    page-locked memory when it goes to a GPU. Items are drawn on parallel threads (torch releases the GIL), so a
+    batch of 16 costs about what one costs: on one thread the host drew 16 x 10 s in about 20 ms, a third of an
+    H200's denoising step."""
     if generators is None:
-        return torch.randn(shape)
-    out = torch.zeros(shape)
-    for b, gen in enumerate(generators):
-        n = shape[1] if lengths is None else int(lengths[b])
-        out[b, :n] = torch.randn(n, generator=gen)
+        return torch.randn(shape, pin_memory=pinned)
+    out = torch.empty(shape, pin_memory=pinned)
+
+    def draw(b: int) -> None:
+        n = shape[1] if sizes is None else sizes[b]
+        torch.randn(n, generator=generators[b], out=out[b, :n])
+        out[b, n:] = 0.0
+
+    if len(generators) == 1:
+        draw(0)
+    else:
+        list(_drawers().map(draw, range(len(generators))))
     return out
+
+
+@functools.cache
+def _drawers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(16, len(os.sched_getaffinity(0))), thread_name_prefix="noise")
 
 
 @torch.no_grad()
@@ -152,13 +171,19 @@ def sample(
     lengths: Tensor | None = None,
     generators: Sequence[torch.Generator] | None = None,
 ) -> Tensor:
-    """Run the reverse process from Gaussian noise; `denoise(x, step_positions)` predicts eps."""
-    x = _to_device(_noise(shape, lengths, generators), device)
+    """Run the reverse process from Gaussian noise; `denoise(x, step_positions)` predicts eps.
+
+    Nothing here waits for the device: each step's noise is drawn on the host while the device denoises (read
+    `lengths` from a GPU tensor at every step, and the host drew only after the GPU had finished: 30 ms of a
+    93 ms step at batch 16 on an H200)."""
+    sizes = None if lengths is None else [int(n) for n in lengths.tolist()]  # a GPU tensor is read here, once
+    pinned = torch.device(device).type == "cuda"
+    x = _to_device(_noise(shape, sizes, generators, pinned), device)
     for step in plan.walk():
         eps = denoise(x, torch.full((shape[0],), step.position, device=device))
         x = step.x_scale * x + step.eps_scale * eps
         if step.sigma > 0:  # drawn on the CPU (the same noise on every device) while the device denoises
-            x = x + step.sigma * _to_device(_noise(shape, lengths, generators), device)
+            x = x + step.sigma * _to_device(_noise(shape, sizes, generators, pinned), device)
         # Clamped after every step on every path. (Clamping DDIM's x0 estimate instead pins each
         # overshoot at exactly +-1, and the deterministic walk keeps it there: clicks.)
         x = x.clamp(-1.0, 1.0)
@@ -166,7 +191,6 @@ def sample(
 
 
 def _to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
-    """A CPU tensor on `device`; to CUDA from pinned memory, without waiting for the queued work."""
-    if torch.device(device).type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    """A CPU tensor on `device`; to CUDA from pinned memory without waiting for the queued work (the host allocator
+    keeps the pinned block until the copy is done)."""
+    return tensor.to(device, non_blocking=tensor.is_pinned())
