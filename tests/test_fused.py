@@ -94,9 +94,10 @@ def within_rounding(got: torch.Tensor, model: torch.nn.Module, dtype: torch.dtyp
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("channels", "n_mel"), [(16, 20), (12, 7)])
+@pytest.mark.parametrize(("channels", "n_mel"), [(16, 20), (12, 7), (16, 100)])
 def test_fused_layers_equal_the_plain_forward(dtype, channels, n_mel, variant):
-    """Padded channel counts (12 -> 16, 7 -> 16 mels), a padded batch with its length mask, two steps."""
+    """Padded channel counts (12 -> 16), mel rows in one chunk (7 -> 16, 20 -> 32 bins) and in three (100 -> 64 + 32
+    + 16), a padded batch with its length mask, two steps."""
     model = random_model(channels, n_mel)
     mel, audio, lengths = batch([30, 17], n_mel)
     net = fused.FusedDiffWave(model, dtype, variant)

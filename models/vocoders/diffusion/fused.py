@@ -94,9 +94,11 @@ def mel_row(n_mel: int) -> int:
 
 
 def kernel_constants(channels: int, n_mel: int, widen: bool) -> dict:
-    """The kernel's compile-time shapes: channels and mels padded for tl.dot, the mels' chunk (half, at least 16)."""
-    mels = _padded(n_mel)
-    return {"CP": _padded(channels), "MP": mels, "MC": max(16, mels // 2), "WIDEN": widen}
+    """The kernel's compile-time shapes: channels padded for tl.dot; the mel row (a multiple of 16) as dots over
+    power-of-two chunks that cover it exactly, 64 bins at most: W64 of 64, then one of 32 and one of 16 where
+    needed (100 mels: 64 + 32 + 16 = 112, where a power-of-two padding multiplied 128 zero-padded bins)."""
+    row = mel_row(n_mel)
+    return {"CP": _padded(channels), "W64": row // 64, "W32": row % 64 // 32, "W16": row % 32 // 16, "WIDEN": widen}
 
 
 if triton is not None:
@@ -147,6 +149,15 @@ if triton is not None:
             return first, second
 
     @triton.jit
+    def _condition(cond_base, w_cond_ptr, first, t, inside, M, c, acc, SIZE: tl.constexpr, CP: tl.constexpr,
+                   MERGED: tl.constexpr, DOT: tl.constexpr):
+        """acc + the conditioner's bins [first, first + SIZE) @ their weight rows; the row is padded, so only the
+        rows past the input's end are masked (16-byte vector loads)."""
+        m = first + tl.arange(0, SIZE)
+        cond = tl.load(cond_base + t[:, None] * M + m[None, :], mask=inside[:, None], other=0.0).to(DOT)
+        return _project(cond, w_cond_ptr, m, c, acc, CP, MERGED, DOT)
+
+    @triton.jit
     def _halves(acc, bias_ptr, c, CP: tl.constexpr, MERGED: tl.constexpr):
         """The accumulator plus its (interleaved) bias, as its two halves."""
         if MERGED:
@@ -162,8 +173,8 @@ if triton is not None:
     def _residual_layer(
         x_ptr, cond_ptr, skip_ptr, out_ptr, shift_ptr, len_ptr, w_tap_ptr, w_cond_ptr, w_out_ptr, b_in_ptr, b_out_ptr,
         T, C, M, dilation, shift_stride, size_class,
-        CP: tl.constexpr, MP: tl.constexpr, MC: tl.constexpr, BLOCK_T: tl.constexpr, MERGED: tl.constexpr,
-        WIDEN: tl.constexpr,
+        CP: tl.constexpr, W64: tl.constexpr, W32: tl.constexpr, W16: tl.constexpr, BLOCK_T: tl.constexpr,
+        MERGED: tl.constexpr, WIDEN: tl.constexpr,
     ):
         b = tl.program_id(1)
         c = tl.arange(0, CP)
@@ -179,11 +190,13 @@ if triton is not None:
             y = _tap(x_base, shift, t + (k - 1) * dilation, c, cm, length, C, DOT)
             acc = _project(y, w_tap_ptr + k * CP * 2 * CP, c, c, acc, CP, MERGED, DOT)
         inside = t < T
-        for j in tl.static_range(MP // MC):  # in halves (past 16 bins): a (128, 2 CP) weight tile took 32 KiB of shared memory
-            m = j * MC + tl.arange(0, MC)
-            cond = tl.load(cond_ptr + b * T * M + t[:, None] * M + m[None, :],
-                           mask=inside[:, None] & (m < M)[None, :], other=0.0).to(DOT)
-            acc = _project(cond, w_cond_ptr, m, c, acc, CP, MERGED, DOT)
+        cond_base = cond_ptr + b * T * M
+        for j in tl.static_range(W64):  # chunks: a (128, 2 CP) weight tile took 32 KiB of shared memory
+            acc = _condition(cond_base, w_cond_ptr, j * 64, t, inside, M, c, acc, 64, CP, MERGED, DOT)
+        if W32:
+            acc = _condition(cond_base, w_cond_ptr, W64 * 64, t, inside, M, c, acc, 32, CP, MERGED, DOT)
+        if W16:
+            acc = _condition(cond_base, w_cond_ptr, W64 * 64 + W32 * 32, t, inside, M, c, acc, 16, CP, MERGED, DOT)
         gate, filt = _halves(acc, b_in_ptr, c, CP, MERGED)
         z = (tl.sigmoid(gate) * (2.0 * tl.sigmoid(2.0 * filt) - 1.0)).to(io).to(DOT)
         out = _project(z, w_out_ptr, c, c, _zeros(BLOCK_T, CP, MERGED), CP, MERGED, DOT)
@@ -201,7 +214,7 @@ if triton is not None:
         if INTERPRET:
             configs = [_config(32, True, 4)]
         on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-        return triton.autotune(configs=configs, key=["C", "M", "CP", "MP", "size_class"], restore_value=["skip_ptr"],
+        return triton.autotune(configs=configs, key=["C", "M", "CP", "size_class"], restore_value=["skip_ptr"],
                                **on_disk)(_residual_layer)
 
     KERNELS = {"tuned": _tuner(TUNED), "plain": _tuner(PLAIN)}
@@ -224,13 +237,13 @@ class FusedDiffWave:
         self.channels = layers[0].dilated_conv.in_channels
         self.n_mel = layers[0].conditioner_projection.in_channels
         self.mel_row = mel_row(self.n_mel)
-        self.cp, self.mp = _padded(self.channels), _padded(self.n_mel)
+        self.cp = _padded(self.channels)
         self._pack(layers)
 
     @torch.no_grad()
     def _pack(self, layers: list) -> None:
         """Per layer: zero-padded (in, 2 out) weights whose columns interleave the two halves, in the I/O dtype."""
-        C, cp, mp, dt = self.channels, self.cp, self.mp, self.dtype
+        C, cp, dt = self.channels, self.cp, self.dtype
 
         def block(weight: Tensor, rows: int) -> Tensor:  # weight: (2C, in) -> (rows, 2 cp): column 2j, 2j + 1
             out = torch.zeros(rows, cp, 2, dtype=torch.float32, device=weight.device)
@@ -245,7 +258,7 @@ class FusedDiffWave:
 
         self.w_tap = [torch.stack([block(layer.dilated_conv.weight[:, :, k], cp) for k in range(3)]).contiguous()
                       for layer in layers]
-        self.w_cond = [block(layer.conditioner_projection.weight[:, :, 0], mp).contiguous() for layer in layers]
+        self.w_cond = [block(layer.conditioner_projection.weight[:, :, 0], self.mel_row).contiguous() for layer in layers]
         self.w_out = [block(layer.output_projection.weight[:, :, 0], cp).contiguous() for layer in layers]
         self.b_in = [bias(layer.dilated_conv.bias + layer.conditioner_projection.bias) for layer in layers]
         self.b_out = [bias(layer.output_projection.bias) for layer in layers]
