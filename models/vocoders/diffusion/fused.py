@@ -264,6 +264,7 @@ class FusedDiffWave:
         self.b_out = [bias(layer.output_projection.bias) for layer in layers]
         self.w_step = torch.cat([layer.diffusion_projection.weight for layer in layers])
         self.b_step = torch.cat([layer.diffusion_projection.bias for layer in layers])
+        self.w_skip = (self.model.skip_projection.weight[:, :, 0] / math.sqrt(len(layers))).t().contiguous()
 
     def _launch(self, grid: Any, args: tuple) -> None:
         """The tuned kernels, or the proven split-dot ones where this GPU's compiler rejects a tuned variant."""
@@ -299,7 +300,10 @@ class FusedDiffWave:
         lengths = lengths.to(torch.int32)
         step = m.diffusion_embedding(diffusion_step)
         shifts = F.linear(step, self.w_step, self.b_step).float().contiguous()  # (B, L * C)
-        x = F.relu(audio.unsqueeze(-1) * m.input_projection.weight[:, 0, 0] + m.input_projection.bias).to(self.dtype)
+        # the input projection in two passes over the activations (computed in fp32, stored in the I/O dtype), and
+        # the output tail in three: these run at every step beside the layers
+        x = torch.empty(batch, total, self.channels, dtype=self.dtype, device=audio.device)
+        torch.addcmul(m.input_projection.bias, audio.unsqueeze(-1), m.input_projection.weight[:, 0, 0], out=x).relu_()
         spare = torch.empty_like(x)
         skip = torch.zeros(batch, total, self.channels, dtype=torch.float32, device=audio.device)
 
@@ -313,6 +317,5 @@ class FusedDiffWave:
                     tuned_as)
             self._launch(grid, args)
             x, spare = spare, x
-        w_skip = m.skip_projection.weight[:, :, 0] / math.sqrt(len(self.dilations))
-        h = F.relu(F.linear(skip, w_skip, m.skip_projection.bias))
-        return F.linear(h, m.output_projection.weight[:, :, 0], m.output_projection.bias).squeeze(-1)
+        h = torch.addmm(m.skip_projection.bias, skip.view(-1, self.channels), self.w_skip).relu_()
+        return F.linear(h, m.output_projection.weight[:, :, 0], m.output_projection.bias).view(batch, total)

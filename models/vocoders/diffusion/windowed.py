@@ -71,6 +71,8 @@ class WindowedDenoiser:
         self.windows = list(itertools.pairwise(edges))
         self.cache_left = budget_bytes - window_budget if engine == "fused" else 0
         self.cond: dict[int, Tensor] = {}
+        if fused is not None and count == 1:  # queued now: the device upsamples while the host draws the first noise
+            self._conditioner(0, 0, frames, None if lengths is None else lengths // self.hop)
 
     def _conditioner(self, index: int, f0: int, f1: int, frames: Tensor | None) -> Tensor:
         if index in self.cond:
