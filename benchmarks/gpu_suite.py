@@ -182,11 +182,11 @@ def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str
         audio = torch.randn(batch, frames * hop, device="cuda", generator=gen)
         return frames, mel, audio, torch.full((batch,), 20.5, device="cuda")
 
-    def fn(seconds: float, batch: int, precision: str) -> Callable[[], dict]:
+    def fn(seconds: float, batch: int, precision: str, skip: torch.dtype = torch.float32) -> Callable[[], dict]:
         def inner() -> dict:
             dtype = PRECISION_DTYPES[precision]
             frames, mel, audio, step = inputs(seconds, batch)
-            net = FusedDiffWave(model, dtype or torch.float32)
+            net = FusedDiffWave(model, dtype or torch.float32, skip_dtype=skip)
             cond = net.conditioner(mel)
             start = time.perf_counter()
             out = net(audio, step, cond)
@@ -231,6 +231,8 @@ def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str
     for seconds, batch, precision in ((10, 1, "fp16"), (10, 16, "fp16"), (10, 1, "bf16"), (10, 1, "fp32"),
                                       (10, 16, "fp32"), (1, 1, "fp16")):
         suite.case(f"kernel step {seconds}s b{batch} {precision}", fn(seconds, batch, precision), line)
+    for batch in (1, 16):  # what a 16-bit skip sum (half the bytes of the fp32 one) gains, and costs in error
+        suite.case(f"kernel step 10s b{batch} fp16 skip fp16", fn(10, batch, "fp16", torch.float16), line)
     suite.case("kernel variants 10s b1 fp16", variants,
                lambda r: "  ".join(f"[{k}] {ms:.2f} ms {r['registers_spills'][k]}" for k, ms in r["ms_per_step"].items()),
                expect_s=40)

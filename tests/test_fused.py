@@ -107,6 +107,16 @@ def test_fused_layers_equal_the_plain_forward(dtype, channels, n_mel, variant):
         within_rounding(net(audio, step, cond, lengths), model, dtype, audio, step, mel, lengths)
 
 
+def test_a_16_bit_skip_sum_stays_within_fp16_rounding():
+    """The GPU suite's measurement of a half-size skip sum runs the same layers."""
+    model = random_model()
+    mel, audio, lengths = batch([30, 17], 20)
+    net = fused.FusedDiffWave(model, torch.float16, VARIANT, skip_dtype=torch.float16)
+    step = torch.tensor([41.25, 0.5], device=DEVICE)
+    within_rounding(net(audio, step, net.conditioner(mel, lengths // HOP), lengths), model, torch.float16, audio, step,
+                    mel, lengths)
+
+
 @pytest.mark.parametrize("config", [{"BLOCK_T": 16, "MERGED": False}, {"BLOCK_T": 32, "MERGED": True},
                                     {"BLOCK_T": 64, "MERGED": False}])
 def test_every_kernel_variant_computes_the_same_layers(config):

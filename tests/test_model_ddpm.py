@@ -1,11 +1,13 @@
 """The DiffWave network and the DDPM maths."""
 
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from models.vocoders.diffusion import ddpm
 from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, fractional_steps, make_plan, sample, training_betas
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from tests.tiny_experiment import model_cfg
@@ -134,3 +136,21 @@ def test_channels_last_computes_the_same_noise_and_gradients(padded, monkeypatch
     assert last.shape == first.shape == (3, 320) and torch.allclose(last, first, atol=1e-5, rtol=1e-5)
     for name, grad in first_grads.items():
         assert torch.allclose(last_grads[name], grad, atol=1e-5 * float(grad.abs().max()), rtol=1e-4), name
+
+
+def _draw_in_child(queue) -> None:
+    queue.put(ddpm._noise((3, 50), None, [torch.Generator().manual_seed(s) for s in range(3)]).tolist())
+
+
+def test_a_forked_child_draws_batch_noise_after_its_parent_did():
+    """The noise threads are the parent's: a child forked after a batch was drawn gets its own (it hung without)."""
+    parent = ddpm._noise((3, 50), None, [torch.Generator().manual_seed(s) for s in range(3)])
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_draw_in_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == parent.tolist()
+    finally:
+        child.join(10)
+        child.kill()

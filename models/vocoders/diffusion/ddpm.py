@@ -162,6 +162,9 @@ def _drawers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(16, len(os.sched_getaffinity(0))), thread_name_prefix="noise")
 
 
+os.register_at_fork(after_in_child=_drawers.cache_clear)  # a forked child has none of the parent's threads
+
+
 @torch.no_grad()
 def sample(
     denoise: Denoiser,

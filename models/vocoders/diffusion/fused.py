@@ -5,7 +5,8 @@ once, and writes its output and the running skip sum once; the 128-channel inter
 plus conditioner, gate, output projection) stay on chip. Activations are channels-last
 (B, T, C); the step bias, the length mask and the zero padding are applied as the taps are
 loaded, exactly as `ResidualBlock.forward` does. Inputs and outputs are fp32, bf16 or fp16;
-every dot product accumulates in fp32, the skip sum is kept in fp32.
+every dot product accumulates in fp32, the skip sum is kept in fp32 (or, to measure what that costs,
+`skip_dtype`).
 
 Triton is optional (the `gpu` extra). Under `TRITON_INTERPRET=1` the kernel runs on the CPU
 for tests; that interpreter mis-handles bf16 dot products, so there the already-rounded
@@ -207,8 +208,8 @@ if triton is not None:
         offsets = b * T * C + t[:, None] * C + c[None, :]
         x = tl.load(x_ptr + offsets, mask=rows, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, ((x + residual) * 0.7071067811865476).to(io), mask=rows)  # / sqrt 2
-        total = tl.load(skip_ptr + offsets, mask=rows, other=0.0)
-        tl.store(skip_ptr + offsets, total + skip, mask=rows)
+        total = tl.load(skip_ptr + offsets, mask=rows, other=0.0).to(tl.float32)
+        tl.store(skip_ptr + offsets, (total + skip).to(skip_ptr.dtype.element_ty), mask=rows)
 
     def _tuner(configs: list) -> triton.runtime.Autotuner:
         """Tuned once per GPU model and shape class: Triton 3.2+ keeps the winner on disk, so a later
@@ -229,11 +230,14 @@ class FusedDiffWave:
     can be computed once per utterance and reused at every denoising step.
     """
 
-    def __init__(self, model: DiffWave, dtype: torch.dtype = torch.float32, config: dict | None = None) -> None:
-        """`config` ({"BLOCK_T", "MERGED"}, optional "num_warps", "num_stages", "maxnreg") skips the tuning."""
+    def __init__(self, model: DiffWave, dtype: torch.dtype = torch.float32, config: dict | None = None,
+                 skip_dtype: torch.dtype = torch.float32) -> None:
+        """`config` ({"BLOCK_T", "MERGED"}, optional "num_warps", "num_stages", "maxnreg") skips the tuning.
+        `skip_dtype` other than fp32 is for the GPU suite: a 16-bit skip sum halves 52% of the bytes a layer moves,
+        at a larger rounding error (`python -m benchmarks.rounding`)."""
         if triton is None:
             raise RuntimeError("the fused kernel needs Triton: pip install triton (the gpu extra)")
-        self.model, self.dtype, self.config = model, dtype, config
+        self.model, self.dtype, self.config, self.skip_dtype = model, dtype, config, skip_dtype
         layers = list(model.residual_layers)
         self.dilations = [layer.dilated_conv.dilation[0] for layer in layers]
         self.channels = layers[0].dilated_conv.in_channels
@@ -307,7 +311,7 @@ class FusedDiffWave:
         x = torch.empty(batch, total, self.channels, dtype=self.dtype, device=audio.device)
         torch.addcmul(m.input_projection.bias, audio.unsqueeze(-1), m.input_projection.weight[:, 0, 0], out=x).relu_()
         spare = torch.empty_like(x)
-        skip = torch.zeros(batch, total, self.channels, dtype=torch.float32, device=audio.device)
+        skip = torch.zeros(batch, total, self.channels, dtype=self.skip_dtype, device=audio.device)
 
         def grid(meta: dict) -> tuple[int, int]:
             return triton.cdiv(total, meta["BLOCK_T"]), batch
@@ -319,5 +323,5 @@ class FusedDiffWave:
                     tuned_as)
             self._launch(grid, args)
             x, spare = spare, x
-        h = torch.addmm(m.skip_projection.bias, skip.view(-1, self.channels), self.w_skip).relu_()
+        h = torch.addmm(m.skip_projection.bias, skip.view(-1, self.channels).float(), self.w_skip).relu_()
         return F.linear(h, m.output_projection.weight[:, :, 0], m.output_projection.bias).view(batch, total)
