@@ -182,12 +182,13 @@ def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str
         audio = torch.randn(batch, frames * hop, device="cuda", generator=gen)
         return frames, mel, audio, torch.full((batch,), 20.5, device="cuda")
 
-    def fn(seconds: float, batch: int, precision: str, skip: torch.dtype = torch.float32) -> Callable[[], dict]:
+    def fn(seconds: float, batch: int, precision: str, skip: torch.dtype = torch.float32,
+           projected: bool = False) -> Callable[[], dict]:
         def inner() -> dict:
             dtype = PRECISION_DTYPES[precision]
             frames, mel, audio, step = inputs(seconds, batch)
             net = FusedDiffWave(model, dtype or torch.float32, skip_dtype=skip)
-            cond = net.conditioner(mel)
+            cond = net.projected(net.conditioner(mel)) if projected else net.conditioner(mel)
             start = time.perf_counter()
             out = net(audio, step, cond)
             torch.cuda.synchronize()
@@ -202,7 +203,7 @@ def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str
             samples = batch * frames * hop
             return {"precision": precision, "ms_per_step": 1e3 * step_s, "first_call_s": first,
                     "tflops": per_sample * samples / step_s / 1e12,
-                    "tbps": bytes_per_sample(model, dtype) * samples / step_s / 1e12,
+                    "tbps": bytes_per_sample(model, dtype, projected) * samples / step_s / 1e12,
                     "relative_error": float((got - ref).norm() / ref.norm()), "kernel": fused.kernel_in_use()}
         return inner
 
@@ -231,6 +232,8 @@ def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str
     for seconds, batch, precision in ((10, 1, "fp16"), (10, 16, "fp16"), (10, 1, "bf16"), (10, 1, "fp32"),
                                       (10, 16, "fp32"), (1, 1, "fp16")):
         suite.case(f"kernel step {seconds}s b{batch} {precision}", fn(seconds, batch, precision), line)
+    for batch in (1, 16):  # the conditioner projected once (stage 3's choice where it fits), against the mel dots
+        suite.case(f"kernel step 10s b{batch} fp16 projected", fn(10, batch, "fp16", projected=True), line)
     for batch in (1, 16):  # what a 16-bit skip sum (half the bytes of the fp32 one) gains, and costs in error
         suite.case(f"kernel step 10s b{batch} fp16 skip fp16", fn(10, batch, "fp16", torch.float16), line)
     suite.case("kernel variants 10s b1 fp16", variants,

@@ -4,7 +4,7 @@ Builds the config's DiffWave (random weights: speed does not depend on them), vo
 random mels of `--seconds` each through `Vocoder` (the real synthesis path), and prints wall time,
 time per denoising step, real-time factor, effective GFLOP/s (the model's FLOPs counted from the
 layer shapes of a plain forward pass, so the conditioner counts at every step even where it is
-cached) and peak memory. On CPU the ratio is to an fp32 matmul measured on the same threads just
+cached or projected once) and peak memory. On CPU the ratio is to an fp32 matmul measured on the same threads just
 before and after the synthesis; on CUDA to the card's bf16 or TF32 matmul and device-copy rates,
 measured in the same run (`cuda_peaks`), with the fused engine's device-memory traffic as bytes/s.
 """
@@ -26,7 +26,7 @@ from torch import nn
 from models.vocoders.diffusion.ddpm import SAMPLERS
 from models.vocoders.diffusion.diffusion_vocoder_inference import PRECISIONS, Vocoder, tf32
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
-from models.vocoders.diffusion.fused import mel_row
+from models.vocoders.diffusion.fused import mel_row, projected_row
 from models.vocoders.diffusion.windowed import ENGINES
 from utils.config import REPO_ROOT, load_config
 
@@ -81,13 +81,15 @@ def cuda_seconds(fn: Any, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bytes_per_sample(model: DiffWave, dtype: torch.dtype | None) -> float:
+def bytes_per_sample(model: DiffWave, dtype: torch.dtype | None, projected: bool = False) -> float:
     """Device-memory traffic of one fused denoising step per audio sample: each layer reads its input and the
-    upsampled mel (its padded rows) once and writes its output once (I/O dtype), and reads and writes the fp32 skip sum."""
+    upsampled mel (its padded rows; or, `projected`, its own 2 x channels of conditioner) once and writes its output
+    once (I/O dtype), and reads and writes the fp32 skip sum."""
     layer = model.residual_layers[0]
     channels, n_mel = layer.dilated_conv.in_channels, layer.conditioner_projection.in_channels
     size = 4 if dtype is None else torch.finfo(dtype).bits // 8
-    return len(model.residual_layers) * ((2 * channels + mel_row(n_mel)) * size + 8 * channels)
+    cond = projected_row(channels) if projected else mel_row(n_mel)
+    return len(model.residual_layers) * ((2 * channels + cond) * size + 8 * channels)
 
 
 def kernel_times(averages: Any, steps: int, top: int = 8) -> tuple[float, list[dict[str, Any]]]:

@@ -1,6 +1,6 @@
 """What each variant of the fused kernel costs a GPU's multiprocessor, compiled on any machine.
 
-    python -m benchmarks.kernel_resources [--arch 90] [--dtypes bf16 fp16 fp32] [--channels 64 --n_mel 100]
+    python -m benchmarks.kernel_resources [--arch 90] [--dtypes bf16 fp16 fp32] [--channels 64 --n_mel 100] [--projected]
 
 Compiles every variant the tuner tries, and the fallback's, for a CUDA architecture with the
 installed Triton, specialised as the launcher specialises them (aligned pointers and channel
@@ -61,7 +61,7 @@ def programs_per_multiprocessor(arch: int, warps: int, registers: int, shared: i
     return min(by_registers, threads // (32 * warps), per_sm // (shared + 1024), 32)
 
 
-def compile_variant(config: triton.Config, io: str, channels: int, n_mel: int, arch: int) -> Any:
+def compile_variant(config: triton.Config, io: str, channels: int, n_mel: int, arch: int, projected: bool) -> Any:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -69,7 +69,7 @@ def compile_variant(config: triton.Config, io: str, channels: int, n_mel: int, a
     from models.vocoders.diffusion import fused
 
     kernel = fused._residual_layer
-    constants = {**fused.kernel_constants(channels, n_mel, widen=False), **config.kwargs}
+    constants = {**fused.kernel_constants(channels, n_mel, False, projected), **config.kwargs}
     signature, aligned = {}, []
     for i, name in enumerate(kernel.arg_names):
         if name in constants:
@@ -89,10 +89,11 @@ def compile_variant(config: triton.Config, io: str, channels: int, n_mel: int, a
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def resources(config: triton.Config, io: str, channels: int = 64, n_mel: int = 100, arch: int = 90) -> Resources:
-    """Compile one of the tuner's configs and read its binary."""
+def resources(config: triton.Config, io: str, channels: int = 64, n_mel: int = 100, arch: int = 90,
+              projected: bool = False) -> Resources:
+    """Compile one of the tuner's configs (for the mel rows, or `projected` conditioners) and read its binary."""
     with contextlib.redirect_stdout(io_buffer()):  # Triton prints a failed variant's whole PTX
-        compiled = compile_variant(config, io, channels, n_mel, arch)
+        compiled = compile_variant(config, io, channels, n_mel, arch, projected)
     with tempfile.TemporaryDirectory() as folder:
         cubin = os.path.join(folder, "kernel.cubin")
         with open(cubin, "wb") as f:
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--channels", type=int, default=64, help="residual channels (base config: 64)")
     parser.add_argument("--n_mel", type=int, default=100, help="mel bins (base config: 100)")
+    parser.add_argument("--projected", action="store_true",
+                        help="the kernel for projected conditioners (one window, room to keep them), not mel rows")
     args = parser.parse_args(argv)
     from models.vocoders.diffusion import fused
 
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"kernel_resources: --channels must be 1-{fused.MAX_CHANNELS} (stage 3 runs wider models with "
                          "the plain forward: their tiles exceed shared memory, and ptxas takes minutes to say so) and "
                          "--n_mel at least 1")
-    print(f"sm_{args.arch}, Triton {fused.triton.__version__}, {args.channels} channels, {args.n_mel} mels")
+    print(f"sm_{args.arch}, Triton {fused.triton.__version__}, {args.channels} channels, {args.n_mel} mels"
+          f"{', projected conditioners' if args.projected else ''}")
     print("family  dtype  rows  merged  warps  cap  registers  spilled B  shared KiB  mma    programs/SM")
     for family, configs in (("tuned", fused.TUNED), ("plain", fused.PLAIN)):
         for io in args.dtypes:
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                 head = (f"{family:7} {io:6} {config.kwargs['BLOCK_T']:4}  {config.kwargs['MERGED']!s:6}  "
                         f"{config.num_warps:5}  {config.maxnreg or '-':>3}  ")
                 try:
-                    r = resources(config, io, args.channels, args.n_mel, args.arch)
+                    r = resources(config, io, args.channels, args.n_mel, args.arch, args.projected)
                 except Exception as error:  # a compiler's refusal (too many registers, too much shared memory)
                     fatal = [line for line in str(error).splitlines() if "fatal" in line or "Error" in line]
                     print(f"{head}does not compile: {(fatal or [type(error).__name__])[0].strip()}", flush=True)

@@ -107,6 +107,23 @@ def test_fused_layers_equal_the_plain_forward(dtype, channels, n_mel, variant):
         within_rounding(net(audio, step, cond, lengths), model, dtype, audio, step, mel, lengths)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("channels", "n_mel"), [(12, 7), (16, 100)])
+def test_a_projected_conditioner_computes_the_same_layers(dtype, channels, n_mel, variant):
+    """Every layer's conditioner projection computed once (the accumulator starts from it) instead of the mel dots."""
+    model = random_model(channels, n_mel)
+    mel, audio, lengths = batch([30, 17], n_mel)
+    net = fused.FusedDiffWave(model, dtype, variant)
+    cond = net.projected(net.conditioner(mel, lengths // HOP))
+    assert cond.shape == (4, 2, 30 * HOP, 32) and net.projected_bytes(2 * 30 * HOP) == cond.numel() * cond.itemsize
+    for step in (torch.tensor([3.0, 3.0]), torch.tensor([41.25, 0.5])):
+        step = step.to(DEVICE)
+        within_rounding(net(audio, step, cond, lengths), model, dtype, audio, step, mel, lengths)
+    with pytest.raises(ValueError, match=r"expected \(4, 2, 480, 32\)"):
+        net(audio, step, cond[:, :, :-1], lengths)
+
+
 def test_a_16_bit_skip_sum_stays_within_fp16_rounding():
     """The GPU suite's measurement of a half-size skip sum runs the same layers."""
     model = random_model()
@@ -131,20 +148,22 @@ def test_every_kernel_variant_computes_the_same_layers(config):
 
 @pytest.mark.parametrize("engine", ["fused", "plain"])
 def test_windows_equal_one_full_length_pass(engine, monkeypatch):
-    """A budget that forces several windows (each far shorter than the utterance) changes nothing."""
+    """A budget that forces several windows (each far shorter than the utterance) changes nothing; one window with
+    room to spare keeps every layer's conditioner projection, the same layers within rounding."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the same arithmetic whatever the window length
     model = random_model(layers=6, cycle=3)
     mel, audio, lengths = batch([90, 61], 20, seed=2)
     step = torch.tensor([7.5, 7.5], device=DEVICE)
     net = fused.FusedDiffWave(model, torch.float32, VARIANT) if engine == "fused" else None
     whole = WindowedDenoiser(model, mel, lengths, None, 1 << 30, net)
-    assert len(whole.windows) == 1
+    assert len(whole.windows) == 1 and whole.projected == (engine == "fused")
     per_sample = 2 * bytes_per_sample(model, engine, None)
     small = WindowedDenoiser(model, mel, lengths, None, per_sample * (2 if engine == "fused" else 1) * 300, net)
-    assert len(small.windows) >= 4
-    ref = whole(audio, step)
+    assert len(small.windows) >= 4 and not small.projected
+    ref = whole(audio, step) if net is None else net(audio, step, net.conditioner(mel, lengths // HOP), lengths)
     assert relative_error(small(audio, step), ref, lengths) < 1e-5
     within_rounding(ref, model, torch.float32, audio, step, mel, lengths)
+    within_rounding(whole(audio, step), model, torch.float32, audio, step, mel, lengths)
 
 
 def test_budget_too_small_for_one_window_is_a_clear_error():
@@ -250,15 +269,17 @@ def test_a_kernel_the_compiler_rejects_tries_the_split_dot_family_then_says_so(m
 
 @pytest.mark.skipif(fused.triton is None or DEVICE.type == "cuda", reason="needs Triton's NVIDIA backend; a GPU runs the kernel")
 def test_the_first_tuned_variants_compile_for_hopper_without_spilling_and_three_programs_fit():
-    """Compiled for sm_90 here, without a GPU (the interpreter compiles nothing: a process without it). The kernel
-    before its in-place accumulators took 255 registers a thread and spilled 160 bytes: two programs an SM."""
+    """Compiled for sm_90 here, without a GPU (the interpreter compiles nothing: a process without it), for mel rows
+    and projected conditioners. The kernel before its in-place accumulators took 255 registers a thread and spilled
+    160 bytes: two programs an SM."""
     probe = ("from benchmarks.kernel_resources import resources\nfrom models.vocoders.diffusion import fused\n"
-             "for config in fused.TUNED[:2]: print(resources(config, 'bf16'))")
+             "for config in fused.TUNED[:2]: print(resources(config, 'bf16'))\n"
+             "print(resources(fused.TUNED[0], 'fp16', projected=True))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("Resources(")]
-    assert len(rows) == 2 and all("stack=0," in row and "mma='HGMMA'" in row for row in rows), out.stdout
+    assert len(rows) == 3 and all("stack=0," in row and "mma='HGMMA'" in row for row in rows), out.stdout
     assert any("programs=3" in row or "programs=4" in row for row in rows), out.stdout
 
 

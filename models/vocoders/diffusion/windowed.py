@@ -4,7 +4,8 @@ An output sample depends on the input within `receptive_halo` samples and on the
 within `MEL_MARGIN` frames of it, so each window is extended by a frame-aligned halo that covers
 both and only its centre is kept: the result equals the full-length pass. The window length comes
 from the memory budget and a per-sample estimate of the engine's working set. The upsampled mel
-of each window is kept across denoising steps while it fits in what the windows leave of the budget.
+of each window is kept across denoising steps while it fits in what the windows leave of the budget;
+where one window holds the whole batch and there is room, every layer's projection of it is kept instead.
 
 `GraphedDenoiser` captures one denoising step as a CUDA graph and replays it at every step, so
 the dozens of kernel launches per step cost one launch.
@@ -71,6 +72,8 @@ class WindowedDenoiser:
         self.windows = list(itertools.pairwise(edges))
         self.cache_left = budget_bytes - window_budget if engine == "fused" else 0
         self.cond: dict[int, Tensor] = {}
+        # One window for the batch, and room for every layer's conditioner projection: the kernel skips its mel dots
+        self.projected = count == 1 and fused is not None and fused.projected_bytes(batch * self.total) <= self.cache_left
         if fused is not None and count == 1:  # queued now: the device upsamples while the host draws the first noise
             self._conditioner(0, 0, frames, None if lengths is None else lengths // self.hop)
 
@@ -78,6 +81,8 @@ class WindowedDenoiser:
         if index in self.cond:
             return self.cond[index]
         cond = self.fused.conditioner(self.mel[..., f0:f1], frames)
+        if self.projected:
+            cond = self.fused.projected(cond)
         if cond.numel() * cond.element_size() <= self.cache_left:
             self.cache_left -= cond.numel() * cond.element_size()
             self.cond[index] = cond
