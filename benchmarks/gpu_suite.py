@@ -132,6 +132,7 @@ class InferenceCases:
         return (f"{r['ms_per_step']:8.2f} ms/step  RTF {r['rtf']:.5f}  {r['x_realtime']:8.0f}x  "
                 f"{r['gflops'] / 1e3:6.1f} TFLOP/s ({r['gflops'] / 1e3 / peak:5.1%})  {r['gbps'] / 1e3:5.2f} TB/s "
                 f"({r['gbps'] / 1e3 / self.peaks['copy_tbps']:5.1%})  {first}peak {r['peak_gib']:.2f} GiB"
+                f"{'  projected' if r.get('projected') else ''}"
                 f"{'' if r['finite'] else '  NON-FINITE'}{profile_lines(r)}")
 
     def run(self, name: str, seconds: float, batch: int, precision: str, profile: bool = False,

@@ -143,7 +143,8 @@ def measure(cfg: Any, model: DiffWave, seconds: float, batch: int = 1, repeats: 
         "first_call_s": first, "wall_s": wall, "ms_per_step": 1e3 * wall / steps, "rtf": wall / audio_seconds,
         "x_realtime": audio_seconds / wall,
         "gflops": flops_per_sample(model, n_mel) * rate * audio_seconds * steps / wall / 1e9,
-        "gbps": bytes_per_sample(model, vocoder.dtype) * rate * audio_seconds * steps / wall / 1e9,
+        "gbps": bytes_per_sample(model, vocoder.dtype, vocoder.projected) * rate * audio_seconds * steps / wall / 1e9,
+        "projected": vocoder.projected,
         "peak_gib": (torch.cuda.max_memory_reserved(vocoder.device) if cuda
                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         "peak_allocated_gib": torch.cuda.max_memory_allocated(vocoder.device) / 2**30 if cuda else None,
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                "compile": args.compile, "cuda_graph": False if args.no_cuda_graph else "auto",
                "gpu_memory_gib": args.gpu_memory_gib}
     r = measure(cfg, model, args.seconds, args.batch, args.repeats, not args.no_warmup, **options)
-    print(f"sampler {args.sampler}, {r['steps']} steps, batch {args.batch} x {args.seconds:.2f} s, engine {r['engine']}, "
+    print(f"sampler {args.sampler}, {r['steps']} steps, batch {args.batch} x {args.seconds:.2f} s, engine {r['engine']}"
+          f"{' (conditioner projected once)' if r['projected'] else ''}, "
           f"{r['precision']} on {r['device']}" + (f", first call {r['first_call_s']:.2f} s" if r["first_call_s"] else ""))
     if device.type == "cuda":
         tf32 = r["precision"] == "fp32"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.vocoders.diffusion import fused
+from models.vocoders.diffusion import fused, windowed
 from models.vocoders.diffusion.ddpm import make_plan, sample
 from models.vocoders.diffusion.diffusion_vocoder_inference import FiniteWatch, Vocoder
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
@@ -164,6 +164,17 @@ def test_windows_equal_one_full_length_pass(engine, monkeypatch):
     assert relative_error(small(audio, step), ref, lengths) < 1e-5
     within_rounding(ref, model, torch.float32, audio, step, mel, lengths)
     within_rounding(whole(audio, step), model, torch.float32, audio, step, mel, lengths)
+
+
+def test_a_projection_past_the_kernels_32_bit_offsets_keeps_the_mel_rows(monkeypatch):
+    """Projected rows are wider than the window's bound on the kernel's offsets assumed."""
+    model = random_model()
+    mel, _, lengths = batch([30, 17], 20)
+    net = fused.FusedDiffWave(model)
+    widest = 2**31 // (2 * 30 * HOP)  # batch x samples x row below 2**31
+    for row, projected in ((widest, True), (widest + 1, False)):
+        monkeypatch.setattr(windowed, "projected_row", lambda channels, row=row: row)
+        assert WindowedDenoiser(model, mel, lengths, None, 1 << 30, net).projected is projected
 
 
 def test_budget_too_small_for_one_window_is_a_clear_error():

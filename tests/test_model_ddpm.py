@@ -1,6 +1,9 @@
 """The DiffWave network and the DDPM maths."""
 
 import multiprocessing
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +157,35 @@ def test_a_forked_child_draws_batch_noise_after_its_parent_did():
     finally:
         child.join(10)
         child.kill()
+
+
+def test_noise_needs_a_generator_per_item_and_lengths_that_fit():
+    plan = make_plan(model_cfg().model.diffwave, "fast")
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    with pytest.raises(ValueError, match="2 noise generators for a batch of 4"):
+        sample(lambda x, s: x, plan, (4, 100), generators=gens)
+    with pytest.raises(ValueError, match=r"lengths \[100, 101\] do not fit a batch of shape \(2, 100\)"):
+        sample(lambda x, s: x, plan, (2, 100), lengths=torch.tensor([100, 101]), generators=gens)
+
+
+def test_one_generator_shared_by_several_items_draws_in_item_order(monkeypatch):
+    """The items' threads would take its numbers in any order (they did, now and then)."""
+    monkeypatch.setattr(ddpm, "_drawers", lambda: pytest.fail("a shared generator drawn from on several threads"))
+    sizes = [20000, 10, 20000, 0, 20000, 7]
+    shared = torch.Generator().manual_seed(3)
+    noise = ddpm._noise((len(sizes), 20000), sizes, [shared] * len(sizes))
+    again = torch.Generator().manual_seed(3)
+    for row, n in zip(noise, sizes, strict=True):
+        assert torch.equal(row[:n], torch.randn(n, generator=again)) and not row[n:].any()
+
+
+def test_a_thread_still_sampling_at_interpreter_exit_finishes():
+    """Python shuts its thread pools before it waits for other threads: the noise is then drawn in the caller."""
+    script = ("import threading, torch\nfrom models.vocoders.diffusion import ddpm\nfrom tests.tiny_experiment import model_cfg\n"
+              "plan = ddpm.make_plan(model_cfg().model.diffwave, 'full')\n"
+              "def work():\n    gens = [torch.Generator().manual_seed(i) for i in range(2)]\n"
+              "    print(tuple(ddpm.sample(lambda a, s: a * 0.1, plan, (2, 50_000), 'cpu', None, gens).shape))\n"
+              "threading.Thread(target=work).start()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and done.stdout.strip() == "(2, 50000)", done.stderr[-2000:]

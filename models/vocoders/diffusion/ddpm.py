@@ -150,10 +150,18 @@ def _noise(shape: tuple[int, int], sizes: list[int] | None, generators: Sequence
         torch.randn(n, generator=generators[b], out=out[b, :n])
         out[b, n:] = 0.0
 
-    if len(generators) == 1:
-        draw(0)
-    else:
-        list(_drawers().map(draw, range(len(generators))))
+    if len({id(g) for g in generators}) < max(2, len(generators)):  # one item, or a shared generator: in order
+        for b in range(len(generators)):
+            draw(b)
+        return out
+    pending = []
+    for b in range(len(generators)):
+        try:
+            pending.append(_drawers().submit(draw, b))
+        except RuntimeError:  # the interpreter is shutting down its thread pools (a thread still sampling)
+            draw(b)
+    for future in pending:
+        future.result()
     return out
 
 
@@ -179,7 +187,12 @@ def sample(
     Nothing here waits for the device: each step's noise is drawn on the host while the device denoises. (The
     lengths of a padded batch were once read from the GPU at every step, so the host drew only after the GPU had
     finished: the likely cause of the 30 ms by which a batch-16 step outlasted its kernels on an H200.)"""
-    sizes = None if lengths is None else [int(n) for n in lengths.tolist()]  # a GPU tensor is read here, once
+    values = lengths.tolist() if isinstance(lengths, Tensor) else lengths  # a GPU tensor is read here, once
+    sizes = None if values is None else [int(n) for n in values]
+    if generators is not None and len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} noise generators for a batch of {shape[0]}")
+    if sizes is not None and (len(sizes) != shape[0] or not all(0 <= n <= shape[1] for n in sizes)):
+        raise ValueError(f"lengths {sizes} do not fit a batch of shape {tuple(shape)}")
     pinned = torch.device(device).type == "cuda"
     x = _to_device(_noise(shape, sizes, generators, pinned), device)
     for step in plan.walk():

@@ -97,6 +97,7 @@ class Vocoder:
         self.cuda_graph = cuda_graph if cuda_graph == "auto" else bool_or_auto(cuda_graph, "inference.cuda_graph", auto=cuda)
         self.memory_bytes = None if gpu_memory_gib is None else int(float(gpu_memory_gib) * 2**30)
         self._built: tuple[fused.FusedDiffWave | None, Any] | None = None  # the model's weights must not change after
+        self.projected = False  # whether the last batch's fused kernel took every layer's conditioner projected once
 
     def _pick_engine(self, engine: str) -> str:
         """fused (Triton) on CUDA, row tiles for fp32 on CPU, else the plain forward; an explicit choice is checked."""
@@ -186,6 +187,7 @@ class Vocoder:
             return plain
         samples = mel.shape[0] * mel.shape[-1] * self.hop
         denoise = WindowedDenoiser(self.model, mel, lengths, self.dtype, self._window_budget(samples), *self._engine())
+        self.projected = denoise.projected
         # auto: a graph where kernel launches outlast the work (measured on an H200: 1 s gains, 10 s loses the capture)
         graph = self.cuda_graph is True or (self.cuda_graph == "auto" and len(denoise.windows) == 1 and samples <= 1 << 16)
         return GraphedDenoiser(denoise) if graph and self.device.type == "cuda" else denoise

@@ -341,6 +341,7 @@ class FusedDiffWave:
         if cond.shape != expected:  # a narrower one would be read past its end
             raise ValueError(f"conditioner of shape {tuple(cond.shape)}: expected {expected} "
                              "(FusedDiffWave.conditioner pads the mel rows; FusedDiffWave.projected projects them)")
+        cond = cond.contiguous()  # the kernel reads dense rows (a no-op for what `conditioner` and `projected` return)
         if lengths is None:
             lengths = torch.full((batch,), total, dtype=torch.int32, device=audio.device)
         lengths = lengths.to(torch.int32)

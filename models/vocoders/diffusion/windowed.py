@@ -24,7 +24,7 @@ from torch import Tensor
 
 from models.vocoders.diffusion.chunked import MEL_MARGIN
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave
-from models.vocoders.diffusion.fused import FusedDiffWave, mel_row
+from models.vocoders.diffusion.fused import FusedDiffWave, mel_row, projected_row
 from utils.config import ConfigError
 
 ENGINES = ("auto", "fused", "tiled", "plain")
@@ -73,7 +73,9 @@ class WindowedDenoiser:
         self.cache_left = budget_bytes - window_budget if engine == "fused" else 0
         self.cond: dict[int, Tensor] = {}
         # One window for the batch, and room for every layer's conditioner projection: the kernel skips its mel dots
-        self.projected = count == 1 and fused is not None and fused.projected_bytes(batch * self.total) <= self.cache_left
+        # (its rows are wider than the mel's: within the kernel's 32-bit offsets too)
+        self.projected = (count == 1 and fused is not None and fused.projected_bytes(batch * self.total) <= self.cache_left
+                          and batch * self.total * projected_row(fused.channels) < 2**31)
         if fused is not None and count == 1:  # queued now: the device upsamples while the host draws the first noise
             self._conditioner(0, 0, frames, None if lengths is None else lengths // self.hop)
 
