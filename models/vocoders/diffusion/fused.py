@@ -123,8 +123,9 @@ if triton is not None:
     # step against 4.64 uncapped); the others lost there but have no spills on sm_80/89, and the split dots (30 ms)
     # stay only as the fallback. (Programs that looped over several row tiles, reusing the weights and pipelining
     # the loads, never won on an H200, and the one wrong result a GPU test showed came from one of them: removed.)
-    # Not yet measured: 128 rows on 4 warps (255 registers, no spills, 2 programs: 256 rows a multiprocessor in
-    # flight against 192, each 96 KiB tile of weights read from L2 once per 128 rows instead of 64).
+    # Not yet measured: 128 rows on 4 warps (255 registers, 0-8 spilled bytes in 16 bits with Triton 3.6, up to 56
+    # with 3.9; 2 programs: 256 rows a multiprocessor in flight against 192, each 96 KiB tile of weights read from
+    # L2 once per 128 rows instead of 64).
     TUNED = [_config(64, True, 4), _config(64, True, 4, 168), _config(64, True, 8, 128), _config(128, True, 8),
              _config(32, True, 4), _config(128, True, 4)]
     # The split-dot variants: what the first GPU measurements ran; kept as the fallback.
