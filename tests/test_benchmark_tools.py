@@ -15,7 +15,18 @@ from torch.utils.data import DataLoader
 
 from benchmarks import quality
 from benchmarks.epoch_starts import wait_ms_per_step
-from benchmarks.gpu_suite import TRAINING_CASES, VARIANTS, InferenceCases, Suite, TrainingCases, case_settings, run_tests
+from benchmarks.gpu_suite import (
+    CONFIG,
+    TRAINING_CASES,
+    VARIANTS,
+    InferenceCases,
+    Suite,
+    TrainingCases,
+    case_settings,
+    kernel_cases,
+    run_tests,
+    tuning_key,
+)
 from benchmarks.inference import kernel_times, measure
 from benchmarks.train import measure_plain_loop, measure_training
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset
@@ -158,3 +169,17 @@ def test_the_gpu_suites_lines_print_measured_cases_with_and_without_a_profile(ti
     trained = {**measure_training(cfg, steps=1, warmup=1, name="line"), "x_plain_loop": 1.5}
     assert "1.50x the plain loop" in TrainingCases.line(trained)
     assert "GPU busy 97%" in TrainingCases.line({**trained, "gpu_busy": 0.97, "top_kernels": top})
+
+
+def test_the_gpu_suites_kernel_cases_expect_the_tuners_time_where_they_tune_anew() -> None:
+    """Plumbing a lease would otherwise find: each kernel case's expected time, from the keys tuned before it."""
+    planned = []
+    recorder = SimpleNamespace(case=lambda name, fn, line, expect_s=10.0: planned.append((name, expect_s)))
+    cfg = load_config(CONFIG)
+    tuned = {tuning_key(cfg, 10, 1, "fp16", True)}  # what stage 3's core cases tuned: projected conditioners
+    kernel_cases(recorder, cfg, build_diffwave(cfg), {}, tuned)
+    expected = dict(planned)
+    assert expected["kernel step 10s b1 fp16"] == 25 and expected["kernel step 1s b1 fp16"] == 10  # same key
+    assert expected["kernel step 10s b1 fp16 projected"] == 10 and expected["kernel step 10s b16 fp16 projected"] == 25
+    assert expected["kernel step 10s b1 fp16 skip fp16"] == 25 and expected["kernel variants 10s b1 fp16"] == 40
+    assert len(planned) == 11 and tuning_key(cfg, 10, 16, "fp16", False, torch.float16) in tuned
