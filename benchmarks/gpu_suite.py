@@ -211,7 +211,7 @@ def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str
             samples = batch * frames * hop
             return {"precision": precision, "ms_per_step": 1e3 * step_s, "first_call_s": first,
                     "tflops": per_sample * samples / step_s / 1e12,
-                    "tbps": bytes_per_sample(model, dtype, projected) * samples / step_s / 1e12,
+                    "tbps": bytes_per_sample(model, dtype, projected, skip) * samples / step_s / 1e12,
                     "relative_error": float((got - ref).norm() / ref.norm()), "kernel": fused.kernel_in_use()}
         return inner
 

@@ -81,15 +81,16 @@ def cuda_seconds(fn: Any, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bytes_per_sample(model: DiffWave, dtype: torch.dtype | None, projected: bool = False) -> float:
+def bytes_per_sample(model: DiffWave, dtype: torch.dtype | None, projected: bool = False,
+                     skip: torch.dtype = torch.float32) -> float:
     """Device-memory traffic of one fused denoising step per audio sample: each layer reads its input and the
     upsampled mel (its padded rows; or, `projected`, its own 2 x channels of conditioner) once and writes its output
-    once (I/O dtype), and reads and writes the fp32 skip sum."""
+    once (I/O dtype), and reads and writes the skip sum (fp32 unless `skip`)."""
     layer = model.residual_layers[0]
     channels, n_mel = layer.dilated_conv.in_channels, layer.conditioner_projection.in_channels
     size = 4 if dtype is None else torch.finfo(dtype).bits // 8
     cond = projected_row(channels) if projected else mel_row(n_mel)
-    return len(model.residual_layers) * ((2 * channels + cond) * size + 8 * channels)
+    return len(model.residual_layers) * ((2 * channels + cond) * size + 2 * skip.itemsize * channels)
 
 
 def kernel_times(averages: Any, steps: int, top: int = 8) -> tuple[float, list[dict[str, Any]]]:

@@ -27,7 +27,7 @@ from benchmarks.gpu_suite import (
     run_tests,
     tuning_key,
 )
-from benchmarks.inference import kernel_times, measure
+from benchmarks.inference import bytes_per_sample, kernel_times, measure
 from benchmarks.train import measure_plain_loop, measure_training
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
@@ -183,3 +183,11 @@ def test_the_gpu_suites_kernel_cases_expect_the_tuners_time_where_they_tune_anew
     assert expected["kernel step 10s b1 fp16 projected"] == 10 and expected["kernel step 10s b16 fp16 projected"] == 25
     assert expected["kernel step 10s b1 fp16 skip fp16"] == 25 and expected["kernel variants 10s b1 fp16"] == 40
     assert len(planned) == 11 and tuning_key(cfg, 10, 16, "fp16", False, torch.float16) in tuned
+
+
+def test_the_fused_kernels_byte_count_follows_its_conditioner_and_skip_sum() -> None:
+    cfg = load_config(CONFIG)
+    model = build_diffwave(cfg)  # 30 layers, 64 channels, 100 mels (rows of 112)
+    assert bytes_per_sample(model, torch.float16) == 30 * ((128 + 112) * 2 + 8 * 64)
+    assert bytes_per_sample(model, torch.float16, projected=True) == 30 * ((128 + 128) * 2 + 8 * 64)
+    assert bytes_per_sample(model, torch.float16, skip=torch.float16) == 30 * ((128 + 112) * 2 + 4 * 64)

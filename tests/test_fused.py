@@ -124,6 +124,17 @@ def test_a_projected_conditioner_computes_the_same_layers(dtype, channels, n_mel
         net(audio, step, cond[:, :, :-1], lengths)
 
 
+def test_lengths_are_one_per_item_and_none_reads_past_the_batch():
+    model = random_model()
+    mel, audio, _ = batch([30, 30], 20)
+    net = fused.FusedDiffWave(model, torch.float32, VARIANT)
+    cond, step = net.conditioner(mel), torch.tensor([3.0, 3.0], device=DEVICE)
+    with pytest.raises(ValueError, match=r"lengths of shape \(1,\) for a batch of 2"):
+        net(audio, step, cond, torch.tensor([480], device=DEVICE))
+    past = net(audio, step, cond, torch.tensor([10_000, -5], device=DEVICE))
+    assert torch.equal(past, net(audio, step, cond, torch.tensor([480, 0], device=DEVICE)))
+
+
 def test_a_16_bit_skip_sum_stays_within_fp16_rounding():
     """The GPU suite's measurement of a half-size skip sum runs the same layers."""
     model = random_model()

@@ -189,3 +189,36 @@ def test_a_thread_still_sampling_at_interpreter_exit_finishes():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and done.stdout.strip() == "(2, 50000)", done.stderr[-2000:]
+
+
+class Stillborn:
+    """A thread pool whose threads cannot start (a process at its thread limit): `submit` queues the work, then
+    raises; a thread that starts later would run what was queued."""
+
+    def __init__(self) -> None:
+        self.queued = []
+
+    def submit(self, fn, *args):
+        self.queued.append((fn, args))
+        raise RuntimeError("can't start new thread")
+
+
+def test_a_row_queued_to_a_thread_that_never_started_is_drawn_once(monkeypatch):
+    pool = Stillborn()
+    monkeypatch.setattr(ddpm, "_drawers", lambda: pool)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    noise = ddpm._noise((3, 1000), None, gens)
+    kept = noise.clone()
+    for fn, args in pool.queued:  # the queued copy runs late, in a thread started afterwards
+        fn(*args)
+    assert torch.equal(noise, kept) and len(pool.queued) == 1
+    for s, row, gen in zip((1, 2, 3), noise, gens, strict=True):
+        fresh = torch.Generator().manual_seed(s)
+        assert torch.equal(row, torch.randn(1000, generator=fresh))
+        assert torch.equal(torch.randn(5, generator=gen), torch.randn(5, generator=fresh))  # drawn once
+
+
+def test_a_failing_draw_is_raised_after_the_others():
+    gens = [torch.Generator().manual_seed(1), "not a generator", torch.Generator().manual_seed(3)]
+    with pytest.raises(TypeError):
+        ddpm._noise((3, 1000), None, gens)

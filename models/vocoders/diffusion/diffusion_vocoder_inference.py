@@ -175,6 +175,7 @@ class Vocoder:
 
     def _denoiser(self, mel: torch.Tensor, lengths: torch.Tensor | None) -> Denoiser:
         """This batch's `denoise(x, step)`: the engine, over memory-bounded windows, CUDA-graphed where it pays."""
+        self.projected = False
         if self.engine == "tiled":
             return ChunkedDenoiser(self.model, mel, lengths, self.chunk_size, self.cache_bytes, self.tile)
         if self.engine == "plain" and (self.device.type != "cuda" or not isinstance(self.model, DiffWave)):

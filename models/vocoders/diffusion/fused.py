@@ -204,7 +204,7 @@ if triton is not None:
         cm = c < C
         io = x_ptr.dtype.element_ty
         DOT = tl.float32 if WIDEN else io
-        length = tl.load(len_ptr + b)
+        length = tl.minimum(tl.load(len_ptr + b), T)  # a length past the batch's end reads no other item's rows
         shift = tl.load(shift_ptr + b * shift_stride + c, mask=cm, other=0.0)
         x_base = x_ptr + b * T * C
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -345,6 +345,8 @@ class FusedDiffWave:
         cond = cond.contiguous()  # the kernel reads dense rows (a no-op for what `conditioner` and `projected` return)
         if lengths is None:
             lengths = torch.full((batch,), total, dtype=torch.int32, device=audio.device)
+        if lengths.shape != (batch,):  # the kernel reads one a batch item
+            raise ValueError(f"lengths of shape {tuple(lengths.shape)} for a batch of {batch}")
         lengths = lengths.to(torch.int32)
         step = m.diffusion_embedding(diffusion_step)
         shifts = F.linear(step, self.w_step, self.b_step).float().contiguous()  # (B, L * C)
