@@ -42,6 +42,12 @@ def bytes_per_sample(model: DiffWave, engine: str, dtype: torch.dtype | None) ->
     return int(SAFETY * ((len(layers) + 8) * 2 * channels * 4 + 12 * n_mel + 32))
 
 
+def offset_limit(batch: int, row: int) -> int:
+    """The most samples a window may have: the fused kernel's offsets into a (batch, samples, row) tensor are
+    32-bit."""
+    return (2**31 - 1) // (batch * row)
+
+
 class WindowedDenoiser:
     """`denoise(x, step)` for ddpm.sample over halo windows, through `fused` when given, else `forward`
     (the model, or its compiled form) under autocast to `dtype`."""
@@ -58,9 +64,9 @@ class WindowedDenoiser:
         per_sample = batch * bytes_per_sample(model, engine, dtype)
         window_budget = budget_bytes // 2 if engine == "fused" else budget_bytes
         window = window_budget // per_sample // self.hop * self.hop
-        if engine == "fused":  # the kernel's offsets are 32-bit: batch x window x channels stays below 2**31
+        if engine == "fused":
             widest = max(model.residual_layers[0].dilated_conv.in_channels, mel_row(mel.shape[1]))  # padded rows
-            window = min(window, (2**31 - 1) // (batch * widest) // self.hop * self.hop)
+            window = min(window, offset_limit(batch, widest) // self.hop * self.hop)
         if window < 2 * self.halo + 2 * self.hop and window < self.total:
             need = (2 * self.halo + 2 * self.hop) * per_sample * (2 if engine == "fused" else 1)
             raise ConfigError(f"inference memory budget {budget_bytes / 2**30:.2f} GiB is too small for batch {batch}: "
@@ -73,9 +79,9 @@ class WindowedDenoiser:
         self.cache_left = budget_bytes - window_budget if engine == "fused" else 0
         self.cond: dict[int, Tensor] = {}
         # One window for the batch, and room for every layer's conditioner projection: the kernel skips its mel dots
-        # (its rows are wider than the mel's: within the kernel's 32-bit offsets too)
+        # (its rows are wider than the mel's: within the kernel's offsets too)
         self.projected = (count == 1 and fused is not None and fused.projected_bytes(batch * self.total) <= self.cache_left
-                          and batch * self.total * projected_row(fused.channels) < 2**31)
+                          and self.total <= offset_limit(batch, projected_row(fused.channels)))
         if fused is not None and count == 1:  # queued now: the device upsamples while the host draws the first noise
             self._conditioner(0, 0, frames, None if lengths is None else lengths // self.hop)
 
