@@ -49,10 +49,10 @@ from models.vocoders.diffusion.fused import FusedDiffWave
 from utils.config import REPO_ROOT, load_config
 
 CONFIG = REPO_ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"
-GPU_TESTS = ["tests/test_fused.py", "tests/test_training.py", "tests/test_recipe.py", "tests/test_inference.py",
-             "tests/test_model_ddpm.py", "-k", "not two_processes and not two_nodes and not busy_port"]
-QUICK_TESTS = ["tests/test_fused.py", "tests/test_inference.py", "tests/test_training.py", "tests/test_model_ddpm.py", "-k",
-               "not two_processes and not two_nodes and not busy_port and not policy and not step_based"]
+GPU_TESTS = ["tests/test_fused.py", "tests/test_training.py", "tests/test_train_policy.py", "tests/test_recipe.py",
+             "tests/test_inference.py", "tests/test_model_ddpm.py"]
+QUICK_TESTS = ["tests/test_fused.py", "tests/test_inference.py", "tests/test_training.py", "tests/test_train_policy.py",
+               "tests/test_model_ddpm.py", "-k", "not checkpoint_policy and not step_based"]
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

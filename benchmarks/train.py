@@ -25,7 +25,8 @@ from models.vocoders.diffusion.ddpm import alpha_cum, noise_prediction_loss, tra
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from processors.preprocess import preprocess
-from utils.config import COMPILE_MODES, REPO_ROOT, load_config
+from utils.config import REPO_ROOT, load_config
+from utils.config_schema import COMPILE_MODES
 from utils.synthetic import write_corpus
 
 DATASET = "bench"

@@ -23,7 +23,7 @@ from processors.datasets import collecting_left_out, get_parser
 from processors.feature_store import feature_paths
 from processors.fingerprint import changes, corpus_fingerprint, read_fingerprint, stale_uids, write_fingerprint
 from processors.mel import mel_spectrogram, min_samples
-from utils.config import check_dataset_paths
+from utils.config_schema import check_dataset_paths
 from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy, unique_names
 from utils.text import plural
 

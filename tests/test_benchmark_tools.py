@@ -34,7 +34,8 @@ from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from processors.feature_store import load_entries
 from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
-from utils.config import COMPILE_MODES, load_config, validate
+from utils.config import load_config
+from utils.config_schema import COMPILE_MODES, validate
 from utils.synthetic import write_corpus
 
 

@@ -245,7 +245,7 @@ def trained(tmp_path_factory):
     """A tiny experiment trained for two steps in-process: a real, complete checkpoint to damage."""
     from processors.preprocess import preprocess
     from tests.recipe_helpers import tiny_training_config
-    from tests.test_training import trainer
+    from tests.training_kit import trainer
     from utils.config import load_config
     from utils.synthetic import write_corpus
 

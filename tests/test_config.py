@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from models.vocoders.diffusion import ddpm, diffusion_vocoder_trainer, windowed
-from utils import config
-from utils.config import ConfigError, check_dataset_paths, load_config, merge, unknown_keys, validate
+from utils import config_schema
+from utils.config import ConfigError, load_config, merge
+from utils.config_schema import check_dataset_paths, unknown_keys, validate
 
 RECIPE = Path(__file__).resolve().parents[1] / "egs/vocoder/diffusion/diffwave/exp_config.json"
 
@@ -195,8 +196,8 @@ def test_check_config_cli_refuses_a_bad_range_before_any_work(tmp_path):
 
 
 def test_the_schema_names_what_the_models_accept():
-    """utils/config sits below models/ and keeps its own lists of names: they must stay the models' names."""
-    assert config.SAMPLER_NAMES == ddpm.SAMPLER_NAMES
-    assert config.SCHEMA["inference.sampler"].choices == ddpm.SAMPLER_NAMES
-    assert config.SCHEMA["train.mixed_precision"].choices == diffusion_vocoder_trainer.PRECISIONS
-    assert config.SCHEMA["inference.engine"].choices == windowed.ENGINES
+    """utils/config_schema sits below models/ and keeps its own lists of names: they must stay the models' names."""
+    assert config_schema.SAMPLER_NAMES == ddpm.SAMPLER_NAMES
+    assert config_schema.SCHEMA["inference.sampler"].choices == ddpm.SAMPLER_NAMES
+    assert config_schema.SCHEMA["train.mixed_precision"].choices == diffusion_vocoder_trainer.PRECISIONS
+    assert config_schema.SCHEMA["inference.engine"].choices == windowed.ENGINES

@@ -1,90 +1,32 @@
 """Stage 2 at production grade: exact resume, finetune, checkpoint policy, precision, non-finite
-steps, EMA, TensorBoard, progress, and multi-process / two-"node" launches through run.sh.
-
-A tiny DiffWave on one shared synthetic corpus (8 utterances at 8 kHz: 7 train, 1 test); most
-runs are in-process, the launches are real `accelerate launch` subprocesses on gloo.
+steps, EMA, TensorBoard, progress and the loader, as in-process runs of a tiny DiffWave on one shared
+synthetic corpus (tests/training_kit.py). Launches: tests/test_launches.py; choices without a run:
+tests/test_train_policy.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import logging
 import math
-import os
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from models.vocoders.diffusion import device_policy
-from models.vocoders.diffusion.device_policy import channels_last as channels_last_rule
-from models.vocoders.diffusion.device_policy import refuse_graphed_accumulation
 from models.vocoders.diffusion.diffusion_vocoder_dataset import EpochBatchSampler
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
 from models.vocoders.diffusion.experiment import Experiment
-from models.vocoders.diffusion.stepper import HostCopy, make_optimizer
-from models.vocoders.diffusion.train_state import EMA
-from processors.preprocess import preprocess
-from tests.recipe_helpers import RUN_SH, tiny_training_config
+from models.vocoders.diffusion.stepper import make_optimizer
+from tests.training_kit import config, max_diff, newest, preprocessed_corpus, scalars, trainer
 from utils.checkpoint import CheckpointError, list_checkpoints
 from utils.config import ConfigError, load_config
-from utils.synthetic import write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One preprocessed corpus shared by every test (features only; experiments go elsewhere)."""
-    root = tmp_path_factory.mktemp("train")
-    write_corpus(root / "corpus", 2, 4, sample_rate=8000)
-    preprocess(load_config(tiny_training_config(root, "base.json")), num_workers=1)
-    return root
-
-
-def config(corpus: Path, tmp_path: Path, **train: object) -> Path:
-    """A config file for this test: its own log_dir, the shared features, `train` overrides."""
-    base = json.loads((corpus / "base.json").read_text())
-    base["log_dir"] = str(tmp_path / "ckpts")
-    base["train"].update(train)
-    path = tmp_path / f"config_{len(list(tmp_path.glob('config_*')))}.json"
-    path.write_text(json.dumps(base))
-    return path
-
-
-def trainer(path: Path, name: str, resume_type: str | None = None, checkpoint: str | None = None) -> DiffusionVocoderTrainer:
-    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh accelerate state per in-process run
-    GradientState._reset_state()
-    return DiffusionVocoderTrainer(load_config(path), name, resume_type, checkpoint)
-
-
-def newest(exp: Path) -> Path:
-    return list_checkpoints(exp / "checkpoint")[-1]
-
-
-def max_diff(a: Path, b: Path) -> float:
-    left, right = load_file(str(a)), load_file(str(b))
-    assert left.keys() == right.keys()
-    return max(float((left[k] - right[k]).abs().max()) for k in left)
-
-
-def scalars(exp: Path) -> dict[str, list]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found: dict[str, list] = {}
-    for events in sorted(exp.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0, "audio": 0})
-        acc.Reload()
-        for kind, tags in acc.Tags().items():
-            if kind in ("scalars", "images", "audio"):
-                for tag in tags:
-                    items = getattr(acc, {"scalars": "Scalars", "images": "Images", "audio": "Audio"}[kind])(tag)
-                    found.setdefault(tag, []).extend(items)
-    return found
+    return preprocessed_corpus(tmp_path_factory.mktemp("train"))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["decided-on-host", "decided-on-device"])
@@ -320,19 +262,6 @@ def test_skips_next_to_due_saves_give_the_same_checkpoints_decided_on_host_or_de
         assert max_diff(seen[False][2] / weights, seen[True][2] / weights) <= bound
 
 
-def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation() -> None:
-    """reduce-overhead / max-autotune replay CUDA graphs whose gradient buffers the next micro-batch overwrites
-    (pytorch/pytorch#169545): refused with accumulation on CUDA, before any training."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    for mode in ("reduce-overhead", "max-autotune"):
-        with pytest.raises(ConfigError, match=rf"^cfg.json: train.compile_mode '{mode}' .*gradient_accumulation_step 2"):
-            refuse_graphed_accumulation(mode, 2, cuda, "cfg.json")
-        refuse_graphed_accumulation(mode, 1, cuda, "cfg.json")
-        refuse_graphed_accumulation(mode, 2, cpu, "cfg.json")  # no CUDA graphs on the CPU
-    for mode in ("default", "max-autotune-no-cudagraphs"):
-        refuse_graphed_accumulation(mode, 4, cuda, "cfg.json")
-
-
 def test_validation_runs_a_compiled_model_eagerly(corpus: Path, tmp_path: Path) -> None:
     from torch._dynamo.utils import counters
 
@@ -343,45 +272,6 @@ def test_validation_runs_a_compiled_model_eagerly(corpus: Path, tmp_path: Path) 
     counters.clear()
     assert math.isfinite(run.validate())
     assert counters["stats"]["unique_graphs"] == 0  # nothing traced, so nothing compiled
-
-
-def test_ema_update_is_the_moving_average_of_every_float_tensor() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    ema = EMA(model, decay=0.9)
-    before = {k: v.clone() for k, v in ema.shadow.items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    model[1].num_batches_tracked += 5
-    ema.update(model, step=100)  # past the warm-up: decay 0.9
-    for name, value in model.state_dict().items():
-        if value.dtype.is_floating_point:
-            assert torch.allclose(ema.shadow[name], 0.9 * before[name] + 0.1 * value, atol=1e-6), name
-        else:
-            assert torch.equal(ema.shadow[name], value), name
-
-
-def test_a_gated_ema_update_moves_only_when_the_gate_is_open() -> None:
-    model = torch.nn.Linear(3, 4)
-    ema = EMA(model, decay=0.9)
-    before = {k: v.clone() for k, v in ema.shadow.items()}
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update(model, step=100, gate=torch.tensor(False))
-    assert all(torch.equal(ema.shadow[k], before[k]) for k in before)
-    ema.update(model, step=100, gate=torch.tensor(True))
-    assert torch.allclose(ema.shadow["weight"], 0.9 * before["weight"] + 0.1 * model.weight, atol=1e-6)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_steps_readings_reach_the_host_without_waiting_for_the_work_queued_after_them() -> None:
-    copy = HostCopy(torch.arange(4.0, device="cuda"))
-    big = torch.randn(8192, 8192, device="cuda")
-    for _ in range(20):  # about a third of a second of fp32 matmuls, queued after the copy
-        big = big @ big
-    values = copy.read()
-    assert not torch.cuda.current_stream().query(), "the matmuls were already done: the check proves nothing"
-    assert values == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_the_fused_optimizer_is_chosen_per_device_and_refused_with_fp16(corpus: Path, tmp_path: Path) -> None:
@@ -441,134 +331,6 @@ def test_a_resume_past_the_end_of_a_shorter_epoch_goes_on_with_the_next(corpus: 
     assert not [w for w in recwarn if "lr_scheduler.step" in str(w.message)]  # the decay was due: nothing to warn of
 
 
-def test_validation_sampler_covers_every_item_once() -> None:
-    shards = [list(EpochBatchSampler(5, 4, 0, rank, 2, shuffle=False, drop_last=False)) for rank in range(2)]
-    assert sorted(i for shard in shards for batch in shard for i, _ in batch) == [0, 1, 2, 3, 4]
-    alone = [list(EpochBatchSampler(1, 4, 0, rank, 2, shuffle=False, drop_last=False)) for rank in range(2)]
-    assert [len(s) for s in alone] == [1, 0]
-    train = [list(EpochBatchSampler(7, 2, 0, rank, 2)) for rank in range(2)]
-    assert len(train[0]) == len(train[1]) == 1
-    assert not {i for b in train[0] for i, _ in b} & {i for b in train[1] for i, _ in b}  # disjoint shards
-
-
-# ----- launches through run.sh ------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(cfg: Path, name: str, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(["bash", str(RUN_SH), "--stage", "2", "--config", str(cfg), "--name", name, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def listening(port: int) -> bool:
-    import psutil
-
-    return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
-
-
-def finish(procs: list[subprocess.Popen], port: int) -> tuple[list[str], bool]:
-    """Wait for every launch (3 min cap), watching whether `port` is listened on meanwhile."""
-    seen, deadline = False, time.time() + 180
-    while any(p.poll() is None for p in procs) and time.time() < deadline:
-        seen = seen or listening(port)
-        time.sleep(0.1)
-    outputs = []
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        outputs.append(p.communicate()[0])
-    return outputs, seen
-
-
-def check_one_experiment(exp: Path, processes: int, step: int) -> None:
-    checkpoints = list_checkpoints(exp / "checkpoint")
-    assert checkpoints, "no checkpoint written"
-    state = json.loads((checkpoints[-1] / "state.json").read_text())
-    assert (state["num_processes"], state["step"]) == (processes, step)
-    assert sorted(p.name for p in checkpoints[-1].glob("rng_*.pt")) == [f"rng_{r}.pt" for r in range(processes)]
-    assert len(list(exp.glob("events.out.tfevents.*"))) == 1  # one writer
-    assert not list((exp / "checkpoint").glob(".tmp-*"))
-
-
-def test_two_processes_shard_data_save_once_and_use_the_port(corpus: Path, tmp_path: Path) -> None:
-    # batch 2: 3 batches an epoch; two processes take one each (the odd one is dropped), so 2 epochs = 2 steps.
-    cfg = config(corpus, tmp_path, batch_size=2, max_epoch=2, save_checkpoint_stride=[1], keep_last=[-1])
-    port = free_port()
-    (out,), seen = finish([launch(cfg, "ddp", "--gpu", "0,1", "--main_process_port", str(port))], port)
-    assert f"process group: backend gloo, world size 2, rendezvous port {port}" in out, out[-3000:]
-    assert seen, f"nothing listened on port {port} during training"
-    exp = tmp_path / "ckpts" / "ddp"
-    check_one_experiment(exp, 2, 2)
-    assert [json.loads((p / "state.json").read_text())["step"] for p in list_checkpoints(exp / "checkpoint")] == [1, 2]
-    assert out.count("INFO models.vocoders.diffusion.checkpointing: saved") == 2  # rank 0 only
-
-
-def test_two_processes_stop_together_at_a_wall_time_budget(corpus: Path, tmp_path: Path) -> None:
-    # the processes agree through a reduction read one check late: both stop, one final checkpoint, no hang
-    cfg = config(corpus, tmp_path, batch_size=1, max_steps=100000, max_minutes=0.002, save_checkpoint_stride=[0])
-    port = free_port()
-    (out,), _seen = finish([launch(cfg, "budget", "--gpu", "0,1", "--main_process_port", str(port))], port)
-    folder = tmp_path / "ckpts" / "budget" / "checkpoint"
-    records = json.loads((folder / "ckpts.json").read_text())["checkpoints"]
-    assert records[-1]["kinds"] == ["final"] and 1 <= records[-1]["step"] < 100000, out[-3000:]
-    assert "Traceback" not in out and out.count("INFO models.vocoders.diffusion.checkpointing: saved") == 1
-
-
-def test_busy_port_gives_a_clear_error(corpus: Path, tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        result = subprocess.run(["bash", str(RUN_SH), "--stage", "2", "--config", str(config(corpus, tmp_path)),
-                                 "--name", "busy", "--gpu", "0,1", "--main_process_port", str(port)],
-                                capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert f"--main_process_port {port} is already in use" in result.stderr
-
-
-def test_two_nodes_on_one_machine_share_steps_and_one_checkpoint(corpus: Path, tmp_path: Path) -> None:
-    cfg = config(corpus, tmp_path, batch_size=2, max_epoch=2, save_checkpoint_stride=[2])
-    port = free_port()
-    node = ("--gpu", "0", "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port))
-    procs = [launch(cfg, "nodes", *node, "--machine_rank", str(rank)) for rank in range(2)]
-    outputs, _ = finish(procs, port)
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert "2 processes on 2 machines" in outputs[0]
-    exp = tmp_path / "ckpts" / "nodes"
-    check_one_experiment(exp, 2, 2)
-    assert len(list_checkpoints(exp / "checkpoint")) == 1
-
-
-
-def test_automatic_precision_and_compile_follow_the_gpus(fake_gpus, monkeypatch, caplog):
-    """bf16 training only where every GPU of the launch computes it natively, torch.compile only where Triton
-    targets them; the warning names the GPU that lacks bf16."""
-    assert device_policy.training_precision("auto", cuda=False) == "no"
-    fake_gpus(("Tesla T4", (7, 5)))
-    assert device_policy.training_precision("auto", cuda=True) == "no"
-    with caplog.at_level(logging.WARNING):
-        assert device_policy.training_precision("bf16", cuda=True) == "bf16"
-    assert "'bf16' on Tesla T4 (cuda:0, compute capability 7.5) is emulated" in caplog.text
-    triton = importlib.util.find_spec("triton") is not None
-    assert device_policy.compile_model("auto", torch.device("cuda")) == triton
-    fake_gpus(("NVIDIA GeForce GTX 1080", (6, 1)))
-    assert not device_policy.compile_model("auto", torch.device("cuda"))
-    assert device_policy.compile_model(True, torch.device("cuda"))  # asked for: tried, and torch says why if it fails
-    fake_gpus(("NVIDIA A100-SXM4-80GB", (8, 0)), ("Tesla V100", (7, 0)))
-    assert device_policy.training_precision("auto", cuda=True) == "bf16"  # one process: cuda:0 only
-    assert device_policy.training_precision("no", cuda=True) == "no"
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine: the V100 trains too
-    assert device_policy.training_precision("auto", cuda=True) == "no"
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        device_policy.training_precision("bf16", cuda=True)
-    assert "on Tesla V100 (cuda:1, compute capability 7.0)" in caplog.text
-
-
 def test_channels_last_training_takes_the_same_steps(corpus: Path, tmp_path: Path) -> None:
     """`train.channels_last` changes how the convolutions run, not what is learned; checkpoints are the same kind.
     (fp32 without TF32, so that on a GPU too the two kernels' rounding stays far below the bound.)"""
@@ -589,13 +351,3 @@ def test_channels_last_training_takes_the_same_steps(corpus: Path, tmp_path: Pat
     path.write_text(json.dumps(wide))
     wide = trainer(path, "wide")  # auto: on the CPU from 32 channels, where it is faster; off on CUDA until measured
     assert wide.accelerator.unwrap_model(wide.model).channels_last is (not torch.cuda.is_available())
-
-
-def test_channels_last_auto_follows_the_device_and_cuda_graphs() -> None:
-    """Measured on an H200: channels-last wins on CUDA only when CUDA graphs replay the step; on the CPU from 32
-    residual channels."""
-    assert channels_last_rule("auto", cuda=False, channels=64) and not channels_last_rule("auto", cuda=False, channels=16)
-    assert not channels_last_rule("auto", cuda=True, channels=64)
-    assert channels_last_rule("auto", cuda=True, channels=64, graphed=True)
-    assert not channels_last_rule("auto", cuda=True, channels=16, graphed=True)
-    assert channels_last_rule(True, cuda=True, channels=8) and not channels_last_rule(False, cuda=False, channels=64)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.recipe_helpers import tiny_training_config
-from tests.test_training import trainer
+from tests.training_kit import trainer
 from utils.synthetic import write_corpus
 from utils.threads import fair_threads
 

@@ -7,7 +7,8 @@ buried under a launcher's traceback.
 import argparse
 import sys
 
-from utils.config import STAGES, ConfigError, load_config, validate
+from utils.config import ConfigError, load_config
+from utils.config_schema import STAGES, validate
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -12,7 +12,8 @@ from models.vocoders.diffusion.experiment import Experiment, locate_experiment, 
 from models.vocoders.diffusion.inference_modes import MODES, run_inference
 from processors.mel_conventions import mel_converter
 from utils.cli import add_common_args, run
-from utils.config import ConfigError, validate
+from utils.config import ConfigError
+from utils.config_schema import validate
 
 
 def main(args: argparse.Namespace) -> None:

@@ -4,7 +4,8 @@ import argparse
 
 from processors.preprocess import preprocess
 from utils.cli import add_common_args, run
-from utils.config import load_config, validate
+from utils.config import load_config
+from utils.config_schema import validate
 
 
 def main(args: argparse.Namespace) -> None:

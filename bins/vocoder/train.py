@@ -8,7 +8,8 @@ from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoder
 from models.vocoders.diffusion.experiment import Experiment
 from utils.checkpoint import resolve_checkpoint
 from utils.cli import add_common_args, run
-from utils.config import ConfigError, load_config, validate
+from utils.config import ConfigError, load_config
+from utils.config_schema import validate
 
 log = logging.getLogger(__name__)
 

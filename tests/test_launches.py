@@ -1,0 +1,113 @@
+"""Multi-process and two-"node" launches of stage 2 through run.sh: real `accelerate launch` subprocesses on
+gloo that shard the data, save once, stop together and use the rendezvous port they are given."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.recipe_helpers import RUN_SH
+from tests.training_kit import config, preprocessed_corpus
+from utils.checkpoint import list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return preprocessed_corpus(tmp_path_factory.mktemp("train"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: Path, name: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(["bash", str(RUN_SH), "--stage", "2", "--config", str(cfg), "--name", name, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def listening(port: int) -> bool:
+    import psutil
+
+    return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
+
+
+def finish(procs: list[subprocess.Popen], port: int) -> tuple[list[str], bool]:
+    """Wait for every launch (3 min cap), watching whether `port` is listened on meanwhile."""
+    seen, deadline = False, time.time() + 180
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        seen = seen or listening(port)
+        time.sleep(0.1)
+    outputs = []
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        outputs.append(p.communicate()[0])
+    return outputs, seen
+
+
+def check_one_experiment(exp: Path, processes: int, step: int) -> None:
+    checkpoints = list_checkpoints(exp / "checkpoint")
+    assert checkpoints, "no checkpoint written"
+    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    assert (state["num_processes"], state["step"]) == (processes, step)
+    assert sorted(p.name for p in checkpoints[-1].glob("rng_*.pt")) == [f"rng_{r}.pt" for r in range(processes)]
+    assert len(list(exp.glob("events.out.tfevents.*"))) == 1  # one writer
+    assert not list((exp / "checkpoint").glob(".tmp-*"))
+
+
+def test_two_processes_shard_data_save_once_and_use_the_port(corpus: Path, tmp_path: Path) -> None:
+    # batch 2: 3 batches an epoch; two processes take one each (the odd one is dropped), so 2 epochs = 2 steps.
+    cfg = config(corpus, tmp_path, batch_size=2, max_epoch=2, save_checkpoint_stride=[1], keep_last=[-1])
+    port = free_port()
+    (out,), seen = finish([launch(cfg, "ddp", "--gpu", "0,1", "--main_process_port", str(port))], port)
+    assert f"process group: backend gloo, world size 2, rendezvous port {port}" in out, out[-3000:]
+    assert seen, f"nothing listened on port {port} during training"
+    exp = tmp_path / "ckpts" / "ddp"
+    check_one_experiment(exp, 2, 2)
+    assert [json.loads((p / "state.json").read_text())["step"] for p in list_checkpoints(exp / "checkpoint")] == [1, 2]
+    assert out.count("INFO models.vocoders.diffusion.checkpointing: saved") == 2  # rank 0 only
+
+
+def test_two_processes_stop_together_at_a_wall_time_budget(corpus: Path, tmp_path: Path) -> None:
+    # the processes agree through a reduction read one check late: both stop, one final checkpoint, no hang
+    cfg = config(corpus, tmp_path, batch_size=1, max_steps=100000, max_minutes=0.002, save_checkpoint_stride=[0])
+    port = free_port()
+    (out,), _seen = finish([launch(cfg, "budget", "--gpu", "0,1", "--main_process_port", str(port))], port)
+    folder = tmp_path / "ckpts" / "budget" / "checkpoint"
+    records = json.loads((folder / "ckpts.json").read_text())["checkpoints"]
+    assert records[-1]["kinds"] == ["final"] and 1 <= records[-1]["step"] < 100000, out[-3000:]
+    assert "Traceback" not in out and out.count("INFO models.vocoders.diffusion.checkpointing: saved") == 1
+
+
+def test_busy_port_gives_a_clear_error(corpus: Path, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(["bash", str(RUN_SH), "--stage", "2", "--config", str(config(corpus, tmp_path)),
+                                 "--name", "busy", "--gpu", "0,1", "--main_process_port", str(port)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"--main_process_port {port} is already in use" in result.stderr
+
+
+def test_two_nodes_on_one_machine_share_steps_and_one_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    cfg = config(corpus, tmp_path, batch_size=2, max_epoch=2, save_checkpoint_stride=[2])
+    port = free_port()
+    node = ("--gpu", "0", "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port))
+    procs = [launch(cfg, "nodes", *node, "--machine_rank", str(rank)) for rank in range(2)]
+    outputs, _ = finish(procs, port)
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "2 processes on 2 machines" in outputs[0]
+    exp = tmp_path / "ckpts" / "nodes"
+    check_one_experiment(exp, 2, 2)
+    assert len(list_checkpoints(exp / "checkpoint")) == 1
