@@ -140,12 +140,12 @@ class InferenceCases:
         def fn() -> dict:
             return {"precision": precision, **measure(self.cfg, self.model, seconds, batch, 3, device="cuda",
                                                       precision=precision, profile=profile, **options)}
-        shape = tuning_key(self.cfg, seconds, batch, precision, True)  # one window on a large GPU: projected
-        fused_first = "engine" not in options and shape not in self.tuned
+        keys = {projected: tuning_key(self.cfg, seconds, batch, precision, projected) for projected in (True, False)}
+        fused_first = "engine" not in options and not set(keys.values()) & self.tuned  # which runs: known after it
         expect = 30 if options.get("compile") else 25 if fused_first else 6
         result = self.suite.case(name, fn, self.line, expect_s=expect)
-        if "engine" not in options:
-            self.tuned.add(shape)
+        if "engine" not in options and result is not None:  # the kernel the free memory chose was tuned
+            self.tuned.add(keys[bool(result.get("projected"))])
         return result
 
     def core(self) -> None:
@@ -212,7 +212,8 @@ def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str
             return {"precision": precision, "ms_per_step": 1e3 * step_s, "first_call_s": first,
                     "tflops": per_sample * samples / step_s / 1e12,
                     "tbps": bytes_per_sample(model, dtype, projected, skip) * samples / step_s / 1e12,
-                    "relative_error": float((got - ref).norm() / ref.norm()), "kernel": fused.kernel_in_use()}
+                    "relative_error": float((got - ref).norm() / ref.norm()),
+                    "kernel": fused.kernel_in_use(dtype or torch.float32, projected)}
         return inner
 
     def line(r: dict) -> str:

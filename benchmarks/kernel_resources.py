@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import triton
 
 # Per multiprocessor: registers, threads, shared memory (bytes a block may use, bytes in all).
-MULTIPROCESSORS = {80: (65536, 2048, 166912, 167936), 86: (65536, 1536, 101376, 102400),
+MULTIPROCESSORS = {75: (65536, 1024, 65536, 65536), 80: (65536, 2048, 166912, 167936), 86: (65536, 1536, 101376, 102400),
                    89: (65536, 1536, 101376, 102400), 90: (65536, 2048, 232448, 233472)}
 FLOAT_ARGS = ("skip_ptr", "shift_ptr", "b_in_ptr", "b_out_ptr")  # kept in fp32 whatever the I/O precision
 

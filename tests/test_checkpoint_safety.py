@@ -171,6 +171,18 @@ def test_damaged_rng_file_is_one_line_naming_the_file(tmp_path, damage):
     assert "rng_0.pt: damaged RNG state" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_resume_on_fewer_gpus_restores_the_generators_it_has(monkeypatch):
+    """A run saved on two GPUs resumed on one (`--gpu 0,1` then `--gpu 0`): the GPU that is there gets its state
+    back; restoring every saved one failed on the missing device and read as a damaged file."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state.tolist(), device)))
+    saved = {**rng_state(), "cuda": [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]}
+    set_rng_state(saved, "rng_0.pt")
+    assert restored == [([1], 0)]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
 def test_non_finite_weights_are_refused_at_load(tmp_path, bad, weights_file):

@@ -258,15 +258,19 @@ def test_sampling_a_padded_batch_never_waits_for_the_gpu():
 
 
 class Failing:
-    """A kernel family whose every launch raises `error` (as Triton's compiler does on a GPU it cannot target)."""
+    """A kernel family whose launches raise `error` (as Triton's compiler does on a GPU it cannot target), for
+    activations of the dtypes in `refused` (all of them by default); the others launch `runs`."""
 
-    def __init__(self, error: type[BaseException]) -> None:
-        self.error, self.launches = error, 0
+    def __init__(self, error: type[BaseException], refused: tuple[torch.dtype, ...] | None = None,
+                 runs: object = None) -> None:
+        self.error, self.refused, self.runs, self.launches = error, refused, runs, []
 
     def __getitem__(self, grid: object) -> object:
-        def launch(*args: object, **meta: object) -> None:
-            self.launches += 1
-            raise self.error("unsupported target")
+        def launch(*args: torch.Tensor, **meta: object) -> None:
+            self.launches.append(args[0].dtype)
+            if self.refused is None or args[0].dtype in self.refused:
+                raise self.error("unsupported target")
+            self.runs[grid](*args, **meta)
         return launch
 
 
@@ -277,16 +281,52 @@ def test_a_kernel_the_compiler_rejects_tries_the_split_dot_family_then_says_so(m
     cond, step = net.conditioner(mel), torch.full((1,), 3.0, device=DEVICE)
     families = {"tuned": Failing(RuntimeError), "plain": Failing(RuntimeError)}
     monkeypatch.setattr(fused, "KERNELS", families)
-    monkeypatch.setattr(fused, "_kernel", "tuned")
+    monkeypatch.setattr(fused, "_fallen_back", set())
     with pytest.raises(fused.KernelError, match=r"failed on this GPU \(RuntimeError: unsupported target\)"):
         net(audio, step, cond, lengths)
-    assert families["tuned"].launches == families["plain"].launches == 1 and "tuned variants failed" in caplog.text
+    assert len(families["tuned"].launches) == len(families["plain"].launches) == 1
+    assert "tuned variants failed for torch.float32" in caplog.text
     for error in (torch.cuda.OutOfMemoryError, TypeError):  # too little memory, or our own mistake: not a verdict
         monkeypatch.setattr(fused, "KERNELS", {"tuned": Failing(error), "plain": Failing(RuntimeError)})
-        monkeypatch.setattr(fused, "_kernel", "tuned")
+        monkeypatch.setattr(fused, "_fallen_back", set())
         with pytest.raises(error):
             net(audio, step, cond, lengths)
-        assert fused._kernel == "tuned"
+        assert fused.family(torch.float32, False) == "tuned"
+
+
+def test_a_precision_the_compiler_rejects_falls_back_alone(monkeypatch):
+    """A GPU that compiles no bf16 dot (before Ampere) runs bf16 on the split-dot variants and fp16 still tuned:
+    one process-wide switch once sent every later fp16 batch to the slow variants."""
+    model = random_model()
+    mel, audio, lengths = batch([40], 20)
+    real = fused.KERNELS["plain"]
+    families = {"tuned": Failing(RuntimeError, (torch.bfloat16,), real), "plain": Failing(RuntimeError, (), real)}
+    monkeypatch.setattr(fused, "KERNELS", families)
+    monkeypatch.setattr(fused, "_fallen_back", set())
+    step = torch.full((1,), 3.0, device=DEVICE)
+    for dtype in (torch.bfloat16, torch.float16, torch.bfloat16):
+        net = fused.FusedDiffWave(model, dtype)
+        assert torch.isfinite(net(audio, step, net.conditioner(mel), lengths)).all()
+    layers = len(model.residual_layers)
+    assert families["tuned"].launches == [torch.bfloat16] + [torch.float16] * layers  # bf16 tried once
+    assert families["plain"].launches == [torch.bfloat16] * 2 * layers
+    assert (fused.family(torch.bfloat16, False), fused.family(torch.float16, False)) == ("plain", "tuned")
+    assert fused.family(torch.bfloat16, True) == "tuned"  # the projected kernel is compiled apart: tried on its own
+
+
+def test_triton_before_3_counts_as_absent(tmp_path):
+    """torch 2.1-2.3 install Triton 2.x, whose Config takes no register cap: importing the kernel module crashed
+    stages 2 and 3 there. Such a Triton is ignored and the plain forward runs."""
+    stub = tmp_path / "triton"
+    (stub / "language").mkdir(parents=True)
+    (stub / "__init__.py").write_text("__version__ = '2.3.1'\n")
+    (stub / "language" / "__init__.py").write_text("")
+    probe = ("from models.vocoders.diffusion import fused; import torch\n"
+             "print(fused.triton, fused.available(torch.device('cuda')))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["None", "False"], out.stderr[-2000:]
+    assert [fused.triton_major(v) for v in ("3.6.0", "2.3.1", "3.0.0+git1a2b", "dev")] == [3, 2, 3, 0]
 
 
 @pytest.mark.skipif(fused.triton is None or DEVICE.type == "cuda", reason="needs Triton's NVIDIA backend; a GPU runs the kernel")

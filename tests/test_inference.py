@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -88,6 +89,19 @@ def test_sampler_is_seeded_batched_and_chunked_exactly(model, sampler):
         assert abs(a - g).max() < 1e-4
         assert abs(a - o).max() > 0.01
     assert abs(alone[1] - alone[3]).max() > 0.01  # equal-length utterances get their own noise
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("engine", ["fused", "plain"])
+def test_a_second_gpu_vocodes_what_the_first_does(model, engine):
+    """Triton launches, streams and CUDA graph captures follow the current device, not the tensors': on cuda:1 the
+    kernel ran on cuda:0's pointers and a graph captured nothing (each replay returned the last step's output)."""
+    mels, names = four_mels()
+    out = [Vocoder(tiny_cfg(), copy.deepcopy(model), "fast", batch_size=2, seed=3, device=device, engine=engine, precision="fp32",
+                   cuda_graph=True)(mels, names) for device in ("cuda:0", "cuda:1")]
+    assert torch.cuda.current_device() == 0
+    for first, second in zip(*out, strict=True):
+        assert abs(first - second).max() < 1e-5
 
 
 def test_vocoder_takes_sampler_and_steps_from_its_options(model):

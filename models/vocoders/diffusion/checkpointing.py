@@ -50,8 +50,9 @@ def set_rng_state(state: dict, source: str | Path = "RNG state") -> None:
         np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
         internal, version = state["python"]
         random.setstate((version, tuple(internal), None))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda" in state and torch.cuda.is_available():  # a resume may see fewer GPUs than the run that saved
+            for index in range(min(len(state["cuda"]), torch.cuda.device_count())):
+                torch.cuda.set_rng_state(state["cuda"][index], index)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
         detail = f"missing key {err}" if isinstance(err, KeyError) else first_line(err)
         raise CheckpointError(f"{source}: damaged RNG state ({detail})") from None

@@ -131,7 +131,7 @@ class Vocoder:
         for i, mel in enumerate(mels):
             padded[i, :, : mel.shape[-1]] = mel
         padded = padded.to(self.device)
-        exact = None if len(mels) == 1 else lengths.to(self.device)
+        exact = None if len(mels) == 1 else lengths
         shape = (len(mels), int(lengths.max()))
         audio, finite = self._attempt(padded, exact, shape, names)
         first, redone = self.precision, not finite and self.dtype is not None and not self.chosen["precision"]
@@ -165,11 +165,15 @@ class Vocoder:
 
     def _sample(self, mel: torch.Tensor, lengths: torch.Tensor | None, shape: tuple[int, int],
                 names: Sequence[str]) -> tuple[torch.Tensor, bool]:
+        """`lengths` stay on the host for the sampler (read there without waiting for the device) and go to the
+        device for the denoiser. On CUDA, `self.device` is made the current device: Triton launches, streams and
+        graph captures go to the current device, not to the tensors' (cuda:1 ran on cuda:0)."""
         from models.vocoders.diffusion.ddpm import sample
 
-        watch = FiniteWatch(self._denoiser(mel, lengths))
-        generators = [torch.Generator().manual_seed(utterance_seed(self.seed, n)) for n in names]
-        with tf32() if self.device.type == "cuda" else nullcontext():
+        cuda = self.device.type == "cuda"
+        with torch.cuda.device(self.device) if cuda else nullcontext(), tf32() if cuda else nullcontext():
+            watch = FiniteWatch(self._denoiser(mel, None if lengths is None else lengths.to(self.device)))
+            generators = [torch.Generator().manual_seed(utterance_seed(self.seed, n)) for n in names]
             audio = sample(watch, self.plan, shape, self.device, lengths, generators)
         return audio, watch.all_finite()
 

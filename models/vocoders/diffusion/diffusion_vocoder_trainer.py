@@ -269,7 +269,7 @@ class DiffusionVocoderTrainer:
         over = time.perf_counter() - self.started > 60 * minutes
         if self.accelerator.num_processes == 1:
             return over
-        flag = self.accelerator.reduce(torch.tensor(float(over), device=self.accelerator.device), "max")
+        flag = self.accelerator.reduce(torch.full((), float(over), device=self.accelerator.device), "max")
         previous, self.time_flag = self.time_flag, HostCopy(flag)
         return previous is not None and previous.read() > 0
 

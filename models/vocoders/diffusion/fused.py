@@ -33,10 +33,20 @@ try:
 except ImportError:  # the gpu extra is not installed
     triton = None
 
+
+def triton_major(version: str) -> int:
+    """Triton's major version (0 where unreadable)."""
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+if triton is not None and triton_major(triton.__version__) < 3:  # torch 2.1-2.3 bring Triton 2.x: no maxnreg, older
+    triton = None  # language; the plain forward runs (the gpu extra asks for triton>=3.0)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")  # as Triton reads it
 MAX_CHANNELS = 128
 log = logging.getLogger(__name__)
-_kernel = "tuned"  # which of KERNELS runs; falls back to "plain" once if a tuned variant fails to compile
+_fallen_back: set[tuple[str, bool]] = set()  # (I/O dtype, projected) whose tuned variants did not compile: "plain"
 
 
 class KernelError(RuntimeError):
@@ -52,7 +62,8 @@ def _run(family: str, grid: Any, args: tuple, meta: dict) -> None:
         raise
     except Exception as error:  # Triton raises compiler errors of many kinds
         first = str(error).splitlines()[0] if str(error) else ""
-        if "CUDA" in first and ("illegal" in first or "misaligned" in first or "unspecified launch" in first):
+        lost = ("illegal", "misaligned", "unspecified launch", "hipErrorIllegal", "hipErrorLaunchFailure")
+        if ("CUDA" in first or "HIP" in first or "hip" in first) and any(word in first for word in lost):
             raise
         raise KernelError(f"the fused kernel failed on this GPU ({type(error).__name__}: {first})") from error
 
@@ -76,10 +87,17 @@ def too_wide(model: DiffWave) -> str | None:
     return f"the fused kernel takes at most {MAX_CHANNELS} residual channels; this model has {channels}"
 
 
-def kernel_in_use() -> str:
+def family(dtype: torch.dtype, projected: bool) -> str:
+    """Which of KERNELS runs this I/O dtype and conditioner kind: "tuned", or "plain" once a tuned variant failed
+    to compile for them (a GPU may reject one precision, e.g. bf16 before Ampere, and run the others tuned)."""
+    return "plain" if (str(dtype), projected) in _fallen_back else "tuned"
+
+
+def kernel_in_use(dtype: torch.dtype, projected: bool) -> str:
     """Which kernel family runs and the configuration its tuner chose last (for benchmark reports)."""
-    tuner = KERNELS[_kernel] if triton is not None else None
-    return f"{_kernel} {getattr(tuner, 'best_config', None)}"
+    name = family(dtype, projected)
+    tuner = KERNELS[name] if triton is not None else None
+    return f"{name} {getattr(tuner, 'best_config', None)}"
 
 
 def _padded(n: int) -> int:
@@ -295,19 +313,20 @@ class FusedDiffWave:
 
     def _launch(self, grid: Any, args: tuple, projected: bool) -> None:
         """The tuned kernels, or the proven split-dot ones where this GPU's compiler rejects a tuned variant."""
-        global _kernel
         meta = kernel_constants(self.channels, self.n_mel, INTERPRET and self.dtype != torch.float32, projected)
         if self.config is not None:
             _residual_layer[grid](*args, **meta, **self.config)
             return
+        name = family(self.dtype, projected)
         try:
-            _run(_kernel, grid, args, meta)
+            _run(name, grid, args, meta)
         except KernelError as error:
-            if _kernel == "plain":
+            if name == "plain":
                 raise
-            log.warning("fused kernel: the tuned variants failed (%s); using the split-dot variant", error.__cause__)
-            _kernel = "plain"
-            _run(_kernel, grid, args, meta)
+            log.warning("fused kernel: the tuned variants failed for %s (%s); using the split-dot variant", self.dtype,
+                        error.__cause__)
+            _fallen_back.add((str(self.dtype), projected))
+            _run("plain", grid, args, meta)
 
     @torch.no_grad()
     def conditioner(self, mel: Tensor, frames: Tensor | None = None) -> Tensor:
