@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -129,6 +130,19 @@ def test_default_precision_is_fp16_on_gpus_with_tensor_cores_and_fp32_elsewhere(
     assert inference_precision("auto", torch.device("cuda")) == "fp32"  # cuda:0, whose fp16 is slow
     assert inference_precision("auto", torch.device("cuda", 1)) == "fp16"
     assert inference_precision("bf16", torch.device("cuda")) == "bf16"
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs Triton")
+def test_the_automatic_engine_is_fused_only_where_tritons_dots_use_tensor_cores(model, fake_gpus):
+    """Before Ampere, Triton 3 compiles the kernel's dots to scalar FMAs (a T4 build spills 3-9 KB a thread): cuDNN's
+    plain forward keeps the tensor cores there. A fused engine chosen by hand still runs."""
+    fake_gpus(("Tesla T4", (7, 5)), ("NVIDIA A10", (8, 6)), ("NVIDIA H200", (9, 0)))
+    picked = []
+    for index in range(3):
+        vocoder = SimpleNamespace(device=torch.device("cuda", index), model=model, dtype=torch.float16, chunk_size=0)
+        picked.append(Vocoder._pick_engine(vocoder, "auto"))
+    assert picked == ["plain", "fused", "fused"]
+    assert Vocoder._pick_engine(SimpleNamespace(device=torch.device("cuda", 0), model=model), "fused") == "fused"
 
 
 def test_the_configs_precision_is_the_default_and_a_bad_one_names_its_file(model, tmp_path):

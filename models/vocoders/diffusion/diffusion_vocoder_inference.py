@@ -107,7 +107,8 @@ class Vocoder:
         too_wide = fused.too_wide(self.model) if plain_model else None
         if engine == "auto":
             if self.device.type == "cuda":
-                return "fused" if plain_model and fused.available(self.device) and not too_wide else "plain"
+                ready = plain_model and fused.available(self.device) and not too_wide
+                return "fused" if ready and fused.tensor_core_dots(self.device) else "plain"
             return "tiled" if self.dtype is None and plain_model and self.chunk_size > 0 else "plain"
         if engine == "fused" and not (plain_model and fused.available(self.device)):
             raise ConfigError("inference engine 'fused' needs a CUDA GPU and Triton (pip install triton)")

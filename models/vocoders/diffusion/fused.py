@@ -78,6 +78,14 @@ def available(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
 
 
+def tensor_core_dots(device: torch.device) -> bool:
+    """Whether Triton's dot products use this GPU's tensor cores: from Ampere (8.0) on. Before it Triton 3 lowers them
+    to scalar FMAs: compiled for a T4 (sm_75), every tuned variant lost its matrix instructions and spilled 3-9 KB a
+    thread (`python -m benchmarks.kernel_resources --arch 75`), where cuDNN still has tensor cores for the plain
+    forward."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def too_wide(model: DiffWave) -> str | None:
     """Why the kernel cannot run this model, if it cannot: past 128 residual channels no variant's tiles fit in a
     multiprocessor's shared memory, and ptxas takes minutes to say so (docs/benchmarks.md)."""
