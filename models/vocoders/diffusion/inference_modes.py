@@ -83,6 +83,30 @@ def named_outputs(items: list[tuple[str, torch.Tensor, Any]]) -> list[tuple[str,
     return [(name, mel, truth) for name, (_stem, mel, truth) in zip(names, items, strict=True)]
 
 
+def clear_stale_outputs(out: Path, items: list[tuple[str, torch.Tensor, Any]]) -> int:
+    """Delete the pred/ and gt/ wavs this run will not write, so stage 4 never scores an earlier run's output of
+    an input skipped now or gone; this run's own wavs stay until rewritten, so a killed rerun loses nothing valid."""
+    keep = {"pred": {name for name, _, _ in items}, "gt": {name for name, _, truth in items if truth is not None}}
+    stale = [wav for sub, names in keep.items() if (out / sub).is_dir()
+             for wav in sorted((out / sub).glob("*.wav")) if wav.stem not in names and not wav.is_dir()]
+    for wav in stale:
+        wav.unlink(missing_ok=True)
+    if stale:
+        log.warning("removed %s of an earlier run that this run does not write (inputs skipped now or gone): %s",
+                    plural(len(stale), "wav"), ", ".join(str(w.relative_to(out)) for w in stale[:10]))
+    return len(stale)
+
+
+def record_skipped(out: Path, skipped: list[str]) -> None:
+    """`skipped.txt` lists this run's skipped inputs, and exists only when there are some."""
+    if skipped:
+        atomic_write_text(out / "skipped.txt", "".join(f"{s}\n" for s in skipped))
+    else:
+        (out / "skipped.txt").unlink(missing_ok=True)
+    for reason in skipped:
+        log.warning("skipped %s", reason)
+
+
 def feature_items(cfg: Any, folder: Path, skipped: list[str],
                   convert: MelConverter | None = None) -> list[tuple[str, torch.Tensor, None]]:
     """Mels of a folder; `convert` checks each against the mel contract and undoes other conventions."""
@@ -135,11 +159,9 @@ def run_inference(vocoder: Vocoder, mode: str, output_dir: str | Path, datasets:
     else:
         raise InputError(f"unknown infer_mode '{mode}': choose one of {', '.join(MODES)}")
     items = named_outputs(items)
+    clear_stale_outputs(out, items)
+    record_skipped(out, skipped)
     written = _write_outputs(vocoder, items, out) if items else 0
-    if skipped:
-        atomic_write_text(out / "skipped.txt", "".join(f"{s}\n" for s in skipped))
-        for reason in skipped:
-            log.warning("skipped %s", reason)
     if not written:
         where = f"; reasons in {out / 'skipped.txt'}" if skipped else ""
         raise InputError(f"{mode}: nothing was vocoded, {len(skipped)} inputs skipped{where}")
