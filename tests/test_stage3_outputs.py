@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
 from models.vocoders.diffusion.inference_modes import clear_stale_outputs, run_inference
-from tests.reliability_kit import HOP, RATE, make_experiment, voice, write_config
+from processors.feature_store import feature_paths
+from tests.reliability_kit import HOP, N_MEL, RATE, make_experiment, voice, write_config
+from utils.io import save_npy
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +52,29 @@ def test_clearing_keeps_the_wavs_this_run_will_rewrite(tmp_path):
     items = [("keep", mel, np.zeros(HOP)), ("mel_only", mel, None)]
     assert clear_stale_outputs(tmp_path, items) == 2
     assert wavs(tmp_path / "pred") == ["keep.wav"] and wavs(tmp_path / "gt") == ["keep.wav"]
+
+
+BAD_TRUTH = {  # ground-truth audio .npy that stage 1 never writes, and the reason each is listed
+    "scalar": (np.float32(0.1), "must be 1-D"), "nan": (np.full(8 * HOP, np.nan, np.float32), "NaN or inf"),
+    "stereo": (np.zeros((8 * HOP, 2), np.float32), "must be 1-D"), "short": (np.zeros(100, np.float32), "100 samples"),
+    "pcm": (np.zeros(8 * HOP, np.int16), "float array"),
+}
+
+
+def test_dataset_mode_lists_ground_truth_it_cannot_score_and_vocodes_the_rest(tmp_path, vocoder):
+    vocoder.cfg.preprocess.processed_dir = str(tmp_path / "data")
+    truths = {"good": np.zeros(8 * HOP + 5, np.float32), **{k: v for k, (v, _) in BAD_TRUTH.items()}}
+    entries = [{"Dataset": "demo", "Uid": uid, "Path": "-", "Duration": 0.1, "Singer": "s", "index": i}
+               for i, uid in enumerate(truths)]
+    (tmp_path / "data/demo/audios").mkdir(parents=True)
+    (tmp_path / "data/demo/test.json").write_text(json.dumps(entries), encoding="utf-8")
+    for entry in entries:
+        mel_path, audio_path = feature_paths(tmp_path / "data", entry)
+        save_npy(mel_path, np.full((N_MEL, 8), -5.0, np.float32))
+        np.save(audio_path, truths[entry["Uid"]])  # np.save: save_npy would make the scalar 1-D
+    out = tmp_path / "out"
+    assert run_inference(vocoder, "infer_from_dataset", out, ["demo"]) == 1
+    assert wavs(out / "pred") == wavs(out / "gt") == ["good.wav"] and len(sf.read(out / "gt/good.wav")[0]) == 8 * HOP
+    lines = (out / "skipped.txt").read_text().splitlines()
+    for uid, (_, reason) in BAD_TRUTH.items():
+        assert any(line.startswith(f"{tmp_path}/data/demo/audios/{uid}.npy: ") and reason in line for line in lines)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from processors.audio import AudioError, list_audio, load_audio
-from processors.feature_store import load_items
+from processors.feature_store import feature_paths, load_entries, load_items
 from processors.mel import mel_spectrogram, min_samples
 from processors.mel_conventions import MelConverter
 from utils.io import atomic_write_text, load_npy, remove_stale_temps, safe_name, save_wav, unique_names
@@ -49,6 +49,20 @@ def check_mel(mel: np.ndarray, n_mel: int, source: str) -> torch.Tensor:
     if not np.all(np.isfinite(mel)):
         raise InputError(f"{source}: mel contains NaN or inf")
     return torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32))
+
+
+def check_audio(audio: np.ndarray, samples: int, source: str) -> np.ndarray:
+    """Ground truth as float32 cut to its mel's `samples`, or InputError: stage 4 scores the prediction against it."""
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise InputError(f"{source}: audio must be a float array, got dtype {audio.dtype}")
+    if audio.ndim != 1:
+        raise InputError(f"{source}: audio must be 1-D (samples), got shape {audio.shape}")
+    if len(audio) < samples:
+        raise InputError(f"{source}: audio has {len(audio)} samples, its mel's frames * hop_size need {samples}")
+    audio = audio[:samples]
+    if not np.all(np.isfinite(audio)):
+        raise InputError(f"{source}: audio contains NaN or inf")
+    return np.asarray(audio, dtype=np.float32)
 
 
 def _write_outputs(vocoder: Vocoder, items: list[tuple[str, torch.Tensor, np.ndarray | None]], out: Path) -> int:
@@ -107,6 +121,21 @@ def record_skipped(out: Path, skipped: list[str]) -> None:
         log.warning("skipped %s", reason)
 
 
+def dataset_items(cfg: Any, datasets: list[str], skipped: list[str]) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+    """The test split's (name, mel, ground truth); an utterance whose mel or audio fails its check is listed."""
+    n_mel, hop = int(cfg.preprocess.n_mel), int(cfg.preprocess.hop_size)
+    items = []
+    for entry in load_entries(cfg, "valid", datasets):
+        audio_path = feature_paths(cfg.preprocess.processed_dir, entry)[1]
+        for name, mel, audio in load_items(cfg, "valid", entries=[entry], qualified=len(datasets) > 1, skipped=skipped,
+                                           check=lambda mel, source: check_mel(mel, n_mel, source)):
+            try:
+                items.append((name, mel, check_audio(audio, mel.shape[1] * hop, str(audio_path))))
+            except InputError as err:
+                skipped.append(str(err))
+    return items
+
+
 def feature_items(cfg: Any, folder: Path, skipped: list[str],
                   convert: MelConverter | None = None) -> list[tuple[str, torch.Tensor, None]]:
     """Mels of a folder; `convert` checks each against the mel contract and undoes other conventions."""
@@ -148,10 +177,7 @@ def run_inference(vocoder: Vocoder, mode: str, output_dir: str | Path, datasets:
     for sub in ("pred", "gt"):
         remove_stale_temps(out / sub)
     if mode == "infer_from_dataset":
-        datasets = datasets or list(cfg.dataset)
-        n_mel = int(cfg.preprocess.n_mel)
-        items = load_items(cfg, "valid", datasets, qualified=len(datasets) > 1,
-                           check=lambda mel, source: check_mel(mel, n_mel, source), skipped=skipped)
+        items = dataset_items(cfg, datasets or list(cfg.dataset), skipped)
     elif mode == "infer_from_feature":
         items = feature_items(cfg, Path(feature_dir or ""), skipped, convert)
     elif mode == "infer_from_audio":
