@@ -201,3 +201,16 @@ def test_the_schema_names_what_the_models_accept():
     assert config_schema.SCHEMA["inference.sampler"].choices == ddpm.SAMPLER_NAMES
     assert config_schema.SCHEMA["train.mixed_precision"].choices == diffusion_vocoder_trainer.PRECISIONS
     assert config_schema.SCHEMA["inference.engine"].choices == windowed.ENGINES
+
+
+def test_stage3_recipe_config_values_are_blamed_on_that_file_and_derived_factors_named_so(tmp_path, caplog):
+    from models.vocoders.diffusion.experiment import Experiment, with_recipe_config
+    from tests.tiny_experiment import make_experiment
+
+    expt, _cfg = make_experiment(tmp_path)  # upsample_factors unset: derived from its hop of 64
+    recipe = write(tmp_path / "recipe.json", json.dumps({"base_config": str(RECIPE), "inference": {"batch_size": 0}}))
+    cfg = with_recipe_config(Experiment(expt).config(), recipe)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe.resolve()))}: key 'inference.batch_size'"):
+        validate(cfg, "inference")
+    factors = next(r.getMessage() for r in caplog.records if "upsample_factors" in r.getMessage())
+    assert "(derived from the hop size)" in factors and "None" not in factors

@@ -138,6 +138,14 @@ def source_of(cfg: dict, dotted: str) -> str:
     return sources.get(dotted) or str(cfg.get("config_path", "config"))
 
 
+def adopt_sources(cfg: dict, donor: dict, section: str) -> None:
+    """Once `donor[section]` is merged into `cfg`, blame its keys on the files `donor` read them from."""
+    theirs = donor.__dict__.get("_sources", {}) if isinstance(donor, AttrDict) else {}
+    if isinstance(cfg, AttrDict):
+        ours = cfg.__dict__.setdefault("_sources", {})
+        ours.update({key: file for key, file in theirs.items() if key == section or key.startswith(f"{section}.")})
+
+
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
     from utils.io import atomic_write_text
 

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
+from models.vocoders.diffusion.diffwave.geometry import upsample_factors
 from models.vocoders.diffusion.train_state import weights_source
 from processors.mel_conventions import mel_contract
 from utils.checkpoint import CHECKPOINT_DIR, CHECKPOINT_PATTERN, list_checkpoints, load_into, load_weights, resolve_checkpoint
-from utils.config import ConfigError, load_config, merge, save_config, to_attrdict, to_plain
+from utils.config import ConfigError, adopt_sources, load_config, merge, save_config, to_attrdict, to_plain
 from utils.io import load_json, save_json
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,12 @@ def with_recipe_config(cfg: Any, config_path: str | Path | None) -> Any:
     recipe = load_config(config_path)
     for key in RESULT_KEYS:
         ours, theirs = _value(cfg, key), _value(recipe, key)
+        derived = ours is None and key == "model.diffwave.upsample_factors"
+        ours = upsample_factors(cfg) if derived else ours
         if theirs is not None and theirs != ours:
-            log.warning("%s: %s is %s, but the experiment was trained with %s: using the experiment's value "
-                        "(%s); --config only sets the inference options", config_path, key, theirs, ours, ARGS_FILE)
+            log.warning("%s: %s is %s, but the experiment was trained with %s%s: using the experiment's value (%s); "
+                        "--config only sets the inference options", config_path, key, theirs, ours,
+                        " (derived from the hop size)" if derived else "", ARGS_FILE)
     cfg["inference"] = to_attrdict(merge(to_plain(cfg.get("inference", {}) or {}), to_plain(recipe.get("inference", {}) or {})))
+    adopt_sources(cfg, recipe, "inference")
     return cfg
