@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from models.vocoders.diffusion.inference_modes import clear_stale_outputs, run_inference
+from models.vocoders.diffusion.inference_modes import InputError, check_mel, clear_stale_outputs, run_inference
 from processors.feature_store import feature_paths
 from tests.reliability_kit import HOP, N_MEL, RATE, make_experiment, voice, write_config
 from utils.io import save_npy
@@ -78,3 +78,9 @@ def test_dataset_mode_lists_ground_truth_it_cannot_score_and_vocodes_the_rest(tm
     lines = (out / "skipped.txt").read_text().splitlines()
     for uid, (_, reason) in BAD_TRUTH.items():
         assert any(line.startswith(f"{tmp_path}/data/demo/audios/{uid}.npy: ") and reason in line for line in lines)
+
+
+def test_complex_mels_are_refused_not_cut_to_their_real_part():
+    with pytest.raises(InputError, match=r"^x\.npy: mel must be a real \(float or integer\) array, got dtype complex64"):
+        check_mel(np.full((N_MEL, 4), -5 + 1j, np.complex64), N_MEL, "x.npy")
+    assert check_mel(np.full((N_MEL, 4), -5, np.int16), N_MEL, "x.npy").dtype == torch.float32

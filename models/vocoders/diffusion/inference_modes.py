@@ -32,8 +32,8 @@ class InputError(ValueError):
 
 def check_mel(mel: np.ndarray, n_mel: int, source: str) -> torch.Tensor:
     """A (n_mel, frames) float tensor, or InputError naming the file and the problem."""
-    if mel.dtype == object or not np.issubdtype(mel.dtype, np.number):
-        raise InputError(f"{source}: mel must be a numeric array, got dtype {mel.dtype}")
+    if not (np.issubdtype(mel.dtype, np.floating) or np.issubdtype(mel.dtype, np.integer)):  # complex: no silent .real
+        raise InputError(f"{source}: mel must be a real (float or integer) array, got dtype {mel.dtype}")
     if mel.ndim == 3 and mel.shape[0] == 1:
         mel = mel[0]
     if mel.ndim != 2:
