@@ -291,6 +291,16 @@ def test_unknown_infer_mode_is_one_line(tmp_path, experiment):
     assert direct.returncode == 2 and "invalid choice: 'moon'" in direct.stderr and "Traceback" not in direct.stderr
 
 
+@pytest.mark.parametrize("flag, value, message", [("--infer_batch_size", "0", "--infer_batch_size 0: must be at least 1"),
+                                                   ("--device", "meta", "device 'meta': synthesis runs on cpu or cuda only")])
+def test_stage3_flag_it_cannot_use_is_one_line(tmp_path, experiment, flag, value, message):
+    _root, expt = experiment
+    result = python_bin("inference.py", "--infer_mode", "infer_from_audio", "--infer_expt_dir", str(expt),
+                        "--audio_folder", str(tmp_path), "--output_dir", str(tmp_path / "out"), flag, value)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"error: {message}", result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_stage3_checks_the_experiment_config(tmp_path, experiment):
     _root, expt = experiment
     broken = tmp_path / "expt"

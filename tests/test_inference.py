@@ -260,3 +260,10 @@ def test_a_batch_that_is_not_finite_in_any_precision_is_no_overflow(model, monke
     warning = ("non-finite noise predictions in bf16 and in fp32 for the batch with a: its audio is noise (the model's "
                "output is not finite for these mels)")
     assert [r.getMessage() for r in caplog.records] == [warning, warning]
+
+
+@pytest.mark.parametrize("device, message", [("foo", "not a device name"), ("mps", "cpu or cuda only"),
+                                             ("meta", "cpu or cuda only"), ("cuda:7", "visible; use --device cpu")])
+def test_a_device_synthesis_cannot_use_is_a_config_error(device, message):
+    with pytest.raises(ConfigError, match=rf"^device '{device}': .*{message}"):
+        inference.pick_device(device)

@@ -17,6 +17,8 @@ from utils.config_schema import validate
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--infer_batch_size {args.batch_size}: must be at least 1")
     expt_dir, checkpoint = locate_experiment(args.infer_expt_dir, args.checkpoint)
     experiment = Experiment(expt_dir)
     cfg = with_recipe_config(experiment.config(), args.config)
@@ -32,7 +34,7 @@ def main(args: argparse.Namespace) -> None:
         options["sampler"] = args.sampler
     if args.steps is not None:
         options["steps"] = args.steps
-    if args.batch_size:
+    if args.batch_size is not None:
         options["batch_size"] = args.batch_size
     vocoder = vocoder_from_experiment(expt_dir, checkpoint, not args.raw_weights, cfg=cfg, **options)
     convert = None
@@ -63,7 +65,7 @@ if __name__ == "__main__":
     parser.add_argument("--infer_mel_stats", "--mel_stats", dest="mel_stats", default=None,
                         help="(2, n_mel) .npy of per-bin mean and scale for meanvar")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--infer_precision", "--precision", dest="precision", default=None, choices=list(PRECISIONS),
                         help="default: config inference.precision, else auto (fp16 on CUDA GPUs with tensor cores, "
                              "else fp32)")

@@ -20,6 +20,7 @@ from models.vocoders.diffusion.diffwave.diffwave import DiffWave
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.windowed import ENGINES, GraphedDenoiser, WindowedDenoiser
 from utils.config import ConfigError, bool_or_auto, source_of
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # auto: see inference_precision
@@ -42,7 +43,19 @@ def tf32(enabled: bool = True) -> Iterator[None]:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`device` (default: cuda when present), or a ConfigError where synthesis cannot run on it."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device '{device}': not a device name; use cpu, cuda or cuda:N") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device '{device}': synthesis runs on cpu or cuda only")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if chosen.type == "cuda" and (chosen.index or 0) >= count:
+        raise ConfigError(f"device '{device}': {plural(count, 'CUDA GPU')} visible; use --device cpu")
+    return chosen
 
 
 class FiniteWatch:
