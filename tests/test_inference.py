@@ -267,3 +267,9 @@ def test_a_batch_that_is_not_finite_in_any_precision_is_no_overflow(model, monke
 def test_a_device_synthesis_cannot_use_is_a_config_error(device, message):
     with pytest.raises(ConfigError, match=rf"^device '{device}': .*{message}"):
         inference.pick_device(device)
+
+
+def test_the_tiled_engine_refuses_a_half_precision_it_would_not_compute_in(model):
+    with pytest.raises(ConfigError, match="engine 'tiled' computes in fp32 only, not bf16"):
+        Vocoder(tiny_cfg(), model, engine="tiled", precision="bf16")
+    assert Vocoder(tiny_cfg(), model, engine="tiled", precision="fp32").precision == "fp32"

@@ -131,6 +131,9 @@ SCHEMA: dict[str, Rule] = {
     "inference.cuda_graph": switch("i"),
     "inference.gpu_memory_gib": Rule(NUMBER + NONE, "i", required=False, low=0, open_low=True),
     "inference.sampler": Rule(STR, "i", required=False, choices=SAMPLER_NAMES),
+    "inference.chunk_size": positive(INT, "i", required=False),
+    "inference.tile": positive(INT + NONE, "i", required=False),
+    "inference.cache_gib": Rule(NUMBER, "i", required=False, low=0),
 }
 STAGES = {"preprocess": "p", "train": "t", "inference": "i"}
 
@@ -223,7 +226,7 @@ def validate(cfg: dict, stage: str) -> None:
 OPTIONAL_KEYS = (
     "config_path", "train.tf32", "train.eval_seconds", "train.eval_utterances",
     "train.run_eval", "train.dataloader", "inference.steps", "inference.mel_convention", "inference.mel_stats",
-    "inference.chunk_size", "inference.cache_gib", "inference.tile", "preprocess.spk2id", "preprocess.utt2spk",
+    "preprocess.spk2id", "preprocess.utt2spk",
 )
 FREE_SECTIONS = ("dataset_path.",)
 

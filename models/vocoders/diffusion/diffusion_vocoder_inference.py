@@ -129,6 +129,11 @@ class Vocoder:
             raise ConfigError(f"inference engine 'fused': {too_wide}; use engine 'auto' or 'plain'")
         if engine == "tiled" and not plain_model:
             raise ConfigError("inference engine 'tiled' needs a plain DiffWave model")
+        if engine == "tiled" and self.dtype is not None:
+            if self.chosen["precision"]:
+                raise ConfigError(f"inference engine 'tiled' computes in fp32 only, not {self.precision}: set precision "
+                                  f"fp32 (or auto), or engine 'plain' for {self.precision}")
+            self.precision, self.dtype = "fp32", None  # auto: the precision this engine computes in
         return engine
 
     def _autocast(self) -> Any:
