@@ -84,3 +84,26 @@ def test_complex_mels_are_refused_not_cut_to_their_real_part():
     with pytest.raises(InputError, match=r"^x\.npy: mel must be a real \(float or integer\) array, got dtype complex64"):
         check_mel(np.full((N_MEL, 4), -5 + 1j, np.complex64), N_MEL, "x.npy")
     assert check_mel(np.full((N_MEL, 4), -5, np.int16), N_MEL, "x.npy").dtype == torch.float32
+
+
+def test_feature_files_of_other_formats_are_listed_and_upper_case_npy_is_vocoded(tmp_path, vocoder):
+    folder = tmp_path / "mels"
+    folder.mkdir()
+    with open(folder / "shout.NPY", "wb") as handle:  # np.save would add .npy to the name
+        np.save(handle, np.full((N_MEL, 4), -5.0, np.float32))
+    np.savez(folder / "pair.npz", mel=np.zeros((N_MEL, 4), np.float32))
+    (folder / "notes").write_text("x")
+    assert run_inference(vocoder, "infer_from_feature", tmp_path / "out", feature_dir=str(folder)) == 1
+    assert wavs(tmp_path / "out" / "pred") == ["shout.wav"]
+    assert (tmp_path / "out" / "skipped.txt").read_text().splitlines() == [
+        f"{folder}/notes: not a .npy mel (no extension): unsupported format",
+        f"{folder}/pair.npz: not a .npy mel (.npz): unsupported format"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_vocoding(tmp_path, vocoder, monkeypatch):
+    (tmp_path / "mels").mkdir()
+    np.save(tmp_path / "mels" / "a.npy", np.full((N_MEL, 4), -5.0, np.float32))
+    (tmp_path / "out").write_text("a file, not a folder")
+    monkeypatch.setattr(type(vocoder), "__call__", lambda *a, **k: pytest.fail("vocoded before checking the folder"))
+    with pytest.raises(InputError, match=r"out/pred: cannot write the outputs there"):
+        run_inference(vocoder, "infer_from_feature", tmp_path / "out", feature_dir=str(tmp_path / "mels"))

@@ -6,6 +6,7 @@ Bad items are skipped, named in `<output>/skipped.txt`, and never stop the batch
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,15 @@ def clear_stale_outputs(out: Path, items: list[tuple[str, torch.Tensor, Any]]) -
     return len(stale)
 
 
+def check_writable(folder: Path) -> None:
+    """Refuse an output folder that cannot be written before anything is vocoded, not after the first batch."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise InputError(f"{folder}: cannot write the outputs there ({err.strerror or err})") from None
+
+
 def record_skipped(out: Path, skipped: list[str]) -> None:
     """`skipped.txt` lists this run's skipped inputs, and exists only when there are some."""
     if skipped:
@@ -140,9 +150,11 @@ def feature_items(cfg: Any, folder: Path, skipped: list[str],
                   convert: MelConverter | None = None) -> list[tuple[str, torch.Tensor, None]]:
     """Mels of a folder; `convert` checks each against the mel contract and undoes other conventions."""
     mel_dir = folder / "mels" if (folder / "mels").is_dir() else folder
-    files = sorted(mel_dir.glob("*.npy"))
+    found = sorted(p for p in mel_dir.iterdir() if not p.is_dir()) if mel_dir.is_dir() else []
+    files = [p for p in found if p.suffix.lower() == ".npy"]
     if not files:
         raise InputError(f"{folder}: no mel files (expected {folder}/mels/*.npy)")
+    skipped += [f"{p}: not a .npy mel ({p.suffix or 'no extension'}): unsupported format" for p in found if p not in files]
     items = []
     for path in files:
         try:
@@ -174,6 +186,7 @@ def run_inference(vocoder: Vocoder, mode: str, output_dir: str | Path, datasets:
     """Vocode everything the mode names into `output_dir`; returns the number of wavs written."""
     out, skipped, cfg = Path(output_dir), [], vocoder.cfg
     start = time.time()
+    check_writable(out / "pred")
     for sub in ("pred", "gt"):
         remove_stale_temps(out / sub)
     if mode == "infer_from_dataset":
