@@ -27,7 +27,7 @@ def wavs(folder) -> list[str]:
     return sorted(p.name for p in folder.glob("*.wav"))
 
 
-def test_a_rerun_removes_the_outputs_of_inputs_it_skips_and_rewrites_skipped_txt(tmp_path, vocoder):
+def test_a_rerun_moves_aside_the_outputs_of_inputs_it_skips_and_rewrites_skipped_txt(tmp_path, vocoder):
     folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
     for seed, name in enumerate(("a", "b")):
@@ -37,6 +37,7 @@ def test_a_rerun_removes_the_outputs_of_inputs_it_skips_and_rewrites_skipped_txt
     (folder / "b.wav").write_text("garbage")
     assert run_inference(vocoder, "infer_from_audio", out, audio_dir=str(folder)) == 1
     assert wavs(out / "pred") == wavs(out / "gt") == ["a.wav"]  # stage 4 must not score the old b
+    assert wavs(out / "earlier" / "pred") == wavs(out / "earlier" / "gt") == ["b.wav"]  # nor lose it
     assert "b.wav" in (out / "skipped.txt").read_text()
     (folder / "b.wav").unlink()
     run_inference(vocoder, "infer_from_audio", out, audio_dir=str(folder))
@@ -44,7 +45,8 @@ def test_a_rerun_removes_the_outputs_of_inputs_it_skips_and_rewrites_skipped_txt
 
 
 def test_clearing_keeps_the_wavs_this_run_will_rewrite(tmp_path):
-    """A rerun after a kill keeps every finished output of a still-valid input; gt goes where no truth comes."""
+    """A rerun after a kill keeps every finished output of a still-valid input in place; gt goes aside where no
+    truth comes."""
     for sub, name in (("pred", "keep"), ("gt", "keep"), ("pred", "gone"), ("gt", "mel_only")):
         (tmp_path / sub).mkdir(exist_ok=True)
         sf.write(tmp_path / sub / f"{name}.wav", np.zeros(HOP, np.float32), RATE)
@@ -52,6 +54,7 @@ def test_clearing_keeps_the_wavs_this_run_will_rewrite(tmp_path):
     items = [("keep", mel, np.zeros(HOP)), ("mel_only", mel, None)]
     assert clear_stale_outputs(tmp_path, items) == 2
     assert wavs(tmp_path / "pred") == ["keep.wav"] and wavs(tmp_path / "gt") == ["keep.wav"]
+    assert wavs(tmp_path / "earlier" / "pred") == ["gone.wav"] and wavs(tmp_path / "earlier" / "gt") == ["mel_only.wav"]
 
 
 BAD_TRUTH = {  # ground-truth audio .npy that stage 1 never writes, and the reason each is listed

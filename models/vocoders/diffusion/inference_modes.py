@@ -6,6 +6,7 @@ Bad items are skipped, named in `<output>/skipped.txt`, and never stop the batch
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from utils.text import plural
 
 log = logging.getLogger(__name__)
 MODES = ("infer_from_dataset", "infer_from_feature", "infer_from_audio")
+EARLIER = "earlier"  # where a rerun moves the outputs of an earlier run that it does not write
 
 
 class InputError(ValueError):
@@ -99,16 +101,19 @@ def named_outputs(items: list[tuple[str, torch.Tensor, Any]]) -> list[tuple[str,
 
 
 def clear_stale_outputs(out: Path, items: list[tuple[str, torch.Tensor, Any]]) -> int:
-    """Delete the pred/ and gt/ wavs this run will not write, so stage 4 never scores an earlier run's output of
-    an input skipped now or gone; this run's own wavs stay until rewritten, so a killed rerun loses nothing valid."""
+    """Move the pred/ and gt/ wavs this run will not write to `earlier/`, so stage 4 never scores an earlier run's
+    output of an input skipped now or gone, and nothing finished is lost; this run's own wavs stay until rewritten,
+    so a killed rerun loses nothing valid."""
     keep = {"pred": {name for name, _, _ in items}, "gt": {name for name, _, truth in items if truth is not None}}
     stale = [wav for sub, names in keep.items() if (out / sub).is_dir()
              for wav in sorted((out / sub).glob("*.wav")) if wav.stem not in names and not wav.is_dir()]
     for wav in stale:
-        wav.unlink(missing_ok=True)
+        kept = out / EARLIER / wav.parent.name / wav.name
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(wav, kept)
     if stale:
-        log.warning("removed %s of an earlier run that this run does not write (inputs skipped now or gone): %s",
-                    plural(len(stale), "wav"), ", ".join(str(w.relative_to(out)) for w in stale[:10]))
+        log.warning("moved %s of an earlier run that this run does not write (inputs skipped now or not given) to %s: "
+                    "%s", plural(len(stale), "wav"), out / EARLIER, ", ".join(str(w.relative_to(out)) for w in stale[:10]))
     return len(stale)
 
 
