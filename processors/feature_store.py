@@ -17,11 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.io import load_json, load_npy, safe_name
+from processors.mel import mel_settings
+from utils.io import load_json, load_npy, npy_shape, safe_name, save_json
 from utils.text import plural
 
 log = logging.getLogger(__name__)
 Item = tuple[str, Tensor, np.ndarray]
+SETTINGS_FILE = "features.json"
+SETTING_NAMES = ("sample_rate", "n_fft", "hop_size", "win_size", "n_mel", "fmin", "fmax")
 
 
 def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, Path]:
@@ -32,6 +35,48 @@ def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, 
     folder = Path(processed_dir) / safe_name(entry["Dataset"])
     uid = safe_name(entry["Uid"])
     return folder / "mels" / f"{uid}.npy", folder / "audios" / f"{uid}.npy"
+
+
+def features_done(pre: Any, entry: dict) -> bool:
+    """Both files complete, from their headers alone: float32 audio (samples,), mel (n_mel, samples // hop).
+
+    A zero-byte, truncated or foreign file is not done, so stage 1 makes it again.
+    """
+    mel_path, audio_path = feature_paths(pre["processed_dir"], entry)
+    mel, audio = npy_shape(mel_path), npy_shape(audio_path)
+    if mel is None or audio is None or mel[1] != np.float32 or audio[1] != np.float32 or len(audio[0]) != 1:
+        return False
+    return mel[0] == (int(pre["n_mel"]), audio[0][0] // int(pre["hop_size"]))
+
+
+def feature_settings(pre: Any) -> dict:
+    """The settings the features are made with, as stage 1 records them beside the features."""
+    values = list(mel_settings(pre))
+    values[-1] = None if values[-1] is None else float(values[-1])
+    return dict(zip(SETTING_NAMES, values, strict=True))
+
+
+def forget_features_of_other_settings(pre: Any, dataset: str) -> None:
+    """Delete a dataset's features when they were made with other mel settings, so all are made anew.
+
+    The settings are recorded in `features.json` after the deletion: a run killed in between deletes again.
+    """
+    folder = Path(pre["processed_dir"]) / dataset
+    record, now = folder / SETTINGS_FILE, feature_settings(pre)
+    try:
+        then = load_json(record) if record.exists() else None
+    except (OSError, ValueError):
+        then = {}
+    if then == now:
+        return
+    if then is not None:
+        then = then if isinstance(then, dict) else {}
+        changed = ", ".join(f"{k} {then.get(k)} -> {v}" for k, v in now.items() if then.get(k) != v)
+        log.warning("%s: the features were made with other settings (%s): all are made anew", dataset, changed)
+        for sub in ("mels", "audios"):
+            for path in (folder / sub).glob("*.npy"):
+                path.unlink(missing_ok=True)
+    save_json(record, now)
 
 
 def read_features(processed_dir: str | os.PathLike, entry: dict, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:

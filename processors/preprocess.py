@@ -1,8 +1,9 @@
 """Stage 1: per-dataset metadata, the speaker tables, and mel/audio features.
 
-Resumable at every level: metadata is reused when present, a feature pair counts as done
-once both files exist (each is written atomically), and unreadable items are skipped and
-listed in `skipped.txt` instead of stopping the run.
+Resumable at every level: metadata is reused while the corpus is unchanged, a feature pair counts
+as done once both files are complete (each is written atomically; checked from the headers) and made
+with the recorded mel settings, and unreadable items are skipped and listed in `skipped.txt` instead
+of stopping the run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from processors.audio import AudioError, load_audio
 from processors.datasets import collecting_left_out, get_parser
-from processors.feature_store import feature_paths
+from processors.feature_store import feature_paths, features_done, forget_features_of_other_settings
 from processors.fingerprint import changes, corpus_fingerprint, read_fingerprint, stale_uids, write_fingerprint
 from processors.mel import mel_spectrogram, min_samples
 from utils.config_schema import check_dataset_paths
@@ -139,19 +140,19 @@ def extract_one(job: tuple[str, str, str, dict]) -> str | None:
 
 
 def extract_features(cfg: Any, dataset: str, entries: list[dict], pool: Executor | None = None,
-                     left: list[str] | None = None) -> tuple[int, list[str]]:
+                     left: list[str] | None = None, todo: list[dict] | None = None) -> tuple[int, list[str]]:
     """Featurise what is not done yet (in `pool` when given); returns (newly done, skip reasons).
 
-    skipped.txt lists those reasons after `left`, the files the corpus parser left out.
+    skipped.txt lists those reasons after `left`, the files the corpus parser left out. `todo`: the
+    entries not done, when the caller has already checked (so no header is read twice).
     """
     pre = dict(cfg.preprocess)
     for sub in ("mels", "audios"):
         remove_stale_temps(Path(pre["processed_dir"]) / dataset / sub)
     jobs = []
-    for e in entries:
+    for e in [e for e in entries if not features_done(pre, e)] if todo is None else todo:
         mel_path, audio_path = feature_paths(pre["processed_dir"], e)
-        if not (mel_path.is_file() and audio_path.is_file()):
-            jobs.append((e["Path"], str(mel_path), str(audio_path), pre))
+        jobs.append((e["Path"], str(mel_path), str(audio_path), pre))
     skipped: list[str] = []
     bar = tqdm(total=len(jobs), desc=f"{dataset} features", unit="file", dynamic_ncols=True)
     results = pool.map(extract_one, jobs, chunksize=4) if pool else map(extract_one, jobs)
@@ -204,15 +205,17 @@ def preprocess(cfg: Any, num_workers: int | None = None) -> None:
     check_dataset_paths(cfg)
     workers = num_workers or os.cpu_count() or 1
     splits = {dataset: write_metadata(cfg, dataset) for dataset in cfg.dataset}
-    todo = [e for train, test, _left in splits.values() for e in train + test
-            if not all(p.is_file() for p in feature_paths(cfg.preprocess.processed_dir, e))]
-    check_disk_space(cfg.preprocess, todo)
+    todo = {}
+    for dataset, (train, test, _left) in splits.items():
+        forget_features_of_other_settings(cfg.preprocess, dataset)
+        todo[dataset] = [e for e in train + test if not features_done(cfg.preprocess, e)]
+    check_disk_space(cfg.preprocess, [e for entries in todo.values() for e in entries])
     pool = feature_pool(workers)
     try:
         for dataset, (train, test, left) in splits.items():
             start = time.time()
             write_speaker_tables(cfg, dataset, train, test)
-            done, skipped = extract_features(cfg, dataset, train + test, pool, left)
+            done, skipped = extract_features(cfg, dataset, train + test, pool, left, todo[dataset])
             log.info(
                 "%s: %d train / %s; features: %d done, %d skipped; %s left out by the parser; %.1f s",
                 dataset, len(train), plural(len(test), "test utterance"), done, len(skipped),

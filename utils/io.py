@@ -143,7 +143,7 @@ def regular_file_size(path: str | os.PathLike) -> int:
     return info.st_size
 
 
-def _npy_header(path: str | os.PathLike, size: int) -> None:
+def _npy_header(path: str | os.PathLike, size: int) -> tuple[tuple[int, ...], np.dtype]:
     """Check the header's shape and dtype against the bytes on disk before numpy allocates anything."""
     with open(path, "rb") as handle:
         if handle.read(4) == b"PK\x03\x04":
@@ -163,6 +163,18 @@ def _npy_header(path: str | os.PathLike, size: int) -> None:
     if offset + claimed != size:
         raise ValueError(f"header claims shape {tuple(shape)} of {dtype} ({claimed} bytes), the file holds "
                          f"{size - offset} bytes of data")
+    return tuple(shape), dtype
+
+
+def npy_shape(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of a complete .npy, from its header alone; None when missing, special, truncated or not one.
+
+    Cheap enough to tell finished features from damaged ones on every rerun.
+    """
+    try:
+        return _npy_header(path, regular_file_size(path))
+    except (ValueError, OSError, EOFError):
+        return None
 
 
 MAP_ABOVE_BYTES = 2 << 20  # below this, reading a whole file is cheaper than mapping it (benchmarks.crops)
@@ -185,5 +197,9 @@ def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
 
 
 def load_json(path: str | os.PathLike) -> Any:
+    """The parsed file; ValueError naming it when it is not valid UTF-8 JSON (truncated, say)."""
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
+            raise ValueError(f"{path}: not valid JSON ({err})") from None

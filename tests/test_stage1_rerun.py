@@ -1,0 +1,65 @@
+"""Stage 1 reruns after a hostile tester's changes: other mel settings, damaged features, a run killed half-way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from processors.feature_store import feature_paths
+from processors.preprocess import preprocess
+from tests.reliability_kit import N_MEL, RATE, voice, write_config
+from utils.config import load_config
+from utils.io import load_npy
+
+
+def corpus(root: Path, names: list[str]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        sf.write(root / name, voice(0.2 + 0.02 * i, seed=i), RATE)
+    return root
+
+
+def stage1(tmp_path: Path, root: Path, **pre) -> list[dict]:
+    """Stage 1 in-process with these preprocess settings; returns the entries of both splits."""
+    preprocess(load_config(write_config(tmp_path, corpus=root, preprocess=pre)), 1)
+    data = tmp_path / "data" / "demo"
+    return json.loads((data / "train.json").read_text()) + json.loads((data / "test.json").read_text())
+
+
+def stamps(tmp_path: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in (tmp_path / "data" / "demo").glob("*/*.npy")}
+
+
+@pytest.mark.parametrize(("setting", "value"), [("n_mel", 20), ("fmax", 3000)])
+def test_other_mel_settings_remake_every_feature(tmp_path, caplog, setting, value):
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+    entries = stage1(tmp_path, root)
+    before = stamps(tmp_path)
+    caplog.clear()
+    stage1(tmp_path, root, **{setting: value})
+    after = stamps(tmp_path)
+    assert set(after) == set(before) and all(after[p] != before[p] for p in before)
+    assert f"{setting} " in caplog.text and "made anew" in caplog.text
+    n_mel = value if setting == "n_mel" else N_MEL
+    assert all(load_npy(feature_paths(tmp_path / "data", e)[0]).shape[0] == n_mel for e in entries)
+    caplog.clear()
+    stage1(tmp_path, root, **{setting: value})
+    assert stamps(tmp_path) == after and "made anew" not in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["zero_bytes", "truncated", "not_npy"])
+def test_damaged_feature_files_are_made_again(tmp_path, damage):
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+    entries = stage1(tmp_path, root)
+    mel_path, audio_path = feature_paths(tmp_path / "data", entries[0])
+    target = audio_path if damage == "zero_bytes" else mel_path
+    data = target.read_bytes()
+    target.write_bytes({"zero_bytes": b"", "truncated": data[: len(data) // 2], "not_npy": b"x" * len(data)}[damage])
+    before = stamps(tmp_path)
+    stage1(tmp_path, root)
+    after = stamps(tmp_path)
+    assert load_npy(mel_path).shape[0] == N_MEL and load_npy(audio_path).ndim == 1
+    assert sorted(p for p in before if after[p] != before[p]) == sorted([str(mel_path), str(audio_path)])
