@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 FINGERPRINT_FILE = "inputs.json"
 
 
-def _stat(path: str | os.PathLike) -> list[int] | None:
+def file_stat(path: str | os.PathLike) -> list[int] | None:
+    """[size, mtime_ns] of a regular file (links followed); None for anything else."""
     try:
         info = os.stat(path)
     except OSError:
@@ -33,7 +34,7 @@ def corpus_fingerprint(root: str | os.PathLike) -> dict:
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
-            found = _stat(os.path.join(folder, name))
+            found = file_stat(os.path.join(folder, name))
             if found is not None:
                 relative = os.path.relpath(os.path.join(folder, name), root)
                 digest.update(f"{relative}\0{found[0]}\0{found[1]}\n".encode("utf-8", "surrogateescape"))
@@ -66,11 +67,11 @@ def read_fingerprint(folder: Path) -> dict | None:
 
 def write_fingerprint(folder: Path, fingerprint: dict, entries: list[dict]) -> None:
     """Saved after the metadata: a crash in between leaves metadata that the next run rebuilds."""
-    sources = {e["Uid"]: [e["Path"], *(_stat(e["Path"]) or [-1, -1])] for e in entries}
+    sources = {e["Uid"]: [e["Path"], *(file_stat(e["Path"]) or [-1, -1])] for e in entries}
     save_json(folder / FINGERPRINT_FILE, {**fingerprint, "sources": sources})
 
 
 def stale_uids(old: dict | None, entries: list[dict]) -> list[str]:
     """Uids whose features were made from another file, or from this file before it changed."""
     before = (old or {}).get("sources", {})
-    return [e["Uid"] for e in entries if before.get(e["Uid"]) != [e["Path"], *(_stat(e["Path"]) or [-1, -1])]]
+    return [e["Uid"] for e in entries if before.get(e["Uid"]) != [e["Path"], *(file_stat(e["Path"]) or [-1, -1])]]

@@ -115,12 +115,17 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    """`audio` as a 16-bit PCM WAV file's bytes."""
     import soundfile as sf
 
     buffer = io.BytesIO()
     sf.write(buffer, np.asarray(audio, dtype=np.float32), sample_rate, format="WAV", subtype="PCM_16")
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:
+    atomic_write_bytes(path, wav_bytes(audio, sample_rate))
 
 
 def regular_file_size(path: str | os.PathLike) -> int:

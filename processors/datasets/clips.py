@@ -1,24 +1,27 @@
 """Cutting long recordings (csd, nus48e, opera, pjs) into clips under processed_dir, never the raw corpus.
 
 Clips are 16-bit PCM WAV at the source's native rate, mono, each written atomically. A hidden
-manifest per source lists its clips once all are written, so a rerun neither decodes the source
-again nor rewrites clips that are already there.
+manifest per source lists its clips once all are written, with what they were cut from (the
+source's resolved path, size and mtime, and those of its label files), so a rerun neither decodes
+an unchanged source again nor keeps clips of a source or labels that changed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from processors.audio import AudioError, load_audio
 from processors.datasets import left_out
-from utils.io import atomic_write_text, save_wav
+from processors.fingerprint import file_stat
+from utils.io import atomic_write_bytes, load_json, save_json, wav_bytes
 
 log = logging.getLogger(__name__)
 Spans = Callable[[np.ndarray, int], list[tuple[int, int]]]
+NO_CLIPS = "no clips cut from it (silent throughout, or its labels give no span)"
 
 
 def read_native(path: Path) -> tuple[np.ndarray, int]:
@@ -31,28 +34,63 @@ def read_native(path: Path) -> tuple[np.ndarray, int]:
     return load_audio(path, rate), rate
 
 
-def cut_clips(source: Path, out_dir: Path, spans: Spans, stem: str = "{i:04d}") -> list[Path]:
+def cut_from(source: Path, labels: Sequence[Path] = ()) -> list:
+    """What a source's clips depend on: each file's resolved path, size and mtime."""
+    return [[str(p.resolve()), *(file_stat(p) or [-1, -1])] for p in (source, *labels)]
+
+
+def _listed(manifest: Path) -> dict:
+    """The manifest's record; {} when missing, damaged or of an older format (the source is cut again)."""
+    try:
+        found = load_json(manifest) if manifest.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) and isinstance(found.get("clips"), list) else {}
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Rewrite a clip only when its bytes differ, so an unchanged clip keeps its features."""
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    atomic_write_bytes(path, data)
+
+
+def cut_clips(source: Path, out_dir: Path, spans: Spans, stem: str = "{i:04d}", labels: Sequence[Path] = ()) -> list[Path]:
     """Write `source[start:end]` for each span as `out_dir/<stem.format(i=k)>.wav`; return the clip paths.
 
-    An unreadable source is logged and yields no clips, so one bad file never stops a corpus.
+    `labels`: the files the spans are read from. An unreadable source, or one that yields no clip,
+    is left out (listed in skipped.txt) and yields no clips, so one bad file never stops a corpus.
     """
     manifest = out_dir / f".{source.name}.clips"
-    if manifest.is_file():
-        paths = [out_dir / name for name in manifest.read_text(encoding="utf-8").splitlines() if name]
-        if all(p.is_file() for p in paths):
-            return paths
-    try:
-        audio, sr = read_native(source)
-    except AudioError as err:
-        left_out(source, f"not cut into clips ({err})")
-        return []
+    inputs, then = cut_from(source, labels), _listed(manifest)
+    if then.get("inputs") == inputs and all((out_dir / name).is_file() for name in then["clips"]):
+        paths = [out_dir / name for name in then["clips"]]
+    else:
+        paths, reason = [], None
+        try:
+            paths = _cut(source, out_dir, spans, stem)
+        except AudioError as err:
+            reason = f"not cut into clips ({err})"
+        for name in set(then.get("clips", [])) - {p.name for p in paths}:
+            (out_dir / str(name)).unlink(missing_ok=True)
+        if reason:
+            manifest.unlink(missing_ok=True)
+            left_out(source, reason)
+            return []
+        save_json(manifest, {"inputs": inputs, "clips": [p.name for p in paths]})
+    if not paths:
+        left_out(source, NO_CLIPS)
+    return paths
+
+
+def _cut(source: Path, out_dir: Path, spans: Spans, stem: str) -> list[Path]:
+    audio, sr = read_native(source)
     paths = []
     for k, (start, end) in enumerate(spans(audio, sr)):
-        if end <= start:
-            continue
-        path = out_dir / f"{stem.format(i=k)}.wav"
-        if not path.is_file():
-            save_wav(path, audio[start:end], sr)
-        paths.append(path)
-    atomic_write_text(manifest, "".join(f"{p.name}\n" for p in paths))
+        if end > start:
+            paths.append(out_dir / f"{stem.format(i=k)}.wav")
+            _write_if_changed(paths[-1], wav_bytes(audio[start:end], sr))
     return paths

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from processors.audio import AUDIO_EXTENSIONS, audio_duration
-from processors.datasets import DatasetError, Entry
+from processors.datasets import DatasetError, Entry, left_out
 from utils.text import plural
 
 
@@ -34,13 +34,35 @@ def split_by(entries: list[Entry], is_test: Callable[[Entry], bool]) -> tuple[li
     return train, test
 
 
+def any_case(pattern: str) -> str:
+    """A glob pattern matching names in any case (`*.wav` finds `A.WAV` too)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in pattern)
+
+
+def usable(paths: Iterable[Path]) -> list[Path]:
+    """The regular files among `paths`, sorted; dangling links and special files are left out with the reason.
+
+    Folders are not files and are passed over silently.
+    """
+    found = []
+    for path in sorted(paths):
+        if path.is_file():
+            found.append(path)
+        elif path.is_symlink() and not path.exists():
+            left_out(path, "not a readable file (a dangling link)")
+        elif not path.is_dir():
+            left_out(path, "not a regular file (a FIFO, socket or device); not opened")
+    return found
+
+
 def sorted_files(folder: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in folder.glob(pattern) if p.is_file())
+    """The files in `folder` whose names match `pattern` in any case, sorted (see `usable`)."""
+    return usable(folder.glob(any_case(pattern)))
 
 
 def audio_in(folder: Path) -> list[Path]:
     """The audio files directly inside `folder`, sorted (other files such as labels are ignored)."""
-    return sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+    return usable(p for p in folder.glob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
 
 
 def subdirs(folder: Path) -> list[Path]:

@@ -13,25 +13,27 @@ import logging
 from pathlib import Path
 
 from processors.datasets import left_out
-from processors.datasets.common import entry, require_found
+from processors.datasets.common import entry, require_found, sorted_files
 
 log = logging.getLogger(__name__)
 
 
-def _split(segments: Path, dataset: str, name: str) -> list[dict]:
+def _split(segments: Path, dataset: str, name: str, wavs: dict[str, Path]) -> list[dict]:
     listing = segments / f"{name}.txt"
-    lines = listing.read_text(encoding="utf-8").splitlines() if listing.is_file() else []
+    lines = listing.read_text(encoding="utf-8-sig").splitlines() if listing.is_file() else []
     entries = []
     for uid in (line.split("|")[0].strip() for line in lines if line.strip()):
-        wav = segments / "wavs" / f"{uid}.wav"
-        if wav.is_file():
+        wav = wavs.get(f"{uid}.wav".lower())
+        if wav is not None:
             entries.append(entry(dataset, uid, wav, "female1"))
         else:
-            left_out(wav, f"listed in {listing} but missing")
+            left_out(segments / "wavs" / f"{uid}.wav", f"listed in {listing} but missing")
     return entries
 
 
 def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
-    train, test = (_split(root / "segments", dataset, name) for name in ("train", "test"))
+    segments = root / "segments"
+    wavs = {p.name.lower(): p for p in sorted_files(segments / "wavs", "*.wav")}
+    train, test = (_split(segments, dataset, name, wavs) for name in ("train", "test"))
     require_found(train + test, root, "<root>/segments/{train,test}.txt and <root>/segments/wavs/<id>.wav")
     return train, test

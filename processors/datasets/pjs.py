@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from processors.datasets.clips import cut_clips
-from processors.datasets.common import entry, require_found, split_by
+from processors.datasets.common import any_case, entry, require_found, split_by, usable
 from processors.datasets.slicer import trim_span
 
 TEST_SONGS = {"pjs001", "pjs002", "pjs003"}
@@ -28,7 +28,7 @@ def thirds(audio: np.ndarray, sr: int) -> list[tuple[int, int]]:
 
 
 def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
-    songs = sorted(p for p in root.rglob("pjs*_song.wav") if p.is_file())
+    songs = usable(root.rglob(any_case("pjs*_song.wav")))
     entries = [entry(dataset, clip.stem, clip, "male1")
                for song in songs for clip in cut_clips(song, work_dir / "clips", thirds, f"{song.stem}_{{i}}")]
     require_found(entries, root, "<root>/PJS_corpus_ver1.1/pjsNNN/pjsNNN_song.wav")

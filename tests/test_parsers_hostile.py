@@ -1,0 +1,93 @@
+"""Corpus parsers against a hostile tester's corpora: changed sources, odd names, links, bad label files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from processors.datasets import collecting_left_out, get_parser
+from tests.corpora import csd, ljspeech, nus48e, opencpop, pjs, quiet, tone, write_audio, write_text
+
+
+def parse(name: str, root: Path, work: Path) -> tuple[dict[str, dict], list[str]]:
+    """Entries by Uid and the left-out lines of one parse."""
+    with collecting_left_out() as left:
+        train, test = get_parser(name)(root, name, work)
+    return {e["Uid"]: e for e in train + test}, left
+
+
+def test_a_rewritten_source_is_cut_again(tmp_path):
+    root = pjs(tmp_path / "pjs")
+    before, _left = parse("pjs", root, tmp_path / "work")
+    song = root / "PJS_corpus_ver1.1" / "pjs004" / "pjs004_song.wav"
+    stamp = song.stat().st_mtime_ns
+    sr = 48000
+    write_audio(song, np.concatenate([quiet(0.3, sr), tone(3.0, sr, freq=440), quiet(0.3, sr)]), sr)
+    os.utime(song, ns=(stamp + 10**9, stamp + 10**9))
+    after, _left = parse("pjs", root, tmp_path / "work")
+    assert after["pjs004_song_0"]["Duration"] > before["pjs004_song_0"]["Duration"]
+    assert after["pjs010_song_0"] == before["pjs010_song_0"]
+
+
+def test_another_copy_of_the_corpus_is_cut_from_the_copy_and_unlisted_clips_removed(tmp_path):
+    one = nus48e(tmp_path / "one")
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    source = two / "ADIZ" / "read" / "01.wav"  # same size and mtime, but one clip, not two
+    info = source.stat()
+    sf.write(source, np.concatenate([tone(8.5, 44100, freq=330)]), 44100)
+    os.utime(source, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert source.stat().st_size == info.st_size
+    work = tmp_path / "work"
+    first, _left = parse("nus48e", one, work)
+    second, _left = parse("nus48e", two, work)
+    assert "ADIZ_read#01#0001" in first and "ADIZ_read#01#0001" not in second
+    assert not (work / "clips" / "ADIZ" / "read" / "01" / "0001.wav").exists()
+    clip, _sr = sf.read(second["ADIZ_read#01#0000"]["Path"])
+    assert len(clip) == 8.5 * 44100
+
+
+def test_a_fixed_lyric_file_gives_the_song_its_clips(tmp_path):
+    root = csd(tmp_path / "csd")
+    txt = root / "english" / "txt" / "en001a.txt"
+    good = txt.read_text(encoding="utf-8")
+    txt.write_text("wrong syllables here\n", encoding="utf-8")
+    broken, left = parse("csd", root, tmp_path / "work")
+    assert not any(uid.startswith("en_001a") for uid in broken)
+    assert any("en001a.txt: line 1: syllables do not match" in line for line in left)
+    assert any("en001a.wav: no clips cut" in line for line in left)
+    txt.write_text(good, encoding="utf-8")
+    fixed, left = parse("csd", root, tmp_path / "work")
+    assert {"en_001a_0000", "en_001a_0001"} <= set(fixed) and not any("en001a" in line for line in left)
+
+
+def test_upper_case_names_are_read_and_dangling_links_listed(tmp_path):
+    root = ljspeech(tmp_path / "lj")
+    wavs = root / "wavs"
+    (wavs / "LJ001-0003.wav").rename(wavs / "LJ001-0003.WAV")
+    (wavs / "LJ009-0001.wav").symlink_to(tmp_path / "nowhere.wav")
+    entries, left = parse("ljspeech", root, tmp_path / "work")
+    assert "LJ001-0003" in entries and "LJ009-0001" not in entries
+    assert left == [f"{wavs / 'LJ009-0001.wav'}: not a readable file (a dangling link)"]
+
+
+def test_opencpop_finds_a_listed_id_whose_wav_is_upper_case(tmp_path):
+    root = opencpop(tmp_path / "cpop")
+    wavs = root / "segments" / "wavs"
+    (wavs / "2001000002.wav").rename(wavs / "2001000002.WAV")
+    entries, left = parse("opencpop", root, tmp_path / "work")
+    assert "2001000002" in entries and not any("2001000002" in line for line in left)
+
+
+def test_a_song_with_unreadable_labels_is_left_out_and_the_rest_parsed(tmp_path):
+    root = csd(tmp_path / "csd")
+    write_text(root / "english" / "csv" / "en001a.csv", "start,end,pitch,syllable\nsoon,0.3,60,twin\n")
+    (root / "korean" / "txt" / "kr013a.txt").write_bytes("나 비 야".encode("utf-16"))
+    entries, left = parse("csd", root, tmp_path / "work")
+    assert not any(uid.startswith(("en_001a", "kr_013a")) for uid in entries) and "en_004a_0000" in entries
+    assert any("en001a.csv: not a start,end,syllable note table" in line for line in left)
+    assert any("kr013a.txt: not UTF-8 text" in line for line in left)
