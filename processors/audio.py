@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from utils.io import regular_file_size
+from utils.io import regular_file_size, walk_files
 from utils.text import plural
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,5 @@ def audio_duration(path: str | os.PathLike) -> float:
 
 
 def list_audio(folder: str | os.PathLike) -> list[str]:
-    """All audio files below `folder`, at any depth, sorted so listings agree across machines."""
-    found = []
-    for root, _dirs, files in os.walk(folder):
-        found += [os.path.join(root, f) for f in files if f.lower().endswith(AUDIO_EXTENSIONS)]
-    return sorted(found)
+    """All audio files below `folder`, at any depth (symlinked folders too), sorted so listings agree across machines."""
+    return sorted(p for p in walk_files(folder) if p.lower().endswith(AUDIO_EXTENSIONS))

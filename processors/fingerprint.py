@@ -10,9 +10,10 @@ import hashlib
 import logging
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
-from utils.io import load_json, save_json
+from utils.io import load_json, save_json, walk_files
 
 log = logging.getLogger(__name__)
 FINGERPRINT_FILE = "inputs.json"
@@ -27,18 +28,19 @@ def file_stat(path: str | os.PathLike) -> list[int] | None:
     return [info.st_size, info.st_mtime_ns] if stat.S_ISREG(info.st_mode) else None
 
 
-def corpus_fingerprint(root: str | os.PathLike) -> dict:
-    """The root and a digest of every regular file below it (names, sizes, mtimes), in a fixed order."""
+def corpus_fingerprint(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> dict:
+    """The root and a digest of every regular file below it (names, sizes, mtimes), in a fixed order.
+
+    Symlinked folders are followed; `skip` (stage 1's own output, when it lies inside the corpus) is not read.
+    """
     root = Path(root).resolve()
     digest, count = hashlib.sha1(), 0
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            found = file_stat(os.path.join(folder, name))
-            if found is not None:
-                relative = os.path.relpath(os.path.join(folder, name), root)
-                digest.update(f"{relative}\0{found[0]}\0{found[1]}\n".encode("utf-8", "surrogateescape"))
-                count += 1
+    for path in walk_files(root, skip):
+        found = file_stat(path)
+        if found is not None:
+            relative = os.path.relpath(path, root)
+            digest.update(f"{relative}\0{found[0]}\0{found[1]}\n".encode("utf-8", "surrogateescape"))
+            count += 1
     return {"root": str(root), "files": count, "listing": digest.hexdigest()}
 
 

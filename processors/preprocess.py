@@ -49,7 +49,7 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list
     out = Path(cfg.preprocess.processed_dir) / dataset
     train_file, test_file = out / cfg.preprocess.train_file, out / cfg.preprocess.valid_file
     root = Path(cfg.dataset_path[dataset])
-    now = corpus_fingerprint(root)
+    now = corpus_fingerprint(root, skip=[cfg.preprocess.processed_dir])
     then = read_fingerprint(out)
     if train_file.is_file() and test_file.is_file():
         changed = changes(then, now)

@@ -63,3 +63,26 @@ def test_damaged_feature_files_are_made_again(tmp_path, damage):
     after = stamps(tmp_path)
     assert load_npy(mel_path).shape[0] == N_MEL and load_npy(audio_path).ndim == 1
     assert sorted(p for p in before if after[p] != before[p]) == sorted([str(mel_path), str(audio_path)])
+
+
+def test_symlinked_speaker_folders_are_read_and_watched(tmp_path, caplog):
+    root = corpus(tmp_path / "corpus", ["a.wav"])
+    elsewhere = corpus(tmp_path / "elsewhere" / "spk2", ["b.wav"])
+    (root / "spk2").symlink_to(elsewhere, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    assert sorted(Path(e["Path"]).name for e in stage1(tmp_path, root)) == ["a.wav", "b.wav"]
+    sf.write(elsewhere / "b.wav", voice(0.3, seed=9), RATE)
+    caplog.clear()
+    entries = stage1(tmp_path, root)
+    assert "the corpus changed" in caplog.text
+    audio = load_npy(feature_paths(tmp_path / "data", next(e for e in entries if e["Path"].endswith("b.wav")))[1])
+    assert len(audio) == int(0.3 * RATE)
+
+
+def test_a_processed_dir_inside_the_corpus_does_not_change_it(tmp_path, caplog):
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+    cfg = load_config(write_config(tmp_path, corpus=root, preprocess={"processed_dir": str(root / "data")}))
+    preprocess(cfg, 1)
+    caplog.clear()
+    preprocess(cfg, 1)
+    assert (root / "data" / "demo" / "train.json").is_file() and "changed" not in caplog.text

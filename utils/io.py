@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -9,7 +10,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,6 +44,29 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
             Path(entry.path).unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def walk_files(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> Iterator[str]:
+    """Every file path below `root`, folder by folder in sorted order, symlinked folders followed.
+
+    Each real folder is visited once (so a link loop ends), and the folders in `skip` not at all.
+    """
+    seen = set()
+    for folder in skip:
+        with contextlib.suppress(OSError):
+            seen.add((os.stat(folder).st_dev, os.stat(folder).st_ino))
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(folder)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirs.sort()
+        yield from (os.path.join(folder, name) for name in sorted(files))
 
 
 def safe_name(name: str) -> str:
