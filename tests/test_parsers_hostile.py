@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from processors.datasets import collecting_left_out, get_parser
-from tests.corpora import csd, ljspeech, nus48e, opencpop, pjs, quiet, tone, write_audio, write_text
+from tests.corpora import csd, libritts, ljspeech, m4singer, nus48e, opencpop, pjs, quiet, tone, write_audio, write_text
 
 
 def parse(name: str, root: Path, work: Path) -> tuple[dict[str, dict], list[str]]:
@@ -91,3 +94,38 @@ def test_a_song_with_unreadable_labels_is_left_out_and_the_rest_parsed(tmp_path)
     assert not any(uid.startswith(("en_001a", "kr_013a")) for uid in entries) and "en_004a_0000" in entries
     assert any("en001a.csv: not a start,end,syllable note table" in line for line in left)
     assert any("kr013a.txt: not UTF-8 text" in line for line in left)
+
+
+def test_a_transcript_that_is_not_utf8_keeps_its_utterance(tmp_path):
+    root = libritts(tmp_path / "libri")
+    stem = "103_1241_000000_000002"
+    (root / "train-clean-100" / "103" / "1241" / f"{stem}.normalized.txt").write_bytes("caf\xe9".encode("latin-1"))
+    entries, _left = parse("libritts", root, tmp_path / "work")
+    assert entries[f"train-clean-100#103#1241#{stem}"]["Text"] == "caf\ufffd"
+
+
+def test_m4singer_entries_without_item_name_are_listed_and_a_wrong_meta_is_one_line(tmp_path):
+    root = m4singer(tmp_path / "m4")
+    meta = root / "meta.json"
+    items = json.loads(meta.read_text(encoding="utf-8"))
+    meta.write_text(json.dumps([*items, {"txt": "no name"}, "junk"], ensure_ascii=False), encoding="utf-8")
+    entries, left = parse("m4singer", root, tmp_path / "work")
+    assert "Alto-1_美错_0000" in entries
+    assert [line for line in left if "item_name string" in line] == [
+        f"{meta}: entry {len(items)} has no item_name string; left out",
+        f"{meta}: entry {len(items) + 1} has no item_name string; left out"]
+    for text, message in (('{"Alto-1#美错#0000": {}}', "expected a list of items with an item_name, found a dict"),
+                          ('[{"item_name": "Alto-1#美错#0000"},', "not valid JSON")):
+        meta.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=f"^{re.escape(str(meta))}: {message}") as err:
+            parse("m4singer", root, tmp_path / "work")
+        assert "\n" not in str(err.value)
+
+
+def test_list_files_with_a_byte_order_mark_keep_their_first_id(tmp_path):
+    root = opencpop(tmp_path / "cpop")
+    for name in ("train.txt", "test.txt"):
+        listing = root / "segments" / name
+        listing.write_bytes(b"\xef\xbb\xbf" + listing.read_bytes().replace(b"\n", b"\r\n"))
+    entries, _left = parse("opencpop", root, tmp_path / "work")
+    assert {"2001000001", "2001000002", "2002000001"} == set(entries)

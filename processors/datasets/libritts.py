@@ -13,14 +13,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from processors.datasets import left_out
 from processors.datasets.common import descend, entry, require_found, sorted_files, subdirs
 
 log = logging.getLogger(__name__)
 
 
 def _text(wav: Path) -> str:
+    """The transcript, lines joined; bytes that are not UTF-8 read as U+FFFD rather than stopping the corpus."""
     txt = wav.with_name(f"{wav.stem}.normalized.txt")
-    return " ".join(txt.read_text(encoding="utf-8").split()) if txt.is_file() else ""
+    try:
+        return " ".join(txt.read_text(encoding="utf-8-sig", errors="replace").split()) if txt.is_file() else ""
+    except OSError as err:
+        left_out(txt, f"transcript not read ({err.strerror or err}); Text left empty")
+        return ""
 
 
 def _subset(folder: Path, dataset: str) -> list[dict]:

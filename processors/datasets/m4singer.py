@@ -9,22 +9,35 @@ is missing are logged and left out. Test: (Alto-1, 美错), (Bass-1, 十年), (S
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from processors.datasets import left_out
+from processors.datasets import DatasetError, left_out
 from processors.datasets.common import entry, require_found, split_by
 from utils.io import load_json
 
-log = logging.getLogger(__name__)
 TEST = {("Alto-1", "美错"), ("Bass-1", "十年"), ("Soprano-2", "同桌的你"), ("Tenor-5", "爱笑的眼睛")}
 LAYOUT = "<root>/meta.json and <root>/<Singer>#<Song>/<NNNN>.wav"
 
 
+def item_names(meta: Path) -> list[str]:
+    """The sorted distinct `item_name`s; an entry without one is left out, a file of another shape is an error."""
+    listed = load_json(meta)
+    if not isinstance(listed, list):
+        raise DatasetError(f"{meta}: expected a list of items with an item_name, found a {type(listed).__name__}")
+    names = set()
+    for number, item in enumerate(listed):
+        name = item.get("item_name") if isinstance(item, dict) else None
+        if isinstance(name, str):
+            names.add(name)
+        else:
+            left_out(meta, f"entry {number} has no item_name string; left out")
+    return sorted(names)
+
+
 def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
     meta = root / "meta.json"
-    items = sorted({item["item_name"] for item in load_json(meta)}) if meta.is_file() else []
     entries = []
+    items = item_names(meta) if meta.is_file() else []
     for name in items:
         if name.count("#") < 2:
             left_out(meta, f"item_name '{name}' is not <Singer>#<Song>#<NNNN>")
