@@ -134,8 +134,11 @@ def extract_one(job: tuple[str, str, str, dict]) -> str | None:
     except Exception as err:
         return f"{path}: cannot read ({type(err).__name__}: {err})"
     mel = mel_spectrogram(audio, pre).numpy()
-    save_npy(audio_path, audio)
-    save_npy(mel_path, mel)
+    try:
+        save_npy(audio_path, audio)
+        save_npy(mel_path, mel)
+    except OSError as err:
+        return f"{path}: features not written ({err.strerror or err}: {err.filename or audio_path})"
     return None
 
 

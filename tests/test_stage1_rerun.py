@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from processors.feature_store import feature_paths
-from processors.preprocess import preprocess
+from processors.preprocess import extract_one, preprocess
 from tests.reliability_kit import N_MEL, RATE, voice, write_config
 from utils.config import load_config
 from utils.io import load_npy
@@ -86,3 +86,21 @@ def test_a_processed_dir_inside_the_corpus_does_not_change_it(tmp_path, caplog):
     caplog.clear()
     preprocess(cfg, 1)
     assert (root / "data" / "demo" / "train.json").is_file() and "changed" not in caplog.text
+
+
+def test_uids_longer_than_a_file_name_get_short_distinct_feature_files(tmp_path):
+    deep = tmp_path / "corpus" / ("歌手" * 30) / ("曲名" * 30) / ("版本" * 30)
+    corpus(deep, [f"{'录音' * 30}_{k}.wav" for k in range(2)])
+    entries = stage1(tmp_path, tmp_path / "corpus")
+    names = {feature_paths(tmp_path / "data", e)[0].name for e in entries}
+    assert len(names) == 2 and all(len(n.encode()) <= 190 for n in names)
+    assert all(load_npy(feature_paths(tmp_path / "data", e)[0]).shape[0] == N_MEL for e in entries)
+
+
+def test_a_feature_file_that_cannot_be_written_is_a_skip_reason(tmp_path):
+    source = corpus(tmp_path / "corpus", ["a.wav"]) / "a.wav"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the features' folder should be")
+    pre = dict(load_config(write_config(tmp_path)).preprocess)
+    reason = extract_one((str(source), str(blocker / "m.npy"), str(blocker / "a.npy"), pre))
+    assert reason is not None and reason.startswith(f"{source}: features not written (")

@@ -69,11 +69,20 @@ def walk_files(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) 
         yield from (os.path.join(folder, name) for name in sorted(files))
 
 
+MAX_NAME_BYTES = 180  # leaves room under the 255-byte file name limit for a suffix, `.npy` and a temp name
+
+
 def safe_name(name: str) -> str:
-    """A file stem that cannot leave its folder: separators become `_`, no leading dots."""
+    """A file stem that cannot leave its folder: separators become `_`, no leading dots, and at most
+    MAX_NAME_BYTES of UTF-8 (a longer one is cut and ends in `-<8 hex>` of the whole name, so it stays distinct).
+    """
     cleaned = re.sub(r"[\\/\x00]+", "_", str(name)).strip()
-    cleaned = re.sub(r"^\.+", "_", cleaned)
-    return cleaned or "_"
+    cleaned = re.sub(r"^\.+", "_", cleaned) or "_"
+    encoded = cleaned.encode("utf-8", "surrogatepass")
+    if len(encoded) <= MAX_NAME_BYTES:
+        return cleaned
+    head = encoded[: MAX_NAME_BYTES - 9].decode("utf-8", "ignore")
+    return f"{head}-{hashlib.sha1(encoded).hexdigest()[:8]}"
 
 
 def unique_names(wanted: list[tuple[str, str]]) -> list[str]:
