@@ -48,6 +48,8 @@ def changes(old: dict | None, new: dict) -> str | None:
     """Why metadata built from `old` no longer describes `new`; None when it still does."""
     if not isinstance(old, dict):
         return None
+    if old.get("pending"):
+        return "the run that wrote it stopped before recording its inputs"
     if old.get("root") != new["root"]:
         return f"dataset_path was {old.get('root')}, now {new['root']}"
     if old.get("listing") != new["listing"]:
@@ -67,8 +69,16 @@ def read_fingerprint(folder: Path) -> dict | None:
     return found if isinstance(found, dict) else {}
 
 
+def mark_pending(folder: Path, old: dict | None) -> None:
+    """Before the metadata is rewritten: a run killed before `write_fingerprint` then rebuilds it.
+
+    The old record's sources are kept, so the rebuild still knows which features are stale.
+    """
+    save_json(folder / FINGERPRINT_FILE, {**(old or {}), "pending": True})
+
+
 def write_fingerprint(folder: Path, fingerprint: dict, entries: list[dict]) -> None:
-    """Saved after the metadata: a crash in between leaves metadata that the next run rebuilds."""
+    """Saved after the metadata, replacing the pending mark."""
     sources = {e["Uid"]: [e["Path"], *(file_stat(e["Path"]) or [-1, -1])] for e in entries}
     save_json(folder / FINGERPRINT_FILE, {**fingerprint, "sources": sources})
 

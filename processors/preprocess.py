@@ -22,7 +22,7 @@ from tqdm import tqdm
 from processors.audio import AudioError, load_audio
 from processors.datasets import collecting_left_out, get_parser
 from processors.feature_store import feature_paths, features_done, forget_features_of_other_settings
-from processors.fingerprint import changes, corpus_fingerprint, read_fingerprint, stale_uids, write_fingerprint
+from processors.fingerprint import changes, corpus_fingerprint, mark_pending, read_fingerprint, stale_uids, write_fingerprint
 from processors.mel import mel_spectrogram, min_samples
 from utils.config_schema import check_dataset_paths
 from utils.io import atomic_write_text, load_json, remove_stale_temps, safe_name, save_json, save_npy, unique_names
@@ -72,6 +72,7 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list
         for uid in stale_uids(then, train + test):
             for path in feature_paths(cfg.preprocess.processed_dir, {"Dataset": dataset, "Uid": uid}):
                 path.unlink(missing_ok=True)
+    mark_pending(out, then)
     save_json(test_file, test)
     save_json(train_file, train)
     write_fingerprint(out, {**now, "left_out": dropped}, train + test)

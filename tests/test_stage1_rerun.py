@@ -104,3 +104,21 @@ def test_a_feature_file_that_cannot_be_written_is_a_skip_reason(tmp_path):
     pre = dict(load_config(write_config(tmp_path)).preprocess)
     reason = extract_one((str(source), str(blocker / "m.npy"), str(blocker / "a.npy"), pre))
     assert reason is not None and reason.startswith(f"{source}: features not written (")
+
+
+def test_metadata_of_a_run_killed_before_recording_its_inputs_is_rebuilt(tmp_path, caplog, monkeypatch):
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+
+    def killed(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("processors.preprocess.write_fingerprint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stage1(tmp_path, root)
+    assert (tmp_path / "data" / "demo" / "train.json").is_file()
+    monkeypatch.undo()
+    sf.write(root / "c.wav", voice(0.25, seed=5), RATE)
+    caplog.clear()
+    entries = stage1(tmp_path, root)
+    assert sorted(Path(e["Path"]).name for e in entries) == ["a.wav", "b.wav", "c.wav"]
+    assert "stopped before recording its inputs" in caplog.text and "reused as is" not in caplog.text
