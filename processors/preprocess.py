@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -205,16 +206,23 @@ def check_disk_space(pre: Any, todo: list[dict]) -> None:
     log.info("features need about %.1f MiB; %.1f MiB free in %s", need / 2**20, free / 2**20, folder)
 
 
+def default_workers(jobs: int) -> int:
+    """The CPUs this process may run on (taskset, cgroup cpusets), no more than there are files to make."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, jobs))
+
+
 def preprocess(cfg: Any, num_workers: int | None = None) -> None:
+    """Stage 1 for every dataset; one whose every utterance is skipped fails the stage after the others are done."""
     check_dataset_paths(cfg)
-    workers = num_workers or os.cpu_count() or 1
     splits = {dataset: write_metadata(cfg, dataset) for dataset in cfg.dataset}
     todo = {}
     for dataset, (train, test, _left) in splits.items():
         forget_features_of_other_settings(cfg.preprocess, dataset)
         todo[dataset] = [e for e in train + test if not features_done(cfg.preprocess, e)]
     check_disk_space(cfg.preprocess, [e for entries in todo.values() for e in entries])
-    pool = feature_pool(workers)
+    pool = feature_pool(num_workers or default_workers(sum(map(len, todo.values()))))
+    failed = []
     try:
         for dataset, (train, test, left) in splits.items():
             start = time.time()
@@ -226,8 +234,13 @@ def preprocess(cfg: Any, num_workers: int | None = None) -> None:
                 plural(len(left), "file"), time.time() - start,
             )
             if skipped and len(skipped) == len(train + test):
-                raise ValueError(f"{dataset}: every one of its {len(skipped)} utterances was skipped; reasons in "
-                                 f"{Path(cfg.preprocess.processed_dir) / dataset / 'skipped.txt'}")
+                failed.append(f"{dataset}: every one of its {len(skipped)} utterances was skipped; reasons in "
+                              f"{Path(cfg.preprocess.processed_dir) / dataset / 'skipped.txt'}")
+    except BrokenProcessPool:
+        raise ChildProcessError("an extraction worker died (out of memory?); finished features are kept: rerun stage 1, "
+                                "perhaps with fewer --num_workers") from None
     finally:
         if pool is not None:
             pool.shutdown()
+    if failed:
+        raise ValueError("; ".join(failed))

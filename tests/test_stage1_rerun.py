@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,44 @@ def test_metadata_of_a_run_killed_before_recording_its_inputs_is_rebuilt(tmp_pat
     entries = stage1(tmp_path, root)
     assert sorted(Path(e["Path"]).name for e in entries) == ["a.wav", "b.wav", "c.wav"]
     assert "stopped before recording its inputs" in caplog.text and "reused as is" not in caplog.text
+
+
+def die(_job: tuple) -> None:
+    os._exit(9)  # what the out-of-memory killer does to a worker
+
+
+def test_a_dead_extraction_worker_is_one_line(tmp_path, monkeypatch):
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav", "c.wav"])
+    monkeypatch.setattr("processors.preprocess.extract_one", die)
+    with pytest.raises(ChildProcessError, match=r"^an extraction worker died .*fewer --num_workers$"):
+        preprocess(load_config(write_config(tmp_path, corpus=root)), 2)
+
+
+def test_default_workers_are_the_cpus_this_job_may_use_at_most_one_per_file(tmp_path, monkeypatch):
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav", "c.wav"])
+    asked = []
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    monkeypatch.setattr("processors.preprocess.feature_pool", lambda workers: asked.append(workers))
+    preprocess(load_config(write_config(tmp_path, corpus=root)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    (root / "a.wav").unlink()  # two files to make, 8 CPUs
+    for npy in (tmp_path / "data").rglob("*.npy"):
+        npy.unlink()
+    preprocess(load_config(write_config(tmp_path, corpus=root)))
+    assert asked == [2, 2]
+
+
+def test_a_dataset_whose_every_file_is_bad_fails_the_stage_after_the_healthy_ones(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("x.wav", "y.wav"):
+        (bad / name).write_bytes(b"not audio")
+    good = corpus(tmp_path / "good", ["a.wav"])
+    config = write_config(tmp_path, corpus=bad)
+    cfg = json.loads(config.read_text())
+    cfg.update(dataset=["bad", "good"], use_custom_dataset=["bad", "good"], dataset_path={"bad": str(bad), "good": str(good)})
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"^bad: every one of its 2 utterances was skipped; reasons in .*skipped\.txt$"):
+        preprocess(load_config(config), 1)
+    assert len(list((tmp_path / "data" / "good" / "mels").glob("*.npy"))) == 1

@@ -17,5 +17,5 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     add_common_args(parser)
-    parser.add_argument("--num_workers", type=int, default=None, help="extraction processes (default: CPU count)")
+    parser.add_argument("--num_workers", type=int, default=None, help="extraction processes (default: the CPUs this job may use)")
     run(main, parser)

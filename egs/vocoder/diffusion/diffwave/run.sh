@@ -23,7 +23,7 @@ usage: sh egs/vocoder/diffusion/diffwave/run.sh -s|--stage N [options]   (guide:
                             one process per id, CPU processes without CUDA); default "0"
      --log_level LEVEL      debug | info | warning | error; debug shows tracebacks
  -h, --help                 this summary
-stage 1  --num_workers N            extraction processes (default: CPU count)
+stage 1  --num_workers N            extraction processes (default: the CPUs the job may use)
 stage 2  --resume_type TYPE         resume (everything, exactly) | finetune (weights only)
          --checkpoint DIR           checkpoint folder, or an experiment / its checkpoint/ folder (newest)
          --max_steps N              stop after N optimizer steps (overrides train.max_steps)
