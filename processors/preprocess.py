@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from processors.audio import AudioError, load_audio
-from processors.datasets import collecting_left_out, get_parser
+from processors.datasets import DatasetError, collecting_left_out, get_parser
 from processors.feature_store import feature_paths, features_done, forget_features_of_other_settings
 from processors.fingerprint import changes, corpus_fingerprint, mark_pending, read_fingerprint, stale_uids, write_fingerprint
 from processors.mel import mel_spectrogram, min_samples
@@ -49,7 +49,9 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list
     """
     out = Path(cfg.preprocess.processed_dir) / dataset
     train_file, test_file = out / cfg.preprocess.train_file, out / cfg.preprocess.valid_file
-    root = Path(cfg.dataset_path[dataset])
+    root = Path(cfg.dataset_path[dataset]).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: the folder of dataset '{dataset}' does not exist (dataset_path.{dataset})")
     now = corpus_fingerprint(root, skip=[cfg.preprocess.processed_dir])
     then = read_fingerprint(out)
     if train_file.is_file() and test_file.is_file():

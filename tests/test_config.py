@@ -217,3 +217,12 @@ def test_stage3_recipe_config_values_are_blamed_on_that_file_and_derived_factors
         validate(cfg, "inference")
     factors = next(r.getMessage() for r in caplog.records if "upsample_factors" in r.getMessage())
     assert "(derived from the hop size)" in factors and "None" not in factors
+
+
+@pytest.mark.parametrize("value", [5, ["a"], {"path": "x"}])
+def test_a_dataset_path_that_is_not_a_string_is_one_line_naming_the_key(tmp_path, value):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"base_config": str(RECIPE), "dataset": ["ljspeech"], "dataset_path": {"ljspeech": value}}))
+    with pytest.raises(ConfigError, match=r"^dataset_path\.ljspeech must be a folder path \(a string\), got ") as err:
+        check_dataset_paths(load_config(config))
+    assert str(config) in str(err.value) and "\n" not in str(err.value)

@@ -164,3 +164,11 @@ def test_a_dataset_whose_every_file_is_bad_fails_the_stage_after_the_healthy_one
     with pytest.raises(ValueError, match=r"^bad: every one of its 2 utterances was skipped; reasons in .*skipped\.txt$"):
         preprocess(load_config(config), 1)
     assert len(list((tmp_path / "data" / "good" / "mels").glob("*.npy"))) == 1
+
+
+def test_dataset_path_may_start_with_a_tilde_and_a_missing_folder_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+    assert len(stage1(tmp_path, Path("~/corpus"))) == 2
+    with pytest.raises(ValueError, match=r"nowhere: the folder of dataset 'demo' does not exist \(dataset_path\.demo\)$"):
+        stage1(tmp_path, tmp_path / "nowhere")

@@ -260,12 +260,15 @@ def unknown_keys(cfg: dict) -> list[tuple[str, str | None]]:
 
 
 def check_dataset_paths(cfg: dict) -> None:
-    """Refuse to run stage 1 while a listed dataset still has the placeholder path."""
+    """Refuse to run stage 1 while a listed dataset has no path, a path that is not a string, or the placeholder."""
     paths = cfg.get("dataset_path") or {}
     for name in cfg.get("dataset", []):
         path = paths.get(name)
         if path is None:
             raise ConfigError(f"dataset '{name}' has no entry in dataset_path: add it in {source_of(cfg, 'dataset')}")
+        if not isinstance(path, str):
+            raise ConfigError(f"dataset_path.{name} must be a folder path (a string), got {type(path).__name__} "
+                              f"{path!r}: set it in {source_of(cfg, f'dataset_path.{name}')}")
         if PLACEHOLDER in str(path) or not str(path).strip():
             top, origin = cfg.get("config_path"), source_of(cfg, f"dataset_path.{name}")
             where = f"{top} (the placeholder comes from {origin})" if origin != str(top) else top
