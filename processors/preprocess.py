@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from processors.audio import AudioError, load_audio
-from processors.datasets import DatasetError, collecting_left_out, get_parser
+from processors.datasets import DatasetError, collecting_left_out, get_parser, test_rule
 from processors.feature_store import feature_paths, features_done, forget_features_of_other_settings
 from processors.fingerprint import changes, corpus_fingerprint, mark_pending, read_fingerprint, stale_uids, write_fingerprint
 from processors.mel import mel_spectrogram, min_samples
@@ -235,6 +235,10 @@ def preprocess(cfg: Any, num_workers: int | None = None) -> None:
                 dataset, len(train), plural(len(test), "test utterance"), done, len(skipped),
                 plural(len(left), "file"), time.time() - start,
             )
+            if not test:
+                rule = test_rule(dataset, cfg.get("use_custom_dataset") or ())
+                log.warning("%s: the test split is empty (the test rule: %s); stage 2 evaluates nothing and stage 3's "
+                            "dataset mode has nothing to vocode", dataset, rule)
             if skipped and len(skipped) == len(train + test):
                 failed.append(f"{dataset}: every one of its {len(skipped)} utterances was skipped; reasons in "
                               f"{Path(cfg.preprocess.processed_dir) / dataset / 'skipped.txt'}")

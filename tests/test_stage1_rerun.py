@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 
+from processors.datasets.custom import every_nth_test
 from processors.feature_store import feature_paths
 from processors.preprocess import extract_one, preprocess
+from tests.corpora import ljspeech
 from tests.reliability_kit import N_MEL, RATE, voice, write_config
 from utils.config import load_config
 from utils.io import load_npy
@@ -172,3 +175,24 @@ def test_dataset_path_may_start_with_a_tilde_and_a_missing_folder_says_so(tmp_pa
     assert len(stage1(tmp_path, Path("~/corpus"))) == 2
     with pytest.raises(ValueError, match=r"nowhere: the folder of dataset 'demo' does not exist \(dataset_path\.demo\)$"):
         stage1(tmp_path, tmp_path / "nowhere")
+
+
+def test_an_empty_test_split_is_warned_with_the_rule(tmp_path, caplog):
+    root = ljspeech(tmp_path / "lj")
+    for wav in sorted((root / "wavs").glob("*.wav"))[19:]:
+        wav.unlink()  # 19 clips: N // 20 is 0
+    config = write_config(tmp_path, corpus=root)
+    cfg = json.loads(config.read_text())
+    cfg.update(dataset=["ljspeech"], use_custom_dataset=[], dataset_path={"ljspeech": str(root)})
+    config.write_text(json.dumps(cfg))
+    preprocess(load_config(config), 1)
+    assert "ljspeech: the test split is empty (the test rule: the last 5% (N // 20)" in caplog.text
+
+
+def test_the_custom_split_is_linear_in_the_corpus_size():
+    entries = [{"Uid": f"u{i}", "Path": f"/c/u{i}.wav", "Duration": 1.0} for i in range(30000)]
+    start = time.perf_counter()
+    train, test = every_nth_test(entries)
+    assert time.perf_counter() - start < 0.5
+    assert len(test) == 1500 and len(train) == 28500 and test[0] is entries[19]
+    assert every_nth_test(entries[:3]) == (entries[:2], entries[2:3])

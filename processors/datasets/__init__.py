@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -66,6 +67,13 @@ def parser_name(dataset: str, custom: list[str] | tuple[str, ...] = ()) -> str:
     raise DatasetError(
         f"unknown dataset '{dataset}': known corpora are {known}; list any other folder of audio in use_custom_dataset"
     )
+
+
+def test_rule(dataset: str, custom: list[str] | tuple[str, ...] = ()) -> str:
+    """The parser's test rule, as its docstring states it (the `Test:` or `Split:` sentence)."""
+    doc = " ".join((importlib.import_module(f"processors.datasets.{parser_name(dataset, custom)}").__doc__ or "").split())
+    found = re.search(r"\b(?:Test|Split): (.+?\.)(?:\s|$)", doc)
+    return found.group(1) if found else "see its parser's docstring"
 
 
 def get_parser(dataset: str, custom: list[str] | tuple[str, ...] = ()) -> Parser:

@@ -15,6 +15,8 @@ from processors.audio import AUDIO_EXTENSIONS, list_audio
 from processors.datasets.common import entry, require_found
 from utils.io import unique_names
 
+TEST_EVERY = 20
+
 
 def _uid(relative: Path) -> str:
     """The path's parts joined by `_`, leaving out the speaker folder when the file name already starts with it.
@@ -36,7 +38,15 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
         speaker = relative.parts[0] if len(relative.parts) > 1 else dataset
         entries.append(entry(dataset, uid, path, speaker))
     require_found(entries, root, f"audio files ({', '.join(AUDIO_EXTENSIONS)}) at any depth")
-    test_every = 20
-    test = [e for i, e in enumerate(entries) if i % test_every == test_every - 1] or entries[-1:]
-    train = [e for e in entries if e not in test] or entries
+    return every_nth_test(entries)
+
+
+def every_nth_test(entries: list[dict], n: int = TEST_EVERY) -> tuple[list[dict], list[dict]]:
+    """(train, test): every n-th entry is test, at least the last one; train keeps every entry when it would be empty.
+
+    By index, not by comparing entries: linear in the corpus size.
+    """
+    test_at = set(range(n - 1, len(entries), n)) or {len(entries) - 1}
+    test = [entries[i] for i in sorted(test_at)]
+    train = [e for i, e in enumerate(entries) if i not in test_at] or entries
     return train, test
