@@ -46,18 +46,23 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return soxr.resample(audio, orig_sr, target_sr, quality="HQ").astype(np.float32)
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) -> np.ndarray:
-    """Mono float32 in [-1, 1] at `sample_rate`; raises AudioError naming the file.
-
-    Stereo is averaged; a float file peaking above 1.0 is scaled down with a warning (not
-    clipped), since clipping would add distortion the vocoder then learns.
-    """
+def check_openable(path: str | os.PathLike) -> None:
+    """AudioError naming the file unless it is a non-empty regular file (checked before any decoder opens it)."""
     try:
         size = regular_file_size(path)
     except ValueError as err:
         raise AudioError(str(err)) from None
     if size == 0:
         raise AudioError(f"{path}: empty file")
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) -> np.ndarray:
+    """Mono float32 in [-1, 1] at `sample_rate`; raises AudioError naming the file.
+
+    Stereo is averaged; a float file peaking above 1.0 is scaled down with a warning (not
+    clipped), since clipping would add distortion the vocoder then learns.
+    """
+    check_openable(path)
     audio, rate = _decode(path)
     if len(audio) == 0:
         raise AudioError(f"{path}: no samples (zero-length audio)")

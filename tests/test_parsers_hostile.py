@@ -129,3 +129,11 @@ def test_list_files_with_a_byte_order_mark_keep_their_first_id(tmp_path):
         listing.write_bytes(b"\xef\xbb\xbf" + listing.read_bytes().replace(b"\n", b"\r\n"))
     entries, _left = parse("opencpop", root, tmp_path / "work")
     assert {"2001000001", "2001000002", "2002000001"} == set(entries)
+
+
+def test_an_empty_recording_to_cut_is_listed_as_empty(tmp_path):
+    root = pjs(tmp_path / "pjs")
+    song = root / "PJS_corpus_ver1.1" / "pjs004" / "pjs004_song.wav"
+    song.write_bytes(b"")
+    entries, left = parse("pjs", root, tmp_path / "work")
+    assert "pjs004_song_0" not in entries and left == [f"{song}: not cut into clips ({song}: empty file)"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from processors.audio import AudioError, load_audio
+from processors.audio import AudioError, check_openable, load_audio
 from processors.datasets import left_out
 from processors.fingerprint import file_stat
 from utils.io import atomic_write_bytes, load_json, save_json, wav_bytes
@@ -27,6 +27,7 @@ NO_CLIPS = "no clips cut from it (silent throughout, or its labels give no span)
 def read_native(path: Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
+    check_openable(path)
     try:
         rate = sf.info(str(path)).samplerate
     except Exception as err:  # any header problem means an unreadable file
