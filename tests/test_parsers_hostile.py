@@ -137,3 +137,13 @@ def test_an_empty_recording_to_cut_is_listed_as_empty(tmp_path):
     song.write_bytes(b"")
     entries, left = parse("pjs", root, tmp_path / "work")
     assert "pjs004_song_0" not in entries and left == [f"{song}: not cut into clips ({song}: empty file)"]
+
+
+def test_a_manifest_naming_files_outside_its_folder_deletes_nothing(tmp_path):
+    root, work = pjs(tmp_path / "pjs"), tmp_path / "work"
+    parse("pjs", root, work)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not a clip")
+    (work / "clips" / ".pjs004_song.wav.clips").write_text(json.dumps({"inputs": [], "clips": ["../../victim.txt"]}))
+    entries, _left = parse("pjs", root, work)
+    assert victim.is_file() and "pjs004_song_0" in entries

@@ -41,12 +41,14 @@ def cut_from(source: Path, labels: Sequence[Path] = ()) -> list:
 
 
 def _listed(manifest: Path) -> dict:
-    """The manifest's record; {} when missing, damaged or of an older format (the source is cut again)."""
+    """The manifest's record; {} when missing, damaged, of an older format or naming anything but plain clip names."""
     try:
         found = load_json(manifest) if manifest.is_file() else {}
     except (OSError, ValueError):
         return {}
-    return found if isinstance(found, dict) and isinstance(found.get("clips"), list) else {}
+    clips = found.get("clips") if isinstance(found, dict) else None
+    plain = isinstance(clips, list) and all(isinstance(c, str) and "/" not in c and not c.startswith(".") for c in clips)
+    return found if plain else {}
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
@@ -67,16 +69,18 @@ def cut_clips(source: Path, out_dir: Path, spans: Spans, stem: str = "{i:04d}", 
     """
     manifest = out_dir / f".{source.name}.clips"
     inputs, then = cut_from(source, labels), _listed(manifest)
-    if then.get("inputs") == inputs and all((out_dir / name).is_file() for name in then["clips"]):
-        paths = [out_dir / name for name in then["clips"]]
+    old = then.get("clips", [])
+    if then.get("inputs") == inputs and all((out_dir / name).is_file() for name in old):
+        paths = [out_dir / name for name in old]
     else:
-        paths, reason = [], None
         try:
             paths = _cut(source, out_dir, spans, stem)
         except AudioError as err:
-            reason = f"not cut into clips ({err})"
-        for name in set(then.get("clips", [])) - {p.name for p in paths}:
-            (out_dir / str(name)).unlink(missing_ok=True)
+            paths, reason = [], f"not cut into clips ({err})"
+        else:
+            reason = None
+        for name in set(old) - {p.name for p in paths}:
+            (out_dir / name).unlink(missing_ok=True)
         if reason:
             manifest.unlink(missing_ok=True)
             left_out(source, reason)
