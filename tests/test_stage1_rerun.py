@@ -186,7 +186,7 @@ def test_an_empty_test_split_is_warned_with_the_rule(tmp_path, caplog):
     cfg.update(dataset=["ljspeech"], use_custom_dataset=[], dataset_path={"ljspeech": str(root)})
     config.write_text(json.dumps(cfg))
     preprocess(load_config(config), 1)
-    assert "ljspeech: the test split is empty (the test rule: the last 5% (N // 20)" in caplog.text
+    assert "ljspeech: the test split is empty (the test rule: the last 5% (N // 20) of the sorted listing" in caplog.text
 
 
 def test_the_custom_split_is_linear_in_the_corpus_size():

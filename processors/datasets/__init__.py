@@ -71,7 +71,8 @@ def parser_name(dataset: str, custom: list[str] | tuple[str, ...] = ()) -> str:
 
 def test_rule(dataset: str, custom: list[str] | tuple[str, ...] = ()) -> str:
     """The parser's test rule, as its docstring states it (the `Test:` or `Split:` sentence)."""
-    doc = " ".join((importlib.import_module(f"processors.datasets.{parser_name(dataset, custom)}").__doc__ or "").split())
+    doc = importlib.import_module(f"processors.datasets.{parser_name(dataset, custom)}").__doc__ or ""
+    doc = re.sub(r"\*\*|`", "", " ".join(doc.split()))  # plain text: no markdown emphasis or code marks
     found = re.search(r"\b(?:Test|Split): (.+?\.)(?:\s|$)", doc)
     return found.group(1) if found else "see its parser's docstring"
 
