@@ -85,11 +85,12 @@ def read_features(processed_dir: str | os.PathLike, entry: dict, mmap: bool = Fa
     return load_npy(mel_path, mmap), load_npy(audio_path, mmap)
 
 
-def load_entries(cfg: Any, split: str, datasets: list[str] | None = None) -> list[dict]:
-    """Metadata of every listed dataset whose features exist; missing ones are named and dropped."""
+def load_entries(cfg: Any, split: str, datasets: list[str] | None = None, missing: list[str] | None = None) -> list[dict]:
+    """Metadata of every listed dataset whose features exist; the others are counted and dropped, and with `missing`
+    each is named there (stage 3 lists them in skipped.txt)."""
     pre = cfg.preprocess
     name = pre.train_file if split == "train" else pre.valid_file
-    entries, missing = [], 0
+    entries, dropped = [], 0
     for dataset in datasets or cfg.dataset:
         meta = Path(pre.processed_dir) / dataset / name
         if not meta.is_file():
@@ -98,10 +99,13 @@ def load_entries(cfg: Any, split: str, datasets: list[str] | None = None) -> lis
             mel_path, audio_path = feature_paths(pre.processed_dir, entry)
             if mel_path.is_file() and audio_path.is_file():
                 entries.append(entry)
-            else:
-                missing += 1
-    if missing:
-        log.warning("%s split: %s without features (skipped in stage 1?) left out", split, plural(missing, "utterance"))
+                continue
+            dropped += 1
+            if missing is not None:
+                absent = mel_path if not mel_path.is_file() else audio_path
+                missing.append(f"{absent}: no features for {dataset} utterance {entry['Uid']} (skipped in stage 1?)")
+    if dropped:
+        log.warning("%s split: %s without features (skipped in stage 1?) left out", split, plural(dropped, "utterance"))
     return entries
 
 

@@ -68,10 +68,10 @@ def test_dataset_mode_lists_ground_truth_it_cannot_score_and_vocodes_the_rest(tm
     vocoder.cfg.preprocess.processed_dir = str(tmp_path / "data")
     truths = {"good": np.zeros(8 * HOP + 5, np.float32), **{k: v for k, (v, _) in BAD_TRUTH.items()}}
     entries = [{"Dataset": "demo", "Uid": uid, "Path": "-", "Duration": 0.1, "Singer": "s", "index": i}
-               for i, uid in enumerate(truths)]
+               for i, uid in enumerate([*truths, "unmade"])]  # unmade: listed, but stage 1 made no features
     (tmp_path / "data/demo/audios").mkdir(parents=True)
     (tmp_path / "data/demo/test.json").write_text(json.dumps(entries), encoding="utf-8")
-    for entry in entries:
+    for entry in entries[:-1]:
         mel_path, audio_path = feature_paths(tmp_path / "data", entry)
         save_npy(mel_path, np.full((N_MEL, 8), -5.0, np.float32))
         np.save(audio_path, truths[entry["Uid"]])  # np.save: save_npy would make the scalar 1-D
@@ -81,6 +81,7 @@ def test_dataset_mode_lists_ground_truth_it_cannot_score_and_vocodes_the_rest(tm
     lines = (out / "skipped.txt").read_text().splitlines()
     for uid, (_, reason) in BAD_TRUTH.items():
         assert any(line.startswith(f"{tmp_path}/data/demo/audios/{uid}.npy: ") and reason in line for line in lines)
+    assert f"{tmp_path}/data/demo/mels/unmade.npy: no features for demo utterance unmade (skipped in stage 1?)" in lines
 
 
 def test_complex_mels_are_refused_not_cut_to_their_real_part():

@@ -140,7 +140,7 @@ def dataset_items(cfg: Any, datasets: list[str], skipped: list[str]) -> list[tup
     """The test split's (name, mel, ground truth); an utterance whose mel or audio fails its check is listed."""
     n_mel, hop = int(cfg.preprocess.n_mel), int(cfg.preprocess.hop_size)
     items = []
-    for entry in load_entries(cfg, "valid", datasets):
+    for entry in load_entries(cfg, "valid", datasets, missing=skipped):
         audio_path = feature_paths(cfg.preprocess.processed_dir, entry)[1]
         for name, mel, audio in load_items(cfg, "valid", entries=[entry], qualified=len(datasets) > 1, skipped=skipped,
                                            check=lambda mel, source: check_mel(mel, n_mel, source)):
