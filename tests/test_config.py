@@ -135,6 +135,7 @@ BAD_VALUES = [  # (section, values, stage, key named in the error, words of the 
     ("train", {"adamw": {"fused": "yes"}}, "train", "train.adamw.fused", "auto"),
     # 0 stopped the run at its first (good) step: "0 optimizer steps in a row had a non-finite loss"
     ("train", {"max_nonfinite_steps": 0}, "train", "train.max_nonfinite_steps", "(0, inf)"),
+    ("preprocess", {"valid_file": "train.json"}, "preprocess", "preprocess.valid_file", "must differ from"),
 ]
 
 

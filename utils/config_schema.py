@@ -183,6 +183,8 @@ def _cross_checks(cfg: dict, letter: str) -> None:
         raise ConfigError(f"{source_of(cfg, dotted)}: key '{dotted}' {problem}")
 
     pre = cfg.get("preprocess", {})
+    if letter in "pt" and pre["train_file"] == pre["valid_file"]:  # stage 1 would write the test list over the train one
+        fail("preprocess.valid_file", f"({pre['valid_file']!r}) must differ from preprocess.train_file")
     if letter in "pti":
         rate, n_fft = pre["sample_rate"], pre["n_fft"]
         if pre["win_size"] > n_fft:
