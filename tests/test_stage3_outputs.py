@@ -37,7 +37,8 @@ def test_a_rerun_moves_aside_the_outputs_of_inputs_it_skips_and_rewrites_skipped
     (folder / "b.wav").write_text("garbage")
     assert run_inference(vocoder, "infer_from_audio", out, audio_dir=str(folder)) == 1
     assert wavs(out / "pred") == wavs(out / "gt") == ["a.wav"]  # stage 4 must not score the old b
-    assert wavs(out / "earlier" / "pred") == wavs(out / "earlier" / "gt") == ["b.wav"]  # nor lose it
+    (aside,) = (out / "earlier").iterdir()
+    assert wavs(aside / "pred") == wavs(aside / "gt") == ["b.wav"]  # nor lose it
     assert "b.wav" in (out / "skipped.txt").read_text()
     (folder / "b.wav").unlink()
     run_inference(vocoder, "infer_from_audio", out, audio_dir=str(folder))
@@ -54,7 +55,19 @@ def test_clearing_keeps_the_wavs_this_run_will_rewrite(tmp_path):
     items = [("keep", mel, np.zeros(HOP)), ("mel_only", mel, None)]
     assert clear_stale_outputs(tmp_path, items) == 2
     assert wavs(tmp_path / "pred") == ["keep.wav"] and wavs(tmp_path / "gt") == ["keep.wav"]
-    assert wavs(tmp_path / "earlier" / "pred") == ["gone.wav"] and wavs(tmp_path / "earlier" / "gt") == ["mel_only.wav"]
+    (aside,) = (tmp_path / "earlier").iterdir()
+    assert wavs(aside / "pred") == ["gone.wav"] and wavs(aside / "gt") == ["mel_only.wav"]
+
+
+def test_outputs_moved_aside_by_later_runs_never_overwrite_each_other(tmp_path):
+    """Runs of inputs {x}, {y}, {another x}, {z} into one folder: both x outputs survive in earlier/."""
+    mel = torch.zeros(1, 1)
+    for k, (name, after) in enumerate((("x", "y"), ("x", "z"))):
+        (tmp_path / "pred").mkdir(exist_ok=True)
+        sf.write(tmp_path / "pred" / f"{name}.wav", np.full(HOP, 0.1 * (k + 1), np.float32), RATE)
+        assert clear_stale_outputs(tmp_path, [(after, mel, None)]) == 1
+    kept = sorted(sf.read(wav)[0][0] for wav in (tmp_path / "earlier").glob("*/pred/x.wav"))
+    assert np.allclose(kept, [0.1, 0.2], atol=1e-3)
 
 
 BAD_TRUTH = {  # ground-truth audio .npy that stage 1 never writes, and the reason each is listed
@@ -102,6 +115,26 @@ def test_feature_files_of_other_formats_are_listed_and_upper_case_npy_is_vocoded
     assert (tmp_path / "out" / "skipped.txt").read_text().splitlines() == [
         f"{folder}/notes: not a .npy mel (no extension): unsupported format",
         f"{folder}/pair.npz: not a .npy mel (.npz): unsupported format"]
+
+
+def test_an_output_folder_inside_the_audio_folder_is_not_read_back(tmp_path, vocoder):
+    """Vocoding a folder into a subfolder of itself took the last run's wavs as inputs: more at every run."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sf.write(folder / "a.wav", voice(0.05), RATE)
+    for _ in range(2):
+        assert run_inference(vocoder, "infer_from_audio", folder / "vocoded", audio_dir=str(folder)) == 1
+    assert wavs(folder / "vocoded" / "pred") == ["a.wav"]
+
+
+def test_a_ground_truth_folder_that_cannot_be_written_is_refused_before_vocoding(tmp_path, vocoder, monkeypatch):
+    (tmp_path / "in").mkdir()
+    sf.write(tmp_path / "in" / "a.wav", voice(0.05), RATE)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "gt").write_text("a file, not a folder")
+    monkeypatch.setattr(type(vocoder), "__call__", lambda *a, **k: pytest.fail("vocoded before checking the folder"))
+    with pytest.raises(InputError, match=r"out/gt: cannot write the outputs there"):
+        run_inference(vocoder, "infer_from_audio", tmp_path / "out", audio_dir=str(tmp_path / "in"))
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_vocoding(tmp_path, vocoder, monkeypatch):

@@ -107,14 +107,28 @@ def clear_stale_outputs(out: Path, items: list[tuple[str, torch.Tensor, Any]]) -
     keep = {"pred": {name for name, _, _ in items}, "gt": {name for name, _, truth in items if truth is not None}}
     stale = [wav for sub, names in keep.items() if (out / sub).is_dir()
              for wav in sorted((out / sub).glob("*.wav")) if wav.stem not in names and not wav.is_dir()]
+    if not stale:
+        return 0
+    aside = new_folder(out / EARLIER / time.strftime("%Y%m%d-%H%M%S"))  # one per run: none overwrites another's
     for wav in stale:
-        kept = out / EARLIER / wav.parent.name / wav.name
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(wav, kept)
-    if stale:
-        log.warning("moved %s of an earlier run that this run does not write (inputs skipped now or not given) to %s: "
-                    "%s", plural(len(stale), "wav"), out / EARLIER, ", ".join(str(w.relative_to(out)) for w in stale[:10]))
+        (aside / wav.parent.name).mkdir(exist_ok=True)
+        os.replace(wav, aside / wav.parent.name / wav.name)
+    log.warning("moved %s of an earlier run that this run does not write (inputs skipped now or not given) to %s: %s",
+                plural(len(stale), "wav"), aside, ", ".join(str(w.relative_to(out)) for w in stale[:10]))
     return len(stale)
+
+
+def new_folder(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... where it exists: created, never one that was there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        folder = path if k == 1 else path.with_name(f"{path.name}-{k}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise InputError(f"{path}: a thousand folders of that name exist already")
 
 
 def check_writable(folder: Path) -> None:
@@ -170,8 +184,11 @@ def feature_items(cfg: Any, folder: Path, skipped: list[str],
     return items
 
 
-def audio_items(cfg: Any, folder: Path, skipped: list[str]) -> list[tuple[str, torch.Tensor, np.ndarray]]:
-    files = list_audio(folder) if folder.is_dir() else []
+def audio_items(cfg: Any, folder: Path, skipped: list[str], out: Path) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+    """The audio below `folder` with its mels; not what this stage wrote there (an output folder inside the input
+    folder fed every run's outputs back in, more at each run)."""
+    own = out.resolve()
+    files = [f for f in list_audio(folder) if not Path(f).resolve().is_relative_to(own)] if folder.is_dir() else []
     if not files:
         raise InputError(f"{folder}: no audio files (wav, flac, ogg, mp3, ...) found")
     pre = cfg.preprocess
@@ -191,15 +208,16 @@ def run_inference(vocoder: Vocoder, mode: str, output_dir: str | Path, datasets:
     """Vocode everything the mode names into `output_dir`; returns the number of wavs written."""
     out, skipped, cfg = Path(output_dir), [], vocoder.cfg
     start = time.time()
-    check_writable(out / "pred")
+    for sub in ("pred",) if mode == "infer_from_feature" else ("pred", "gt"):  # features bring no ground truth
+        check_writable(out / sub)
     for sub in ("pred", "gt"):
         remove_stale_temps(out / sub)
     if mode == "infer_from_dataset":
-        items = dataset_items(cfg, datasets or list(cfg.dataset), skipped)
+        items = dataset_items(cfg, list(dict.fromkeys(datasets or cfg.dataset)), skipped)  # each dataset once
     elif mode == "infer_from_feature":
         items = feature_items(cfg, Path(feature_dir or ""), skipped, convert)
     elif mode == "infer_from_audio":
-        items = audio_items(cfg, Path(audio_dir or ""), skipped)
+        items = audio_items(cfg, Path(audio_dir or ""), skipped, out)
     else:
         raise InputError(f"unknown infer_mode '{mode}': choose one of {', '.join(MODES)}")
     items = named_outputs(items)
