@@ -110,6 +110,7 @@ def test_feature_files_of_other_formats_are_listed_and_upper_case_npy_is_vocoded
         np.save(handle, np.full((N_MEL, 4), -5.0, np.float32))
     np.savez(folder / "pair.npz", mel=np.zeros((N_MEL, 4), np.float32))
     (folder / "notes").write_text("x")
+    (folder / ".DS_Store").write_bytes(b"\0\0")
     assert run_inference(vocoder, "infer_from_feature", tmp_path / "out", feature_dir=str(folder)) == 1
     assert wavs(tmp_path / "out" / "pred") == ["shout.wav"]
     assert (tmp_path / "out" / "skipped.txt").read_text().splitlines() == [
