@@ -161,7 +161,7 @@ def test_dataset_crops_from_mapped_files_equal_crops_of_loaded_arrays(tmp_path, 
     audio_path.parent.mkdir(parents=True)
     np.save(mel_path, mel)
     np.save(audio_path, audio)
-    cfg = SimpleNamespace(preprocess=SimpleNamespace(processed_dir=str(tmp_path), hop_size=256, cut_mel_frame=32))
+    cfg = SimpleNamespace(preprocess=SimpleNamespace(processed_dir=str(tmp_path), hop_size=256, n_mel=100, cut_mel_frame=32))
     dataset = CropDataset(cfg, [entry])
     for seed in range(4):
         mel_crop, audio_crop = dataset[0, seed]
@@ -182,6 +182,34 @@ def test_a_feature_file_of_the_wrong_rank_is_one_error_naming_it(tmp_path, bad):
     audio_path.parent.mkdir(parents=True)
     np.save(mel_path, mel.reshape(-1) if bad == "mel" else mel)
     np.save(audio_path, audio.reshape(1, -1) if bad == "audio" else audio)
-    cfg = SimpleNamespace(preprocess=SimpleNamespace(processed_dir=str(tmp_path), hop_size=256, cut_mel_frame=32))
+    cfg = SimpleNamespace(preprocess=SimpleNamespace(processed_dir=str(tmp_path), hop_size=256, n_mel=100, cut_mel_frame=32))
     with pytest.raises(ValueError, match=rf"^{mel_path if bad == 'mel' else audio_path}: .*shape"):
         CropDataset(cfg, [entry])[0, 0]
+
+
+@pytest.mark.parametrize(("n_mel", "hop", "damage", "culprit", "words"), [
+    (32, 256, None, "mel", "100 mel bands, but preprocess.n_mel is 32"),
+    (100, 128, None, "mel", "40 frames for 10240 audio samples, but preprocess.hop_size 128 gives 80"),
+    (100, 256, "mel", "mel", "NaN or inf"),
+    (100, 256, "audio", "audio", "NaN or inf"),
+], ids=["other-n_mel", "other-hop", "nan-mel", "inf-audio"])
+def test_stale_or_non_finite_features_are_refused_naming_the_file(tmp_path, n_mel, hop, damage, culprit, words):
+    """Features from other mel settings (config changed after stage 1) or holding NaN/inf never reach a step."""
+    rng = np.random.default_rng(4)
+    mel, audio = rng.standard_normal((100, 40)).astype(np.float32), rng.standard_normal(256 * 40).astype(np.float32)
+    if damage == "mel":
+        mel[3] = np.nan
+    elif damage == "audio":
+        audio[:] = np.inf
+    entry = {"Dataset": "d", "Uid": "u"}
+    paths = dict(zip(("mel", "audio"), feature_paths(tmp_path, entry), strict=True))
+    for kind, array in (("mel", mel), ("audio", audio)):
+        paths[kind].parent.mkdir(parents=True)
+        np.save(paths[kind], array)
+    cfg = SimpleNamespace(preprocess=SimpleNamespace(processed_dir=str(tmp_path), hop_size=hop, n_mel=n_mel,
+                                                     cut_mel_frame=32))
+    with pytest.raises(ValueError) as err:
+        CropDataset(cfg, [entry])[0, 0]
+    message = str(err.value)
+    assert message.startswith(f"{paths[culprit]}: ") and words in message and "rerun stage 1" in message
+    assert "\n" not in message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ class CropDataset(Dataset):
         self.entries = entries
         self.processed_dir = cfg.preprocess.processed_dir
         self.hop = int(cfg.preprocess.hop_size)
+        self.n_mel = int(cfg.preprocess.n_mel)
         self.frames = int(cfg.preprocess.cut_mel_frame)
 
     def __len__(self) -> int:
@@ -39,11 +41,29 @@ class CropDataset(Dataset):
         index, seed = key
         # Mapped: a crop of a minutes-long song reads its own pages, not the whole file.
         mel, audio = read_features(self.processed_dir, self.entries[index], mmap=True)
+        mel_path, audio_path = feature_paths(self.processed_dir, self.entries[index])
         if mel.ndim != 2 or audio.ndim != 1:
-            mel_path, audio_path = feature_paths(self.processed_dir, self.entries[index])
             raise ValueError(f"{mel_path if mel.ndim != 2 else audio_path}: expected a (n_mel, frames) mel and 1-D audio, "
                              f"got shapes {mel.shape} and {audio.shape}")
-        return crop_pair(mel, audio, self.frames, self.hop, np.random.default_rng(seed))
+        self._check_settings(mel, audio, mel_path)
+        mel_crop, audio_crop = crop_pair(mel, audio, self.frames, self.hop, np.random.default_rng(seed))
+        for crop, path in ((mel_crop, mel_path), (audio_crop, audio_path)):
+            if not bool(torch.isfinite(crop).all()):  # it would make every step that draws it a skipped one
+                raise ValueError(f"{path}: holds NaN or inf values (damaged since stage 1?); delete it and rerun "
+                                 "stage 1 to extract it again")
+        return mel_crop, audio_crop
+
+    def _check_settings(self, mel: np.ndarray, audio: np.ndarray, mel_path: Path) -> None:
+        """Features extracted under other mel settings (stale after a config change) are refused, not trained on:
+        a wrong hop pairs each mel frame with the wrong audio, a wrong n_mel fails deep inside the model."""
+        if mel.shape[0] != self.n_mel:
+            raise ValueError(f"{mel_path}: {mel.shape[0]} mel bands, but preprocess.n_mel is {self.n_mel}: features "
+                             "from other mel settings; rerun stage 1 to extract them again")
+        expected = len(audio) // self.hop
+        if abs(expected - mel.shape[1]) > 1:
+            raise ValueError(f"{mel_path}: {mel.shape[1]} frames for {len(audio)} audio samples, but preprocess.hop_size "
+                             f"{self.hop} gives {expected}: features from other mel settings; rerun stage 1 to extract "
+                             "them again")
 
 
 def crop_pair(mel: np.ndarray, audio: np.ndarray, frames: int, hop: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
