@@ -75,6 +75,8 @@ class DiffusionVocoderTrainer:
             set_cuda_math(tcfg)
         self.experiment = Experiment(Path(cfg.log_dir) / name)
         self.exp_dir, self.ckpt_dir = self.experiment.root, self.experiment.checkpoints
+        if self.accelerator.is_main_process:  # the only writer
+            self.experiment.lock()
         refuse_to_mix_runs(self.exp_dir, resume_type)
         self.seed = int(tcfg.get("random_seed", 114514))
 
@@ -235,6 +237,7 @@ class DiffusionVocoderTrainer:
         finally:
             if self.writer is not None:
                 self.writer.close()
+            self.experiment.unlock()
         # Every process leaves together: a process group torn down while a peer still talks through it can
         # abort that peer (gloo: "terminate called without an active exception").
         self.accelerator.wait_for_everyone()

@@ -11,12 +11,13 @@ setting that changes the result; `--config` contributes its `inference` section.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
 from models.vocoders.diffusion.diffwave.geometry import upsample_factors
@@ -31,6 +32,8 @@ ARGS_FILE = "args.json"
 RECORDS_FILE = "ckpts.json"  # inside CHECKPOINT_DIR: which checkpoint each save kind keeps
 SCHEDULE_FILE = "searched_schedule.json"
 CONTRACT_FILE = "mel_contract.json"
+LOCK_FILE = ".train.lock"
+_HELD: dict[Path, IO] = {}  # the locks this process holds, by experiment folder
 BETA_MIN, BETA_MAX = 1e-6, 0.9
 # Settings that change the waveform a trained model produces: the mel it was trained on, and its shape.
 RESULT_KEYS = (
@@ -59,6 +62,33 @@ class Experiment:
     def has_run(self) -> bool:
         """A run already wrote here: its config or a complete checkpoint."""
         return self.args.exists() or bool(list_checkpoints(self.checkpoints))
+
+    def lock(self) -> None:
+        """Hold `.train.lock` until `unlock` or exit: two trainers here would overwrite each other's checkpoints.
+
+        flock conflicts between processes; this process may take it again (in-process runs, one after another).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = (self.root / LOCK_FILE).resolve()
+        if path in _HELD:
+            return
+        handle = open(path, "a+")  # noqa: SIM115 -- held open for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(f"{self.root}: another training (pid {holder}) is using this experiment") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _HELD[path] = handle
+
+    def unlock(self) -> None:
+        handle = _HELD.pop((self.root / LOCK_FILE).resolve(), None)
+        if handle is not None:
+            handle.close()  # closing releases the flock
 
     def config(self) -> Any:
         if not self.args.is_file():
