@@ -28,6 +28,8 @@ def main(args: argparse.Namespace) -> None:
     cfg = load_config(args.config) if args.config else saved_config(args)
     validate(cfg, "train")
     if args.max_steps is not None:
+        if args.max_steps < 0:
+            raise ConfigError(f"--max_steps must be 0 (no bound) or more, got {args.max_steps}")
         cfg.train.max_steps = args.max_steps
     DiffusionVocoderTrainer(cfg, args.exp_name, args.resume_type, args.checkpoint).train()
 

@@ -18,7 +18,9 @@ from utils.checkpoint import (
     checkpoint_name,
     first_line,
     is_accelerate_folder,
+    list_checkpoints,
     remove_checkpoint,
+    resolve_checkpoint,
     safe_torch_load,
     save_checkpoint,
 )
@@ -75,9 +77,31 @@ def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
     """A new run never lands in an existing experiment: its config and checkpoints would mix with the old ones."""
     if resume_type == "resume" or not exp_dir.is_dir():
         return
-    if Experiment(exp_dir).has_run():
+    experiment = Experiment(exp_dir)
+    if list_checkpoints(experiment.checkpoints):
         raise ConfigError(f"{exp_dir}: an experiment of this name already exists; pass --resume_type resume to "
                           "continue it, or choose another --name")
+    if experiment.args.exists():
+        raise ConfigError(f"{exp_dir}: an experiment of this name already exists, stopped before its first checkpoint; "
+                          "pass --resume_type resume to start it again from step 0, or choose another --name")
+
+
+def resume_folder(experiment: Experiment, checkpoint: str | Path | None) -> Path | None:
+    """The checkpoint a resume starts from; None when the experiment stopped before its first save (killed, or
+    stopped by bad steps), which then starts again from step 0 rather than being stuck."""
+    if checkpoint is None and experiment.args.is_file() and not list_checkpoints(experiment.checkpoints):
+        log.warning("%s: no checkpoint yet (the run stopped before its first save): starting it again from step 0",
+                    experiment.root)
+        return None
+    return resolve_checkpoint(checkpoint or experiment.checkpoints)
+
+
+def resume(train: TrainState, folder: Path, process_index: int) -> None:
+    """Everything a resume restores from `folder`: the training state and this process's RNG state."""
+    train.load_state_dict(folder)
+    restore_rng(folder, process_index)
+    log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, train.epoch, train.step,
+             train.batch_in_epoch)
 
 
 class CheckpointPolicy:

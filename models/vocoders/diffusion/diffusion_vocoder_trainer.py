@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, restore_rng, rng_state
+from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, resume, resume_folder, rng_state
 from models.vocoders.diffusion.ddpm import alpha_cum, noise_prediction_loss, training_betas
 from models.vocoders.diffusion.device_policy import (
     CUDA_GRAPH_MODES,
@@ -100,9 +100,10 @@ class DiffusionVocoderTrainer:
         self.compiled = compile_in_place(self.model, mode, self.accum, self.accelerator.device, str(cfg.config_path))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.stepper = Stepper(self.accelerator, self.optimizer, self.ema, tcfg.get("max_grad_norm", 0))
-        if resume_type == "resume":
-            self._resume(checkpoint or self.ckpt_dir)
-            self._refuse_no_op()
+        folder = resume_folder(self.experiment, checkpoint) if resume_type == "resume" else None
+        if folder is not None:
+            resume(self.state, folder, self.accelerator.process_index)
+        self._refuse_no_op()
 
         data = TrainingData(cfg, self.seed, self.accelerator.process_index, self.accelerator.num_processes)
         self.train_sampler, self.train_loader, self.train_batches = data.train_sampler, data.train_loader, data.train_batches
@@ -146,19 +147,12 @@ class DiffusionVocoderTrainer:
         log.info("finetuning from %s: weights%s loaded, optimizer and step start fresh", source,
                  " and EMA" if self.ema is not None else "")
 
-    def _resume(self, checkpoint: str | Path) -> None:
-        folder = resolve_checkpoint(checkpoint)
-        self.state.load_state_dict(folder)
-        restore_rng(folder, self.accelerator.process_index)
-        log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, self.state.epoch,
-                 self.state.step, self.state.batch_in_epoch)
-
     def _bounds(self) -> tuple[int, int]:
         """(max_steps, max_epoch) as the config says now: 0 and -1 mean no bound."""
         return int(self.cfg.train.get("max_steps", 0) or 0), int(self.cfg.train.get("max_epoch", -1))
 
     def _refuse_no_op(self) -> None:
-        """A resume that is already at its bound would train nothing: say so instead of exiting 0 silently."""
+        """A run (resumed or new) already at its bound would train nothing: say so instead of exiting 0 silently."""
         max_steps, max_epoch = self._bounds()
         if max_steps and self.state.step >= max_steps:
             raise ValueError(f"already at step {self.state.step} of max_steps {max_steps}; raise --max_steps to continue")

@@ -23,7 +23,7 @@ from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
 from models.vocoders.diffusion.diffwave.geometry import upsample_factors
 from models.vocoders.diffusion.train_state import weights_source
 from processors.mel_conventions import mel_contract
-from utils.checkpoint import CHECKPOINT_DIR, CHECKPOINT_PATTERN, list_checkpoints, load_into, load_weights, resolve_checkpoint
+from utils.checkpoint import CHECKPOINT_DIR, CHECKPOINT_PATTERN, load_into, load_weights, resolve_checkpoint
 from utils.config import ConfigError, adopt_sources, load_config, merge, save_config, to_attrdict, to_plain
 from utils.io import load_json, save_json
 
@@ -58,10 +58,6 @@ class Experiment:
         self.records = self.checkpoints / RECORDS_FILE
         self.schedules = self.root / SCHEDULE_FILE
         self.contract = self.root / CONTRACT_FILE
-
-    def has_run(self) -> bool:
-        """A run already wrote here: its config or a complete checkpoint."""
-        return self.args.exists() or bool(list_checkpoints(self.checkpoints))
 
     def lock(self) -> None:
         """Hold `.train.lock` until `unlock` or exit: two trainers here would overwrite each other's checkpoints.

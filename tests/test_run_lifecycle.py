@@ -1,0 +1,70 @@
+"""Stage 2 runs on one experiment folder over time: one trainer at a time, a restart of a run that died before
+its first checkpoint, runs that would train nothing, and rolling back to an older checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from processors.preprocess import preprocess
+from tests.recipe_helpers import tiny_training_config
+from tests.reliability_kit import REPO, python_bin, write_config
+from tests.training_kit import trainer
+from utils.checkpoint import list_checkpoints, read_state
+from utils.config import ConfigError, load_config
+from utils.synthetic import write_corpus
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny corpus with features and `config.json` (2 steps an epoch of 4 utterances, batch 4: 1 step an epoch)."""
+    root = tmp_path_factory.mktemp("lifecycle")
+    write_corpus(root / "corpus", 1, 4, sample_rate=8000)
+    preprocess(load_config(tiny_training_config(root, "config.json", max_steps=2)), num_workers=1)
+    return root
+
+
+def steps(exp: Path) -> list[int]:
+    return [read_state(p)["step"] for p in list_checkpoints(exp / "checkpoint")]
+
+
+def test_a_second_trainer_on_a_running_experiment_is_refused(root: Path) -> None:
+    """Two trainers on one --name (new or resumed) would overwrite each other's checkpoints and temporary saves."""
+    exp = root / "ckpts" / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from models.vocoders.diffusion.experiment import "
+                               f"Experiment; Experiment({str(exp)!r}).lock(); print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for resume_type in ("resume", None):
+            with pytest.raises(ConfigError) as err:
+                trainer(root / "config.json", "busy", resume_type)
+            assert str(err.value) == f"{exp}: another training (pid {holder.pid}) is using this experiment"
+    finally:
+        holder.kill()
+        holder.wait()
+    trainer(root / "config.json", "busy").train()  # the lock went with its process
+    assert steps(exp) == [1, 2]
+
+
+def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(root: Path, caplog) -> None:
+    exp = root / "ckpts" / "dead"
+    trainer(root / "config.json", "dead")  # set up (args.json written), then killed before any step
+    assert (exp / "args.json").is_file() and not steps(exp)
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint; pass --resume_type resume to start it "
+                                          "again from step 0"):
+        trainer(root / "config.json", "dead")
+    trainer(root / "config.json", "dead", "resume").train()
+    assert "no checkpoint yet" in caplog.text and steps(exp) == [1, 2]
+
+
+def test_runs_that_would_train_nothing_are_refused_before_writing(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="already at epoch 0 of max_epoch 0"):
+        trainer(tiny_training_config(root, "epoch0.json", max_epoch=0), "nothing")
+    assert not (root / "ckpts" / "nothing" / "args.json").exists()
+    result = python_bin("train.py", "--config", str(write_config(tmp_path)), "--exp_name", "neg", "--max_steps", "-5")
+    assert result.returncode == 1 and result.stderr.strip() == "error: --max_steps must be 0 (no bound) or more, got -5"
+    assert not (tmp_path / "ckpts").exists()
