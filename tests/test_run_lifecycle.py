@@ -3,6 +3,7 @@ its first checkpoint, runs that would train nothing, and rolling back to an olde
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,22 @@ def test_runs_that_would_train_nothing_are_refused_before_writing(root: Path, tm
     result = python_bin("train.py", "--config", str(write_config(tmp_path)), "--exp_name", "neg", "--max_steps", "-5")
     assert result.returncode == 1 and result.stderr.strip() == "error: --max_steps must be 0 (no bound) or more, got -5"
     assert not (tmp_path / "ckpts").exists()
+
+
+def test_a_rollback_to_an_older_checkpoint_sticks(root: Path, caplog) -> None:
+    """Resuming from step 2 of [2, 3, 4] (keep_last 3) moves 3 and 4 aside: the new branch keeps its rollback point,
+    and the next plain resume goes on from the new branch, not the abandoned one."""
+    exp = root / "ckpts" / "rollback"
+    trainer(tiny_training_config(root, "keep3.json", max_steps=4, keep_last=[3]), "rollback").train()
+    before = list_checkpoints(exp / "checkpoint")
+    assert steps(exp) == [2, 3, 4]
+    trainer(tiny_training_config(root, "keep3_to3.json", max_steps=3, keep_last=[3]), "rollback", "resume",
+            str(before[0])).train()
+    assert steps(exp) == [2, 3] and list_checkpoints(exp / "checkpoint")[0] == before[0]
+    assert sorted(p.name for p in (exp / "checkpoint").glob("abandoned-*")) == [f"abandoned-{p.name}" for p in before[1:]]
+    assert "moved aside" in caplog.text
+    branch = list_checkpoints(exp / "checkpoint")[-1]
+    caplog.set_level(logging.INFO)
+    trainer(tiny_training_config(root, "keep3_to5.json", max_steps=5, keep_last=[3]), "rollback", "resume").train()
+    assert f"resumed from {branch} at epoch 3, step 3" in caplog.text
+    assert steps(exp) == [3, 4, 5] and len(list((exp / "checkpoint").glob("abandoned-*"))) == 2

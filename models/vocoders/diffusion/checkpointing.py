@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ from utils.checkpoint import (
 )
 from utils.config import ConfigError
 from utils.io import load_json, save_json
+from utils.text import plural
 
 log = logging.getLogger(__name__)
+ABANDONED_PREFIX = "abandoned-"  # outside CHECKPOINT_PATTERN: neither resumed from nor pruned
 
 
 def rng_state() -> dict:
@@ -104,6 +107,27 @@ def resume(train: TrainState, folder: Path, process_index: int) -> None:
              train.batch_in_epoch)
 
 
+def abandon_newer(folder: Path, root: Path) -> list[Path]:
+    """A resume from an older checkpoint of this experiment starts a new branch: the checkpoints after it move
+    aside as `abandoned-<name>`, so retention counts from the rollback point and a later plain resume stays on
+    the new branch. Returns where they went."""
+    found = [p for p in list_checkpoints(root) if not p.is_symlink()]
+    if folder.parent.resolve() != root.resolve() or folder.name not in [p.name for p in found]:
+        return []
+    moved = []
+    for newer in found[[p.name for p in found].index(folder.name) + 1:]:
+        target, copies = root / f"{ABANDONED_PREFIX}{newer.name}", 1
+        while target.exists():
+            target, copies = root / f"{ABANDONED_PREFIX}{copies}-{newer.name}", copies + 1
+        os.replace(newer, target)
+        moved.append(target)
+    if moved:
+        log.warning("resuming from %s, older than the newest checkpoint: %s moved aside as %s (never resumed from or "
+                    "pruned; delete them when no longer needed)", folder, plural(len(moved), "newer checkpoint"),
+                    ", ".join(p.name for p in moved))
+    return moved
+
+
 class CheckpointPolicy:
     """The original config semantics, plus step-based saving.
 
@@ -141,7 +165,8 @@ class CheckpointPolicy:
             name = item.get("name") if isinstance(item, dict) else None
             kinds = item.get("kinds") if isinstance(item, dict) else None
             if isinstance(name, str) and CHECKPOINT_PATTERN.match(name) and isinstance(kinds, list):
-                records.append({"name": name, "step": item.get("step"), "kinds": [str(k) for k in kinds]})
+                if (path.parent / name).is_dir() and not (path.parent / name).is_symlink():  # moved aside: not counted
+                    records.append({"name": name, "step": item.get("step"), "kinds": [str(k) for k in kinds]})
             else:
                 log.warning("%s: ignored entry %r: not a checkpoint folder name of this run", path, item)
         return records

@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, resume, resume_folder, rng_state
+from models.vocoders.diffusion import checkpointing as ckpt
+from models.vocoders.diffusion.checkpointing import CheckpointPolicy, rng_state
 from models.vocoders.diffusion.ddpm import alpha_cum, noise_prediction_loss, training_betas
 from models.vocoders.diffusion.device_policy import (
     CUDA_GRAPH_MODES,
@@ -77,7 +78,7 @@ class DiffusionVocoderTrainer:
         self.exp_dir, self.ckpt_dir = self.experiment.root, self.experiment.checkpoints
         if self.accelerator.is_main_process:  # the only writer
             self.experiment.lock()
-        refuse_to_mix_runs(self.exp_dir, resume_type)
+        ckpt.refuse_to_mix_runs(self.exp_dir, resume_type)
         self.seed = int(tcfg.get("random_seed", 114514))
 
         seed_everything(self.seed)  # the same initial weights on every process
@@ -100,10 +101,12 @@ class DiffusionVocoderTrainer:
         self.compiled = compile_in_place(self.model, mode, self.accum, self.accelerator.device, str(cfg.config_path))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.stepper = Stepper(self.accelerator, self.optimizer, self.ema, tcfg.get("max_grad_norm", 0))
-        folder = resume_folder(self.experiment, checkpoint) if resume_type == "resume" else None
+        folder = ckpt.resume_folder(self.experiment, checkpoint) if resume_type == "resume" else None
         if folder is not None:
-            resume(self.state, folder, self.accelerator.process_index)
+            ckpt.resume(self.state, folder, self.accelerator.process_index)
         self._refuse_no_op()
+        if folder is not None and self.accelerator.is_main_process:
+            ckpt.abandon_newer(folder, self.ckpt_dir)
 
         data = TrainingData(cfg, self.seed, self.accelerator.process_index, self.accelerator.num_processes)
         self.train_sampler, self.train_loader, self.train_batches = data.train_sampler, data.train_loader, data.train_batches
