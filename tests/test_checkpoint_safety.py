@@ -77,6 +77,24 @@ def test_keep_last_keeps_exactly_the_newest_n(tmp_path, keep, saves, expected):
     assert kept == expected
 
 
+def test_a_checkpoint_whose_save_was_cut_short_after_the_rename_is_still_pruned(tmp_path, monkeypatch):
+    """A crash between a checkpoint's rename and the ckpts.json update must not leave a folder keep_last never sees."""
+    root = tmp_path / "checkpoint"
+    policy_run(root, 1, keep_last=[1])
+    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], "keep_last": [1]}), root)
+
+    def killed() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(policy, "_prune", killed)
+    with pytest.raises(KeyboardInterrupt):
+        policy.save(tiny_train_state(2), 0.5, RNG, ["stride0"])
+    assert [read_state(p)["step"] for p in list_checkpoints(root)] == [1, 2]
+    resumed = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], "keep_last": [1]}), root)
+    resumed.save(tiny_train_state(3), 0.5, RNG, ["stride0"])
+    assert [read_state(p)["step"] for p in list_checkpoints(root)] == [3]
+
+
 def test_keep_last_of_the_original_base_config_keeps_all_of_the_every_other_stride(tmp_path):
     # stride 1 keeps 3, stride 2 keeps every save: the original toolkit's [3, -1].
     root = tmp_path / "checkpoint"

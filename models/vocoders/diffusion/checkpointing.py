@@ -198,12 +198,14 @@ class CheckpointPolicy:
             files[f"rng_{rank}.pt"] = rng
         state = {**train.counters(), "loss": loss, "num_processes": len(rng_states)}
         name = checkpoint_name(train.epoch, train.step, loss if np.isfinite(loss) else 0.0)
-        try:
+        records = [r for r in self.records if r["name"] != name] + [{"name": name, "step": train.step, "kinds": kinds}]
+        try:  # listed before it exists: a crash right after the rename leaves no checkpoint that is never pruned
+            self._write_records(records, self.records[-1]["name"] if self.records else None)
             folder = save_checkpoint(self.root / name, files, state)
         except OSError as err:
             raise OSError(f"saving checkpoint {self.root / name} failed ({first_line(err)}); "
                           "earlier checkpoints are kept") from None
-        self.records = [r for r in self.records if r["name"] != name] + [{"name": name, "step": train.step, "kinds": kinds}]
+        self.records = records
         self._prune()
         log.info("saved %s", folder)
         return folder
@@ -221,4 +223,8 @@ class CheckpointPolicy:
                 remove_checkpoint(folder)  # renamed first: never half-deleted under its name
         self.records = [r for r in self.records
                         if r["name"] in keep and (self.root / r["name"]).is_dir() and not (self.root / r["name"]).is_symlink()]
-        save_json(self.root / RECORDS_FILE, {"checkpoints": self.records, "latest": self.records[-1]["name"]})
+        self._write_records(self.records, self.records[-1]["name"])
+
+    def _write_records(self, records: list[dict], latest: str | None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        save_json(self.root / RECORDS_FILE, {"checkpoints": records, "latest": latest})
