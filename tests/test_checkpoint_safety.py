@@ -95,6 +95,16 @@ def test_a_checkpoint_whose_save_was_cut_short_after_the_rename_is_still_pruned(
     assert [read_state(p)["step"] for p in list_checkpoints(root)] == [3]
 
 
+def test_the_final_checkpoints_of_runs_in_segments_are_kept_like_kind_0(tmp_path):
+    """Each segment of a run trained in pieces ends with a "final" save; keep_last [2] keeps the newest two of them."""
+    root = tmp_path / "checkpoint"
+    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], "keep_last": [2]}), root)
+    for step, kinds in enumerate([["stride0"], ["final"], ["stride0"], ["final"], ["stride0"], ["final"],
+                                  ["stride0", "final"]], start=1):
+        policy.save(tiny_train_state(step), 0.5, RNG, kinds)
+    assert [read_state(p)["step"] for p in list_checkpoints(root)] == [5, 6, 7]
+
+
 def test_keep_last_of_the_original_base_config_keeps_all_of_the_every_other_stride(tmp_path):
     # stride 1 keeps 3, stride 2 keeps every save: the original toolkit's [3, -1].
     root = tmp_path / "checkpoint"

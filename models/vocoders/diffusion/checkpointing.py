@@ -133,7 +133,8 @@ class CheckpointPolicy:
 
     `save_checkpoint_stride[i]` epochs between saves of kind i, each kind keeping its
     `keep_last[i]` newest checkpoints (-1 keeps all) and running the eval when `run_eval[i]`.
-    `save_checkpoints_steps` > 0 also saves every that many steps (kept like kind 0).
+    `save_checkpoints_steps` > 0 also saves every that many steps (kept like kind 0), and so are the final
+    saves that end each run (a run trained in segments leaves one a segment).
     `ckpts.json` records each checkpoint with its kinds, so retention survives a resume.
     """
 
@@ -185,8 +186,9 @@ class CheckpointPolicy:
         return any(self.run_eval[int(k[6:])] for k in kinds if k.startswith("stride"))
 
     def _limit(self, kind: str) -> int:
-        """How many of `kind` to keep; a kind this config does not have (recorded by an earlier config) keeps all."""
-        if kind == "steps":
+        """How many of `kind` to keep; step saves and each run's final save count like kind 0; a kind this config
+        does not have (recorded by an earlier config) keeps all."""
+        if kind in ("steps", "final"):
             return int(self.keep[0])
         index = kind[6:] if kind.startswith("stride") else ""
         return int(self.keep[int(index)]) if index.isdigit() and int(index) < len(self.keep) else -1
