@@ -113,7 +113,7 @@ BAD_VALUES = [  # (section, values, stage, key named in the error, words of the 
     ("model.diffwave", {"residual_channels": 0}, "train", "model.diffwave.residual_channels", "(0, inf)"),
     ("model.diffwave", {"residual_layers": -3}, "inference", "model.diffwave.residual_layers", "(0, inf)"),
     ("model.diffwave", {"upsample_factors": [16, 0]}, "train", "upsample_factors", "(0, inf)"),
-    ("train", {"adamw": {"lr": 0}}, "train", "train.adamw.lr", "(0, inf)"),
+    ("train", {"adamw": {"lr": 0}}, "train", "train.adamw.lr", "(0, 1]"),
     ("train", {"adamw": {"lr": "__nan__"}}, "train", "train.adamw.lr", "finite"),
     ("train", {"adamw": {"adam_b1": 1.0}}, "train", "train.adamw.adam_b1", "[0, 1)"),
     ("train", {"exponential_lr": {"lr_decay": 0}}, "train", "train.exponential_lr.lr_decay", "(0, 1]"),
@@ -136,6 +136,11 @@ BAD_VALUES = [  # (section, values, stage, key named in the error, words of the 
     # 0 stopped the run at its first (good) step: "0 optimizer steps in a row had a non-finite loss"
     ("train", {"max_nonfinite_steps": 0}, "train", "train.max_nonfinite_steps", "(0, inf)"),
     ("preprocess", {"valid_file": "train.json"}, "preprocess", "preprocess.valid_file", "must differ from"),
+    # these failed as "invalid literal for int()" naming nothing, a traceback after the final save, an AdamW overflow
+    ("train", {"eval_utterances": "three"}, "train", "train.eval_utterances", "must be int"),
+    ("train", {"eval_seconds": "2s"}, "train", "train.eval_seconds", "must be"),
+    ("train", {"eval_seconds": -1}, "train", "train.eval_seconds", "(0, inf)"),
+    ("train", {"adamw": {"lr": 1e38}}, "train", "train.adamw.lr", "(0, 1]"),
 ]
 
 

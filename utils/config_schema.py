@@ -109,7 +109,9 @@ SCHEMA: dict[str, Rule] = {
     "train.save_checkpoint_stride": Rule(LIST, "t", required=False, items=INT, low=0),
     "train.keep_last": Rule(LIST, "t", required=False, items=INT, low=-1),
     "train.save_checkpoints_steps": Rule(INT, "t", required=False, low=0),
-    "train.adamw.lr": positive(NUMBER, "t"),
+    "train.adamw.lr": Rule(NUMBER, "t", low=0, high=1, open_low=True),  # above 1, AdamW overflows at once
+    "train.eval_utterances": Rule(INT, "t", required=False, low=0),
+    "train.eval_seconds": positive(NUMBER, "t", required=False),
     "train.adamw.adam_b1": below_one("t"),
     "train.adamw.adam_b2": below_one("t"),
     "train.exponential_lr.lr_decay": Rule(NUMBER, "t", low=0, high=1, open_low=True),
@@ -226,9 +228,8 @@ def validate(cfg: dict, stage: str) -> None:
 
 # Keys the code reads that neither SCHEMA nor the shipped configs name, and sections whose keys are free.
 OPTIONAL_KEYS = (
-    "config_path", "train.tf32", "train.eval_seconds", "train.eval_utterances",
-    "train.run_eval", "train.dataloader", "inference.steps", "inference.mel_convention", "inference.mel_stats",
-    "preprocess.spk2id", "preprocess.utt2spk",
+    "config_path", "train.tf32", "train.run_eval", "train.dataloader", "inference.steps", "inference.mel_convention",
+    "inference.mel_stats", "preprocess.spk2id", "preprocess.utt2spk",
 )
 FREE_SECTIONS = ("dataset_path.",)
 
