@@ -100,6 +100,15 @@ def test_busy_port_gives_a_clear_error(corpus: Path, tmp_path: Path) -> None:
     assert f"--main_process_port {port} is already in use" in result.stderr
 
 
+@pytest.mark.parametrize("port", ["abc", "99999", "-5", "0", "", "123456"])
+def test_a_port_that_is_no_port_number_is_named_as_such(tmp_path: Path, port: str) -> None:
+    """Not "already in use", which the bind check said of every failure."""
+    result = subprocess.run(["bash", str(RUN_SH), "--stage", "2", "--name", "p", "--gpu", "0,1", "--main_process_port",
+                             port], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "already in use" not in result.stderr
+    assert f"--main_process_port must be a port number from 1 to 65535, got '{port}'" in result.stderr
+
+
 def test_two_nodes_on_one_machine_share_steps_and_one_checkpoint(corpus: Path, tmp_path: Path) -> None:
     cfg = config(corpus, tmp_path, batch_size=2, max_epoch=2, save_checkpoint_stride=[2])
     port = free_port()

@@ -135,6 +135,11 @@ if [ -n "$accelerate_config" ]; then
   not_with "with --accelerate_config (the file sets it)" --num_machines --machine_rank --main_process_ip
 fi
 case "$infer_precision" in ""|auto|fp32|fp16|bf16) ;; *) die "--infer_precision must be auto, fp32, fp16 or bf16, got '$infer_precision'" ;; esac
+case "$main_process_port" in
+  ""|*[!0-9]*) port_ok="" ;;
+  *) port_ok=$(( ${#main_process_port} <= 5 && 10#$main_process_port >= 1 && 10#$main_process_port <= 65535 )) ;;
+esac
+[ "$port_ok" = 1 ] || die "--main_process_port must be a port number from 1 to 65535, got '$main_process_port'"
 case "$infer_sampler" in ""|fast|full|ddim|searched) ;; *) die "--infer_sampler must be fast, full, ddim or searched, got '$infer_sampler'" ;; esac
 [ -f "$config" ] || die "config '$config' does not exist"
 cd "$work_dir"
