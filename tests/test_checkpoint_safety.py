@@ -343,3 +343,19 @@ def test_the_newest_of_two_checkpoints_at_one_step_is_the_later_epochs(tmp_path:
     assert [p.name for p in list_checkpoints(root)] == names
     assert resolve_checkpoint(tmp_path).name == names[1]
 
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_checkpoint_file_honours_the_umask(tmp_path, umask):
+    """safetensors writes 0600: a group-shared experiment could not be read by the group."""
+    import stat
+
+    state = tiny_train_state(1)
+    previous = os.umask(umask)
+    try:
+        folder = CheckpointPolicy(to_attrdict({}), tmp_path / "checkpoint").save(state, 0.5, RNG, ["stride0"])
+        save_checkpoint(tmp_path / checkpoint_name(0, 2, 0.5), {"ema.safetensors": state.model.state_dict()}, {})
+    finally:
+        os.umask(previous)
+    files = [*folder.iterdir(), tmp_path / checkpoint_name(0, 2, 0.5) / "ema.safetensors"]
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}

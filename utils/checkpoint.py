@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from utils.io import load_json, remove_stale_temps, save_json
+from utils.io import file_mode, load_json, remove_stale_temps, save_json
 
 CHECKPOINT_DIR = "checkpoint"  # an experiment's checkpoints, under its folder
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d+)_step-(\d+)_loss-([0-9.]+|nan|inf)$")
@@ -161,6 +161,7 @@ def save_checkpoint(folder: Path, files: dict[str, Any], state: dict) -> Path:
         for name, obj in files.items():
             if name.endswith(".safetensors"):
                 save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, str(tmp / name))
+                os.chmod(tmp / name, file_mode())  # safetensors writes 0600 whatever the umask
             else:
                 torch.save(obj, tmp / name)
             _fsync(tmp / name)

@@ -113,6 +113,11 @@ def _umask() -> int:
     return current
 
 
+def file_mode() -> int:
+    """The mode a plain open() gives a new file (0o666 less the umask), for writers that ignore the umask."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Write through `write(fileobj)` into a temporary sibling, fsync, then rename over `path`."""
     path = Path(path)
