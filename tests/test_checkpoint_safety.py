@@ -359,3 +359,15 @@ def test_every_checkpoint_file_honours_the_umask(tmp_path, umask):
         os.umask(previous)
     files = [*folder.iterdir(), tmp_path / checkpoint_name(0, 2, 0.5) / "ema.safetensors"]
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+
+
+def test_a_failed_first_save_says_none_is_kept_and_how_much_room_there_is(tmp_path, monkeypatch):
+    def full(*_args, **_kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1856 vs 1750")
+
+    monkeypatch.setattr("torch.save", full)
+    with pytest.raises(OSError) as err:
+        CheckpointPolicy(to_attrdict({}), tmp_path / "checkpoint").save(tiny_train_state(1), 0.5, RNG, ["stride0"])
+    message = str(err.value)
+    assert "MiB free there: disk full?" in message and message.endswith("no checkpoint was saved yet")
+    assert "earlier checkpoints are kept" not in message and "\n" not in message

@@ -4,6 +4,7 @@ its first checkpoint, runs that would train nothing, and rolling back to an olde
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,16 @@ def test_a_rollback_to_an_older_checkpoint_sticks(root: Path, caplog) -> None:
     trainer(tiny_training_config(root, "keep3_to5.json", max_steps=5, keep_last=[3]), "rollback", "resume").train()
     assert f"resumed from {branch} at epoch 3, step 3" in caplog.text
     assert steps(exp) == [3, 4, 5] and len(list((exp / "checkpoint").glob("abandoned-*"))) == 2
+
+
+def test_a_disk_without_room_for_a_checkpoint_stops_the_run_at_its_start(root: Path, monkeypatch) -> None:
+    exp = root / "ckpts" / "full"
+    monkeypatch.setattr("shutil.disk_usage", lambda _path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OSError, match=r"checkpoint: 0.0 MiB free, a checkpoint needs about [0-9.]+ MiB; free some space"):
+        trainer(root / "config.json", "full")
+    assert not (exp / "args.json").exists()
+    monkeypatch.undo()
+    (root / "ckpts" / "unwritable").mkdir()
+    (root / "ckpts" / "unwritable" / "checkpoint").write_text("a file where the folder goes")
+    with pytest.raises(OSError, match=r"unwritable/checkpoint: cannot write checkpoints here"):
+        trainer(root / "config.json", "unwritable")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,33 @@ def abandon_newer(folder: Path, root: Path) -> list[Path]:
     return moved
 
 
+def check_room(root: Path, model: torch.nn.Module) -> None:
+    """The checkpoint folder is writable and holds one more checkpoint (weights, EMA, AdamW's two moments): a
+    read-only or full disk stops the run at its start, not at its first save."""
+    need = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+        free = shutil.disk_usage(root).free
+    except OSError as err:
+        raise OSError(f"{root}: cannot write checkpoints here ({first_line(err)})") from None
+    if free < need:
+        raise OSError(f"{root}: {free / 2**20:.1f} MiB free, a checkpoint needs about {need / 2**20:.1f} MiB; "
+                      "free some space on that disk or choose another log_dir")
+
+
+def save_failed(folder: Path, err: OSError) -> OSError:
+    """One line for a failed save: the cause, the free space (a full disk reports itself poorly), what is kept."""
+    try:
+        free = f"; {shutil.disk_usage(folder.parent).free / 2**20:.1f} MiB free there: disk full?"
+    except OSError:
+        free = ""
+    kept = list_checkpoints(folder.parent)
+    return OSError(f"saving checkpoint {folder} failed ({first_line(err)}{free}); " +
+                   (f"earlier checkpoints are kept, the newest {kept[-1].name}" if kept else "no checkpoint was saved yet"))
+
+
 class CheckpointPolicy:
     """The original config semantics, plus step-based saving.
 
@@ -205,8 +234,7 @@ class CheckpointPolicy:
             self._write_records(records, self.records[-1]["name"] if self.records else None)
             folder = save_checkpoint(self.root / name, files, state)
         except OSError as err:
-            raise OSError(f"saving checkpoint {self.root / name} failed ({first_line(err)}); "
-                          "earlier checkpoints are kept") from None
+            raise save_failed(self.root / name, err) from None
         self.records = records
         self._prune()
         log.info("saved %s", folder)

@@ -105,8 +105,10 @@ class DiffusionVocoderTrainer:
         if folder is not None:
             ckpt.resume(self.state, folder, self.accelerator.process_index)
         self._refuse_no_op()
-        if folder is not None and self.accelerator.is_main_process:
-            ckpt.abandon_newer(folder, self.ckpt_dir)
+        if self.accelerator.is_main_process:  # the only writer
+            ckpt.check_room(self.ckpt_dir, self.state.model)
+            if folder is not None:
+                ckpt.abandon_newer(folder, self.ckpt_dir)
 
         data = TrainingData(cfg, self.seed, self.accelerator.process_index, self.accelerator.num_processes)
         self.train_sampler, self.train_loader, self.train_batches = data.train_sampler, data.train_loader, data.train_batches
