@@ -3,6 +3,7 @@ its first checkpoint, runs that would train nothing, and rolling back to an olde
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -102,3 +103,26 @@ def test_a_disk_without_room_for_a_checkpoint_stops_the_run_at_its_start(root: P
     (root / "ckpts" / "unwritable" / "checkpoint").write_text("a file where the folder goes")
     with pytest.raises(OSError, match=r"unwritable/checkpoint: cannot write checkpoints here"):
         trainer(root / "config.json", "unwritable")
+
+
+def test_a_resume_under_another_config_says_what_it_does_not_apply_and_keeps_the_old_args(root: Path, caplog) -> None:
+    """A new lr or decay would be overwritten by the restored optimizer and scheduler: said, not silent. Another
+    noise schedule or mel is refused. The args.json that trained the weights so far stays, as args.<step>.json."""
+    exp = root / "ckpts" / "changed"
+    trainer(root / "config.json", "changed").train()
+    base = json.loads((root / "config.json").read_text())
+    for section, key, value in (("model", "diffwave", {"noise_schedule_factors": [1e-4, 0.02, 50]}),
+                                ("preprocess", "fmax", 3000)):
+        changed = json.loads(json.dumps(base))
+        changed[section][key] = {**changed[section][key], **value} if isinstance(value, dict) else value
+        path = root / f"changed_{key}.json"
+        path.write_text(json.dumps(changed))
+        with pytest.raises(ConfigError, match=rf"^{path}: .*{key}.* but {exp / 'args.json'} trained this experiment"):
+            trainer(path, "changed", "resume")
+    trainer(tiny_training_config(root, "longer.json", max_steps=3), "changed", "resume").train()
+    assert not list(exp.glob("args.*.json"))  # only the bound changed
+    assert "not applied" not in caplog.text
+    trainer(tiny_training_config(root, "new_lr.json", max_steps=4, adamw={"lr": 5e-4}), "changed", "resume").train()
+    assert "the config's train.adamw.lr 0.0005 and train.exponential_lr.lr_decay 0.999 are not applied" in caplog.text
+    assert json.loads((exp / "args.3.json").read_text())["train"]["adamw"]["lr"] == 1e-3
+    assert json.loads((exp / "args.json").read_text())["train"]["adamw"]["lr"] == 5e-4

@@ -91,22 +91,30 @@ def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
                           "pass --resume_type resume to start it again from step 0, or choose another --name")
 
 
-def resume_folder(experiment: Experiment, checkpoint: str | Path | None) -> Path | None:
-    """The checkpoint a resume starts from; None when the experiment stopped before its first save (killed, or
-    stopped by bad steps), which then starts again from step 0 rather than being stuck."""
+def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: Any) -> Path | None:
+    """The checkpoint a resume under `cfg` starts from; None when the experiment stopped before its first save
+    (killed, or stopped by bad steps), which then starts again from step 0 rather than being stuck."""
     if checkpoint is None and experiment.args.is_file() and not list_checkpoints(experiment.checkpoints):
         log.warning("%s: no checkpoint yet (the run stopped before its first save): starting it again from step 0",
                     experiment.root)
         return None
-    return resolve_checkpoint(checkpoint or experiment.checkpoints)
+    folder = resolve_checkpoint(checkpoint or experiment.checkpoints)
+    experiment.refuse_changed_results(cfg)
+    return folder
 
 
-def resume(train: TrainState, folder: Path, process_index: int) -> None:
+def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any) -> None:
     """Everything a resume restores from `folder`: the training state and this process's RNG state."""
     train.load_state_dict(folder)
     restore_rng(folder, process_index)
     log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, train.epoch, train.step,
              train.batch_in_epoch)
+    saved = (train.optimizer.param_groups[0].get("initial_lr"), getattr(train.scheduler, "gamma", None))
+    wanted = (float(tcfg.adamw.lr), float(tcfg.exponential_lr.lr_decay))
+    if None not in saved and saved != wanted:  # the restored optimizer and scheduler states carry their own
+        log.warning("the config's train.adamw.lr %g and train.exponential_lr.lr_decay %g are not applied: the resumed "
+                    "run goes on with the checkpoint's %g and %g (lr now %.3g); finetune to start a new schedule",
+                    *wanted, *saved, train.optimizer.param_groups[0]["lr"])
 
 
 def abandon_newer(folder: Path, root: Path) -> list[Path]:

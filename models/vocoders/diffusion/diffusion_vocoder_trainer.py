@@ -101,9 +101,9 @@ class DiffusionVocoderTrainer:
         self.compiled = compile_in_place(self.model, mode, self.accum, self.accelerator.device, str(cfg.config_path))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.stepper = Stepper(self.accelerator, self.optimizer, self.ema, tcfg.get("max_grad_norm", 0))
-        folder = ckpt.resume_folder(self.experiment, checkpoint) if resume_type == "resume" else None
+        folder = ckpt.resume_folder(self.experiment, checkpoint, cfg) if resume_type == "resume" else None
         if folder is not None:
-            ckpt.resume(self.state, folder, self.accelerator.process_index)
+            ckpt.resume(self.state, folder, self.accelerator.process_index, tcfg)
         self._refuse_no_op()
         if self.accelerator.is_main_process:  # the only writer
             ckpt.check_room(self.ckpt_dir, self.state.model)
@@ -118,7 +118,7 @@ class DiffusionVocoderTrainer:
         if self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.experiment.write_setup(cfg)
+            self.experiment.write_setup(cfg, self.state.step if folder is not None else None)
             self.writer = SummaryWriter(str(self.exp_dir))
         self.eval_logger = EvalLogger(cfg, self.valid_entries, self.writer)
         self._log_setup(precision if setting != "auto" else f"{precision} (auto)")

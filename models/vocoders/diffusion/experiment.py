@@ -24,7 +24,7 @@ from models.vocoders.diffusion.diffwave.geometry import upsample_factors
 from models.vocoders.diffusion.train_state import weights_source
 from processors.mel_conventions import mel_contract
 from utils.checkpoint import CHECKPOINT_DIR, CHECKPOINT_PATTERN, load_into, load_weights, resolve_checkpoint
-from utils.config import ConfigError, adopt_sources, load_config, merge, save_config, to_attrdict, to_plain
+from utils.config import ConfigError, adopt_sources, load_config, merge, save_config, source_of, to_attrdict, to_plain
 from utils.io import load_json, save_json
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,28 @@ class Experiment:
             raise ConfigError(f"{self.args}: missing; is '{self.root}' an experiment folder written by stage 2?")
         return load_config(self.args)
 
-    def write_setup(self, cfg: Any) -> None:
-        """The run's config and the mel contract it trains on, beside its checkpoints."""
+    def write_setup(self, cfg: Any, resumed_step: int | None = None) -> None:
+        """The run's config and the mel contract it trains on, beside its checkpoints.
+
+        A resume under another config keeps the old one as `args.<step>.json`: what trained the weights up to there.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
+        if resumed_step is not None and self.args.is_file() and _settings(load_config(self.args)) != _settings(cfg):
+            os.replace(self.args, self.root / f"args.{resumed_step}.json")
         save_config(cfg, self.args)
         save_json(self.contract, mel_contract(cfg.preprocess))
+
+    def refuse_changed_results(self, cfg: Any) -> None:
+        """A resume trains on under the settings its weights learnt (RESULT_KEYS): another mel or noise schedule
+        would silently train a different model on top of them."""
+        if not self.args.is_file():
+            return
+        trained = load_config(self.args)
+        for key in RESULT_KEYS:
+            ours, theirs = _value(cfg, key), _value(trained, key)
+            if theirs is not None and ours != theirs:
+                raise ConfigError(f"{source_of(cfg, key)}: {key} is {ours}, but {self.args} trained this experiment "
+                                  f"with {theirs}; a resume keeps it (finetune into another --name to change it)")
 
     def read_contract(self) -> dict:
         """The experiment's mel contract; experiments older than the file get it derived from args.json."""
@@ -161,6 +178,15 @@ def _value(cfg: Any, dotted: str) -> Any:
             return None
         cfg = cfg[part]
     return to_plain(cfg)
+
+
+def _settings(cfg: Any) -> dict:
+    """A config without what segments of one run change (the bounds, where it was read from)."""
+    plain = to_plain(cfg)
+    plain.pop("config_path", None)
+    for key in ("max_steps", "max_epoch", "max_minutes"):
+        plain.get("train", {}).pop(key, None)
+    return plain
 
 
 def with_recipe_config(cfg: Any, config_path: str | Path | None) -> Any:
