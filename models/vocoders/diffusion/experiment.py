@@ -112,7 +112,8 @@ class Experiment:
             ours, theirs = _value(cfg, key), _value(trained, key)
             if theirs is not None and ours != theirs:
                 raise ConfigError(f"{source_of(cfg, key)}: {key} is {ours}, but {self.args} trained this experiment "
-                                  f"with {theirs}; a resume keeps it (finetune into another --name to change it)")
+                                  f"with {theirs}; resume with that config (or with --checkpoint and no --config, which reads "
+                                  f"{ARGS_FILE}), or finetune into another --name to change it")
 
     def read_contract(self) -> dict:
         """The experiment's mel contract; experiments older than the file get it derived from args.json."""
