@@ -109,6 +109,15 @@ def test_a_port_that_is_no_port_number_is_named_as_such(tmp_path: Path, port: st
     assert f"--main_process_port must be a port number from 1 to 65535, got '{port}'" in result.stderr
 
 
+@pytest.mark.parametrize(("gpu", "words"), [("abc", "'abc' is no device id"), ("", "must list device ids"),
+                                           (",", "must list device ids"), ("0,,1", "must list device ids")])
+def test_a_gpu_list_without_device_ids_is_refused(gpu: str, words: str) -> None:
+    """These started a CPU run (or one process per empty entry) instead of the GPUs meant."""
+    result = subprocess.run(["bash", str(RUN_SH), "--stage", "2", "--name", "g", "--gpu", gpu], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_two_nodes_on_one_machine_share_steps_and_one_checkpoint(corpus: Path, tmp_path: Path) -> None:
     cfg = config(corpus, tmp_path, batch_size=2, max_epoch=2, save_checkpoint_stride=[2])
     port = free_port()

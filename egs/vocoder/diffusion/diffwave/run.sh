@@ -135,6 +135,10 @@ if [ -n "$accelerate_config" ]; then
   not_with "with --accelerate_config (the file sets it)" --num_machines --machine_rank --main_process_ip
 fi
 case "$infer_precision" in ""|auto|fp32|fp16|bf16) ;; *) die "--infer_precision must be auto, fp32, fp16 or bf16, got '$infer_precision'" ;; esac
+case ",$gpu," in *,,*|*" "*) die "--gpu must list device ids separated by commas, e.g. \"0,1\", got '$gpu'" ;; esac
+for id in ${gpu//,/ }; do
+  case "$id" in *[!0-9]*) case "$id" in GPU-*|MIG-*) ;; *) die "--gpu: '$id' is no device id (an index or a GPU-/MIG- UUID)" ;; esac ;; esac
+done
 case "$main_process_port" in
   ""|*[!0-9]*) port_ok="" ;;
   *) port_ok=$(( ${#main_process_port} <= 5 && 10#$main_process_port >= 1 && 10#$main_process_port <= 65535 )) ;;
