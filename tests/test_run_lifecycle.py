@@ -126,3 +126,15 @@ def test_a_resume_under_another_config_says_what_it_does_not_apply_and_keeps_the
     assert "the config's train.adamw.lr 0.0005 and train.exponential_lr.lr_decay 0.999 are not applied" in caplog.text
     assert json.loads((exp / "args.3.json").read_text())["train"]["adamw"]["lr"] == 1e-3
     assert json.loads((exp / "args.json").read_text())["train"]["adamw"]["lr"] == 5e-4
+
+
+def test_tensorboard_drops_the_points_a_resume_logs_again(root: Path) -> None:
+    """Points logged after the resumed checkpoint (by a killed run, or an abandoned branch) are purged, not doubled."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = root / "ckpts" / "plots"
+    trainer(tiny_training_config(root, "plots4.json", max_steps=4), "plots").train()
+    trainer(root / "plots4.json", "plots", "resume", str(list_checkpoints(exp / "checkpoint")[1])).train()
+    events = EventAccumulator(str(exp), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]

@@ -119,7 +119,7 @@ class DiffusionVocoderTrainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.experiment.write_setup(cfg, self.state.step if folder is not None else None)
-            self.writer = SummaryWriter(str(self.exp_dir))
+            self.writer = SummaryWriter(str(self.exp_dir), purge_step=self.state.step + 1 if folder is not None else None)
         self.eval_logger = EvalLogger(cfg, self.valid_entries, self.writer)
         self._log_setup(precision if setting != "auto" else f"{precision} (auto)")
 
