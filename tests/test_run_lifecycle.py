@@ -16,7 +16,7 @@ from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
 from tests.reliability_kit import REPO, python_bin, write_config
 from tests.training_kit import trainer
-from utils.checkpoint import list_checkpoints, read_state
+from utils.checkpoint import CheckpointError, list_checkpoints, read_state
 from utils.config import ConfigError, load_config
 from utils.synthetic import write_corpus
 
@@ -138,3 +138,15 @@ def test_tensorboard_drops_the_points_a_resume_logs_again(root: Path) -> None:
     events = EventAccumulator(str(exp), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_a_damaged_newest_checkpoint_names_the_one_before_it(root: Path) -> None:
+    exp = root / "ckpts" / "damaged"
+    trainer(root / "config.json", "damaged").train()
+    older, newest = list_checkpoints(exp / "checkpoint")
+    (newest / "state.json").write_text("")
+    with pytest.raises(CheckpointError) as err:
+        trainer(root / "config.json", "damaged", "resume")
+    message = str(err.value)
+    assert message.startswith(f"{newest / 'state.json'}: unreadable checkpoint state")
+    assert message.endswith(f"; to resume from the checkpoint before it: --checkpoint {older}") and "\n" not in message

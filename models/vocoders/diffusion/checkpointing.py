@@ -105,8 +105,14 @@ def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: An
 
 def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any) -> None:
     """Everything a resume restores from `folder`: the training state and this process's RNG state."""
-    train.load_state_dict(folder)
-    restore_rng(folder, process_index)
+    try:
+        train.load_state_dict(folder)
+        restore_rng(folder, process_index)
+    except CheckpointError as err:  # name the way on: the checkpoint before the damaged one
+        found = [p.name for p in list_checkpoints(folder.parent)]
+        before = found[:found.index(folder.name)] if folder.name in found else []
+        raise CheckpointError(f"{err}; to resume from the checkpoint before it: --checkpoint {folder.parent / before[-1]}"
+                              if before else str(err)) from None
     log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, train.epoch, train.step,
              train.batch_in_epoch)
     saved = (train.optimizer.param_groups[0].get("initial_lr"), getattr(train.scheduler, "gamma", None))
