@@ -169,12 +169,12 @@ def feature_items(cfg: Any, folder: Path, skipped: list[str],
                   convert: MelConverter | None = None) -> list[tuple[str, torch.Tensor, None]]:
     """Mels of a folder; `convert` checks each against the mel contract and undoes other conventions."""
     mel_dir = folder / "mels" if (folder / "mels").is_dir() else folder
-    listed = sorted(mel_dir.iterdir()) if mel_dir.is_dir() else []
-    found = [p for p in listed if not p.is_dir() and not p.name.startswith(".")]  # hidden files (.DS_Store) are no mels
+    found = sorted(p for p in mel_dir.iterdir() if not p.is_dir()) if mel_dir.is_dir() else []
     files = [p for p in found if p.suffix.lower() == ".npy"]
     if not files:
         raise InputError(f"{folder}: no mel files (expected {folder}/mels/*.npy)")
-    skipped += [f"{p}: not a .npy mel ({p.suffix or 'no extension'}): unsupported format" for p in found if p not in files]
+    skipped += [f"{p}: not a .npy mel ({p.suffix or 'no extension'}): unsupported format" for p in found
+                if p not in files and not p.name.startswith(".")]  # a hidden file (.DS_Store) is not offered as a mel
     items = []
     for path in files:
         try:
