@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from processors.mel import mel_settings
+from processors.mel import mel_settings, mel_spectrogram
 from utils.io import load_json, load_npy, npy_shape, safe_name, save_json
 from utils.text import plural
 
@@ -56,9 +56,34 @@ def feature_settings(pre: Any) -> dict:
     return dict(zip(SETTING_NAMES, values, strict=True))
 
 
-def forget_features_of_other_settings(pre: Any, dataset: str) -> None:
+def unrecorded_mismatch(pre: Any, entries: list[dict]) -> str | None:
+    """Why features made before `features.json` existed do not fit the current settings, or None when they do.
+
+    Checks the first and the last entry with features (cheap, unlike remaking every feature of a
+    processed folder from before): the mel must have n_mel rows and len // hop frames and equal the mel
+    of the stored audio, and the audio's length must fit the entry's Duration at the sample rate.
+    """
+    def stored(e: dict) -> bool:
+        return all(npy_shape(p) is not None for p in feature_paths(pre["processed_dir"], e))
+
+    ends = [next((e for e in seq if stored(e)), None) for seq in (entries, reversed(entries))]
+    rate, hop, n_mel = int(pre["sample_rate"]), int(pre["hop_size"]), int(pre["n_mel"])
+    for e in {id(e): e for e in ends if e is not None}.values():
+        mel, audio = read_features(pre["processed_dir"], e)
+        expected = float(e.get("Duration", 0.0)) * rate
+        if audio.ndim != 1 or abs(len(audio) - expected) > max(2.0, expected * 1e-4):
+            return f"{e['Uid']}: {len(audio)} audio samples, {e.get('Duration')} s at sample_rate {rate} is {expected:.0f}"
+        if mel.shape != (n_mel, len(audio) // hop):
+            return f"{e['Uid']}: mel of shape {mel.shape}, expected ({n_mel}, {len(audio) // hop}) for n_mel {n_mel}, hop {hop}"
+        if not np.allclose(mel, mel_spectrogram(audio, pre).numpy(), rtol=0, atol=1e-3):
+            return f"{e['Uid']}: its mel is not the mel of its audio under the current settings"
+    return None
+
+
+def forget_features_of_other_settings(pre: Any, dataset: str, entries: list[dict]) -> None:
     """Delete a dataset's features when they were made with other mel settings, so all are made anew.
 
+    Without a readable record (features from before it existed) a few features are checked instead.
     The settings are recorded in `features.json` after the deletion: a run killed in between deletes again.
     """
     folder = Path(pre["processed_dir"]) / dataset
@@ -66,13 +91,17 @@ def forget_features_of_other_settings(pre: Any, dataset: str) -> None:
     try:
         then = load_json(record) if record.exists() else None
     except (OSError, ValueError):
-        then = {}
+        then = "unreadable"
     if then == now:
         return
-    if then is not None:
-        then = then if isinstance(then, dict) else {}
-        changed = ", ".join(f"{k} {then.get(k)} -> {v}" for k, v in now.items() if then.get(k) != v)
-        log.warning("%s: the features were made with other settings (%s): all are made anew", dataset, changed)
+    if isinstance(then, dict) and set(SETTING_NAMES) <= set(then):
+        why = ", ".join(f"{k} {then[k]} -> {v}" for k, v in now.items() if then[k] != v)
+    else:
+        if then is not None:
+            log.warning("%s: unreadable or incomplete; the features are checked against the current settings", record)
+        why = unrecorded_mismatch(pre, entries) if any((folder / "mels").glob("*.npy")) else None
+    if why:
+        log.warning("%s: the features were made with other settings (%s): all are made anew", dataset, why)
         for sub in ("mels", "audios"):
             for path in (folder / sub).glob("*.npy"):
                 path.unlink(missing_ok=True)

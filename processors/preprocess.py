@@ -220,7 +220,7 @@ def preprocess(cfg: Any, num_workers: int | None = None) -> None:
     splits = {dataset: write_metadata(cfg, dataset) for dataset in cfg.dataset}
     todo = {}
     for dataset, (train, test, _left) in splits.items():
-        forget_features_of_other_settings(cfg.preprocess, dataset)
+        forget_features_of_other_settings(cfg.preprocess, dataset, train + test)
         todo[dataset] = [e for e in train + test if not features_done(cfg.preprocess, e)]
     check_disk_space(cfg.preprocess, [e for entries in todo.values() for e in entries])
     pool = feature_pool(num_workers or default_workers(sum(map(len, todo.values()))))

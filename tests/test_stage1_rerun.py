@@ -54,6 +54,21 @@ def test_other_mel_settings_remake_every_feature(tmp_path, caplog, setting, valu
     assert stamps(tmp_path) == after and "made anew" not in caplog.text
 
 
+@pytest.mark.parametrize(("made_with", "kept"),
+                         [({}, True), ({"fmax": 3000}, False), ({"sample_rate": 16000, "hop_size": 128}, False)])
+def test_features_from_before_the_settings_record_are_checked_not_trusted(tmp_path, caplog, made_with, kept):
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav", "c.wav"])
+    stage1(tmp_path, root, **made_with)
+    (tmp_path / "data" / "demo" / "features.json").unlink()  # a processed folder from before the record existed
+    before = stamps(tmp_path)
+    caplog.clear()
+    stage1(tmp_path, root)
+    after = stamps(tmp_path)
+    assert (after == before) == kept and ("made anew" in caplog.text) != kept
+    assert all(after[p] != before[p] for p in before) or kept
+    assert json.loads((tmp_path / "data" / "demo" / "features.json").read_text())["sample_rate"] == RATE
+
+
 @pytest.mark.parametrize("damage", ["zero_bytes", "truncated", "not_npy"])
 def test_damaged_feature_files_are_made_again(tmp_path, damage):
     root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
