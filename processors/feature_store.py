@@ -32,9 +32,8 @@ def feature_paths(processed_dir: str | os.PathLike, entry: dict) -> tuple[Path, 
 
     Names are sanitised, so a Uid such as `../x` from a corpus listing stays inside the folder.
     """
-    folder = Path(processed_dir) / safe_name(entry["Dataset"])
-    uid = safe_name(entry["Uid"])
-    return folder / "mels" / f"{uid}.npy", folder / "audios" / f"{uid}.npy"
+    folder, name = os.path.join(processed_dir, safe_name(entry["Dataset"])), f"{safe_name(entry['Uid'])}.npy"
+    return Path(folder, "mels", name), Path(folder, "audios", name)  # one Path each: run per entry on every rerun
 
 
 def features_done(pre: Any, entry: dict) -> bool:

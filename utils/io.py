@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import stat
@@ -186,27 +188,57 @@ def regular_file_size(path: str | os.PathLike) -> int:
     return info.st_size
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_PLAIN_NPY_HEADER = re.compile(r"\{'descr': '([<>|][a-z]\d+)', 'fortran_order': (?:True|False), "
+                               r"'shape': \(((?:\d+, )*\d+,?|)\), \} *\n")
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype(descr: str) -> np.dtype:
+    return np.dtype(descr)
+
+
+def _plain_npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """(shape, dtype, data offset) of a header exactly as numpy writes it, parsed directly (numpy's own parser
+    costs most of the rerun's "done" check); None for anything else, which numpy's parser then reads."""
+    if head[:6] != _NPY_MAGIC or head[6] not in (1, 2, 3):
+        return None
+    start = 10 if head[6] == 1 else 12
+    offset = start + int.from_bytes(head[8:start], "little")
+    match = _PLAIN_NPY_HEADER.fullmatch(head[start:offset].decode("latin-1")) if offset <= len(head) else None
+    if match is None:
+        return None
+    return tuple(int(n) for n in match[2].split(",") if n.strip()), _dtype(match[1]), offset
+
+
 def _npy_header(path: str | os.PathLike, size: int) -> tuple[tuple[int, ...], np.dtype]:
     """Check the header's shape and dtype against the bytes on disk before numpy allocates anything."""
-    with open(path, "rb") as handle:
-        if handle.read(4) == b"PK\x03\x04":
-            raise ValueError("an .npz archive, expected a single .npy array")
-        handle.seek(0)
-        version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-        elif version == (2, 0):
-            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-        offset = handle.tell()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.read(fd, 512)
+    finally:
+        os.close(fd)
+    if head[:4] == b"PK\x03\x04":
+        raise ValueError("an .npz archive, expected a single .npy array")
+    parsed = _plain_npy_header(head)
+    if parsed is None:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+            parsed = tuple(shape), dtype, handle.tell()
+    shape, dtype, offset = parsed
     if dtype.hasobject or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         raise ValueError(f"dtype {dtype} is not numeric")
-    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    claimed = math.prod(shape) * dtype.itemsize
     if offset + claimed != size:
         raise ValueError(f"header claims shape {tuple(shape)} of {dtype} ({claimed} bytes), the file holds "
                          f"{size - offset} bytes of data")
-    return tuple(shape), dtype
+    return shape, dtype
 
 
 def npy_shape(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype] | None:
