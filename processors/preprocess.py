@@ -60,9 +60,14 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list
             log.warning("%s: no record of the inputs it was built from (written by another tool or an older version): "
                         "reused as is; delete it to rebuild from %s", train_file, root)
             return load_json(train_file), load_json(test_file), []
-        if not changed:
-            return load_json(train_file), load_json(test_file), list(then.get("left_out", []))
-        log.warning("%s: the corpus changed since its metadata was written (%s): rebuilding", dataset, changed)
+        train, test = load_json(train_file), load_json(test_file)
+        gone = [] if changed else missing_clips(out, train + test)
+        if not changed and not gone:
+            return train, test, list(then.get("left_out", []))
+        if changed:
+            log.warning("%s: the corpus changed since its metadata was written (%s): rebuilding", dataset, changed)
+        else:
+            log.warning("%s: clips missing (%s, e.g. %s): re-cutting", dataset, plural(len(gone), "clip"), gone[0])
     parse = get_parser(dataset, cfg.get("use_custom_dataset") or ())
     with collecting_left_out() as dropped:
         train, test = parse(root, dataset, out)
@@ -80,6 +85,12 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list
     save_json(train_file, train)
     write_fingerprint(out, {**now, "left_out": dropped}, train + test)
     return train, test, dropped
+
+
+def missing_clips(out: Path, entries: list[dict]) -> list[str]:
+    """The clips (audio stage 1 cut into `out`, outside the corpus fingerprint) that are no longer there."""
+    inside = f"{out}{os.sep}"
+    return [e["Path"] for e in entries if e["Path"].startswith(inside) and not os.path.isfile(e["Path"])]
 
 
 def distinct_uids(entries: list[dict]) -> None:

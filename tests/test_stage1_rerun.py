@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import soundfile as sf
 from processors.datasets.custom import every_nth_test
 from processors.feature_store import feature_paths
 from processors.preprocess import extract_one, preprocess
-from tests.corpora import ljspeech
+from tests.corpora import ljspeech, pjs
 from tests.reliability_kit import N_MEL, RATE, voice, write_config
 from utils.config import load_config
 from utils.io import load_npy
@@ -211,3 +212,19 @@ def test_the_custom_split_is_linear_in_the_corpus_size():
     assert time.perf_counter() - start < 0.5
     assert len(test) == 1500 and len(train) == 28500 and test[0] is entries[19]
     assert every_nth_test(entries[:3]) == (entries[:2], entries[2:3])
+
+
+def test_clips_deleted_by_hand_are_cut_again(tmp_path, caplog):
+    config = write_config(tmp_path)
+    cfg = json.loads(config.read_text())
+    config.write_text(json.dumps({**cfg, "dataset": ["pjs"], "dataset_path": {"pjs": str(pjs(tmp_path / "pjs"))}}))
+    preprocess(load_config(config), 1)
+    clips = tmp_path / "data" / "pjs" / "clips"
+    made = sorted(clips.glob("*.wav"))
+    made[0].unlink()
+    preprocess(load_config(config), 1)
+    assert made[0].is_file() and "clips missing (1 clip" in caplog.text
+    shutil.rmtree(clips)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "preprocess": {**cfg["preprocess"], "fmax": 3000}}))
+    preprocess(load_config(config), 1)
+    assert sorted(clips.glob("*.wav")) == made
