@@ -169,6 +169,30 @@ def test_a_bad_value_set_in_a_parent_is_blamed_on_the_parent(tmp_path):
         validate(load_config(child), "preprocess")
 
 
+@pytest.mark.parametrize(("values", "key"), [
+    ({"valid_file": "./train.json"}, "preprocess.valid_file"),
+    ({"valid_file": "Train.json"}, "preprocess.valid_file"),
+    ({"valid_file": "features.json"}, "preprocess.valid_file"),
+    ({"train_file": "inputs.json"}, "preprocess.train_file"),
+    ({"train_file": "meta_info.json"}, "preprocess.train_file"),
+    ({"valid_file": "skipped.txt"}, "preprocess.valid_file"),
+    ({"valid_file": "./singers.json"}, "preprocess.valid_file"),
+    ({"utt2spk": "spk.json", "train_file": "spk.json"}, "preprocess.train_file"),
+])
+def test_metadata_file_names_never_overwrite_each_other_or_stage1_records(tmp_path, values, key):
+    """`./train.json` passed a plain string comparison; `features.json` overwrote stage 1's own record."""
+    child = override(tmp_path, "preprocess", values)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(child))}: key '{re.escape(key)}'"):
+        validate(load_config(child), "preprocess")
+
+
+def test_stage1_records_are_all_reserved():
+    from processors.feature_store import SETTINGS_FILE
+    from processors.fingerprint import FINGERPRINT_FILE
+
+    assert {SETTINGS_FILE, FINGERPRINT_FILE} <= set(config_schema.STAGE1_FILES)
+
+
 @pytest.mark.parametrize("path", [*RECIPES, *BASES], ids=lambda p: p.name)
 def test_shipped_configs_have_no_unknown_keys_and_recipes_validate(path):
     cfg = load_config(path)

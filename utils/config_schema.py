@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,14 +180,25 @@ def _check_rule(cfg: dict, dotted: str, rule: Rule, stage: str) -> None:
         _check_range(where, value, rule)
 
 
+# What stage 1 writes beside the train/valid lists (processors/: FINGERPRINT_FILE, SETTINGS_FILE, preprocess.py).
+STAGE1_FILES = ("inputs.json", "features.json", "meta_info.json", "skipped.txt", "mels", "audios", "clips")
+STAGE1_NAMED_FILES = (("spk2id", "singers.json"), ("utt2spk", "utt2spk"))
+
+
 def _cross_checks(cfg: dict, letter: str) -> None:
     """Checks that span several keys: each names the key it blames and the file that set it."""
     def fail(dotted: str, problem: str) -> None:
         raise ConfigError(f"{source_of(cfg, dotted)}: key '{dotted}' {problem}")
 
     pre = cfg.get("preprocess", {})
-    if letter in "pt" and pre["train_file"] == pre["valid_file"]:  # stage 1 would write the test list over the train one
-        fail("preprocess.valid_file", f"({pre['valid_file']!r}) must differ from preprocess.train_file")
+    if letter in "pt":  # stage 1 writes both lists beside its own records: a shared name overwrites one of them
+        lists = {key: os.path.normpath(pre[key]).casefold() for key in ("train_file", "valid_file")}
+        own = {os.path.normpath(pre.get(key) or name).casefold() for key, name in STAGE1_NAMED_FILES} | set(STAGE1_FILES)
+        for key, name in lists.items():
+            if name in own:
+                fail(f"preprocess.{key}", f"({pre[key]!r}) is a file stage 1 writes itself ({', '.join(sorted(own))})")
+        if lists["train_file"] == lists["valid_file"]:
+            fail("preprocess.valid_file", f"({pre['valid_file']!r}) must differ from preprocess.train_file")
     if letter in "pti":
         rate, n_fft = pre["sample_rate"], pre["n_fft"]
         if pre["win_size"] > n_fft:
