@@ -256,3 +256,13 @@ def test_a_dataset_path_that_is_not_a_string_is_one_line_naming_the_key(tmp_path
     with pytest.raises(ConfigError, match=r"^dataset_path\.ljspeech must be a folder path \(a string\), got ") as err:
         check_dataset_paths(load_config(config))
     assert str(config) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", [".mine", "a/b", "mine ", "x" * 181])
+def test_a_dataset_name_unfit_for_a_folder_is_refused(tmp_path, name):
+    """safe_name changed such a name for the features but not for the metadata: two folders, features.json defeated."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"base_config": str(RECIPE), "dataset": [name], "dataset_path": {name: str(tmp_path)}}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: key 'dataset' names ") as err:
+        check_dataset_paths(load_config(config))
+    assert "\n" not in str(err.value)

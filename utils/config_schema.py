@@ -30,6 +30,7 @@ from utils.config import (
     require,
     source_of,
 )
+from utils.io import MAX_NAME_BYTES, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +276,14 @@ def unknown_keys(cfg: dict) -> list[tuple[str, str | None]]:
 
 
 def check_dataset_paths(cfg: dict) -> None:
-    """Refuse to run stage 1 while a listed dataset has no path, a path that is not a string, or the placeholder."""
+    """Refuse to run stage 1 while a listed dataset has a name unfit for a folder, no path, a path that is not a string,
+    or the placeholder."""
     paths = cfg.get("dataset_path") or {}
     for name in cfg.get("dataset", []):
+        if safe_name(name) != name:  # its metadata and its features would land in two different folders
+            raise ConfigError(f"{source_of(cfg, 'dataset')}: key 'dataset' names {name!r}, not usable as a folder name (no "
+                              f"'/', '\\', leading dot, space at either end, or over {MAX_NAME_BYTES} bytes): rename it, "
+                              f"e.g. {safe_name(name)!r}")
         path = paths.get(name)
         if path is None:
             raise ConfigError(f"dataset '{name}' has no entry in dataset_path: add it in {source_of(cfg, 'dataset')}")
