@@ -147,3 +147,18 @@ def test_a_manifest_naming_files_outside_its_folder_deletes_nothing(tmp_path):
     (work / "clips" / ".pjs004_song.wav.clips").write_text(json.dumps({"inputs": [], "clips": ["../../victim.txt"]}))
     entries, _left = parse("pjs", root, work)
     assert victim.is_file() and "pjs004_song_0" in entries
+
+
+@pytest.mark.parametrize("listed", [[""], ["sub"], ["a\u0000b"], ["pjs010_song_0.wav"]])
+def test_a_manifest_naming_a_folder_or_another_sources_clip_is_ignored(tmp_path, listed):
+    """`""` made stage 1 unlink the clips folder (`Is a directory`) on every run; another song's clip was deleted."""
+    root, work = pjs(tmp_path / "pjs"), tmp_path / "work"
+    parse("pjs", root, work)
+    other = work / "clips" / "pjs010_song_0.wav"
+    stamp = other.stat().st_mtime_ns, other.stat().st_ino
+    (work / "clips" / "sub").mkdir()
+    (work / "clips" / ".pjs004_song.wav.clips").write_text(json.dumps({"inputs": [], "clips": listed}))
+    entries, left = parse("pjs", root, work)
+    assert (other.stat().st_mtime_ns, other.stat().st_ino) == stamp and (work / "clips" / "sub").is_dir()
+    assert "pjs004_song_0" in entries and left == []
+

@@ -9,6 +9,7 @@ an unchanged source again nor keeps clips of a source or labels that changed.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -40,14 +41,21 @@ def cut_from(source: Path, labels: Sequence[Path] = ()) -> list:
     return [[str(p.resolve()), *(file_stat(p) or [-1, -1])] for p in (source, *labels)]
 
 
-def _listed(manifest: Path) -> dict:
-    """The manifest's record; {} when missing, damaged, of an older format or naming anything but plain clip names."""
+def clip_names(stem: str) -> re.Pattern:
+    """The names `cut_clips` gives a source's clips: `stem` with its `{i...}` field as digits, then `.wav`."""
+    parts = re.split(r"\{i(?::[^}]*)?\}", stem)
+    return re.compile(r"\d+".join(re.escape(part.replace("{{", "{").replace("}}", "}")) for part in parts) + r"\.wav")
+
+
+def _listed(manifest: Path, stem: str) -> dict:
+    """The manifest's record; {} when missing, damaged, of an older format or naming anything but this source's clips
+    (a tampered manifest must never make a rerun delete a folder or another source's clips)."""
     try:
         found = load_json(manifest) if manifest.is_file() else {}
     except (OSError, ValueError):
         return {}
-    clips = found.get("clips") if isinstance(found, dict) else None
-    plain = isinstance(clips, list) and all(isinstance(c, str) and "/" not in c and not c.startswith(".") for c in clips)
+    clips, ours = found.get("clips") if isinstance(found, dict) else None, clip_names(stem)
+    plain = isinstance(clips, list) and all(isinstance(c, str) and ours.fullmatch(c) for c in clips)
     return found if plain else {}
 
 
@@ -68,7 +76,7 @@ def cut_clips(source: Path, out_dir: Path, spans: Spans, stem: str = "{i:04d}", 
     is left out (listed in skipped.txt) and yields no clips, so one bad file never stops a corpus.
     """
     manifest = out_dir / f".{source.name}.clips"
-    inputs, then = cut_from(source, labels), _listed(manifest)
+    inputs, then = cut_from(source, labels), _listed(manifest, stem)
     old = then.get("clips", [])
     if then.get("inputs") == inputs and all((out_dir / name).is_file() for name in old):
         paths = [out_dir / name for name in old]
@@ -80,7 +88,8 @@ def cut_clips(source: Path, out_dir: Path, spans: Spans, stem: str = "{i:04d}", 
         else:
             reason = None
         for name in set(old) - {p.name for p in paths}:
-            (out_dir / name).unlink(missing_ok=True)
+            if not (out_dir / name).is_dir():
+                (out_dir / name).unlink(missing_ok=True)
         if reason:
             manifest.unlink(missing_ok=True)
             left_out(source, reason)
