@@ -162,3 +162,11 @@ def test_a_manifest_naming_a_folder_or_another_sources_clip_is_ignored(tmp_path,
     assert (other.stat().st_mtime_ns, other.stat().st_ino) == stamp and (work / "clips" / "sub").is_dir()
     assert "pjs004_song_0" in entries and left == []
 
+
+def test_a_recording_name_near_the_file_name_limit_gets_short_clip_names(tmp_path):
+    root = pjs(tmp_path / "pjs")
+    song = root / "PJS_corpus_ver1.1" / "pjs004" / "pjs004_song.wav"
+    song.rename(song.with_name("pjs004" + "x" * 240 + "_song.wav"))
+    entries, left = parse("pjs", root, tmp_path / "work")
+    assert left == [] and len(entries) == 15 and all(len(e["Uid"].encode()) <= 190 for e in entries.values())
+    assert parse("pjs", root, tmp_path / "work")[0] == entries

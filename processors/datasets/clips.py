@@ -18,7 +18,7 @@ import numpy as np
 from processors.audio import AudioError, check_openable, load_audio
 from processors.datasets import left_out
 from processors.fingerprint import file_stat
-from utils.io import atomic_write_bytes, load_json, save_json, wav_bytes
+from utils.io import atomic_write_bytes, load_json, safe_name, save_json, wav_bytes
 
 log = logging.getLogger(__name__)
 Spans = Callable[[np.ndarray, int], list[tuple[int, int]]]
@@ -75,7 +75,7 @@ def cut_clips(source: Path, out_dir: Path, spans: Spans, stem: str = "{i:04d}", 
     `labels`: the files the spans are read from. An unreadable source, or one that yields no clip,
     is left out (listed in skipped.txt) and yields no clips, so one bad file never stops a corpus.
     """
-    manifest = out_dir / f".{source.name}.clips"
+    manifest = out_dir / f".{safe_name(source.name)}.clips"
     inputs, then = cut_from(source, labels), _listed(manifest, stem)
     old = then.get("clips", [])
     if then.get("inputs") == inputs and all((out_dir / name).is_file() for name in old):
@@ -83,7 +83,7 @@ def cut_clips(source: Path, out_dir: Path, spans: Spans, stem: str = "{i:04d}", 
     else:
         try:
             paths = _cut(source, out_dir, spans, stem)
-        except AudioError as err:
+        except (AudioError, OSError) as err:
             paths, reason = [], f"not cut into clips ({err})"
         else:
             reason = None

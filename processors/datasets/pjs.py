@@ -16,6 +16,7 @@ import numpy as np
 from processors.datasets.clips import cut_clips
 from processors.datasets.common import any_case, entry, require_found, split_by, usable
 from processors.datasets.slicer import trim_span
+from utils.io import safe_name
 
 TEST_SONGS = {"pjs001", "pjs002", "pjs003"}
 PARTS, OVERLAP_S = 3, 1.0
@@ -30,6 +31,6 @@ def thirds(audio: np.ndarray, sr: int) -> list[tuple[int, int]]:
 def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
     songs = usable(root.rglob(any_case("pjs*_song.wav")))
     entries = [entry(dataset, clip.stem, clip, "male1")
-               for song in songs for clip in cut_clips(song, work_dir / "clips", thirds, f"{song.stem}_{{i}}")]
+               for song in songs for clip in cut_clips(song, work_dir / "clips", thirds, f"{safe_name(song.stem)}_{{i}}")]
     require_found(entries, root, "<root>/PJS_corpus_ver1.1/pjsNNN/pjsNNN_song.wav")
     return split_by(entries, lambda e: e["Uid"].split("_")[0] in TEST_SONGS)
