@@ -170,3 +170,20 @@ def test_a_recording_name_near_the_file_name_limit_gets_short_clip_names(tmp_pat
     entries, left = parse("pjs", root, tmp_path / "work")
     assert left == [] and len(entries) == 15 and all(len(e["Uid"].encode()) <= 190 for e in entries.values())
     assert parse("pjs", root, tmp_path / "work")[0] == entries
+
+
+def test_a_clip_that_cannot_be_written_leaves_its_recording_out(tmp_path, monkeypatch):
+    from processors.datasets import clips
+
+    def full_for_pjs004(path: Path, data: bytes) -> None:
+        if "pjs004" in path.name:
+            raise OSError(28, "No space left on device", str(path))
+        write(path, data)
+
+    write = clips.atomic_write_bytes
+    monkeypatch.setattr(clips, "atomic_write_bytes", full_for_pjs004)
+    root = pjs(tmp_path / "pjs")
+    entries, left = parse("pjs", root, tmp_path / "work")
+    song = root / "PJS_corpus_ver1.1" / "pjs004" / "pjs004_song.wav"
+    assert "pjs004_song_0" not in entries and "pjs010_song_0" in entries
+    assert left == [f"{song}: not cut into clips ([Errno 28] No space left on device: '{tmp_path}/work/clips/pjs004_song_0.wav')"]
