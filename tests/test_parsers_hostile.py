@@ -187,3 +187,13 @@ def test_a_clip_that_cannot_be_written_leaves_its_recording_out(tmp_path, monkey
     song = root / "PJS_corpus_ver1.1" / "pjs004" / "pjs004_song.wav"
     assert "pjs004_song_0" not in entries and "pjs010_song_0" in entries
     assert left == [f"{song}: not cut into clips ([Errno 28] No space left on device: '{tmp_path}/work/clips/pjs004_song_0.wav')"]
+
+
+def test_pjs_reads_a_song_folder_that_is_a_symlink(tmp_path):
+    """Path.rglob does not follow symlinked folders (Python 3.11); the corpus fingerprint does."""
+    root = pjs(tmp_path / "pjs")
+    folder = root / "PJS_corpus_ver1.1" / "pjs004"
+    folder.rename(tmp_path / "elsewhere")
+    folder.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    entries, left = parse("pjs", root, tmp_path / "work")
+    assert "pjs004_song_0" in entries and len(entries) == 15 and left == []
