@@ -51,7 +51,8 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list
     train_file, test_file = out / cfg.preprocess.train_file, out / cfg.preprocess.valid_file
     root = Path(cfg.dataset_path[dataset]).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"{root}: the folder of dataset '{dataset}' does not exist (dataset_path.{dataset})")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"{root}: the folder of dataset '{dataset}' {what} (dataset_path.{dataset})")
     now = corpus_fingerprint(root, skip=[cfg.preprocess.processed_dir])
     then = read_fingerprint(out)
     if train_file.is_file() and test_file.is_file():

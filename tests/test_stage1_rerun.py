@@ -15,9 +15,9 @@ from processors.datasets.custom import every_nth_test
 from processors.feature_store import feature_paths
 from processors.preprocess import extract_one, preprocess
 from tests.corpora import ljspeech, pjs
-from tests.reliability_kit import N_MEL, RATE, voice, write_config
+from tests.reliability_kit import N_MEL, RATE, python_bin, voice, write_config
 from utils.config import load_config
-from utils.io import load_npy
+from utils.io import load_npy, regular_file_size
 
 
 def corpus(root: Path, names: list[str]) -> Path:
@@ -191,6 +191,21 @@ def test_dataset_path_may_start_with_a_tilde_and_a_missing_folder_says_so(tmp_pa
     assert len(stage1(tmp_path, Path("~/corpus"))) == 2
     with pytest.raises(ValueError, match=r"nowhere: the folder of dataset 'demo' does not exist \(dataset_path\.demo\)$"):
         stage1(tmp_path, tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"a.wav: the folder of dataset 'demo' is not a folder \(dataset_path\.demo\)$"):
+        stage1(tmp_path, tmp_path / "corpus" / "a.wav")
+
+
+def test_a_dangling_link_is_named_as_one(tmp_path):
+    (tmp_path / "x.wav").symlink_to(tmp_path / "gone.wav")
+    with pytest.raises(ValueError, match=r"x\.wav: a dangling link \(its target does not exist\)$"):
+        regular_file_size(tmp_path / "x.wav")
+
+
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_num_workers_below_one_is_refused(tmp_path, count):
+    result = python_bin("preprocess.py", "--config", str(write_config(tmp_path)), "--num_workers", count)
+    assert result.returncode == 2 and f"--num_workers: must be at least 1, got {int(count)}" in result.stderr
+
 
 
 def test_an_empty_test_split_is_warned_with_the_rule(tmp_path, caplog):

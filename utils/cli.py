@@ -16,6 +16,14 @@ from utils.config import ConfigError
 EXPECTED_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError, OSError)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts such as --num_workers: 0 or below is refused, not silently replaced."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
     parser.add_argument("--config", required=config_required, help="JSON5 experiment config")
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])

@@ -177,7 +177,8 @@ def regular_file_size(path: str | os.PathLike) -> int:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise ValueError(f"{path}: file does not exist") from None
+        what = "a dangling link (its target does not exist)" if os.path.islink(path) else "file does not exist"
+        raise ValueError(f"{path}: {what}") from None
     except OSError as err:
         raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
     if not stat.S_ISREG(info.st_mode):

@@ -3,7 +3,7 @@
 import argparse
 
 from processors.preprocess import preprocess
-from utils.cli import add_common_args, run
+from utils.cli import add_common_args, positive_int, run
 from utils.config import load_config
 from utils.config_schema import validate
 
@@ -17,5 +17,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     add_common_args(parser)
-    parser.add_argument("--num_workers", type=int, default=None, help="extraction processes (default: the CPUs this job may use)")
+    parser.add_argument("--num_workers", type=positive_int, default=None,
+                        help="extraction processes (default: the CPUs this job may use)")
     run(main, parser)
