@@ -207,6 +207,17 @@ def test_num_workers_below_one_is_refused(tmp_path, count):
     assert result.returncode == 2 and f"--num_workers: must be at least 1, got {int(count)}" in result.stderr
 
 
+@pytest.mark.parametrize("record", ["", "[1, 2]", "{}"])
+def test_an_unreadable_settings_record_checks_the_features_instead_of_remaking_them(tmp_path, caplog, record):
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+    stage1(tmp_path, root)
+    (tmp_path / "data" / "demo" / "features.json").write_text(record)
+    before = stamps(tmp_path)
+    caplog.clear()
+    stage1(tmp_path, root)
+    assert stamps(tmp_path) == before and "features.json: unreadable or incomplete" in caplog.text
+    assert "None ->" not in caplog.text and "made anew" not in caplog.text
+
 
 def test_an_empty_test_split_is_warned_with_the_rule(tmp_path, caplog):
     root = ljspeech(tmp_path / "lj")
