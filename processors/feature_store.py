@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from processors.mel import mel_settings, mel_spectrogram
+from utils.config import ConfigError
 from utils.io import load_json, load_npy, npy_shape, safe_name, save_json
 from utils.text import plural
 
@@ -107,6 +108,21 @@ def forget_features_of_other_settings(pre: Any, dataset: str, entries: list[dict
     save_json(record, now)
 
 
+def refuse_other_settings(pre: Any, dataset: str) -> None:
+    """Stages 2 and 3 read a dataset's features only when stage 1 recorded the settings they are configured with:
+    features of another fmax or rate have the right shapes, and were trained on or vocoded without a word."""
+    record = Path(pre["processed_dir"]) / dataset / SETTINGS_FILE
+    try:
+        then = load_json(record) if record.is_file() else None
+    except (OSError, ValueError):
+        return  # stage 1 checks the features and writes the record again
+    now = feature_settings(pre)
+    if isinstance(then, dict) and set(SETTING_NAMES) <= set(then) and then != now:
+        differ = ", ".join(f"{k} {then[k]} (this config: {v})" for k, v in now.items() if then[k] != v)
+        raise ConfigError(f"{record}: the features of '{dataset}' were made with {differ}; rerun stage 1 with this "
+                          "config (in its own processed_dir), or use the config they were made with")
+
+
 def read_features(processed_dir: str | os.PathLike, entry: dict, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """An entry's (mel, audio) arrays, each checked by the safe .npy loader (mapped, not read, with `mmap`)."""
     mel_path, audio_path = feature_paths(processed_dir, entry)
@@ -123,6 +139,7 @@ def load_entries(cfg: Any, split: str, datasets: list[str] | None = None, missin
         meta = Path(pre.processed_dir) / dataset / name
         if not meta.is_file():
             raise FileNotFoundError(f"{meta}: metadata missing; run stage 1 for dataset '{dataset}' first")
+        refuse_other_settings(pre, dataset)
         for entry in load_json(meta):
             mel_path, audio_path = feature_paths(pre.processed_dir, entry)
             if mel_path.is_file() and audio_path.is_file():

@@ -53,6 +53,21 @@ def test_a_second_trainer_on_a_running_experiment_is_refused(root: Path) -> None
     assert steps(exp) == [1, 2]
 
 
+def test_a_file_system_without_flock_trains_unguarded_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Some NFS and Lustre mounts refuse flock (ENOLCK, ENOSYS): the run goes on, saying it is not guarded."""
+    import errno
+    import fcntl
+
+    from models.vocoders.diffusion.experiment import Experiment
+
+    def refuse(*_args: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    Experiment(tmp_path / "exp").lock()
+    assert "cannot lock (No locks available)" in caplog.text
+
+
 def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(root: Path, caplog) -> None:
     exp = root / "ckpts" / "dead"
     trainer(root / "config.json", "dead")  # set up (args.json written), then killed before any step

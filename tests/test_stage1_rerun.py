@@ -55,6 +55,21 @@ def test_other_mel_settings_remake_every_feature(tmp_path, caplog, setting, valu
     assert stamps(tmp_path) == after and "made anew" not in caplog.text
 
 
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_later_stages_refuse_features_recorded_with_other_settings(tmp_path, split):
+    """Training and dataset-mode vocoding read features only of their own settings: an fmax-only difference keeps
+    every shape, and went unnoticed."""
+    from processors.feature_store import load_entries
+    from utils.config import ConfigError
+
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+    stage1(tmp_path, root, fmax=3000)
+    assert load_entries(load_config(write_config(tmp_path, corpus=root, preprocess={"fmax": 3000})), split)
+    other = load_config(write_config(tmp_path, corpus=root))
+    with pytest.raises(ConfigError, match=r"data/demo/features.json: the features of 'demo' were made with fmax 3000"):
+        load_entries(other, split)
+
+
 @pytest.mark.parametrize(("made_with", "kept"),
                          [({}, True), ({"fmax": 3000}, False), ({"sample_rate": 16000, "hop_size": 128}, False)])
 def test_features_from_before_the_settings_record_are_checked_not_trusted(tmp_path, caplog, made_with, kept):

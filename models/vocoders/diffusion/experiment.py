@@ -76,6 +76,11 @@ class Experiment:
             holder = handle.read().strip() or "unknown"
             handle.close()
             raise ConfigError(f"{self.root}: another training (pid {holder}) is using this experiment") from None
+        except OSError as err:  # a file system without flock (some NFS and Lustre mounts): train unguarded
+            handle.close()
+            log.warning("%s: cannot lock (%s); a second training on this experiment would not be refused", path,
+                        err.strerror or err)
+            return
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n")
         handle.flush()
