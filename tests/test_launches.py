@@ -88,13 +88,15 @@ def test_two_processes_stop_together_at_a_wall_time_budget(corpus: Path, tmp_pat
     assert "Traceback" not in out and out.count("INFO models.vocoders.diffusion.checkpointing: saved") == 1
 
 
-def test_busy_port_gives_a_clear_error(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("zeros", ["", "0"])
+def test_busy_port_gives_a_clear_error(corpus: Path, tmp_path: Path, zeros: str) -> None:
+    """A leading zero is the same port (it was pasted into the bind probe's Python, where 08 does not parse)."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(["bash", str(RUN_SH), "--stage", "2", "--config", str(config(corpus, tmp_path)),
-                                 "--name", "busy", "--gpu", "0,1", "--main_process_port", str(port)],
+                                 "--name", "busy", "--gpu", "0,1", "--main_process_port", f"{zeros}{port}"],
                                 capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert f"--main_process_port {port} is already in use" in result.stderr
@@ -110,7 +112,9 @@ def test_a_port_that_is_no_port_number_is_named_as_such(tmp_path: Path, port: st
 
 
 @pytest.mark.parametrize(("gpu", "words"), [("abc", "'abc' is no device id"), ("", "must list device ids"),
-                                           (",", "must list device ids"), ("0,,1", "must list device ids")])
+                                           (",", "must list device ids"), ("0,,1", "must list device ids"),
+                                           ("0,0", "names device '0' twice"), ("GPU-", "'GPU-' is no device id"),
+                                           ("0\t1", "must list device ids"), ("*", "'*' is no device id")])
 def test_a_gpu_list_without_device_ids_is_refused(gpu: str, words: str) -> None:
     """These started a CPU run (or one process per empty entry) instead of the GPUs meant."""
     result = subprocess.run(["bash", str(RUN_SH), "--stage", "2", "--name", "g", "--gpu", gpu], capture_output=True,

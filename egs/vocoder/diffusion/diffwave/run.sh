@@ -135,15 +135,22 @@ if [ -n "$accelerate_config" ]; then
   not_with "with --accelerate_config (the file sets it)" --num_machines --machine_rank --main_process_ip
 fi
 case "$infer_precision" in ""|auto|fp32|fp16|bf16) ;; *) die "--infer_precision must be auto, fp32, fp16 or bf16, got '$infer_precision'" ;; esac
-case ",$gpu," in *,,*|*" "*) die "--gpu must list device ids separated by commas, e.g. \"0,1\", got '$gpu'" ;; esac
-for id in ${gpu//,/ }; do
-  case "$id" in *[!0-9]*) case "$id" in GPU-*|MIG-*) ;; *) die "--gpu: '$id' is no device id (an index or a GPU-/MIG- UUID)" ;; esac ;; esac
+case ",$gpu," in *,,*|*[[:space:]]*) die "--gpu must list device ids separated by commas, e.g. \"0,1\", got '$gpu'" ;; esac
+IFS=, read -ra gpu_ids <<< "$gpu"
+for id in "${gpu_ids[@]}"; do
+  case "$id" in
+    *[!0-9]*) case "$id" in GPU-?*|MIG-?*) ;; *) die "--gpu: '$id' is no device id (an index or a GPU-/MIG- UUID)" ;; esac ;;
+  esac
+  case ",${seen_ids:-}," in *",$id,"*) die "--gpu names device '$id' twice: one process a device" ;; esac
+  seen_ids="${seen_ids:-}${seen_ids:+,}$id"
 done
+digits="${main_process_port#"${main_process_port%%[!0]*}"}"  # without leading zeros: 08 is port 8, not octal
 case "$main_process_port" in
   ""|*[!0-9]*) port_ok="" ;;
-  *) port_ok=$(( ${#main_process_port} <= 5 && 10#$main_process_port >= 1 && 10#$main_process_port <= 65535 )) ;;
+  *) port_ok=$(( ${#digits} <= 5 && 10#0$digits >= 1 && 10#0$digits <= 65535 )) ;;
 esac
 [ "$port_ok" = 1 ] || die "--main_process_port must be a port number from 1 to 65535, got '$main_process_port'"
+main_process_port=$digits
 case "$infer_sampler" in ""|fast|full|ddim|searched) ;; *) die "--infer_sampler must be fast, full, ddim or searched, got '$infer_sampler'" ;; esac
 [ -f "$config" ] || die "config '$config' does not exist"
 cd "$work_dir"
