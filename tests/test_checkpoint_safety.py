@@ -361,11 +361,17 @@ def test_every_checkpoint_file_honours_the_umask(tmp_path, umask):
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
 
 
-def test_a_failed_first_save_says_none_is_kept_and_how_much_room_there_is(tmp_path, monkeypatch):
-    def full(*_args, **_kwargs):
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1856 vs 1750")
+@pytest.mark.parametrize("writer", ["torch.save", "utils.checkpoint.save_file"])
+def test_a_failed_first_save_says_none_is_kept_and_how_much_room_there_is(tmp_path, monkeypatch, writer):
+    """A full disk as torch.save and safetensors report it (a RuntimeError; a SafetensorError, which was a traceback)."""
+    from safetensors import SafetensorError
 
-    monkeypatch.setattr("torch.save", full)
+    def full(*_args, **_kwargs):
+        if writer == "torch.save":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1856 vs 1750")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(writer, full)
     with pytest.raises(OSError) as err:
         CheckpointPolicy(to_attrdict({}), tmp_path / "checkpoint").save(tiny_train_state(1), 0.5, RNG, ["stride0"])
     message = str(err.value)

@@ -75,7 +75,7 @@ def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(root: 
     with pytest.raises(ConfigError, match="stopped before its first checkpoint; pass --resume_type resume to start it "
                                           "again from step 0"):
         trainer(root / "config.json", "dead")
-    trainer(root / "config.json", "dead", "resume").train()
+    trainer(root / "config.json", "dead", "resume", str(exp / "checkpoint")).train()  # its empty folder named too
     assert "no checkpoint yet" in caplog.text and steps(exp) == [1, 2]
 
 
@@ -105,6 +105,62 @@ def test_a_rollback_to_an_older_checkpoint_sticks(root: Path, caplog) -> None:
     trainer(tiny_training_config(root, "keep3_to5.json", max_steps=5, keep_last=[3]), "rollback", "resume").train()
     assert f"resumed from {branch} at epoch 3, step 3" in caplog.text
     assert steps(exp) == [3, 4, 5] and len(list((exp / "checkpoint").glob("abandoned-*"))) == 2
+
+
+def test_a_resume_from_a_copy_or_an_abandoned_checkpoint_starts_a_branch_too(root: Path) -> None:
+    """The branch is decided by the step resumed at, not by where the checkpoint lies: from a backup copy of this
+    experiment, or from an abandoned checkpoint, the later ones still move aside and the next resume stays on it."""
+    exp, backup = root / "ckpts" / "branches", root / "backup"
+    trainer(tiny_training_config(root, "b4.json", max_steps=4, keep_last=[-1]), "branches").train()
+    shutil.copytree(exp / "checkpoint", backup)
+    old = list_checkpoints(backup)
+    trainer(tiny_training_config(root, "b3.json", max_steps=3, keep_last=[-1]), "branches", "resume", str(old[1])).train()
+    assert steps(exp) == [1, 2, 3] and len(list((exp / "checkpoint").glob("abandoned-*"))) == 2  # old 3 and 4
+    abandoned = sorted((exp / "checkpoint").glob("abandoned-*"))[-1]  # the old step 4
+    trainer(tiny_training_config(root, "b5.json", max_steps=5, keep_last=[-1]), "branches", "resume",
+            str(abandoned)).train()
+    assert steps(exp) == [1, 2, 3, 5]  # resumed at 4 (the abandoned one), then 5; nothing of the new branch past 4
+    trainer(tiny_training_config(root, "b6.json", max_steps=6, keep_last=[-1]), "branches", "resume").train()
+    assert steps(exp) == [1, 2, 3, 5, 6]
+
+
+def test_a_setup_that_fails_leaves_the_experiment_unlocked_and_its_checkpoints_in_place(root: Path) -> None:
+    """A rollback whose data cannot be read moved the newer checkpoints aside before failing, and an in-process
+    caller (a notebook) kept the lock: the next run was refused naming the notebook's pid."""
+    from models.vocoders.diffusion import experiment
+
+    exp = root / "ckpts" / "setup"
+    trainer(tiny_training_config(root, "s3.json", max_steps=3, keep_last=[-1]), "setup").train()
+    first = list_checkpoints(exp / "checkpoint")[0]
+    bad = json.loads((root / "s3.json").read_text())
+    bad["preprocess"]["processed_dir"] = str(root / "nowhere")
+    (root / "s3_bad.json").write_text(json.dumps(bad))
+    with pytest.raises(FileNotFoundError, match="metadata missing"):
+        trainer(root / "s3_bad.json", "setup", "resume", str(first))
+    assert steps(exp) == [1, 2, 3] and not list((exp / "checkpoint").glob("abandoned-*"))
+    assert (exp / ".train.lock").resolve() not in experiment._HELD
+
+
+def test_a_copied_experiment_resumed_by_its_checkpoint_trains_in_the_copy(root: Path) -> None:
+    """`--checkpoint <copy>/checkpoint` without --config read the copy's args.json, whose log_dir named the original:
+    the copy was resumed from, the original written to (and pruned)."""
+    original, copy = root / "ckpts" / "moved", root / "elsewhere" / "moved"
+    trainer(root / "config.json", "moved").train()
+    shutil.copytree(original, copy)
+    result = python_bin("train.py", "--exp_name", "moved", "--resume_type", "resume", "--checkpoint",
+                        str(copy / "checkpoint"), "--max_steps", "3", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert steps(copy) == [1, 2, 3] and steps(original) == [1, 2]
+
+
+def test_a_second_resume_from_one_step_keeps_the_config_that_trained_it(root: Path) -> None:
+    """args.<step>.json holds the config the weights up to that step were trained with: a later resume from the same
+    step (after one under another config that saved nothing) does not replace it."""
+    exp = root / "ckpts" / "configs"
+    trainer(root / "config.json", "configs").train()
+    for lr in (5e-4, 2e-4):
+        trainer(tiny_training_config(root, f"lr{lr}.json", max_steps=3, adamw={"lr": lr}), "configs", "resume")
+    assert json.loads((exp / "args.2.json").read_text())["train"]["adamw"]["lr"] == 1e-3
 
 
 def test_a_disk_without_room_for_a_checkpoint_stops_the_run_at_its_start(root: Path, monkeypatch) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from utils.io import file_mode, load_json, remove_stale_temps, save_json
@@ -170,7 +171,7 @@ def save_checkpoint(folder: Path, files: dict[str, Any], state: dict) -> Path:
         remove_checkpoint(folder)
         os.replace(tmp, folder)
         _fsync(folder.parent)
-    except RuntimeError as err:  # torch.save reports a failed write (a full disk) as a RuntimeError
+    except (RuntimeError, SafetensorError) as err:  # how torch.save and safetensors report a failed write (a full disk)
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(first_line(err)) from None
     except BaseException:

@@ -2,11 +2,12 @@
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
-from models.vocoders.diffusion.experiment import Experiment
-from utils.checkpoint import resolve_checkpoint
+from models.vocoders.diffusion.experiment import ARGS_FILE, Experiment
+from utils.checkpoint import CHECKPOINT_DIR, list_checkpoints, resolve_checkpoint
 from utils.cli import add_common_args, run
 from utils.config import ConfigError, load_config
 from utils.config_schema import validate
@@ -15,13 +16,20 @@ log = logging.getLogger(__name__)
 
 
 def saved_config(args: argparse.Namespace) -> Any:
-    """A resume without --config goes on with the experiment's own config: args.json beside its checkpoint/ folder."""
+    """A resume without --config goes on with the experiment's own config: args.json beside its checkpoint/ folder.
+
+    It trains where that experiment now lies (a copied or moved one too, not where its args.json says it was made),
+    and an experiment stopped before its first checkpoint is named by its empty checkpoint/ folder."""
     if args.resume_type != "resume" or not args.checkpoint:
         raise ConfigError("--config is required; only a resume with --checkpoint may leave it out "
                           "(it then reads the experiment's args.json)")
-    expt_dir = resolve_checkpoint(args.checkpoint).parent.parent
-    log.info("resuming with the experiment's own config %s", expt_dir / "args.json")
-    return Experiment(expt_dir).config()
+    path = Path(args.checkpoint)
+    empty = path.name == CHECKPOINT_DIR and (path.parent / ARGS_FILE).is_file() and not list_checkpoints(path)
+    expt_dir = path.parent if empty else resolve_checkpoint(path).parent.parent
+    log.info("resuming with the experiment's own config %s", expt_dir / ARGS_FILE)
+    cfg = Experiment(expt_dir).config()
+    cfg.log_dir = str(expt_dir.resolve().parent)
+    return cfg
 
 
 def main(args: argparse.Namespace) -> None:

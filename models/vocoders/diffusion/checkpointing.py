@@ -94,7 +94,8 @@ def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
 def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: Any) -> Path | None:
     """The checkpoint a resume under `cfg` starts from; None when the experiment stopped before its first save
     (killed, or stopped by bad steps), which then starts again from step 0 rather than being stuck."""
-    if checkpoint is None and experiment.args.is_file() and not list_checkpoints(experiment.checkpoints):
+    own = checkpoint is None or Path(checkpoint).resolve() in (experiment.root.resolve(), experiment.checkpoints.resolve())
+    if own and experiment.args.is_file() and not list_checkpoints(experiment.checkpoints):
         log.warning("%s: no checkpoint yet (the run stopped before its first save): starting it again from step 0",
                     experiment.root)
         return None
@@ -123,24 +124,25 @@ def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any) -> No
                     *wanted, *saved, train.optimizer.param_groups[0]["lr"])
 
 
-def abandon_newer(folder: Path, root: Path) -> list[Path]:
-    """A resume from an older checkpoint of this experiment starts a new branch: the checkpoints after it move
-    aside as `abandoned-<name>`, so retention counts from the rollback point and a later plain resume stays on
-    the new branch. Returns where they went."""
-    found = [p for p in list_checkpoints(root) if not p.is_symlink()]
-    if folder.parent.resolve() != root.resolve() or folder.name not in [p.name for p in found]:
-        return []
+def abandon_newer(folder: Path, root: Path, step: int) -> list[Path]:
+    """A resume at `step` starts a new branch in this experiment: its checkpoints after that step, and any other one
+    at it, move aside as `abandoned-<name>`, so retention counts from the rollback point and a later plain resume
+    stays on the new branch, wherever `folder` came from (an older checkpoint, a copy, an abandoned one). Returns
+    where they went."""
     moved = []
-    for newer in found[[p.name for p in found].index(folder.name) + 1:]:
+    for newer in list_checkpoints(root):
+        at = int(CHECKPOINT_PATTERN.match(newer.name).group(2))
+        if newer.is_symlink() or at < step or (at == step and newer.name == folder.name):  # the same save (or its copy)
+            continue
         target, copies = root / f"{ABANDONED_PREFIX}{newer.name}", 1
         while target.exists():
             target, copies = root / f"{ABANDONED_PREFIX}{copies}-{newer.name}", copies + 1
         os.replace(newer, target)
         moved.append(target)
     if moved:
-        log.warning("resuming from %s, older than the newest checkpoint: %s moved aside as %s (never resumed from or "
-                    "pruned; delete them when no longer needed)", folder, plural(len(moved), "newer checkpoint"),
-                    ", ".join(p.name for p in moved))
+        log.warning("resuming from %s at step %d: %s of this experiment at that step or later moved aside as %s (never "
+                    "resumed from or pruned; delete them when no longer needed)", folder, step,
+                    plural(len(moved), "checkpoint"), ", ".join(p.name for p in moved))
     return moved
 
 

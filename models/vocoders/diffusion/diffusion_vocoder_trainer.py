@@ -78,6 +78,15 @@ class DiffusionVocoderTrainer:
         self.exp_dir, self.ckpt_dir = self.experiment.root, self.experiment.checkpoints
         if self.accelerator.is_main_process:  # the only writer
             self.experiment.lock()
+        try:
+            self._build(resume_type, checkpoint, precision, setting)
+        except BaseException:  # a notebook or a test that goes on must not keep the experiment locked
+            self.experiment.unlock()
+            raise
+
+    def _build(self, resume_type: str | None, checkpoint: str | None, precision: str, setting: str) -> None:
+        """Everything after the lock: model, optimizer, resume, data, logs."""
+        cfg, tcfg, cuda = self.cfg, self.cfg.train, torch.cuda.is_available()
         ckpt.refuse_to_mix_runs(self.exp_dir, resume_type)
         self.seed = int(tcfg.get("random_seed", 114514))
 
@@ -107,19 +116,20 @@ class DiffusionVocoderTrainer:
         self._refuse_no_op()
         if self.accelerator.is_main_process:  # the only writer
             ckpt.check_room(self.ckpt_dir, self.state.model)
-            if folder is not None:
-                ckpt.abandon_newer(folder, self.ckpt_dir)
 
         data = TrainingData(cfg, self.seed, self.accelerator.process_index, self.accelerator.num_processes)
         self.train_sampler, self.train_loader, self.train_batches = data.train_sampler, data.train_loader, data.train_batches
         self.valid_entries, self.valid_loader = data.valid_entries, data.valid_loader
+        if self.accelerator.is_main_process and folder is not None:  # set up without failing: a new branch starts
+            ckpt.abandon_newer(folder, self.ckpt_dir, self.state.step)
         self.policy = CheckpointPolicy(tcfg, self.ckpt_dir)
         self.writer = None
         if self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
             self.experiment.write_setup(cfg, self.state.step if folder is not None else None)
-            self.writer = SummaryWriter(str(self.exp_dir), purge_step=self.state.step + 1 if folder is not None else None)
+            resumed = resume_type == "resume"  # from step 0 too, where the run stopped before its first save
+            self.writer = SummaryWriter(str(self.exp_dir), purge_step=self.state.step + 1 if resumed else None)
         self.eval_logger = EvalLogger(cfg, self.valid_entries, self.writer)
         self._log_setup(precision if setting != "auto" else f"{precision} (auto)")
 

@@ -100,10 +100,13 @@ class Experiment:
         """The run's config and the mel contract it trains on, beside its checkpoints.
 
         A resume under another config keeps the old one as `args.<step>.json`: what trained the weights up to there.
+        One kept already stays (a later resume from that step replaces a config that trained nothing kept).
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        if resumed_step is not None and self.args.is_file() and _settings(load_config(self.args)) != _settings(cfg):
-            os.replace(self.args, self.root / f"args.{resumed_step}.json")
+        kept = self.root / f"args.{resumed_step}.json"
+        changed = resumed_step is not None and self.args.is_file() and _settings(load_config(self.args)) != _settings(cfg)
+        if changed and not kept.exists():
+            os.replace(self.args, kept)
         save_config(cfg, self.args)
         save_json(self.contract, mel_contract(cfg.preprocess))
 
