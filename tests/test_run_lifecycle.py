@@ -107,21 +107,54 @@ def test_a_rollback_to_an_older_checkpoint_sticks(root: Path, caplog) -> None:
     assert steps(exp) == [3, 4, 5] and len(list((exp / "checkpoint").glob("abandoned-*"))) == 2
 
 
-def test_a_resume_from_a_copy_or_an_abandoned_checkpoint_starts_a_branch_too(root: Path) -> None:
-    """The branch is decided by the step resumed at, not by where the checkpoint lies: from a backup copy of this
-    experiment, or from an abandoned checkpoint, the later ones still move aside and the next resume stays on it."""
+def test_a_checkpoint_from_outside_an_experiment_with_checkpoints_is_refused_and_an_abandoned_one_branches(
+        root: Path) -> None:
+    """Another run's checkpoint (a backup copy, another experiment) would graft its weights onto this history: refused,
+    nothing moved. An abandoned checkpoint of the experiment starts a branch like any older one."""
     exp, backup = root / "ckpts" / "branches", root / "backup"
     trainer(tiny_training_config(root, "b4.json", max_steps=4, keep_last=[-1]), "branches").train()
     shutil.copytree(exp / "checkpoint", backup)
-    old = list_checkpoints(backup)
-    trainer(tiny_training_config(root, "b3.json", max_steps=3, keep_last=[-1]), "branches", "resume", str(old[1])).train()
+    with pytest.raises(ConfigError, match=r"not a checkpoint of .*branches, which has its own .*copy it into"):
+        trainer(tiny_training_config(root, "b3.json", max_steps=3, keep_last=[-1]), "branches", "resume",
+                str(list_checkpoints(backup)[1]))
+    assert steps(exp) == [1, 2, 3, 4] and not list((exp / "checkpoint").glob("abandoned-*"))
+    own = list_checkpoints(exp / "checkpoint")
+    trainer(root / "b3.json", "branches", "resume", str(own[1])).train()
     assert steps(exp) == [1, 2, 3] and len(list((exp / "checkpoint").glob("abandoned-*"))) == 2  # old 3 and 4
     abandoned = sorted((exp / "checkpoint").glob("abandoned-*"))[-1]  # the old step 4
     trainer(tiny_training_config(root, "b5.json", max_steps=5, keep_last=[-1]), "branches", "resume",
             str(abandoned)).train()
-    assert steps(exp) == [1, 2, 3, 5]  # resumed at 4 (the abandoned one), then 5; nothing of the new branch past 4
+    assert steps(exp) == [1, 2, 3, 5]  # resumed at the abandoned 4; the new branch had nothing after it
     trainer(tiny_training_config(root, "b6.json", max_steps=6, keep_last=[-1]), "branches", "resume").train()
     assert steps(exp) == [1, 2, 3, 5, 6]
+
+
+def test_a_rollback_renames_symlinked_checkpoints_and_keeps_a_later_epoch_of_the_same_step(root: Path) -> None:
+    """A symlinked later checkpoint stayed and the next resume went back to it; of two checkpoints of one step
+    (a skipped window), the later epoch's is after the earlier one, and resuming it moves nothing."""
+    from models.vocoders.diffusion.checkpointing import abandon_newer
+
+    exp = root / "ckpts" / "links"
+    trainer(tiny_training_config(root, "l3.json", max_steps=3, keep_last=[-1]), "links").train()
+    first, second, third = list_checkpoints(exp / "checkpoint")
+    elsewhere = root / "elsewhere_ckpt"
+    shutil.move(third, elsewhere)
+    third.symlink_to(elsewhere, target_is_directory=True)
+    same_step = second.with_name(second.name.replace("epoch-0002", "epoch-0003"))
+    shutil.copytree(second, same_step)
+    assert abandon_newer(same_step, exp / "checkpoint") == [exp / "checkpoint" / f"abandoned-{third.name}"]
+    assert (exp / "checkpoint" / f"abandoned-{third.name}").is_symlink() and elsewhere.is_dir()
+    moved = abandon_newer(first, exp / "checkpoint")
+    assert [p.name for p in moved] == [f"abandoned-{same_step.name}", f"abandoned-{second.name}"]  # newest first
+
+
+def test_a_rollback_stopped_before_its_first_save_is_not_restarted_from_step_0(root: Path) -> None:
+    exp = root / "ckpts" / "stopped"
+    trainer(tiny_training_config(root, "st2.json", max_steps=2, keep_last=[-1]), "stopped").train()
+    for folder in list_checkpoints(exp / "checkpoint"):
+        folder.rename(folder.with_name(f"abandoned-{folder.name}"))  # as a rollback from a copy, then killed, left it
+    with pytest.raises(ConfigError, match=r"no checkpoint to go on from, 2 checkpoints moved aside by a rollback"):
+        trainer(root / "st2.json", "stopped", "resume")
 
 
 def test_a_setup_that_fails_leaves_the_experiment_unlocked_and_its_checkpoints_in_place(root: Path) -> None:
@@ -151,6 +184,13 @@ def test_a_copied_experiment_resumed_by_its_checkpoint_trains_in_the_copy(root: 
                         str(copy / "checkpoint"), "--max_steps", "3", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert steps(copy) == [1, 2, 3] and steps(original) == [1, 2]
+    linked = root / "linked" / "moved"  # a symlinked experiment trains through its link, not beside its target
+    linked.parent.mkdir()
+    linked.symlink_to(copy, target_is_directory=True)
+    result = python_bin("train.py", "--exp_name", "moved", "--resume_type", "resume", "--checkpoint", str(linked),
+                        "--max_steps", "4", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert steps(copy) == [1, 2, 3, 4] and not (copy.parent / "copy").exists() and sorted(copy.parent.iterdir()) == [copy]
 
 
 def test_a_second_resume_from_one_step_keeps_the_config_that_trained_it(root: Path) -> None:

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,16 @@ def saved_config(args: argparse.Namespace) -> Any:
     if args.resume_type != "resume" or not args.checkpoint:
         raise ConfigError("--config is required; only a resume with --checkpoint may leave it out "
                           "(it then reads the experiment's args.json)")
-    path = Path(args.checkpoint)
-    empty = path.name == CHECKPOINT_DIR and (path.parent / ARGS_FILE).is_file() and not list_checkpoints(path)
-    expt_dir = path.parent if empty else resolve_checkpoint(path).parent.parent
+    path = Path(os.path.abspath(args.checkpoint))  # not resolved: a symlinked experiment stays where it is named
+    if (path / ARGS_FILE).is_file() and not list_checkpoints(path / CHECKPOINT_DIR):
+        expt_dir = path
+    elif path.name == CHECKPOINT_DIR and (path.parent / ARGS_FILE).is_file() and not list_checkpoints(path):
+        expt_dir = path.parent
+    else:
+        expt_dir = resolve_checkpoint(path).parent.parent
     log.info("resuming with the experiment's own config %s", expt_dir / ARGS_FILE)
     cfg = Experiment(expt_dir).config()
-    cfg.log_dir = str(expt_dir.resolve().parent)
+    cfg.log_dir = str(expt_dir.parent)
     return cfg
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -93,13 +94,25 @@ def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
 
 def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: Any) -> Path | None:
     """The checkpoint a resume under `cfg` starts from; None when the experiment stopped before its first save
-    (killed, or stopped by bad steps), which then starts again from step 0 rather than being stuck."""
+    (killed, or stopped by bad steps), which then starts again from step 0 rather than being stuck.
+
+    A checkpoint from outside an experiment that has checkpoints of its own is refused: resumed there, it would
+    graft another run's weights onto this one's history."""
     own = checkpoint is None or Path(checkpoint).resolve() in (experiment.root.resolve(), experiment.checkpoints.resolve())
-    if own and experiment.args.is_file() and not list_checkpoints(experiment.checkpoints):
+    listed = list_checkpoints(experiment.checkpoints)
+    if own and experiment.args.is_file() and not listed:
+        aside = sorted(p.name for p in experiment.checkpoints.glob(f"{ABANDONED_PREFIX}*"))
+        if aside:  # a rollback was stopped before its first save: its start is not here to go on from
+            raise ConfigError(f"{experiment.checkpoints}: no checkpoint to go on from, {plural(len(aside), 'checkpoint')} "
+                              f"moved aside by a rollback ({', '.join(aside)}): pass --checkpoint with the one to resume")
         log.warning("%s: no checkpoint yet (the run stopped before its first save): starting it again from step 0",
                     experiment.root)
         return None
     folder = resolve_checkpoint(checkpoint or experiment.checkpoints)
+    if listed and folder.resolve().parent != experiment.checkpoints.resolve():
+        raise ConfigError(f"{folder}: not a checkpoint of {experiment.root}, which has its own (newest "
+                          f"{listed[-1].name}); to roll back to it, copy it into {experiment.checkpoints} first, or "
+                          "resume it into another --name")
     experiment.refuse_changed_results(cfg)
     return folder
 
@@ -124,25 +137,29 @@ def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any) -> No
                     *wanted, *saved, train.optimizer.param_groups[0]["lr"])
 
 
-def abandon_newer(folder: Path, root: Path, step: int) -> list[Path]:
-    """A resume at `step` starts a new branch in this experiment: its checkpoints after that step, and any other one
-    at it, move aside as `abandoned-<name>`, so retention counts from the rollback point and a later plain resume
-    stays on the new branch, wherever `folder` came from (an older checkpoint, a copy, an abandoned one). Returns
-    where they went."""
+def abandon_newer(folder: Path, root: Path) -> list[Path]:
+    """A resume from `folder` (in `root`, maybe an abandoned one) starts a new branch: the checkpoints after it in
+    `root`'s order (step, then epoch), and any other one at its place, move aside as `abandoned-<name>`, newest first,
+    so retention counts from the rollback point and a later plain resume stays on the new branch. Symlinked ones are
+    renamed, not followed. Returns where they went."""
+    found = re.search(r"epoch-(\d+)_step-(\d+)_loss-", folder.name)
+    if found is None:
+        return []
+    at = (int(found.group(2)), int(found.group(1)))
     moved = []
-    for newer in list_checkpoints(root):
-        at = int(CHECKPOINT_PATTERN.match(newer.name).group(2))
-        if newer.is_symlink() or at < step or (at == step and newer.name == folder.name):  # the same save (or its copy)
+    for newer in reversed(list_checkpoints(root)):
+        place = tuple(int(n) for n in CHECKPOINT_PATTERN.match(newer.name).group(2, 1))
+        if place < at or (place == at and newer.name == folder.name):
             continue
         target, copies = root / f"{ABANDONED_PREFIX}{newer.name}", 1
-        while target.exists():
+        while target.exists() or target.is_symlink():
             target, copies = root / f"{ABANDONED_PREFIX}{copies}-{newer.name}", copies + 1
         os.replace(newer, target)
         moved.append(target)
     if moved:
-        log.warning("resuming from %s at step %d: %s of this experiment at that step or later moved aside as %s (never "
-                    "resumed from or pruned; delete them when no longer needed)", folder, step,
-                    plural(len(moved), "checkpoint"), ", ".join(p.name for p in moved))
+        log.warning("resuming from %s: %s of this experiment after it moved aside as %s (never resumed from or pruned; "
+                    "delete them when no longer needed)", folder, plural(len(moved), "checkpoint"),
+                    ", ".join(p.name for p in moved))
     return moved
 
 

@@ -121,7 +121,7 @@ class DiffusionVocoderTrainer:
         self.train_sampler, self.train_loader, self.train_batches = data.train_sampler, data.train_loader, data.train_batches
         self.valid_entries, self.valid_loader = data.valid_entries, data.valid_loader
         if self.accelerator.is_main_process and folder is not None:  # set up without failing: a new branch starts
-            ckpt.abandon_newer(folder, self.ckpt_dir, self.state.step)
+            ckpt.abandon_newer(folder, self.ckpt_dir)
         self.policy = CheckpointPolicy(tcfg, self.ckpt_dir)
         self.writer = None
         if self.accelerator.is_main_process:

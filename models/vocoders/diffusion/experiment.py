@@ -190,9 +190,10 @@ def _value(cfg: Any, dotted: str) -> Any:
 
 
 def _settings(cfg: Any) -> dict:
-    """A config without what segments of one run change (the bounds, where it was read from)."""
+    """A config without what segments of one run change (the bounds, where it was read from and lies)."""
     plain = to_plain(cfg)
     plain.pop("config_path", None)
+    plain.pop("log_dir", None)
     for key in ("max_steps", "max_epoch", "max_minutes"):
         plain.get("train", {}).pop(key, None)
     return plain
