@@ -56,6 +56,16 @@ def feature_settings(pre: Any) -> dict:
     return dict(zip(SETTING_NAMES, values, strict=True))
 
 
+def recorded_settings(record: Path) -> dict | str | None:
+    """What `features.json` records: the settings, None where there is no record, "unreadable" where it cannot be
+    read or lacks a setting."""
+    try:
+        then = load_json(record) if record.exists() else None
+    except (OSError, ValueError):
+        return "unreadable"
+    return then if then is None or (isinstance(then, dict) and set(SETTING_NAMES) <= set(then)) else "unreadable"
+
+
 def unrecorded_mismatch(pre: Any, entries: list[dict]) -> str | None:
     """Why features made before `features.json` existed do not fit the current settings, or None when they do.
 
@@ -88,13 +98,10 @@ def forget_features_of_other_settings(pre: Any, dataset: str, entries: list[dict
     """
     folder = Path(pre["processed_dir"]) / dataset
     record, now = folder / SETTINGS_FILE, feature_settings(pre)
-    try:
-        then = load_json(record) if record.exists() else None
-    except (OSError, ValueError):
-        then = "unreadable"
+    then = recorded_settings(record)
     if then == now:
         return
-    if isinstance(then, dict) and set(SETTING_NAMES) <= set(then):
+    if isinstance(then, dict):
         why = ", ".join(f"{k} {then[k]} -> {v}" for k, v in now.items() if then[k] != v)
     else:
         if then is not None:
@@ -112,12 +119,8 @@ def refuse_other_settings(pre: Any, dataset: str) -> None:
     """Stages 2 and 3 read a dataset's features only when stage 1 recorded the settings they are configured with:
     features of another fmax or rate have the right shapes, and were trained on or vocoded without a word."""
     record = Path(pre["processed_dir"]) / dataset / SETTINGS_FILE
-    try:
-        then = load_json(record) if record.is_file() else None
-    except (OSError, ValueError):
-        return  # stage 1 checks the features and writes the record again
-    now = feature_settings(pre)
-    if isinstance(then, dict) and set(SETTING_NAMES) <= set(then) and then != now:
+    then, now = recorded_settings(record), feature_settings(pre)
+    if isinstance(then, dict) and then != now:  # no record, or an unreadable one: stage 1 checks the features
         differ = ", ".join(f"{k} {then[k]} (this config: {v})" for k, v in now.items() if then[k] != v)
         raise ConfigError(f"{record}: the features of '{dataset}' were made with {differ}; rerun stage 1 with this "
                           "config (in its own processed_dir), or use the config they were made with")
