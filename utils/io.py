@@ -137,6 +137,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise
 
 
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create `folder` and a file in it (removed at once); OSError where it cannot be written, so a stage can
+    refuse before its work rather than at its first write."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda handle: handle.write(data))
 

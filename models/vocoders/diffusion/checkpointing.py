@@ -7,7 +7,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.config import ConfigError
-from utils.io import load_json, save_json
+from utils.io import load_json, probe_writable, save_json
 from utils.text import plural
 
 log = logging.getLogger(__name__)
@@ -168,9 +167,7 @@ def check_room(root: Path, model: torch.nn.Module) -> None:
     read-only or full disk stops the run at its start, not at its first save."""
     need = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
+        probe_writable(root)
         free = shutil.disk_usage(root).free
     except OSError as err:
         raise OSError(f"{root}: cannot write checkpoints here ({first_line(err)})") from None

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from processors.feature_store import feature_paths, load_entries, read_features
+from processors.feature_store import feature_paths, load_entries
+from utils.io import load_npy
 from utils.text import plural
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ class CropDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
         index, seed = key
         # Mapped: a crop of a minutes-long song reads its own pages, not the whole file.
-        mel, audio = read_features(self.processed_dir, self.entries[index], mmap=True)
         mel_path, audio_path = feature_paths(self.processed_dir, self.entries[index])
+        mel, audio = load_npy(mel_path, mmap=True), load_npy(audio_path, mmap=True)
         if mel.ndim != 2 or audio.ndim != 1:
             raise ValueError(f"{mel_path if mel.ndim != 2 else audio_path}: expected a (n_mel, frames) mel and 1-D audio, "
                              f"got shapes {mel.shape} and {audio.shape}")

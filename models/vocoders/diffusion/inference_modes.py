@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from processors.audio import AudioError, list_audio, load_audio
 from processors.feature_store import feature_paths, load_entries, load_items
 from processors.mel import mel_spectrogram, min_samples
 from processors.mel_conventions import MelConverter
-from utils.io import atomic_write_text, load_npy, remove_stale_temps, safe_name, save_wav, unique_names
+from utils.io import atomic_write_text, load_npy, probe_writable, remove_stale_temps, safe_name, save_wav, unique_names
 from utils.text import plural
 
 log = logging.getLogger(__name__)
@@ -134,8 +133,7 @@ def new_folder(path: Path) -> Path:
 def check_writable(folder: Path) -> None:
     """Refuse an output folder that cannot be written before anything is vocoded, not after the first batch."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        probe_writable(folder)
     except OSError as err:
         raise InputError(f"{folder}: cannot write the outputs there ({err.strerror or err})") from None
 
