@@ -40,9 +40,9 @@ def test_train_state_reads_back_what_the_policy_saved(tmp_path):
     source.model(torch.randn(3, 2)).square().sum().backward()
     source.optimizer.step()
     source.scheduler.step()
-    folder = CheckpointPolicy(to_attrdict({}), tmp_path / "checkpoint").save(source, 0.5, RNG, ["stride0"])
-    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.pt", "rng_0.pt",
-                                                        "scheduler.pt", "state.json"]
+    folder = CheckpointPolicy(to_attrdict({"train": {}}), tmp_path / "checkpoint").save(source, 0.5, RNG, ["stride0"])
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "optimizer.pt",
+                                                        "rng_0.pt", "scheduler.pt", "state.json"]
     target = tiny_train_state(0)
     target.load_state_dict(folder)
     assert target.counters() == {"epoch": 2, "step": 5, "batch_in_epoch": 5, "skipped_steps": 1}
@@ -54,7 +54,7 @@ def test_train_state_reads_back_what_the_policy_saved(tmp_path):
 
 def policy_run(root: Path, saves: int, **train: object) -> tuple[CheckpointPolicy, list[int]]:
     """`saves` one-epoch saves through the policy; returns it and the steps still on disk."""
-    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], **train}), root)
+    policy = CheckpointPolicy(to_attrdict({"train": {"save_checkpoint_stride": [1], **train}}), root)
     for step in range(1, saves + 1):
         state = tiny_train_state(step)
         state.epoch = step
@@ -81,7 +81,7 @@ def test_a_checkpoint_whose_save_was_cut_short_after_the_rename_is_still_pruned(
     """A crash between a checkpoint's rename and the ckpts.json update must not leave a folder keep_last never sees."""
     root = tmp_path / "checkpoint"
     policy_run(root, 1, keep_last=[1])
-    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], "keep_last": [1]}), root)
+    policy = CheckpointPolicy(to_attrdict({"train": {"save_checkpoint_stride": [1], "keep_last": [1]}}), root)
 
     def killed() -> None:
         raise KeyboardInterrupt
@@ -90,7 +90,7 @@ def test_a_checkpoint_whose_save_was_cut_short_after_the_rename_is_still_pruned(
     with pytest.raises(KeyboardInterrupt):
         policy.save(tiny_train_state(2), 0.5, RNG, ["stride0"])
     assert [read_state(p)["step"] for p in list_checkpoints(root)] == [1, 2]
-    resumed = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], "keep_last": [1]}), root)
+    resumed = CheckpointPolicy(to_attrdict({"train": {"save_checkpoint_stride": [1], "keep_last": [1]}}), root)
     resumed.save(tiny_train_state(3), 0.5, RNG, ["stride0"])
     assert [read_state(p)["step"] for p in list_checkpoints(root)] == [3]
 
@@ -98,7 +98,7 @@ def test_a_checkpoint_whose_save_was_cut_short_after_the_rename_is_still_pruned(
 def test_the_final_checkpoints_of_runs_in_segments_are_kept_like_kind_0(tmp_path):
     """Each segment of a run trained in pieces ends with a "final" save; keep_last [2] keeps the newest two of them."""
     root = tmp_path / "checkpoint"
-    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], "keep_last": [2]}), root)
+    policy = CheckpointPolicy(to_attrdict({"train": {"save_checkpoint_stride": [1], "keep_last": [2]}}), root)
     for step, kinds in enumerate([["stride0"], ["final"], ["stride0"], ["final"], ["stride0"], ["final"],
                                   ["stride0", "final"]], start=1):
         policy.save(tiny_train_state(step), 0.5, RNG, kinds)
@@ -108,13 +108,13 @@ def test_the_final_checkpoints_of_runs_in_segments_are_kept_like_kind_0(tmp_path
 def test_keep_last_of_the_original_base_config_keeps_all_of_the_every_other_stride(tmp_path):
     # stride 1 keeps 3, stride 2 keeps every save: the original toolkit's [3, -1].
     root = tmp_path / "checkpoint"
-    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1, 2], "keep_last": [3, -1]}), root)
+    policy = CheckpointPolicy(to_attrdict({"train": {"save_checkpoint_stride": [1, 2], "keep_last": [3, -1]}}), root)
     for epoch in range(1, 9):
         state = tiny_train_state(epoch)
         state.epoch = epoch
         policy.save(state, 0.5, RNG, policy.due_by_epoch(epoch))
     assert [read_state(p)["step"] for p in list_checkpoints(root)] == [2, 4, 6, 7, 8]
-    reopened = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1, 2], "keep_last": [3, -1]}), root)
+    reopened = CheckpointPolicy(to_attrdict({"train": {"save_checkpoint_stride": [1, 2], "keep_last": [3, -1]}}), root)
     assert [r["name"] for r in reopened.records] == [p.name for p in list_checkpoints(root)]  # survives a resume
 
 
@@ -321,7 +321,7 @@ def test_kinds_the_config_no_longer_has_are_kept_not_crashed_on(tmp_path):
     record = json.loads((root / "ckpts.json").read_text())
     record["checkpoints"][0]["kinds"] += ["stride7", "strideX", "bogus"]
     (root / "ckpts.json").write_text(json.dumps(record))
-    policy = CheckpointPolicy(to_attrdict({"save_checkpoint_stride": [1], "keep_last": [1]}), root)
+    policy = CheckpointPolicy(to_attrdict({"train": {"save_checkpoint_stride": [1], "keep_last": [1]}}), root)
     for step in (10, 11):
         state = tiny_train_state(step)
         policy.save(state, 0.5, RNG, ["stride0"])
@@ -353,7 +353,7 @@ def test_every_checkpoint_file_honours_the_umask(tmp_path, umask):
     state = tiny_train_state(1)
     previous = os.umask(umask)
     try:
-        folder = CheckpointPolicy(to_attrdict({}), tmp_path / "checkpoint").save(state, 0.5, RNG, ["stride0"])
+        folder = CheckpointPolicy(to_attrdict({"train": {}}), tmp_path / "checkpoint").save(state, 0.5, RNG, ["stride0"])
         save_checkpoint(tmp_path / checkpoint_name(0, 2, 0.5), {"ema.safetensors": state.model.state_dict()}, {})
     finally:
         os.umask(previous)
@@ -373,7 +373,7 @@ def test_a_failed_first_save_says_none_is_kept_and_how_much_room_there_is(tmp_pa
 
     monkeypatch.setattr(writer, full)
     with pytest.raises(OSError) as err:
-        CheckpointPolicy(to_attrdict({}), tmp_path / "checkpoint").save(tiny_train_state(1), 0.5, RNG, ["stride0"])
+        CheckpointPolicy(to_attrdict({"train": {}}), tmp_path / "checkpoint").save(tiny_train_state(1), 0.5, RNG, ["stride0"])
     message = str(err.value)
     assert "MiB free there: disk full?" in message and message.endswith("no checkpoint was saved yet")
     assert "earlier checkpoints are kept" not in message and "\n" not in message

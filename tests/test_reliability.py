@@ -299,7 +299,7 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_
     from models.vocoders.diffusion.checkpointing import CheckpointPolicy
 
     root = tmp_path / "checkpoint"
-    policy = CheckpointPolicy(to_attrdict({"save_checkpoints_steps": 1, "keep_last": [1]}), root)
+    policy = CheckpointPolicy(to_attrdict({"train": {"save_checkpoints_steps": 1, "keep_last": [1]}}), root)
     first = tiny_train_state(1)
     kept = policy.save(first, 0.5, [{"torch": torch.get_rng_state()}], ["steps"])
 

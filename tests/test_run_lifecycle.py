@@ -3,6 +3,7 @@ its first checkpoint, runs that would train nothing, and rolling back to an olde
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
@@ -201,6 +202,28 @@ def test_a_second_resume_from_one_step_keeps_the_config_that_trained_it(root: Pa
     for lr in (5e-4, 2e-4):
         trainer(tiny_training_config(root, f"lr{lr}.json", max_steps=3, adamw={"lr": lr}), "configs", "resume")
     assert json.loads((exp / "args.2.json").read_text())["train"]["adamw"]["lr"] == 1e-3
+
+
+def test_a_resume_without_config_goes_on_with_the_config_its_checkpoint_was_trained_under(root: Path) -> None:
+    """Steps 1-2 trained at lr 1e-3, steps 3-4 at 5e-4: a rollback to step 2 without --config goes on at 1e-3 (not
+    the newest args.json's 5e-4), and the abandoned step 4 at 5e-4; args.2.json keeps what trained up to step 2."""
+    from bins.vocoder.train import saved_config
+
+    exp = root / "ckpts" / "own_configs"
+    trainer(root / "config.json", "own_configs").train()
+    trainer(tiny_training_config(root, "own_lr.json", max_steps=4, adamw={"lr": 5e-4}), "own_configs", "resume").train()
+    two, four = (list_checkpoints(exp / "checkpoint")[i] for i in (1, -1))
+
+    def lr(path: Path) -> float:
+        return saved_config(argparse.Namespace(resume_type="resume", checkpoint=str(path))).train.adamw.lr
+
+    assert (lr(two), lr(four), lr(exp)) == (1e-3, 5e-4, 5e-4)
+    result = python_bin("train.py", "--exp_name", "own_configs", "--resume_type", "resume", "--checkpoint", str(two),
+                        "--max_steps", "3", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert steps(exp) == [1, 2, 3] and json.loads((exp / "args.json").read_text())["train"]["adamw"]["lr"] == 1e-3
+    assert json.loads((exp / "args.2.json").read_text())["train"]["adamw"]["lr"] == 1e-3
+    assert lr(exp / "checkpoint" / f"abandoned-{four.name}") == 5e-4
 
 
 def test_a_disk_without_room_for_a_checkpoint_stops_the_run_at_its_start(root: Path, monkeypatch) -> None:

@@ -2,9 +2,9 @@
 
 A checkpoint is a folder `epoch-XXXX_step-XXXXXXX_loss-X.XXXXXX/` holding `model.safetensors`
 (the name accelerate's save_state uses), optional `ema.safetensors`, optimizer/scheduler/
-scaler/RNG state as plain tensors (read with `weights_only=True`: no pickled code runs), and
-`state.json` last. It is assembled under a temporary name and renamed, so a folder with its
-final name is always complete.
+scaler/RNG state as plain tensors (read with `weights_only=True`: no pickled code runs), the
+config it was trained under (`config.json`), and `state.json` last. It is assembled under a
+temporary name and renamed, so a folder with its final name is always complete.
 
 Folders written by accelerate's `save_state` (the original toolkit's checkpoints) are read
 too: weights, `optimizer.bin` and `scheduler.bin` safely, the position from the folder name;
@@ -29,6 +29,7 @@ from utils.io import file_mode, load_json, remove_stale_temps, save_json
 
 CHECKPOINT_DIR = "checkpoint"  # an experiment's checkpoints, under its folder
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d+)_step-(\d+)_loss-([0-9.]+|nan|inf)$")
+CHECKPOINT_CONFIG = "config.json"  # the config a checkpoint was trained under
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
 ACCELERATE_LAST_FILE = "random_states_0.pkl"  # save_state writes the RNG pickles after everything else
 
@@ -163,6 +164,8 @@ def save_checkpoint(folder: Path, files: dict[str, Any], state: dict) -> Path:
             if name.endswith(".safetensors"):
                 save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, str(tmp / name))
                 os.chmod(tmp / name, file_mode())  # safetensors writes 0600 whatever the umask
+            elif name.endswith(".json"):
+                save_json(tmp / name, obj)
             else:
                 torch.save(obj, tmp / name)
             _fsync(tmp / name)

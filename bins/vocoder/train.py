@@ -17,22 +17,25 @@ log = logging.getLogger(__name__)
 
 
 def saved_config(args: argparse.Namespace) -> Any:
-    """A resume without --config goes on with the experiment's own config: args.json beside its checkpoint/ folder.
+    """A resume without --config goes on with the config its checkpoint was trained under (the checkpoint's own
+    copy; args.json beside the checkpoint/ folder for checkpoints older than that copy).
 
     It trains where that experiment now lies (a copied or moved one too, not where its args.json says it was made),
     and an experiment stopped before its first checkpoint is named by its empty checkpoint/ folder."""
     if args.resume_type != "resume" or not args.checkpoint:
         raise ConfigError("--config is required; only a resume with --checkpoint may leave it out "
-                          "(it then reads the experiment's args.json)")
+                          "(it then reads the config that checkpoint was trained under)")
     path = Path(os.path.abspath(args.checkpoint))  # not resolved: a symlinked experiment stays where it is named
+    folder = None
     if (path / ARGS_FILE).is_file() and not list_checkpoints(path / CHECKPOINT_DIR):
         expt_dir = path
     elif path.name == CHECKPOINT_DIR and (path.parent / ARGS_FILE).is_file() and not list_checkpoints(path):
         expt_dir = path.parent
     else:
-        expt_dir = resolve_checkpoint(path).parent.parent
-    log.info("resuming with the experiment's own config %s", expt_dir / ARGS_FILE)
-    cfg = Experiment(expt_dir).config()
+        folder = resolve_checkpoint(path)
+        expt_dir = folder.parent.parent
+    cfg = Experiment(expt_dir).config(folder)
+    log.info("resuming with the config it was trained under, %s", cfg.config_path)
     cfg.log_dir = str(expt_dir.parent)
     return cfg
 

@@ -16,6 +16,7 @@ import torch
 from models.vocoders.diffusion.experiment import RECORDS_FILE, Experiment
 from models.vocoders.diffusion.train_state import TrainState
 from utils.checkpoint import (
+    CHECKPOINT_CONFIG,
     CHECKPOINT_PATTERN,
     CheckpointError,
     checkpoint_name,
@@ -27,7 +28,7 @@ from utils.checkpoint import (
     safe_torch_load,
     save_checkpoint,
 )
-from utils.config import ConfigError
+from utils.config import ConfigError, to_plain
 from utils.io import load_json, probe_writable, save_json
 from utils.text import plural
 
@@ -197,8 +198,8 @@ class CheckpointPolicy:
     `ckpts.json` records each checkpoint with its kinds, so retention survives a resume.
     """
 
-    def __init__(self, tcfg: Any, root: Path) -> None:
-        self.root = root
+    def __init__(self, cfg: Any, root: Path) -> None:
+        tcfg, self.root, self.config = cfg.train, root, to_plain(cfg)
         self.strides = [int(s) for s in tcfg.get("save_checkpoint_stride", [1])]
         self.keep = self._per_stride(tcfg.get("keep_last", [-1]), -1)
         self.run_eval = self._per_stride(tcfg.get("run_eval", [True]), True)
@@ -254,7 +255,7 @@ class CheckpointPolicy:
 
     def save(self, train: TrainState, loss: float, rng_states: list[dict], kinds: list[str]) -> Path:
         """The training state and every process's RNG state as a new checkpoint, then prune."""
-        files = train.state_dict()
+        files = {**train.state_dict(), CHECKPOINT_CONFIG: self.config}
         for rank, rng in enumerate(rng_states):
             files[f"rng_{rank}.pt"] = rng
         state = {**train.counters(), "loss": loss, "num_processes": len(rng_states)}

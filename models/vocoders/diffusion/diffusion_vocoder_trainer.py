@@ -122,12 +122,12 @@ class DiffusionVocoderTrainer:
         self.valid_entries, self.valid_loader = data.valid_entries, data.valid_loader
         if self.accelerator.is_main_process and folder is not None:  # set up without failing: a new branch starts
             ckpt.abandon_newer(folder, self.ckpt_dir)
-        self.policy = CheckpointPolicy(tcfg, self.ckpt_dir)
+        self.policy = CheckpointPolicy(cfg, self.ckpt_dir)
         self.writer = None
         if self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.experiment.write_setup(cfg, self.state.step if folder is not None else None)
+            self.experiment.write_setup(cfg, self.state.step if folder is not None else None, folder)
             resumed = resume_type == "resume"  # from step 0 too, where the run stopped before its first save
             self.writer = SummaryWriter(str(self.exp_dir), purge_step=self.state.step + 1 if resumed else None)
         self.eval_logger = EvalLogger(cfg, self.valid_entries, self.writer)

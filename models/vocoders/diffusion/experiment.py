@@ -23,7 +23,7 @@ from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
 from models.vocoders.diffusion.diffwave.geometry import upsample_factors
 from models.vocoders.diffusion.train_state import weights_source
 from processors.mel_conventions import mel_contract
-from utils.checkpoint import CHECKPOINT_DIR, CHECKPOINT_PATTERN, load_into, load_weights, resolve_checkpoint
+from utils.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_DIR, CHECKPOINT_PATTERN, load_into, load_weights, resolve_checkpoint
 from utils.config import ConfigError, adopt_sources, load_config, merge, save_config, source_of, to_attrdict, to_plain
 from utils.io import load_json, save_json
 
@@ -91,22 +91,28 @@ class Experiment:
         if handle is not None:
             handle.close()  # closing releases the flock
 
-    def config(self) -> Any:
+    def config(self, checkpoint: Path | None = None) -> Any:
+        """The config `checkpoint` was trained under (its own copy), else the experiment's latest (args.json):
+        after a rollback, or from an abandoned checkpoint, the two differ."""
+        if checkpoint is not None and (checkpoint / CHECKPOINT_CONFIG).is_file():
+            return load_config(checkpoint / CHECKPOINT_CONFIG)
         if not self.args.is_file():
             raise ConfigError(f"{self.args}: missing; is '{self.root}' an experiment folder written by stage 2?")
         return load_config(self.args)
 
-    def write_setup(self, cfg: Any, resumed_step: int | None = None) -> None:
+    def write_setup(self, cfg: Any, resumed_step: int | None = None, resumed_from: Path | None = None) -> None:
         """The run's config and the mel contract it trains on, beside its checkpoints.
 
-        A resume under another config keeps the old one as `args.<step>.json`: what trained the weights up to there.
-        One kept already stays (a later resume from that step replaces a config that trained nothing kept).
+        A resume under another config than its checkpoint's keeps that one as `args.<step>.json`: what trained the
+        weights up to there. One kept already stays (a later resume from that step replaces a config that trained
+        nothing kept).
         """
         self.root.mkdir(parents=True, exist_ok=True)
         kept = self.root / f"args.{resumed_step}.json"
-        changed = resumed_step is not None and self.args.is_file() and _settings(load_config(self.args)) != _settings(cfg)
-        if changed and not kept.exists():
-            os.replace(self.args, kept)
+        if resumed_step is not None and not kept.exists() and (self.args.is_file() or resumed_from is not None):
+            trained = self.config(resumed_from)
+            if _settings(trained) != _settings(cfg):
+                save_config(trained, kept)
         save_config(cfg, self.args)
         save_json(self.contract, mel_contract(cfg.preprocess))
 
