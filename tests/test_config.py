@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from models.vocoders.diffusion import ddpm, diffusion_vocoder_trainer, windowed
+from models.vocoders.diffusion import ddpm, device_policy, windowed
 from utils import config_schema
 from utils.config import ConfigError, load_config, merge
 from utils.config_schema import check_dataset_paths, unknown_keys, validate
@@ -232,7 +232,7 @@ def test_the_schema_names_what_the_models_accept():
     """utils/config_schema sits below models/ and keeps its own lists of names: they must stay the models' names."""
     assert config_schema.SAMPLER_NAMES == ddpm.SAMPLER_NAMES
     assert config_schema.SCHEMA["inference.sampler"].choices == ddpm.SAMPLER_NAMES
-    assert config_schema.SCHEMA["train.mixed_precision"].choices == diffusion_vocoder_trainer.PRECISIONS
+    assert config_schema.SCHEMA["train.mixed_precision"].choices == device_policy.TRAIN_PRECISIONS
     assert config_schema.SCHEMA["inference.engine"].choices == windowed.ENGINES
 
 

@@ -21,6 +21,7 @@ from utils.threads import fair_threads
 
 log = logging.getLogger(__name__)
 THREAD_CHECK_STEPS = 50
+TRAIN_PRECISIONS = ("auto", "no", "fp16", "bf16")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 NATIVE_BF16 = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores
 TRITON_GPUS = TENSOR_CORES = (7, 0)  # Volta: the oldest GPUs Inductor's Triton backend compiles for, with fp16 tensor cores
@@ -38,9 +39,14 @@ def lacking(capability: tuple[int, int], devices: list[int]) -> int | None:
     return next((i for i in devices if torch.cuda.get_device_capability(i) < capability), None)
 
 
-def training_precision(setting: str, cuda: bool) -> str:
+def training_precision(setting: str, cuda: bool, source: str = "config") -> str:
     """`train.mixed_precision`: "auto" is bf16 on GPUs that compute it natively (compute capability 8.0+: A100,
     RTX 30xx, H100 and later) and fp32 ("no") elsewhere; fp16 needs a grad scaler, so auto never picks it."""
+    if setting not in TRAIN_PRECISIONS:
+        raise ConfigError(f"{source}: train.mixed_precision must be one of {TRAIN_PRECISIONS}, got {setting!r}")
+    if setting == "fp16" and not cuda:
+        raise ConfigError(f"{source}: train.mixed_precision 'fp16' needs a CUDA GPU (no fp16 grad scaling on CPU); "
+                          "use 'bf16' or 'no'")
     gpus = launch_gpus() if cuda else []
     old = lacking(NATIVE_BF16, gpus) if gpus else None
     if setting == "auto":

@@ -47,7 +47,6 @@ from utils.config import ConfigError
 from utils.text import plural
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
 def seed_everything(seed: int) -> None:
@@ -61,14 +60,8 @@ class DiffusionVocoderTrainer:
         self.cfg, tcfg = cfg, cfg.train
         if resume_type not in (None, "", "resume", "finetune"):
             raise ConfigError(f"unknown --resume_type '{resume_type}': use resume or finetune")
-        setting = tcfg.get("mixed_precision", "auto")
-        if setting not in PRECISIONS:
-            raise ConfigError(f"{cfg.config_path}: train.mixed_precision must be one of {PRECISIONS}, got {setting!r}")
-        cuda = torch.cuda.is_available()
-        precision = training_precision(setting, cuda)
-        if precision == "fp16" and not cuda:
-            raise ConfigError(f"{cfg.config_path}: train.mixed_precision 'fp16' needs a CUDA GPU (no fp16 grad scaling "
-                              "on CPU); use 'bf16' or 'no'")
+        setting, cuda = tcfg.get("mixed_precision", "auto"), torch.cuda.is_available()
+        precision = training_precision(setting, cuda, str(cfg.config_path))
         # cpu=True without CUDA makes a multi-process launch a gloo process group instead of N lone trainers.
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not cuda)
         self.accum = max(1, int(tcfg.get("gradient_accumulation_step", 1)))
