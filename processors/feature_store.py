@@ -51,9 +51,13 @@ def features_done(pre: Any, entry: dict) -> bool:
 
 def feature_settings(pre: Any) -> dict:
     """The settings the features are made with, as stage 1 records them beside the features."""
-    values = list(mel_settings(pre))
-    values[-1] = None if values[-1] is None else float(values[-1])
-    return dict(zip(SETTING_NAMES, values, strict=True))
+    return _explicit_fmax(dict(zip(SETTING_NAMES, mel_settings(pre), strict=True)))
+
+
+def _explicit_fmax(settings: dict) -> dict:
+    """fmax null is the Nyquist frequency (librosa's default): the same features as fmax sample_rate / 2."""
+    fmax = settings["fmax"]
+    return {**settings, "fmax": float(settings["sample_rate"]) / 2 if fmax is None else float(fmax)}
 
 
 def recorded_settings(record: Path) -> dict | str | None:
@@ -61,9 +65,11 @@ def recorded_settings(record: Path) -> dict | str | None:
     read or lacks a setting."""
     try:
         then = load_json(record) if record.exists() else None
-    except (OSError, ValueError):
+        if then is None:
+            return None
+        return _explicit_fmax(then) if isinstance(then, dict) and set(SETTING_NAMES) <= set(then) else "unreadable"
+    except (OSError, ValueError, TypeError):
         return "unreadable"
-    return then if then is None or (isinstance(then, dict) and set(SETTING_NAMES) <= set(then)) else "unreadable"
 
 
 def unrecorded_mismatch(pre: Any, entries: list[dict]) -> str | None:

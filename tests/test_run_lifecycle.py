@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from models.vocoders.diffusion.experiment import Experiment
 from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
 from tests.reliability_kit import REPO, python_bin, write_config
@@ -253,6 +254,10 @@ def test_a_resume_under_another_config_says_what_it_does_not_apply_and_keeps_the
         path.write_text(json.dumps(changed))
         with pytest.raises(ConfigError, match=rf"^{path}: .*{key}.* but {exp / 'args.json'} trained this experiment"):
             trainer(path, "changed", "resume")
+    nyquist = json.loads(json.dumps(base))
+    nyquist["preprocess"]["fmax"] = None  # trained with fmax 4000 at 8 kHz: the same mel
+    (root / "changed_nyquist.json").write_text(json.dumps(nyquist))
+    Experiment(exp).refuse_changed_results(load_config(root / "changed_nyquist.json"))
     trainer(tiny_training_config(root, "longer.json", max_steps=3), "changed", "resume").train()
     assert not list(exp.glob("args.*.json"))  # only the bound changed
     assert "not applied" not in caplog.text

@@ -55,6 +55,24 @@ def test_other_mel_settings_remake_every_feature(tmp_path, caplog, setting, valu
     assert stamps(tmp_path) == after and "made anew" not in caplog.text
 
 
+def test_fmax_null_and_the_nyquist_frequency_are_the_same_features(tmp_path, caplog):
+    """librosa takes fmax null as sample_rate / 2: writing it out is no reason to remake or refuse the features,
+    also where features.json was written with null (as stage 1 did before)."""
+    from processors.feature_store import load_entries
+
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+    stage1(tmp_path, root, fmax=None)
+    before = stamps(tmp_path)
+    caplog.clear()
+    stage1(tmp_path, root, fmax=RATE / 2)
+    assert stamps(tmp_path) == before and "made anew" not in caplog.text
+    record = tmp_path / "data" / "demo" / "features.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "fmax": None}))
+    assert load_entries(load_config(write_config(tmp_path, corpus=root, preprocess={"fmax": RATE / 2})), "train")
+    stage1(tmp_path, root, fmax=RATE / 2)
+    assert stamps(tmp_path) == before and "made anew" not in caplog.text
+
+
 @pytest.mark.parametrize("split", ["train", "valid"])
 def test_later_stages_refuse_features_recorded_with_other_settings(tmp_path, split):
     """Training and dataset-mode vocoding read features only of their own settings: an fmax-only difference keeps

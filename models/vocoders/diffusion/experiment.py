@@ -188,11 +188,16 @@ def locate_experiment(path: str | Path, checkpoint: str | None = None) -> tuple[
 
 
 def _value(cfg: Any, dotted: str) -> Any:
+    """A setting as it acts: fmax null is the Nyquist frequency, so the two never count as different models."""
+    node = cfg
     for part in dotted.split("."):
-        if not isinstance(cfg, dict) or part not in cfg:
+        if not isinstance(node, dict) or part not in node:
             return None
-        cfg = cfg[part]
-    return to_plain(cfg)
+        node = node[part]
+    if dotted == "preprocess.fmax" and node is None:
+        rate = _value(cfg, "preprocess.sample_rate")
+        return None if rate is None else float(rate) / 2
+    return float(node) if dotted == "preprocess.fmax" and isinstance(node, int | float) else to_plain(node)
 
 
 def _settings(cfg: Any) -> dict:
