@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -225,6 +228,38 @@ def test_a_resume_without_config_goes_on_with_the_config_its_checkpoint_was_trai
     assert steps(exp) == [1, 2, 3] and json.loads((exp / "args.json").read_text())["train"]["adamw"]["lr"] == 1e-3
     assert json.loads((exp / "args.2.json").read_text())["train"]["adamw"]["lr"] == 1e-3
     assert lr(exp / "checkpoint" / f"abandoned-{four.name}") == 5e-4
+
+
+@pytest.mark.parametrize(("signum", "workers"), [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_the_step_reached_and_the_resume_goes_on_from_it(root: Path, signum: int,
+                                                                             workers: int) -> None:
+    """A scheduler's time limit (SIGTERM to every process of the job, loader workers too) or a Ctrl-C lost every
+    step since the last checkpoint: the run now stops after its step with a final checkpoint, exit 128 + signal."""
+    name = f"stopped_{signum}"
+    config = tiny_training_config(root, f"{name}.json", max_steps=100_000, save_checkpoint_stride=[1000],
+                                  dataloader={"num_worker": workers})
+    log_file = root / f"{name}.log"
+    with log_file.open("w") as err:
+        job = subprocess.Popen([sys.executable, str(REPO / "bins/vocoder/train.py"), "--config", str(config),
+                                "--exp_name", name], cwd=REPO, stderr=err, start_new_session=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+        try:
+            for _ in range(600):
+                if "epoch 3:" in log_file.read_text():
+                    break
+                time.sleep(0.2)
+            os.killpg(job.pid, signum)  # the whole group: what a terminal's Ctrl-C and SLURM's time limit reach
+            assert job.wait(timeout=120) == 128 + signum, log_file.read_text()[-2000:]
+        finally:
+            job.kill()
+    text = log_file.read_text()
+    exp = root / "ckpts" / name
+    reached = steps(exp)
+    assert len(reached) == 1 and reached[0] >= 3, text[-2000:]
+    assert f"stopped by {signal.Signals(signum).name} at step {reached[0]}, after saving a checkpoint" in text
+    trainer(tiny_training_config(root, f"{name}_more.json", max_steps=reached[0] + 1, save_checkpoint_stride=[1000],
+                                 dataloader={"num_worker": workers}), name, "resume").train()
+    assert steps(exp) == [reached[0], reached[0] + 1]
 
 
 def test_a_disk_without_room_for_a_checkpoint_stops_the_run_at_its_start(root: Path, monkeypatch) -> None:

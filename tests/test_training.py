@@ -172,7 +172,7 @@ def test_a_budget_read_as_spent_at_any_check_ends_with_the_final_checkpoint(corp
     any check, the one after validation included (that run ended with no checkpoint at all): every one saves."""
     for first_spent in range(1, 6):
         calls = iter(range(1, 1000))
-        monkeypatch.setattr(DiffusionVocoderTrainer, "_out_of_time",
+        monkeypatch.setattr(DiffusionVocoderTrainer, "_cut_short",
                             lambda self, calls=calls, first_spent=first_spent: next(calls) >= first_spent)
         name = f"spent{first_spent}"
         # batch 4: one window an epoch, so the checks cycle through its window and its end (after validation)

@@ -72,6 +72,6 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
             raise
         print(f"error: {out_of_memory(err)}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted; finished work is kept", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # StopRequested says what it saved, and which signal it was
+        print(f"interrupted{f': {err}' if str(err) else ''}; finished work is kept", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 130))

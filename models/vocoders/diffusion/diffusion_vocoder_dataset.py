@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from processors.feature_store import feature_paths, load_entries
 from utils.io import load_npy
+from utils.stop_request import ignore_stop_signals
 from utils.text import plural
 
 log = logging.getLogger(__name__)
@@ -186,9 +187,11 @@ class TrainingData:
 
 
 def make_loader(dataset: CropDataset, sampler: EpochBatchSampler, workers: int, pin: bool) -> DataLoader:
-    """Persistent workers; its own generator, so creating an iterator draws nothing from the global RNG a
-    resume restores; pinned batches, four per worker queued ahead, so the copy to the GPU overlaps the step before."""
+    """Persistent workers, which leave stopping to the main process; its own generator, so creating an iterator
+    draws nothing from the global RNG a resume restores; pinned batches, four per worker queued ahead, so the copy
+    to the GPU overlaps the step before."""
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, generator=torch.Generator(),
         persistent_workers=workers > 0, pin_memory=pin, prefetch_factor=4 if workers else None,
+        worker_init_fn=ignore_stop_signals if workers else None,
     )

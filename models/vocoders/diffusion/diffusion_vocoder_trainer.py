@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -38,12 +39,13 @@ from models.vocoders.diffusion.device_policy import (
 )
 from models.vocoders.diffusion.diffusion_vocoder_dataset import TrainingData
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
-from models.vocoders.diffusion.eval_logging import EvalLogger
+from models.vocoders.diffusion.eval_logging import EvalLogger, validation_loss
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.stepper import HostCopy, Inflight, Stepper, make_optimizer
 from models.vocoders.diffusion.train_state import EMA, TrainState
 from utils.checkpoint import list_checkpoints, resolve_checkpoint
 from utils.config import ConfigError
+from utils.stop_request import StopRequest, StopRequested
 from utils.text import plural
 
 log = logging.getLogger(__name__)
@@ -180,26 +182,8 @@ class DiffusionVocoderTrainer:
             acc.backward(loss / window)
         return acc.reduce(loss.detach(), "mean")
 
-    @torch.no_grad()
     def validate(self) -> float:
-        """Mean loss over one crop of every test utterance, with the same noise every time.
-
-        A compiled model runs eagerly here: its eval-mode, no-grad batches would each be a new
-        graph to compile (20-30 s apiece on a GPU) for a pass that takes well under a second.
-        """
-        model = self.accelerator.unwrap_model(self.model)  # uneven shards: no collectives inside the loop
-        model.eval()
-        device = self.accelerator.device
-        total = torch.zeros(2, device=device)
-        eager = torch.compiler.set_stance("force_eager") if self.compiled else nullcontext()
-        with eager, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
-            for mel, audio in self.valid_loader:
-                mel, audio = mel.to(device), audio.to(device)
-                total += torch.stack([self._loss(model, mel, audio) * len(audio), torch.tensor(float(len(audio)), device=device)])
-        total = self.accelerator.reduce(total, "sum")
-        model.train()
-        return float(total[0] / total[1].clamp(min=1))
+        return validation_loss(self.accelerator, self.model, self.valid_loader, self._loss, self.seed, self.compiled)
 
     def _log(self, scalars: dict[str, float | None]) -> None:
         if self.writer is not None:
@@ -213,7 +197,7 @@ class DiffusionVocoderTrainer:
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             self.policy.save(self.state, loss, rng_states, kinds)
-            if self.policy.wants_eval(kinds) or "final" in kinds:
+            if (self.policy.wants_eval(kinds) or "final" in kinds) and not self.signalled:  # a stop signal's grace is short
                 with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
                     self.eval_logger.log(self._inference_weights(model), self.state.step)
         acc.wait_for_everyone()
@@ -234,8 +218,17 @@ class DiffusionVocoderTrainer:
         )
 
     def train(self) -> None:
+        """Train to the config's bounds; a SIGINT or SIGTERM stops at the next step with a final checkpoint, then
+        raises StopRequested (a second Ctrl-C stops at once, losing the steps since the last checkpoint)."""
+        self.stop = StopRequest()
         try:
-            self._train()
+            with self.stop:
+                self._train()
+        except KeyboardInterrupt:
+            kept = list_checkpoints(self.ckpt_dir)
+            log.warning("stopped at once at step %d; %s", self.state.step, f"the last checkpoint is {kept[-1]}, the steps "
+                        "after it are lost" if kept else "no checkpoint was saved")
+            raise
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -244,9 +237,13 @@ class DiffusionVocoderTrainer:
         # abort that peer (gloo: "terminate called without an active exception").
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if self.signalled:  # on a process the signal did not reach, another one's
+            signum = self.stop.signum or signal.SIGTERM
+            raise StopRequested(signum, f"stopped by {signal.Signals(signum).name} at step {self.state.step}, "
+                                "after saving a checkpoint")
 
     def _train(self) -> None:
-        self.bad_in_row, self.started, self.time_flag = 0, time.perf_counter(), None
+        self.bad_in_row, self.started, self.time_flag, self.signalled = 0, time.perf_counter(), None, False
         self.model.train()
         # The wall-time budget is decided within the epoch and at its end (which saves the final checkpoint), not
         # here: with several processes a check reads the previous one's reduction, so a budget spent during
@@ -260,23 +257,25 @@ class DiffusionVocoderTrainer:
     def _at_bound(self, clock: bool = True) -> bool:
         max_steps, max_epoch = self._bounds()
         return (bool(max_steps and self.state.step >= max_steps) or 0 <= max_epoch <= self.state.epoch
-                or (clock and self._out_of_time()))
+                or (clock and self._cut_short()))
 
-    def _out_of_time(self) -> bool:
-        """`train.max_minutes` of this run's wall time are spent; every process stops when the first one is over.
+    def _cut_short(self) -> bool:
+        """`train.max_minutes` of this run's wall time are spent, or a stop signal came (then `signalled` is set);
+        every process stops when the first one asks.
 
         With several processes that is a reduction, read one check later: reading it at once would
         wait for the GPU to finish the window queued before it, at every window.
         """
         minutes = float(self.cfg.train.get("max_minutes", 0) or 0)
-        if minutes <= 0:
-            return False
-        over = time.perf_counter() - self.started > 60 * minutes
-        if self.accelerator.num_processes == 1:
-            return over
-        flag = self.accelerator.reduce(torch.full((), float(over), device=self.accelerator.device), "max")
-        previous, self.time_flag = self.time_flag, HostCopy(flag)
-        return previous is not None and previous.read() > 0
+        spent = 0 < minutes < (time.perf_counter() - self.started) / 60
+        ask = 2.0 if self.stop.signum is not None else float(spent)
+        decided = ask
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(torch.full((), ask, device=self.accelerator.device), "max")
+            previous, self.time_flag = self.time_flag, HostCopy(flag)
+            decided = previous.read() if previous is not None else 0.0
+        self.signalled = self.signalled or decided == 2
+        return decided > 0
 
     def _run_epoch(self, epoch: EpochLog) -> list[str]:
         """Batches until the epoch ends or a bound is reached; returns the checkpoint kinds still to save.
@@ -287,8 +286,12 @@ class DiffusionVocoderTrainer:
         """
         acc, state = self.accelerator, self.state
         epoch.per_epoch = len(self.train_sampler)
-        bar = tqdm(total=epoch.per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}", unit="batch",
-                   disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
+        with tqdm(total=epoch.per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}", unit="batch",
+                  disable=not acc.is_main_process, dynamic_ncols=True, leave=False) as bar:  # cleared on any exit
+            return self._run_windows(epoch, bar)
+
+    def _run_windows(self, epoch: EpochLog, bar: tqdm) -> list[str]:
+        acc, state = self.accelerator, self.state
         rate = float(self.cfg.preprocess.sample_rate)
         pending: list[str] = []
         losses: list[torch.Tensor] = []
@@ -318,13 +321,12 @@ class DiffusionVocoderTrainer:
                     break
         if inflight is not None:
             self._settle(inflight, epoch, bar, pending)
-        bar.close()
         return pending
 
     def _settle_first(self) -> bool:
         """Whether the step in flight may be due for a save or end the run, if it was taken."""
         step, (max_steps, _) = self.state.step + 1, self._bounds()
-        return bool(self.policy.due_by_step(step)) or bool(max_steps and step >= max_steps) or self._out_of_time()
+        return bool(self.policy.due_by_step(step)) or bool(max_steps and step >= max_steps) or self._cut_short()
 
     def _settle(self, inflight: Inflight, epoch: EpochLog, bar: tqdm, pending: list[str], bounds: bool = True) -> bool:
         """Count and log a launched step, save when due, stop after too many bad ones; True when a bound is reached.
@@ -351,7 +353,6 @@ class DiffusionVocoderTrainer:
         bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", step=state.step,
                         steps_s=f"{1 / elapsed:.2f}", audio_s_s=f"{window_audio / elapsed:.1f}")
         if self.bad_in_row >= int(self.cfg.train.get("max_nonfinite_steps", 20)):
-            bar.close()
             raise self._too_many_bad(self.bad_in_row)
         if outcome.stepped:
             self.threads.after_step(state.step)
@@ -375,9 +376,9 @@ class DiffusionVocoderTrainer:
             with warnings.catch_warnings():  # a resume may reach an epoch's end before this process's first step:
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # due all the same
                 self.scheduler.step()
-        valid_loss = self.validate()
+        valid_loss = float("nan") if self.signalled else self.validate()
         mean_loss = float(np.mean(epoch.losses)) if epoch.losses else float("nan")
-        self._log({"valid/loss": valid_loss, "train/epoch_loss": mean_loss})
+        self._log({"valid/loss": None if self.signalled else valid_loss, "train/epoch_loss": mean_loss})
         log.info("epoch %d%s: step %d, train loss %.5f, valid loss %.5f, lr %.3g, %.2f steps/s, %.1f audio s/s, "
                  "%s skipped, %.1f s", state.epoch if finished else state.epoch + 1,
                  "" if finished else " (stopped mid-epoch)", state.step, mean_loss, valid_loss,
@@ -386,7 +387,7 @@ class DiffusionVocoderTrainer:
         stop = self._at_bound()
         kinds = pending + (self.policy.due_by_epoch(state.epoch) if finished else [])
         if kinds or stop:
-            self._save(valid_loss, kinds + (["final"] if stop else []))
+            self._save(mean_loss if self.signalled else valid_loss, kinds + (["final"] if stop else []))
         return stop
 
 

@@ -1,0 +1,58 @@
+"""SIGINT and SIGTERM as a request to stop at the next safe point, so a long job saves its work first.
+
+A cluster's time limit (SLURM sends SIGTERM, then SIGKILL after its grace period) or a Ctrl-C
+would otherwise lose every step since the last checkpoint. A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType, TracebackType
+
+log = logging.getLogger(__name__)
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequested(KeyboardInterrupt):
+    """The job stopped early at a safe point because of `signum`; its work so far is saved."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # what the shell reports for a process the signal ended
+
+
+class StopRequest:
+    """While entered, SIGINT and SIGTERM set `signum` instead of ending the process (main thread only: Python
+    runs handlers there; elsewhere nothing changes)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:  # the user insists
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        log.warning("%s received: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)",
+                    signal.Signals(signum).name)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """For data-loader workers: the main process decides when to stop (a worker that a Ctrl-C or a scheduler's SIGTERM
+    killed would fail the main process's next batch before it could save); they end with it."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
