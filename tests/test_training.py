@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def test_a_resume_uses_this_runs_adamw_kernel_not_the_checkpoints(corpus: Path, 
     assert all(bool(group["fused"]) is (not saved) for group in rest.optimizer.param_groups)
 
 
-def test_finetune_loads_weights_and_ema_only_and_names_a_mismatched_parameter(corpus: Path, tmp_path: Path) -> None:
+def test_finetune_loads_weights_and_ema_only_and_refuses_another_shape(corpus: Path, tmp_path: Path, caplog) -> None:
     cfg = config(corpus, tmp_path, max_steps=2)
     trainer(cfg, "source").train()
     source = newest(tmp_path / "ckpts" / "source")
@@ -91,8 +92,21 @@ def test_finetune_loads_weights_and_ema_only_and_names_a_mismatched_parameter(co
     wider = json.loads(cfg.read_text())
     wider["model"]["diffwave"]["residual_channels"] = 12
     (tmp_path / "wider.json").write_text(json.dumps(wider))
-    with pytest.raises(CheckpointError, match=r"parameter 'input_projection\.\w+' has shape \(\d+,?\d*\), the model expects"):
+    with pytest.raises(ConfigError, match=rf"residual_channels is 12, but {source} was trained with \d+; a finetune keeps"):
         trainer(tmp_path / "wider.json", "wider", "finetune", str(source))
+    assert not (tmp_path / "ckpts" / "wider").exists()  # a refused setup leaves no folder behind
+    bare = tmp_path / "bare" / "model.safetensors"  # weights alone: no config to compare, the load names the parameter
+    bare.parent.mkdir()
+    shutil.copy(source / "model.safetensors", bare)
+    with pytest.raises(CheckpointError, match=r"parameter 'input_projection\.\w+' has shape \(\d+,?\d*\), the model expects"):
+        trainer(tmp_path / "wider.json", "wider", "finetune", str(bare))
+
+    longer = json.loads(cfg.read_text())  # another noise schedule (or mel), the same shapes: allowed, and said
+    longer["model"]["diffwave"] = {**longer["model"].get("diffwave", {}), "noise_schedule_factors": [1e-4, 0.05, 60]}
+    (tmp_path / "longer.json").write_text(json.dumps(longer))
+    trainer(tmp_path / "longer.json", "longer", "finetune", str(source))
+    assert (f"finetuning {source} under other settings than it was trained with: model.diffwave.noise_schedule_factors "
+            "[0.0001, 0.05, 50] -> [0.0001, 0.05, 60]") in caplog.text
 
 
 def test_checkpoint_policy_strides_keep_last_run_eval_and_tensorboard(corpus: Path, tmp_path: Path, capsys, caplog,

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.vocoders.diffusion.experiment import RECORDS_FILE, Experiment
+from models.vocoders.diffusion.diffwave.geometry import upsample_factors
+from models.vocoders.diffusion.experiment import RECORDS_FILE, Experiment, differing_results, trained_config
 from models.vocoders.diffusion.train_state import TrainState
 from utils.checkpoint import (
     CHECKPOINT_CONFIG,
@@ -28,7 +29,7 @@ from utils.checkpoint import (
     safe_torch_load,
     save_checkpoint,
 )
-from utils.config import ConfigError, to_plain
+from utils.config import ConfigError, source_of, to_plain
 from utils.io import load_json, probe_writable, save_json
 from utils.text import plural
 
@@ -115,6 +116,30 @@ def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: An
                           "resume it into another --name")
     experiment.refuse_changed_results(cfg)
     return folder
+
+
+SHAPE_KEYS = ("preprocess.n_mel", "model.generator", "model.diffwave.residual_channels", "model.diffwave.residual_layers",
+              "model.diffwave.upsample_factors")
+
+
+def check_finetune_source(source: Path, cfg: Any) -> None:
+    """A finetune keeps the model's shape: another one is refused naming the setting (the weights would not load).
+    Other settings that change the result (the mel, the noise schedule) may change, with a warning: the model
+    learnt another mel, and starts far from the new one."""
+    trained = trained_config(source)
+    if trained is None:  # a bare weights file: the load itself names a mis-shaped parameter
+        return
+    changed = [item for item in differing_results(cfg, trained) if item[0] != SHAPE_KEYS[-1]]
+    factors = (upsample_factors(cfg), upsample_factors(trained))  # set, or derived from the hop size
+    if factors[0] != factors[1]:
+        changed.append((SHAPE_KEYS[-1], *factors))
+    for key, ours, theirs in changed:
+        if key in SHAPE_KEYS:
+            raise ConfigError(f"{source_of(cfg, key)}: {key} is {ours}, but {source} was trained with {theirs}; a "
+                              "finetune keeps the model's shape: set it back, or train a new model")
+    if changed:
+        log.warning("finetuning %s under other settings than it was trained with: %s", source,
+                    ", ".join(f"{key} {theirs} -> {ours}" for key, ours, theirs in changed))
 
 
 def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any) -> None:

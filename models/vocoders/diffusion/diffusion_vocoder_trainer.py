@@ -76,7 +76,7 @@ class DiffusionVocoderTrainer:
         try:
             self._build(resume_type, checkpoint, precision, setting)
         except BaseException:  # a notebook or a test that goes on must not keep the experiment locked
-            self.experiment.unlock()
+            self.experiment.unlock(remove_if_empty=True)
             raise
 
     def _build(self, resume_type: str | None, checkpoint: str | None, precision: str, setting: str) -> None:
@@ -153,6 +153,7 @@ class DiffusionVocoderTrainer:
         if not checkpoint:
             raise ConfigError("--resume_type finetune needs --checkpoint <checkpoint folder or weights file>")
         source = resolve_checkpoint(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint)
+        ckpt.check_finetune_source(source, self.cfg)
         self.state.load_weights(source)
         log.info("finetuning from %s: weights%s loaded, optimizer and step start fresh", source,
                  " and EMA" if self.ema is not None else "")

@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import suppress
 from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any
@@ -86,10 +87,16 @@ class Experiment:
         handle.flush()
         _HELD[path] = handle
 
-    def unlock(self) -> None:
-        handle = _HELD.pop((self.root / LOCK_FILE).resolve(), None)
+    def unlock(self, remove_if_empty: bool = False) -> None:
+        """Release the lock; with `remove_if_empty`, a folder holding nothing else goes too (a refused setup)."""
+        lock = (self.root / LOCK_FILE).resolve()
+        handle = _HELD.pop(lock, None)
         if handle is not None:
             handle.close()  # closing releases the flock
+            if remove_if_empty and [p.name for p in lock.parent.iterdir()] == [LOCK_FILE]:
+                with suppress(OSError):  # something appeared meanwhile: then the folder stays
+                    lock.unlink()
+                    lock.parent.rmdir()
 
     def config(self, checkpoint: Path | None = None) -> Any:
         """The config `checkpoint` was trained under (its own copy), else the experiment's latest (args.json):
@@ -121,13 +128,10 @@ class Experiment:
         would silently train a different model on top of them."""
         if not self.args.is_file():
             return
-        trained = load_config(self.args)
-        for key in RESULT_KEYS:
-            ours, theirs = _value(cfg, key), _value(trained, key)
-            if theirs is not None and ours != theirs:
-                raise ConfigError(f"{source_of(cfg, key)}: {key} is {ours}, but {self.args} trained this experiment "
-                                  f"with {theirs}; resume with that config (or with --checkpoint and no --config, which reads "
-                                  f"{ARGS_FILE}), or finetune into another --name to change it")
+        for key, ours, theirs in differing_results(cfg, load_config(self.args)):
+            raise ConfigError(f"{source_of(cfg, key)}: {key} is {ours}, but {self.args} trained this experiment "
+                              f"with {theirs}; resume with that config (or with --checkpoint and no --config, which reads "
+                              f"{ARGS_FILE}), or finetune into another --name to change it")
 
     def read_contract(self) -> dict:
         """The experiment's mel contract; experiments older than the file get it derived from args.json."""
@@ -185,6 +189,21 @@ def locate_experiment(path: str | Path, checkpoint: str | None = None) -> tuple[
     if CHECKPOINT_PATTERN.match(path.name) and Experiment(path.parent.parent).args.is_file():
         return path.parent.parent, str(path)
     return path, checkpoint
+
+
+def differing_results(cfg: Any, trained: Any) -> list[tuple[str, Any, Any]]:
+    """(key, ours, theirs) for each RESULT_KEYS setting `trained` has and `cfg` sets otherwise."""
+    pairs = ((key, _value(cfg, key), _value(trained, key)) for key in RESULT_KEYS)
+    return [(key, ours, theirs) for key, ours, theirs in pairs if theirs is not None and ours != theirs]
+
+
+def trained_config(weights: Path) -> Any | None:
+    """The config that trained a checkpoint folder's (or weights file's) weights, where it can be found."""
+    folder = weights if weights.is_dir() else weights.parent
+    for path in (folder / CHECKPOINT_CONFIG, folder.parent.parent / ARGS_FILE):
+        if path.is_file():
+            return load_config(path)
+    return None
 
 
 def _value(cfg: Any, dotted: str) -> Any:
