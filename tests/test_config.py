@@ -266,3 +266,25 @@ def test_a_dataset_name_unfit_for_a_folder_is_refused(tmp_path, name):
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: key 'dataset' names ") as err:
         check_dataset_paths(load_config(config))
     assert "\n" not in str(err.value)
+
+
+def test_the_shipped_configs_are_the_tracked_ones():
+    """known_keys reads a fixed list: it must name every config the toolkit ships, and only those."""
+    import subprocess
+
+    root = RECIPE.parents[4]
+    tracked = subprocess.run(["git", "ls-files", "config/*.json", "egs/*.json"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert sorted(config_schema.SHIPPED_CONFIGS) == sorted(tracked)
+
+
+def test_a_users_config_under_egs_still_has_its_typos_reported(tmp_path):
+    """Every egs/**/*.json counted as shipped: a config saved beside the recipes made its own typos known keys."""
+    mine = RECIPE.parent / f"my_exp_{tmp_path.name}.json"
+    write(mine, json.dumps({"base_config": str(RECIPE), "train": {"batch_szie": 8}}))
+    config_schema.known_keys.cache_clear()
+    try:
+        assert dict(unknown_keys(load_config(mine))) == {"train.batch_szie": "train.batch_size"}
+    finally:
+        mine.unlink()
+        config_schema.known_keys.cache_clear()
