@@ -141,6 +141,14 @@ BAD_VALUES = [  # (section, values, stage, key named in the error, words of the 
     ("train", {"eval_seconds": "2s"}, "train", "train.eval_seconds", "must be"),
     ("train", {"eval_seconds": -1}, "train", "train.eval_seconds", "(0, inf)"),
     ("train", {"adamw": {"lr": 1e38}}, "train", "train.adamw.lr", "(0, 1]"),
+    # read by the trainer but unchecked: ["false"] and "no" were truthy, false a TypeError in stage 2, "false" TF32 on
+    ("train", {"run_eval": ["false"]}, "train", "train.run_eval", "must hold bool values"),
+    ("train", {"run_eval": "no"}, "train", "train.run_eval", "must be list"),
+    ("train", {"run_eval": False}, "train", "train.run_eval", "must be list"),
+    ("train", {"tf32": "false"}, "train", "train.tf32", "must be bool"),
+    ("preprocess", {"spk2id": ["singers.json"]}, "preprocess", "preprocess.spk2id", "must be str"),
+    ("inference", {"mel_convention": 10}, "inference", "inference.mel_convention", "must be str"),
+    ("inference", {"mel_stats": True}, "inference", "inference.mel_stats", "must be str or null"),
 ]
 
 
@@ -288,3 +296,12 @@ def test_a_users_config_under_egs_still_has_its_typos_reported(tmp_path):
     finally:
         mine.unlink()
         config_schema.known_keys.cache_clear()
+
+
+def test_log_level_in_a_config_is_warned_as_ignored_with_where_to_set_it(tmp_path, caplog):
+    """config/base.json set log_level, which nothing read: the level is the --log_level option."""
+    child = write(tmp_path / "c.json", json.dumps({"base_config": str(RECIPE), "log_level": "debug"}))
+    validate(load_config(child), "train")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{child}: unknown config key 'log_level' is ignored; the log level is the --log_level option of run.sh " \
+           "and the bins" in warned

@@ -92,6 +92,8 @@ SCHEMA: dict[str, Rule] = {
     "preprocess.processed_dir": Rule(STR, "pti"),
     "preprocess.train_file": Rule(STR, "pt"),
     "preprocess.valid_file": Rule(STR, "pti"),
+    "preprocess.spk2id": Rule(STR, "pt", required=False),
+    "preprocess.utt2spk": Rule(STR, "pt", required=False),
     **{f"preprocess.{k}": positive(INT, "pti") for k in ("sample_rate", "n_fft", "win_size", "hop_size", "n_mel")},
     "preprocess.fmin": Rule(NUMBER, "pti", required=False, low=0),
     "preprocess.fmax": Rule(NUMBER + NONE, "pti", required=False, low=0, open_low=True),
@@ -110,6 +112,7 @@ SCHEMA: dict[str, Rule] = {
     "train.gradient_accumulation_step": positive(INT, "t", required=False),
     "train.save_checkpoint_stride": Rule(LIST, "t", required=False, items=INT, low=0),
     "train.keep_last": Rule(LIST, "t", required=False, items=INT, low=-1),
+    "train.run_eval": Rule(LIST, "t", required=False, items=(bool,)),  # per stride, as keep_last
     "train.save_checkpoints_steps": Rule(INT, "t", required=False, low=0),
     "train.adamw.lr": Rule(NUMBER, "t", low=0, high=1, open_low=True),  # above 1, AdamW overflows at once
     "train.eval_utterances": Rule(INT, "t", required=False, low=0),
@@ -126,6 +129,7 @@ SCHEMA: dict[str, Rule] = {
     "train.compile": switch("t"),
     "train.compile_mode": Rule(STR, "t", required=False, choices=COMPILE_MODES),
     "train.cudnn_benchmark": Rule((bool,), "t", required=False),
+    "train.tf32": Rule((bool,), "t", required=False),
     "train.channels_last": switch("t"),
     "train.adamw.fused": switch("t"),
     "inference.batch_size": positive(INT, "i", required=False),
@@ -138,6 +142,8 @@ SCHEMA: dict[str, Rule] = {
     "inference.chunk_size": positive(INT, "i", required=False),
     "inference.tile": positive(INT + NONE, "i", required=False),
     "inference.cache_gib": Rule(NUMBER, "i", required=False, low=0),
+    "inference.mel_convention": Rule(STR, "i", required=False),  # its names: processors.mel_conventions
+    "inference.mel_stats": Rule(STR + NONE, "i", required=False),
 }
 STAGES = {"preprocess": "p", "train": "t", "inference": "i"}
 
@@ -235,15 +241,14 @@ def validate(cfg: dict, stage: str) -> None:
             _check_rule(cfg, dotted, rule, stage)
     _cross_checks(cfg, letter)
     for dotted, guess in unknown_keys(cfg):
-        hint = f"; did you mean '{guess}'?" if guess else ""
+        hint = f"; {ELSEWHERE[dotted]}" if dotted in ELSEWHERE else f"; did you mean '{guess}'?" if guess else ""
         log.warning("%s: unknown config key '%s' is ignored%s", source_of(cfg, dotted), dotted, hint)
 
 
 # Keys the code reads that neither SCHEMA nor the shipped configs name, and sections whose keys are free.
-OPTIONAL_KEYS = (
-    "config_path", "train.tf32", "train.run_eval", "train.dataloader", "inference.steps", "inference.mel_convention",
-    "inference.mel_stats", "preprocess.spk2id", "preprocess.utt2spk",
-)
+OPTIONAL_KEYS = ("config_path", "inference.steps")
+# Keys of the original's configs that are set elsewhere here: their warning says where.
+ELSEWHERE = {"log_level": "the log level is the --log_level option of run.sh and the bins"}
 FREE_SECTIONS = ("dataset_path.",)
 
 
