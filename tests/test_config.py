@@ -149,6 +149,10 @@ BAD_VALUES = [  # (section, values, stage, key named in the error, words of the 
     ("preprocess", {"spk2id": ["singers.json"]}, "preprocess", "preprocess.spk2id", "must be str"),
     ("inference", {"mel_convention": 10}, "inference", "inference.mel_convention", "must be str"),
     ("inference", {"mel_stats": True}, "inference", "inference.mel_stats", "must be str or null"),
+    # "abc" failed as "invalid literal for int()", 0 without the file, 3.5 ran 3 steps
+    ("inference", {"steps": "abc"}, "inference", "inference.steps", "must be int"),
+    ("inference", {"steps": 0}, "inference", "inference.steps", "(0, inf)"),
+    ("inference", {"steps": 3.5}, "inference", "inference.steps", "must be int"),
 ]
 
 
@@ -305,3 +309,18 @@ def test_log_level_in_a_config_is_warned_as_ignored_with_where_to_set_it(tmp_pat
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert f"{child}: unknown config key 'log_level' is ignored; the log level is the --log_level option of run.sh " \
            "and the bins" in warned
+
+
+def test_ddim_steps_beyond_the_training_steps_name_the_key_and_file(tmp_path):
+    """ddim walks a subset of the training steps: more than those failed as "ddim steps must be in 1..50, got 60"."""
+    from models.vocoders.diffusion.diffusion_vocoder_inference import vocoder_from_experiment
+    from models.vocoders.diffusion.experiment import Experiment, with_recipe_config
+    from tests.tiny_experiment import make_experiment
+
+    expt, _cfg = make_experiment(tmp_path)
+    recipe = write(tmp_path / "recipe.json", json.dumps({"inference": {"sampler": "ddim", "steps": 60}}))
+    cfg = with_recipe_config(Experiment(expt).config(), recipe)
+    trained = cfg.model.diffwave.noise_schedule_factors[2]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe))}: key 'inference.steps' \(60\) must be at most "
+                                          rf"the {trained} training steps for the ddim sampler$"):
+        vocoder_from_experiment(expt, cfg=cfg)

@@ -139,6 +139,7 @@ SCHEMA: dict[str, Rule] = {
     "inference.cuda_graph": switch("i"),
     "inference.gpu_memory_gib": Rule(NUMBER + NONE, "i", required=False, low=0, open_low=True),
     "inference.sampler": Rule(STR, "i", required=False, choices=SAMPLER_NAMES),
+    "inference.steps": positive(INT, "i", required=False),  # ddim's bound (the training steps): vocoder_from_experiment
     "inference.chunk_size": positive(INT, "i", required=False),
     "inference.tile": positive(INT + NONE, "i", required=False),
     "inference.cache_gib": Rule(NUMBER, "i", required=False, low=0),
@@ -246,7 +247,7 @@ def validate(cfg: dict, stage: str) -> None:
 
 
 # Keys the code reads that neither SCHEMA nor the shipped configs name, and sections whose keys are free.
-OPTIONAL_KEYS = ("config_path", "inference.steps")
+OPTIONAL_KEYS = ("config_path",)
 # Keys of the original's configs that are set elsewhere here: their warning says where.
 ELSEWHERE = {"log_level": "the log level is the --log_level option of run.sh and the bins"}
 FREE_SECTIONS = ("dataset_path.",)

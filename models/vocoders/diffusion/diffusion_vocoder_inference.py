@@ -262,6 +262,10 @@ def vocoder_from_experiment(expt_dir: str | Path, checkpoint: str | None = None,
     if infer.get("steps") is not None and options.get("steps") is None:
         if options["sampler"] not in FIXED_STEPS:
             options["steps"] = infer["steps"]
+            trained = int(cfg.model.diffwave.noise_schedule_factors[2])
+            if options["sampler"] == "ddim" and infer["steps"] > trained:  # ddim walks a subset of the training steps
+                raise ConfigError(f"{source_of(cfg, 'inference.steps')}: key 'inference.steps' ({infer['steps']}) "
+                                  f"must be at most the {trained} training steps for the ddim sampler")
         elif infer.get("sampler", "fast") in FIXED_STEPS:  # else they are for the config's sampler the caller replaced
             raise ConfigError(f"{source_of(cfg, 'inference.steps')}: key 'inference.steps' ({infer['steps']}) does not "
                               f"apply to the {options['sampler']} sampler ({FIXED_STEPS[options['sampler']]}); remove it, "
