@@ -280,6 +280,19 @@ def test_debug_log_level_shows_the_traceback(tmp_path):
     assert code != 0 and "Traceback" in stderr and "ConfigError" in stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    # a value on an on/off flag turned it on: --infer_raw_weights=false used the raw weights
+    (["-s", "3", "--infer_raw_weights=false"],
+     "--infer_raw_weights takes no value (given '--infer_raw_weights=false'): leave it out to turn it off"),
+    (["-s", "4", "--plot=no"], "--plot takes no value (given '--plot=no'): leave it out to turn it off"),
+    # went on to an argparse usage block from check_config.py
+    (["-s", "1", "--log_level", "verbose"], "--log_level must be debug, info, warning or error, got 'verbose'"),
+])
+def test_run_sh_flag_values_it_cannot_use_are_one_line(args, message):
+    code, stderr = run_sh(*args)
+    assert code == 2 and stderr.strip().splitlines() == [f"run.sh: {message}"]
+
+
 def test_unknown_infer_mode_is_one_line(tmp_path, experiment):
     _root, expt = experiment
     code, stderr = run_sh("--stage", "3", "--config", str(write_config(tmp_path)), "--infer_mode", "infer_from_moon",

@@ -47,7 +47,7 @@ stage 3  --infer_mode MODE          infer_from_dataset | infer_from_feature | in
 stage 4  --infer_expt_dir DIR, --infer_output_dir DIR   the stage 3 output to score
          --baseline griffinlim      also score Griffin-Lim on the same mels
          --plot                     a PNG per utterance
-Options take their value as the next argument or after '=' (--stage=3).
+Options take their value as the next argument or after '=' (--stage=3); --infer_raw_weights and --plot take none.
 USAGE
 }
 
@@ -63,6 +63,7 @@ while [ $# -gt 0 ]; do
   opt="$1"
   case "$opt" in
     -h|--help) usage; exit 0 ;;
+    --infer_raw_weights=*|--plot=*) die "${opt%%=*} takes no value (given '$opt'): leave it out to turn it off" ;;
     --*=*) value="${opt#*=}"; opt="${opt%%=*}" ;;
     --infer_raw_weights|--plot) value="" ;;
     -c|-n|-s|--*) [ $# -ge 2 ] || die "option $opt needs a value"; value="$2"; shift ;;
@@ -134,6 +135,7 @@ only_for 4 --plot --baseline
 if [ -n "$accelerate_config" ]; then
   not_with "with --accelerate_config (the file sets it)" --num_machines --machine_rank --main_process_ip
 fi
+case "$log_level" in debug|info|warning|error) ;; *) die "--log_level must be debug, info, warning or error, got '$log_level'" ;; esac
 case "$infer_precision" in ""|auto|fp32|fp16|bf16) ;; *) die "--infer_precision must be auto, fp32, fp16 or bf16, got '$infer_precision'" ;; esac
 case ",$gpu," in *,,*|*[[:space:]]*) die "--gpu must list device ids separated by commas, e.g. \"0,1\", got '$gpu'" ;; esac
 IFS=, read -ra gpu_ids <<< "$gpu"
