@@ -65,6 +65,57 @@ def test_bad_files_give_one_line(tmp_path, text, expected):
         load_config(write(tmp_path / "c.json", text))
 
 
+@pytest.mark.parametrize("value", ['""', "false", "null", "[]"])
+def test_a_base_config_that_is_no_path_is_an_error(tmp_path, value):
+    """`base_config: ""` or `false` dropped the whole chain without a word."""
+    child = write(tmp_path / "c.json", f'{{"base_config": {value}, "train": {{"batch_size": 2}}}}')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(child))}: key 'base_config' must be a path to a config "
+                                          rf"file, got {re.escape(value)}$"):
+        load_config(child)
+
+
+def test_a_folder_given_as_config_is_one_line(tmp_path):
+    from tests.reliability_kit import python_bin
+
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path))}: is a folder, not a config file$"):
+        load_config(tmp_path)
+    result = python_bin("check_config.py", "--config", str(tmp_path), "--stage", "train")
+    assert result.returncode == 1 and result.stderr.strip() == f"error: {tmp_path}: is a folder, not a config file"
+
+
+def test_a_relative_base_beside_the_child_and_under_the_repo_root_is_refused_naming_both(tmp_path):
+    """A project's own config/base.json was shadowed by the toolkit's without a word."""
+    repo_base = RECIPE.parents[4] / "config/base.json"
+    (tmp_path / "config").mkdir()
+    write(tmp_path / "config" / "base.json", '{"train": {"batch_size": 3}}')
+    child = write(tmp_path / "exp.json", '{"base_config": "config/base.json"}')
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    assert str(err.value) == (f"{child}: base_config 'config/base.json' is both {tmp_path / 'config/base.json'} and "
+                              f"{repo_base}: name one of them by its absolute path, or as './config/base.json' for the "
+                              "one beside this config")
+    write(child, '{"base_config": "./config/base.json"}')
+    assert load_config(child).train == {"batch_size": 3}
+
+
+def test_a_relative_base_is_found_under_the_repo_root_or_beside_never_in_the_working_folder(tmp_path, monkeypatch):
+    original = write(tmp_path / "original.json", '{"base_config": "egs/vocoder/diffusion/diffwave/exp_config.json"}')
+    assert load_config(original).model.generator == "diffwave"  # the original toolkit's recipes name bases so
+    (tmp_path / "cwd").mkdir()
+    write(tmp_path / "cwd" / "p.json", '{"a": 1}')
+    monkeypatch.chdir(tmp_path / "cwd")
+    child = write(tmp_path / "child.json", '{"base_config": "p.json"}')
+    with pytest.raises(ConfigError, match=r"base_config 'p.json' does not exist \(looked beside this config and under "):
+        load_config(child)
+
+
+def test_a_base_config_under_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path / "p.json", '{"a": 1}')
+    (tmp_path / "sub").mkdir()
+    assert load_config(write(tmp_path / "sub" / "c.json", '{"base_config": "~/p.json"}')).a == 1
+
+
 def test_base_config_loop_is_reported(tmp_path):
     write(tmp_path / "a.json", '{"base_config": "b.json"}')
     write(tmp_path / "b.json", '{"base_config": "a.json"}')

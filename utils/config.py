@@ -69,11 +69,28 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def _resolve_parent(name: str, child: Path) -> Path:
-    """Parents resolve against the repo root (as the original does), then the child's folder."""
-    for candidate in (REPO_ROOT / name, child.parent / name, Path(name)):
-        if candidate.is_file():
-            return candidate.resolve()
-    raise ConfigError(f"{child}: base_config '{name}' does not exist")
+    """The file `child`'s `base_config` names: `~` expands, an absolute path is itself, `./x` and `../x` lie
+    beside the child; any other relative name is looked for beside the child and under the repo root (the
+    original's recipes name bases from the repo root: `egs/...`, `config/...`).
+
+    A name found in both places is an error naming both, not a pick: either pick silently changes some user's
+    results (a project's own `config/base.json` or the toolkit's). The working directory is never tried, so
+    a config means the same wherever a stage runs.
+    """
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # ~user of no user
+        raise ConfigError(f"{child}: base_config '{name}': no home folder for {name.split('/')[0]}") from None
+    beside = [child.parent / path]
+    candidates = beside if path.is_absolute() or name.startswith(("./", "../")) else [*beside, REPO_ROOT / path]
+    found = list(dict.fromkeys(c.resolve() for c in candidates if c.is_file()))
+    if len(found) > 1:
+        raise ConfigError(f"{child}: base_config '{name}' is both {found[0]} and {found[1]}: name one of them by its "
+                          f"absolute path, or as './{name}' for the one beside this config")
+    if not found:
+        where = "" if len(candidates) == 1 else f" (looked beside this config and under {REPO_ROOT})"
+        raise ConfigError(f"{child}: base_config '{name}' does not exist{where}")
+    return found[0]
 
 
 def dotted_keys(data: dict, prefix: str = "") -> list[str]:
@@ -108,15 +125,19 @@ def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
         data = _join_surrogates(json5.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON5 ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be an object")
-    parent = data.pop("base_config", None)
+    has_parent, parent = "base_config" in data, data.pop("base_config", None)
     sources = dict.fromkeys(dotted_keys(data), str(path))
-    if parent:
-        if not isinstance(parent, str):
-            raise ConfigError(f"{path}: key 'base_config' must be a path string, got {type(parent).__name__}")
+    if has_parent:  # "" or false would silently drop the whole chain: leave the key out for no base
+        if not isinstance(parent, str) or not parent.strip():
+            raise ConfigError(f"{path}: key 'base_config' must be a path to a config file, got {json.dumps(parent)}")
         base, base_sources = _read(_resolve_parent(parent, path), (*chain, path))
         data, sources = merge(base, data), {**base_sources, **sources}
     return data, sources
