@@ -8,7 +8,7 @@ import pytest
 
 from models.vocoders.diffusion import ddpm, device_policy, windowed
 from utils import config_schema
-from utils.config import ConfigError, load_config, merge
+from utils.config import ConfigError, load_config, merge, source_of
 from utils.config_schema import check_dataset_paths, unknown_keys, validate
 
 RECIPE = Path(__file__).resolve().parents[1] / "egs/vocoder/diffusion/diffwave/exp_config.json"
@@ -375,3 +375,17 @@ def test_ddim_steps_beyond_the_training_steps_name_the_key_and_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe))}: key 'inference.steps' \(60\) must be at most "
                                           rf"the {trained} training steps for the ddim sampler$"):
         vocoder_from_experiment(expt, cfg=cfg)
+
+
+def test_stage3_recipe_config_differences_blame_the_file_that_set_each_value(tmp_path, caplog):
+    """A value set in a base file of --config was blamed on the top file, which does not hold it."""
+    from models.vocoders.diffusion.experiment import Experiment, with_recipe_config
+    from tests.tiny_experiment import make_experiment
+
+    expt, cfg = make_experiment(tmp_path)
+    setter = source_of(load_config(RECIPE), "preprocess.sample_rate")
+    assert setter != str(RECIPE) and cfg.preprocess.sample_rate != load_config(RECIPE).preprocess.sample_rate
+    recipe = write(tmp_path / "recipe.json", json.dumps({"base_config": str(RECIPE), "inference": {"batch_size": 2}}))
+    with_recipe_config(Experiment(expt).config(), recipe)
+    warned = [r.getMessage() for r in caplog.records if "preprocess.sample_rate is" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"{setter}: preprocess.sample_rate is "), warned

@@ -240,7 +240,7 @@ def with_recipe_config(cfg: Any, config_path: str | Path | None) -> Any:
         ours = upsample_factors(cfg) if derived else ours
         if theirs is not None and theirs != ours:
             log.warning("%s: %s is %s, but the experiment was trained with %s%s: using the experiment's value (%s); "
-                        "--config only sets the inference options", config_path, key, theirs, ours,
+                        "--config only sets the inference options", source_of(recipe, key), key, theirs, ours,
                         " (derived from the hop size)" if derived else "", ARGS_FILE)
     cfg["inference"] = to_attrdict(merge(to_plain(cfg.get("inference", {}) or {}), to_plain(recipe.get("inference", {}) or {})))
     adopt_sources(cfg, recipe, "inference")
