@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -142,6 +143,36 @@ def probe_writable(folder: str | os.PathLike) -> None:
     refuse before its work rather than at its first write."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     tempfile.TemporaryFile(dir=folder).close()
+
+
+EARLIER = "earlier"  # where a rerun moves what an earlier run finished and this run replaces or no longer writes
+
+
+def new_folder(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... where it exists: created, never one that was there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        folder = path if k == 1 else path.with_name(f"{path.name}-{k}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: a thousand folders of that name exist already")
+
+
+def move_aside(root: str | os.PathLike, paths: list[Path]) -> Path | None:
+    """Move `paths` (files or folders below `root`) to a new `root/earlier/<date-time>/`, each at its place below
+    `root`: a rerun never deletes what an earlier run finished, and no rerun's folder overwrites another's."""
+    if not paths:
+        return None
+    root = Path(root)
+    aside = new_folder(root / EARLIER / time.strftime("%Y%m%d-%H%M%S"))
+    for path in paths:
+        target = aside / Path(path).relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    return aside
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -6,7 +6,6 @@ Bad items are skipped, named in `<output>/skipped.txt`, and never stop the batch
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,20 @@ from processors.audio import AudioError, list_audio, load_audio
 from processors.feature_store import feature_paths, load_entries, load_items
 from processors.mel import mel_spectrogram, min_samples
 from processors.mel_conventions import MelConverter
-from utils.io import atomic_write_text, load_npy, probe_writable, remove_stale_temps, safe_name, save_wav, unique_names
+from utils.io import (
+    atomic_write_text,
+    load_npy,
+    move_aside,
+    probe_writable,
+    remove_stale_temps,
+    safe_name,
+    save_wav,
+    unique_names,
+)
 from utils.text import plural
 
 log = logging.getLogger(__name__)
 MODES = ("infer_from_dataset", "infer_from_feature", "infer_from_audio")
-EARLIER = "earlier"  # where a rerun moves the outputs of an earlier run that it does not write
 
 
 class InputError(ValueError):
@@ -108,26 +115,10 @@ def clear_stale_outputs(out: Path, items: list[tuple[str, torch.Tensor, Any]]) -
              for wav in sorted((out / sub).glob("*.wav")) if wav.stem not in names and not wav.is_dir()]
     if not stale:
         return 0
-    aside = new_folder(out / EARLIER / time.strftime("%Y%m%d-%H%M%S"))  # one per run: none overwrites another's
-    for wav in stale:
-        (aside / wav.parent.name).mkdir(exist_ok=True)
-        os.replace(wav, aside / wav.parent.name / wav.name)
+    aside = move_aside(out, stale)
     log.warning("moved %s of an earlier run that this run does not write (inputs skipped now or not given) to %s: %s",
                 plural(len(stale), "wav"), aside, ", ".join(str(w.relative_to(out)) for w in stale[:10]))
     return len(stale)
-
-
-def new_folder(path: Path) -> Path:
-    """`path`, or `path-2`, `path-3`, ... where it exists: created, never one that was there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for k in range(1, 1000):
-        folder = path if k == 1 else path.with_name(f"{path.name}-{k}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise InputError(f"{path}: a thousand folders of that name exist already")
 
 
 def check_writable(folder: Path) -> None:
