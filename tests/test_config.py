@@ -261,8 +261,10 @@ def test_shipped_configs_have_no_unknown_keys_and_recipes_validate(path):
     cfg = load_config(path)
     assert unknown_keys(cfg) == []
     if path not in BASES:
-        for stage in ("preprocess", "train", "inference"):
+        for stage in ("preprocess", "train", "inference", "evaluation"):
             validate(cfg, stage)
+    if path.name == "vocoder.json":  # stage 4's default mel
+        validate(cfg, "evaluation")
 
 
 def test_unknown_keys_are_warned_with_the_closest_known_key(tmp_path, caplog):

@@ -40,7 +40,7 @@ SAMPLER_NAMES = ("fast", "full", "ddim", "searched")
 
 @dataclass(frozen=True)
 class Rule:
-    """What one key must hold, and for which stages (p: preprocess, t: train, i: inference).
+    """What one key must hold, and for which stages (p: preprocess, t: train, i: inference, e: evaluation).
 
     `low`/`high` bound a number (or each item of a list), inclusive unless `open_low`/`open_high`.
     """
@@ -94,9 +94,9 @@ SCHEMA: dict[str, Rule] = {
     "preprocess.valid_file": Rule(STR, "pti"),
     "preprocess.spk2id": Rule(STR, "pt", required=False),
     "preprocess.utt2spk": Rule(STR, "pt", required=False),
-    **{f"preprocess.{k}": positive(INT, "pti") for k in ("sample_rate", "n_fft", "win_size", "hop_size", "n_mel")},
-    "preprocess.fmin": Rule(NUMBER, "pti", required=False, low=0),
-    "preprocess.fmax": Rule(NUMBER + NONE, "pti", required=False, low=0, open_low=True),
+    **{f"preprocess.{k}": positive(INT, "ptie") for k in ("sample_rate", "n_fft", "win_size", "hop_size", "n_mel")},
+    "preprocess.fmin": Rule(NUMBER, "ptie", required=False, low=0),
+    "preprocess.fmax": Rule(NUMBER + NONE, "ptie", required=False, low=0, open_low=True),
     "preprocess.cut_mel_frame": positive(INT, "t"),
     "model.generator": Rule(STR, "ti", choices=GENERATORS),
     **{f"model.diffwave.{k}": positive(INT, "ti") for k in ("residual_channels", "residual_layers", "dilation_cycle_length")},
@@ -146,7 +146,7 @@ SCHEMA: dict[str, Rule] = {
     "inference.mel_convention": Rule(STR, "i", required=False),  # its names: processors.mel_conventions
     "inference.mel_stats": Rule(STR + NONE, "i", required=False),
 }
-STAGES = {"preprocess": "p", "train": "t", "inference": "i"}
+STAGES = {"preprocess": "p", "train": "t", "inference": "i", "evaluation": "e"}  # evaluation: the mel it scores with
 
 
 def _check_range(where: str, value: Any, rule: Rule) -> None:
@@ -207,7 +207,7 @@ def _cross_checks(cfg: dict, letter: str) -> None:
                 fail(f"preprocess.{key}", f"({pre[key]!r}) is a file stage 1 writes itself ({', '.join(sorted(own))})")
         if lists["train_file"] == lists["valid_file"]:
             fail("preprocess.valid_file", f"({pre['valid_file']!r}) must differ from preprocess.train_file")
-    if letter in "pti":
+    if letter in "ptie":
         rate, n_fft = pre["sample_rate"], pre["n_fft"]
         if pre["win_size"] > n_fft:
             fail("preprocess.win_size", f"({pre['win_size']}) must not exceed preprocess.n_fft ({n_fft})")
