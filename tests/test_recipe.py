@@ -167,6 +167,7 @@ def test_two_processes_train_and_save_one_checkpoint(trained):
     (["--stage", "3", "--infer_mode", "infer_from_nowhere", "--infer_expt_dir", "x"], "unknown --infer_mode"),
     (["--stage", "1", "--bogus", "1"], "unknown option '--bogus'"),
     (["--stage", "9"], "unknown --stage"),
+    (["--stage", "4", "--infer_expt_dir", "x", "--baseline", "foo"], "--baseline must be griffinlim, got 'foo'"),
 ])
 def test_cli_errors_are_one_clear_line(args, message):
     result = run_recipe(*args, check=False)

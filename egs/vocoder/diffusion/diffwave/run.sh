@@ -56,7 +56,7 @@ stage="" name="" config="$exp_dir/exp_config.json" gpu="0" checkpoint="" resume_
 main_process_port=29500 num_machines=1 machine_rank=0 main_process_ip="" accelerate_config=""
 infer_mode="" infer_datasets="" infer_feature_dir="" infer_audio_dir="" infer_expt_dir="" infer_output_dir=""
 infer_sampler="" infer_steps="" infer_mel_convention="" infer_mel_stats="" infer_batch_size="" infer_precision="" infer_raw_weights="" num_workers=""
-max_steps="" log_level="info" eval_args=()
+max_steps="" log_level="info" eval_args=() baseline=""
 given=" "  # every option on the command line, by its long name: for the checks below
 
 while [ $# -gt 0 ]; do
@@ -101,7 +101,7 @@ while [ $# -gt 0 ]; do
     --infer_precision) infer_precision="$value" ;;
     --infer_raw_weights) infer_raw_weights=1 ;;
     --plot) eval_args+=(--plot) ;;
-    --baseline) eval_args+=(--baseline "$value") ;;
+    --baseline) baseline="$value"; eval_args+=(--baseline "$value") ;;
     *) die "unknown option '$opt' (see --help)" ;;
   esac
 done
@@ -153,6 +153,7 @@ case "$main_process_port" in
 esac
 [ "$port_ok" = 1 ] || die "--main_process_port must be a port number from 1 to 65535, got '$main_process_port'"
 main_process_port=$digits
+case "$baseline" in ""|griffinlim) ;; *) die "--baseline must be griffinlim, got '$baseline'" ;; esac
 case "$infer_sampler" in ""|fast|full|ddim|searched) ;; *) die "--infer_sampler must be fast, full, ddim or searched, got '$infer_sampler'" ;; esac
 [ -f "$config" ] || die "config '$config' does not exist"
 cd "$work_dir"
@@ -258,11 +259,9 @@ except OSError: sys.exit(1)" 2>/dev/null; then
     ;;
   4)
     [ -n "$infer_expt_dir" ] || die "--infer_expt_dir is required for stage 4"
-    out="${infer_output_dir:-$infer_expt_dir/result}"
-    # the experiment's args.json: beside it, or two levels up when stage 3 was given one checkpoint folder
-    expt_args="$infer_expt_dir/args.json"
-    if [ ! -f "$expt_args" ] && [ -f "$infer_expt_dir/../../args.json" ]; then expt_args="$infer_expt_dir/../../args.json"; fi
+    out="${infer_output_dir:-$infer_expt_dir/result}"  # where stage 3 wrote, given the same flags
+    # the mel of the experiment's args.json, found as stage 3 finds it (an experiment, its checkpoint/ folder, one checkpoint)
     python bins/vocoder/evaluate.py --ref_dir "$out/gt" --pred_dir "$out/pred" --output_dir "$out/eval" \
-      --config "$expt_args" --log_level "$log_level" "${eval_args[@]}"
+      --expt_dir "$infer_expt_dir" --log_level "$log_level" "${eval_args[@]}"
     ;;
 esac
