@@ -1,8 +1,9 @@
 """Score a folder of vocoded audio against a folder of ground truth, file by file.
 
 Outputs in `output_dir`: `metrics.csv` (one row per utterance and system), `summary.json`
-(means, count, missing partners, failures, optional baseline) and, with `plot`, one
-`plots/<name>.png` per utterance. Everything is written atomically.
+(means and the utterances each covers, counts, missing partners, failures, length mismatches,
+optional baseline) and, with `plot`, one `plots/<name>.png` per utterance. Everything is written
+atomically; a rerun first moves an earlier run's outputs to `earlier/<date-time>/`.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from tqdm import tqdm
 
 from evaluation.metrics import HIGHER_IS_BETTER, PitchTrack, align, all_metrics, log_mel, missing_packages, pitch_track
 from processors.audio import AudioError, list_audio, load_audio, resample
+from processors.mel import min_samples
 from utils.config import REPO_ROOT, load_config
-from utils.io import atomic_write_bytes, atomic_write_text, load_json, save_json
+from utils.io import atomic_write_bytes, atomic_write_text, load_json, move_aside, probe_writable, save_json
 from utils.text import plural
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = REPO_ROOT / "config/vocoder.json"  # the toolkit's mel, which the DiffWave recipe inherits
 BASELINES = ("griffinlim",)
 GRIFFIN_LIM_ITERS = 32
+OUTPUTS = ("metrics.csv", "summary.json", "plots")  # what a run writes in output_dir; a rerun moves them aside
 
 
 class EvaluationError(ValueError):
@@ -113,22 +116,32 @@ def _plot(path: Path, name: str, ref: np.ndarray, pred: np.ndarray, rate: int, p
 
 
 def _score(name: str, ref_path: str, pred_path: str, rate: int, pre: Any, baseline: str | None,
-           plot_dir: Path | None) -> dict[str, dict]:
-    """Metrics for one utterance per system; warnings are logged once each, with the name."""
+           plot_dir: Path | None) -> tuple[dict[str, dict], bool]:
+    """Metrics (and `length_diff`, pred minus ref samples) for one utterance per system, scored over the reference's
+    length, and whether the prediction's length is off by more than one hop; warnings are logged once each, with the
+    name. ValueError for a reference too short for even one mel frame (no metric is defined)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hop = max(1, round(int(pre["hop_size"]) * rate / int(pre["sample_rate"])))
-        ref, pred = align(load_audio(ref_path, rate), load_audio(pred_path, rate), hop)
+        ref, pred = load_audio(ref_path, rate), load_audio(pred_path, rate)
+        need = math.ceil(min_samples(pre) * rate / int(pre["sample_rate"]))
+        if len(ref) < need:
+            raise ValueError(f"too short ({len(ref)} samples; one mel frame needs {need} at {rate} Hz)")
+        length_diff = len(pred) - len(ref)
+        ref, pred = align(ref, pred, hop)
         ref_track, pred_track = pitch_track(ref, rate), pitch_track(pred, rate)
-        scores = {"pred": all_metrics(ref, pred, rate, pre, tracks=(ref_track, pred_track))}
+        scores = {"pred": {**all_metrics(ref, pred, rate, pre, tracks=(ref_track, pred_track)),
+                           "length_diff": length_diff}}
         if baseline == "griffinlim":
-            ref_gl, vocoded = align(ref, griffin_lim(ref, rate, pre), hop)
-            scores[baseline] = all_metrics(ref_gl, vocoded, rate, pre, tracks=(ref_track, pitch_track(vocoded, rate)))
+            vocoded = griffin_lim(ref, rate, pre)
+            ref_gl, aligned = align(ref, vocoded, hop)
+            scores[baseline] = {**all_metrics(ref_gl, aligned, rate, pre, tracks=(ref_track, pitch_track(aligned, rate))),
+                                "length_diff": len(vocoded) - len(ref)}
         if plot_dir is not None:
             _plot(plot_dir / f"{name}.png", name, ref, pred, rate, pre, (ref_track, pred_track))
     for message in dict.fromkeys(str(w.message) for w in caught):
         log.warning("%s: %s", name, message)
-    return scores
+    return scores, abs(length_diff) > hop
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -137,16 +150,34 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def format_table(columns: dict[str, dict[str, float | None]], count: int) -> str:
-    """Metrics as rows, systems (`pred`, baselines) as columns."""
-    names = list(columns)
-    lines = [f"{'metric':<15}{'better':<8}" + "".join(f"{n:>12}" for n in names)]
-    for metric, higher in HIGHER_IS_BETTER.items():
-        cells = (columns[n].get(metric) for n in names)
-        row = "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in cells)
-        lines.append(f"{metric:<15}{'higher' if higher else 'lower':<8}{row}")
-    lines.append(f"({plural(count, 'utterance')}; '-': disabled or undefined)")
+def _count(values: list[float | None]) -> int:
+    """How many utterances a mean covers: its finite values."""
+    return sum(v is not None and math.isfinite(v) for v in values)
+
+
+def format_table(summary: dict) -> str:
+    """Metrics as rows, systems (`model`, the baseline) as columns; what was scored, failed and unmatched below, and
+    an `n` column per system (the utterances each mean covers) where a mean covers fewer than were scored."""
     missing = missing_packages()
+    columns = {"model": (summary["means"], summary["n"])}
+    if "baseline" in summary:
+        columns[summary["baseline"]["method"]] = (summary["baseline"]["means"], summary["baseline"]["n"])
+    counts = summary["counts"]
+    show_n = any(n[m] != counts["scored"] for _, n in columns.values() for m in HIGHER_IS_BETTER if m not in missing)
+    n_heads = [("n" if len(columns) == 1 else f"n({name})") for name in columns] if show_n else []
+    lines = [f"{'metric':<15}{'better':<8}" + "".join(f"{n:>12}" for n in columns) + "".join(f"{h:>15}" for h in n_heads)]
+    for metric, higher in HIGHER_IS_BETTER.items():
+        row = "".join(f"{'-' if means[metric] is None else f'{means[metric]:.3f}':>12}" for means, _ in columns.values())
+        row += "".join(f"{n[metric]:>15}" for _, n in columns.values()) if show_n else ""
+        lines.append(f"{metric:<15}{'higher' if higher else 'lower':<8}{row}")
+    notes = [f"{counts['scored']} scored, {counts['failed']} failed, {counts['unmatched']} unmatched"]
+    if counts["length_mismatch"]:
+        notes.append(f"{plural(counts['length_mismatch'], 'prediction')} off by more than one hop: zero-padded or "
+                     "trimmed to the reference's length")
+    notes.append("'-': disabled or undefined")
+    if show_n:
+        notes.append("n: utterances a mean covers")
+    lines.append(f"({'; '.join(notes)})")
     if missing:
         lines.append(f"disabled: {', '.join(missing)}, as {', '.join(missing.values())} "
                      f"{'is' if len(missing) == 1 else 'are'} not installed (pip install {' '.join(missing.values())})")
@@ -155,11 +186,7 @@ def format_table(columns: dict[str, dict[str, float | None]], count: int) -> str
 
 def summary_table(path: str | os.PathLike) -> str:
     """The table of a finished evaluation (its summary.json): the model and, when scored, the baseline."""
-    summary = load_json(path)
-    columns = {"model": summary["means"]}
-    if "baseline" in summary:
-        columns[summary["baseline"]["method"]] = summary["baseline"]["means"]
-    return format_table(columns, summary["count"])
+    return format_table(load_json(path))
 
 
 def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, output_dir: str | os.PathLike,
@@ -169,8 +196,10 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
 
     Audio is resampled to `sample_rate`, or to each reference's own rate; `pre` (mel settings,
     a config `preprocess` section) defaults to the toolkit's (config/vocoder.json). Returns the summary, which
-    also lands in `summary.json`: `means`, `count`, `missing` (names absent from `pred` / from
-    `ref`), `failed` (unreadable utterances) and, with a baseline, `baseline.means`.
+    also lands in `summary.json`: `means` and `n` (the utterances each mean covers), `count` (scored), `counts`
+    (scored, failed, unmatched, length_mismatch), `missing` (names absent from `pred` / from `ref`), `failed`
+    (utterance -> why it was skipped), `length_mismatch` (utterance -> pred minus ref samples, beyond one hop) and,
+    with a baseline, `baseline.means` and `baseline.n`.
     """
     if baseline is not None and baseline not in BASELINES:
         raise EvaluationError(f"unknown baseline '{baseline}' (choose from {', '.join(BASELINES)})")
@@ -187,38 +216,58 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
             log.warning("%s no partner in the %s folder: %s", plural(len(names), "file has", "files have"), side,
                         ", ".join(names[:10]))
     output_dir = Path(output_dir)
+    try:
+        probe_writable(output_dir)
+    except OSError as err:
+        raise EvaluationError(f"{output_dir}: cannot write the outputs there ({err.strerror or err})") from None
+    earlier = move_aside(output_dir, [output_dir / f for f in OUTPUTS if (output_dir / f).exists()])
+    if earlier:
+        log.warning("moved the outputs of an earlier evaluation to %s", earlier)
     plot_dir = output_dir / "plots" if plot else None
     systems = ["pred", *([baseline] if baseline else [])]
     rows: list[dict] = []
     failed: dict[str, str] = {}
+    mismatched: dict[str, int] = {}
     for name, ref_path, pred_path in tqdm(pairs, desc="scoring", unit="utt", dynamic_ncols=True):
         log.debug("scoring %s", name)
         rate = sample_rate or _native_rate(ref_path, int(pre["sample_rate"]))
         try:
-            scores = _score(name, ref_path, pred_path, rate, pre, baseline, plot_dir)
-        except (AudioError, ValueError) as err:
-            log.warning("%s: skipped (%s)", name, err)
-            failed[name] = str(err)
+            scores, mismatch = _score(name, ref_path, pred_path, rate, pre, baseline, plot_dir)
+        except Exception as err:  # one bad utterance is skipped and listed, never the end of the batch
+            lines = str(err).strip().splitlines() or [""]
+            reason = lines[0] if isinstance(err, (AudioError, ValueError)) else f"{type(err).__name__}: {lines[0]}"
+            log.warning("%s: skipped (%s)", name, reason)
+            failed[name] = reason
             continue
+        if mismatch:
+            mismatched[name] = scores["pred"]["length_diff"]
         rows += [{"name": name, "system": system, **scores[system]} for system in systems]
     if not rows:
-        raise EvaluationError(f"none of the {plural(len(pairs), 'matched utterance')} could be scored")
+        first = next(iter(failed.items()))
+        raise EvaluationError(f"none of the {plural(len(pairs), 'matched utterance')} could be scored "
+                              f"(e.g. {first[0]}: {first[1]})")
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["name", "system", *HIGHER_IS_BETTER], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=["name", "system", *HIGHER_IS_BETTER, "length_diff"],
+                            lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
                          for k, v in row.items()})
     atomic_write_text(output_dir / "metrics.csv", buffer.getvalue())
 
-    means = {s: {m: _mean([r[m] for r in rows if r["system"] == s]) for m in HIGHER_IS_BETTER} for s in systems}
+    values = {s: {m: [r[m] for r in rows if r["system"] == s] for m in HIGHER_IS_BETTER} for s in systems}
+    means = {s: {m: _mean(v) for m, v in values[s].items()} for s in systems}
+    n = {s: {m: _count(v) for m, v in values[s].items()} for s in systems}
+    scored = len(rows) // len(systems)
     summary = {
-        "ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "sample_rate": sample_rate,
-        "count": len(rows) // len(systems), "means": means["pred"], "missing": missing, "failed": failed,
+        "ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "sample_rate": sample_rate, "count": scored,
+        "counts": {"scored": scored, "failed": len(failed), "unmatched": len(missing["pred"]) + len(missing["ref"]),
+                   "length_mismatch": len(mismatched)},
+        "means": means["pred"], "n": n["pred"], "missing": missing, "failed": failed, "length_mismatch": mismatched,
     }
     if baseline:
-        summary["baseline"] = {"method": baseline, "means": means[baseline]}
+        summary["baseline"] = {"method": baseline, "means": means[baseline], "n": n[baseline]}
     save_json(output_dir / "summary.json", summary)
-    print(format_table(means, summary["count"]))
+    print(format_table(summary))
     return summary

@@ -30,6 +30,9 @@ MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
 SI_SNR_CAP_DB = 100.0
 PITCH_KEYS = ("f0_rmse_cents", "vuv_f1", "periodicity")
 OPTIONAL_PACKAGES = {"pesq": "pesq", "stoi": "pystoi"}  # metric -> the package it needs
+# The floor of the MOS-LQO `pesq` returns in wide band: P.862.2 maps raw PESQ x to 0.999 + 4 / (1 + exp(-1.3669 x +
+# 3.8224)), which tends to 0.999 as x falls (x is not clipped at -0.5: garbled audio scores 1.02).
+PESQ_FLOOR = 0.999
 
 # Metric name -> True when higher is better; the order the CSV and table use.
 HIGHER_IS_BETTER = {
@@ -51,6 +54,15 @@ def _silent(ref: np.ndarray) -> bool:
     """
     if np.abs(ref).max(initial=0.0) < SILENCE_PEAK:
         warnings.warn("reference is silent: metrics against it are undefined (NaN)", stacklevel=3)
+        return True
+    return False
+
+
+def _silent_prediction(ref: np.ndarray, pred: np.ndarray, metric: str, worst: float) -> bool:
+    """True (with a warning) when `pred` is silent against a non-silent `ref`: the metric gets its worst value, so
+    silence never scores better than bad audio by dropping out of the mean."""
+    if np.abs(pred).max(initial=0.0) < SILENCE_PEAK <= np.abs(ref).max(initial=0.0):
+        warnings.warn(f"prediction is silent: {metric} gets its worst value ({worst:.3g})", stacklevel=3)
         return True
     return False
 
@@ -77,11 +89,17 @@ def _optional(module: str) -> Any:
 
 
 def align(ref: Any, pred: Any, hop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Trim both to the shorter length; warn when they differ by more than one hop."""
+    """Both over the reference's length, so a truncated prediction cannot score as if complete: one shorter by more
+    than one hop is zero-padded (its missing audio counts as silence; with a warning), a longer one trimmed (with a
+    warning beyond one hop). Within one hop (a mel's partial last frame) both are cut to the shorter."""
     ref, pred = _np(ref), _np(pred)
     if abs(len(ref) - len(pred)) > hop:
+        fix = "zero-padded" if len(pred) < len(ref) else "trimmed"
         warnings.warn(f"lengths differ by more than one hop: ref {len(ref)}, pred {len(pred)} samples; "
-                      "trimmed to the shorter", stacklevel=2)
+                      f"the prediction is {fix} to the reference's length", stacklevel=2)
+        if len(pred) < len(ref):
+            return ref, np.pad(pred, (0, len(ref) - len(pred)))
+        return ref, pred[: len(ref)]
     n = min(len(ref), len(pred))
     return ref[:n], pred[:n]
 
@@ -93,6 +111,8 @@ def pesq_wb(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None
         return None
     if _silent(ref):
         return math.nan
+    if _silent_prediction(ref, pred, "pesq", PESQ_FLOOR):
+        return PESQ_FLOOR
     try:
         return float(module.pesq(16000, resample(ref, sample_rate, 16000), resample(pred, sample_rate, 16000), "wb"))
     except Exception as err:  # pesq raises on inputs it finds no speech in
@@ -100,14 +120,32 @@ def pesq_wb(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None
         return math.nan
 
 
+def _stoi_shortest() -> float:
+    """Seconds of non-silent reference pystoi needs: N frames of N_FRAME samples at half overlap, at its rate FS."""
+    consts = importlib.import_module("pystoi.stoi")  # the module, which pystoi's `stoi` function hides
+    return ((consts.N - 1) * consts.N_FRAME // 2 + consts.N_FRAME) / consts.FS
+
+
 def stoi(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None:
-    """Short-time objective intelligibility (0-1); pystoi resamples to 10 kHz itself."""
+    """Short-time objective intelligibility (0-1); pystoi resamples to 10 kHz itself.
+
+    NaN (with a warning) where the reference has too little non-silent audio: pystoi then returns 1e-5, which
+    would enter the mean as a near-worst score for what may be a perfect prediction.
+    """
     module = _optional(OPTIONAL_PACKAGES["stoi"])
     if module is None:
         return None
     if _silent(ref):
         return math.nan
-    return float(module.stoi(ref.astype(np.float64), pred.astype(np.float64), sample_rate, extended=False))
+    if _silent_prediction(ref, pred, "stoi", 0.0):
+        return 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score = float(module.stoi(ref.astype(np.float64), pred.astype(np.float64), sample_rate, extended=False))
+    if any("Not enough STFT frames" in str(w.message) for w in caught):
+        warnings.warn(f"stoi undefined (NaN): shorter than {_stoi_shortest():.2f} s of non-silent audio", stacklevel=2)
+        return math.nan
+    return score
 
 
 def _magnitude(audio: np.ndarray, n_fft: int, hop: int, win: int) -> torch.Tensor:
@@ -117,8 +155,15 @@ def _magnitude(audio: np.ndarray, n_fft: int, hop: int, win: int) -> torch.Tenso
 
 def mstft(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float:
     """Multi-resolution STFT distance: spectral convergence + log-magnitude L1, averaged over
-    MSTFT_RESOLUTIONS (the auxiliary loss of Parallel WaveGAN, used here as a metric)."""
+    MSTFT_RESOLUTIONS (the auxiliary loss of Parallel WaveGAN, used here as a metric).
+
+    NaN (with a warning) for audio the largest STFT's reflect padding does not fit.
+    """
     if _silent(ref):
+        return math.nan
+    shortest = max(n_fft for n_fft, _, _ in MSTFT_RESOLUTIONS) // 2 + 1
+    if len(ref) < shortest:
+        warnings.warn(f"mstft undefined (NaN): shorter than {shortest} samples", stacklevel=2)
         return math.nan
     total = 0.0
     for n_fft, hop, win in MSTFT_RESOLUTIONS:

@@ -18,7 +18,7 @@ import torch
 from scipy.signal import lfilter
 
 from bins.vocoder.evaluate import main
-from evaluation import metrics
+from evaluation import evaluate, metrics
 from evaluation.evaluate import DEFAULT_CONFIG, format_table, griffin_lim, summary_table
 from processors.audio import resample
 
@@ -84,14 +84,39 @@ def test_silent_reference_gives_nan_with_warning(voice):
         assert math.isnan(metrics.cheap_metrics(np.zeros_like(voice), voice, PRE)["mel_l1"])
 
 
-def test_align_trims_and_warns_only_beyond_one_hop(voice):
-    with pytest.warns(UserWarning, match="more than one hop"):
+def test_align_scores_over_the_reference_and_warns_only_beyond_one_hop(voice):
+    with pytest.warns(UserWarning, match="zero-padded"):
         ref, pred = metrics.align(voice, voice[:-300], hop=256)
+    assert len(ref) == len(pred) == len(voice) and not pred[-300:].any()
+    with pytest.warns(UserWarning, match="trimmed"):
+        ref, pred = metrics.align(voice[:-300], voice, hop=256)
     assert len(ref) == len(pred) == len(voice) - 300
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ref, pred = metrics.align(voice[:-200], voice, hop=256)
     assert len(ref) == len(pred) == len(voice) - 200
+
+
+def test_truncated_prediction_scores_worse_than_complete(voice):
+    with pytest.warns(UserWarning, match="zero-padded"):
+        half = metrics.all_metrics(*metrics.align(voice, voice[: len(voice) // 2], 256), SR, PRE)
+    assert half["mel_l1"] > 1 and half["si_snr"] < 10 and half["pesq"] < 3
+
+
+@pytest.mark.filterwarnings("ignore:no frame is voiced")
+def test_silent_prediction_gets_the_worst_pesq_and_stoi(voice):
+    with pytest.warns(UserWarning, match="prediction is silent"):
+        m = metrics.all_metrics(voice, np.zeros_like(voice), SR, PRE)
+    assert m["pesq"] == metrics.PESQ_FLOOR and m["stoi"] == 0
+    assert m["pesq"] <= metrics.pesq_wb(voice, with_noise(voice, -10), SR)  # no better than the worst audio
+
+
+def test_stoi_and_mstft_are_nan_on_audio_too_short_for_them(voice):
+    short = voice[:1000]  # 62 ms: under pystoi's 30 frames and under the 2048-point STFT's padding
+    with pytest.warns(UserWarning, match=r"stoi undefined \(NaN\): shorter than 0.40 s"):
+        assert math.isnan(metrics.stoi(short, short, SR))
+    with pytest.warns(UserWarning, match="mstft undefined"):
+        assert math.isnan(metrics.mstft(short, short, SR))
 
 
 def test_cheap_metrics_accepts_tensors(voice):
@@ -145,7 +170,8 @@ def test_cli_writes_csv_json_and_plots(tmp_path, voice, capsys):
 
     with open(out / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["name", "system", *metrics.HIGHER_IS_BETTER]
+    assert list(rows[0]) == ["name", "system", *metrics.HIGHER_IS_BETTER, "length_diff"]
+    assert rows[0]["length_diff"] == "-400"
     assert [(r["name"], r["system"]) for r in rows] == [
         (n, s) for n in ("a", "b", "silent") for s in ("pred", "griffinlim")]
     assert all(v == "" for k, v in rows[-1].items() if k in metrics.HIGHER_IS_BETTER)  # silent reference
@@ -154,13 +180,15 @@ def test_cli_writes_csv_json_and_plots(tmp_path, voice, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["count"] == 3 and summary["missing"] == {"pred": ["only_gt"], "ref": []}
     assert summary["failed"] == {} and summary["baseline"]["method"] == "griffinlim"
+    assert summary["counts"] == {"scored": 3, "failed": 0, "unmatched": 1, "length_mismatch": 1}
+    assert summary["length_mismatch"] == {"a": -400} and summary["n"]["mel_l1"] == 2  # the silent reference: NaN
     assert set(summary["means"]) == set(summary["baseline"]["means"]) == set(metrics.HIGHER_IS_BETTER)
     assert summary["baseline"]["means"]["mel_l1"] < summary["means"]["mel_l1"]
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["a.png", "b.png", "silent.png"]
     table = capsys.readouterr().out
-    assert "griffinlim" in table and "pesq" in table
-    header = summary_table(out / "summary.json").splitlines()[0].split()
-    assert header == ["metric", "better", "model", "griffinlim"]
+    assert table == summary_table(out / "summary.json") + "\n"  # the printed table and demo.sh's agree
+    assert table.splitlines()[0].split() == ["metric", "better", "model", "griffinlim", "n(model)", "n(griffinlim)"]
+    assert "(3 scored, 0 failed, 1 unmatched; 1 prediction off by more than one hop" in table
 
 
 def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, voice, capsys, monkeypatch):
@@ -173,12 +201,14 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, voice, capsys, mo
 
 
 def test_table_says_why_pesq_and_stoi_are_missing(monkeypatch):
-    means = {"pred": {m: None if m in ("pesq", "stoi") else 1.0 for m in metrics.HIGHER_IS_BETTER}}
-    assert "not installed" not in format_table(means, 1)
+    means = {m: None if m in ("pesq", "stoi") else 1.0 for m in metrics.HIGHER_IS_BETTER}
+    summary = {"means": means, "n": {m: 0 if v is None else 1 for m, v in means.items()},
+               "counts": {"scored": 1, "failed": 0, "unmatched": 0, "length_mismatch": 0}}
+    assert "not installed" not in format_table(summary)
     monkeypatch.setitem(sys.modules, "pesq", None)
     monkeypatch.setitem(sys.modules, "pystoi", None)
-    table = format_table(means, 1)
-    assert "(1 utterance;" in table
+    table = format_table(summary)
+    assert "(1 scored, 0 failed, 0 unmatched;" in table and " n " not in table.splitlines()[0]
     assert table.splitlines()[-1] == "disabled: pesq, stoi, as pesq, pystoi are not installed (pip install pesq pystoi)"
 
 
@@ -210,3 +240,75 @@ def test_default_mel_settings_are_the_recipes():
 
     recipe = load_config(REPO / "egs/vocoder/diffusion/diffwave/exp_config.json").preprocess
     assert mel_settings(load_config(DEFAULT_CONFIG).preprocess) == mel_settings(recipe)
+
+
+def tone_pairs(root: Path, lengths: dict[str, int], sr: int = 8000) -> tuple[Path, Path]:
+    """gt/ and pred/ holding the same 200 Hz tone of each length."""
+    for sub in ("gt", "pred"):
+        (root / sub).mkdir()
+        for name, n in lengths.items():
+            sf.write(root / sub / f"{name}.wav", (0.3 * np.sin(2 * np.pi * 200 * np.arange(n) / sr)).astype(np.float32), sr)
+    return root / "gt", root / "pred"
+
+
+def test_short_and_crashing_files_are_listed_and_the_rest_scored(tmp_path, monkeypatch):
+    gt, pred = tone_pairs(tmp_path, {"good": 4000, "short": 600, "tiny": 10, "boom": 4000})
+    real = evaluate.pitch_track
+
+    def crashes_on_boom(audio: np.ndarray, rate: int) -> metrics.PitchTrack:  # boom: the only 3999-sample pair
+        if len(audio) == 3999:
+            raise RuntimeError("kaput\nmore")
+        return real(audio, rate)
+
+    monkeypatch.setattr(evaluate, "pitch_track", crashes_on_boom)
+    sf.write(pred / "boom.wav", np.zeros(3999, np.float32), 8000)
+    summary = evaluate.evaluate_dirs(gt, pred, tmp_path / "eval", pre=PRE | {"sample_rate": 8000, "fmax": 4000})
+    assert summary["failed"] == {"boom": "RuntimeError: kaput",
+                                 "tiny": "too short (10 samples; one mel frame needs 385 at 8000 Hz)"}
+    assert summary["counts"]["scored"] == 2 and summary["n"]["mstft"] == 1 and summary["n"]["mel_l1"] == 2
+
+
+def cli(gt: Path, pred: Path, out: Path, *more: str) -> list[str]:
+    return ["--ref_dir", str(gt), "--pred_dir", str(pred), "--output_dir", str(out), "--log_level", "error", *more]
+
+
+@pytest.mark.parametrize("preprocess, message", [
+    (None, "key 'preprocess' must be an object"),
+    ({"hop_size": 0}, "key 'preprocess.hop_size' must be in (0, inf), got 0"),
+    ({"n_mel": 2000}, "key 'preprocess.n_mel' (2000) must not exceed"),
+])
+def test_bad_mel_config_is_refused_before_scoring(tmp_path, capsys, preprocess, message):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"base_config": str(DEFAULT_CONFIG), "preprocess": preprocess}))
+    assert main(cli(tmp_path, tmp_path, tmp_path / "eval", "--config", str(config))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"evaluate: error: {config}: {message}") and "\n" not in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_expt_dir_finds_args_json_from_the_checkpoint_folder(tmp_path, capsys):
+    from tests.tiny_experiment import make_experiment
+
+    expt, _ = make_experiment(tmp_path)
+    gt, pred = tone_pairs(tmp_path, {"a": 4000})
+    assert main(cli(gt, pred, tmp_path / "eval", "--expt_dir", str(expt / "checkpoint"))) == 0
+    capsys.readouterr()
+    assert main(cli(gt, pred, tmp_path / "eval2", "--expt_dir", str(tmp_path / "nope"))) == 2
+    assert capsys.readouterr().err.strip() == f"evaluate: error: {tmp_path / 'nope'}: experiment folder does not exist"
+
+
+def test_rerun_moves_earlier_outputs_aside_and_an_unwritable_output_is_refused_first(tmp_path, capsys):
+    gt, pred = tone_pairs(tmp_path, {"a": 4000, "b": 4000})
+    out = tmp_path / "eval"
+    pre = PRE | {"sample_rate": 8000, "fmax": 4000}
+    evaluate.evaluate_dirs(gt, pred, out, plot=True, pre=pre)
+    (pred / "a.wav").write_bytes(b"junk")
+    (pred / "b.wav").write_bytes(b"junk")
+    with pytest.raises(evaluate.EvaluationError, match="none of the 2 matched utterances could be scored"):
+        evaluate.evaluate_dirs(gt, pred, out, pre=pre)
+    (aside,) = (out / "earlier").iterdir()
+    assert sorted(p.name for p in out.iterdir()) == ["earlier"]  # no result of the earlier run looks current
+    assert sorted(p.name for p in (aside / "plots").iterdir()) == ["a.png", "b.png"] and (aside / "summary.json").is_file()
+    (tmp_path / "file").write_text("")
+    assert main(cli(gt, pred, tmp_path / "file")) == 2
+    assert "cannot write the outputs there" in capsys.readouterr().err
