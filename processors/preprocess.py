@@ -52,7 +52,8 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list
     root = Path(cfg.dataset_path[dataset]).expanduser()
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"{root}: the folder of dataset '{dataset}' {what} (dataset_path.{dataset})")
+        shown = root if root.is_absolute() else f"{root} (relative to the working folder: {root.absolute()})"
+        raise DatasetError(f"{shown}: the folder of dataset '{dataset}' {what} (dataset_path.{dataset})")
     now = corpus_fingerprint(root, skip=[cfg.preprocess.processed_dir])
     then = read_fingerprint(out)
     if train_file.is_file() and test_file.is_file():

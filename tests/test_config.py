@@ -53,6 +53,7 @@ def test_placeholder_path_names_dataset_and_file():
         check_dataset_paths(cfg)
     message = str(err.value)
     assert "'csd'" in message and "[dataset path]" in message and str(RECIPE) in message and "\n" not in message
+    assert message.endswith("or leave it out of 'dataset' there")  # a user with one corpus trims the list
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -226,6 +226,9 @@ def test_dataset_path_may_start_with_a_tilde_and_a_missing_folder_says_so(tmp_pa
         stage1(tmp_path, tmp_path / "nowhere")
     with pytest.raises(ValueError, match=r"a.wav: the folder of dataset 'demo' is not a folder \(dataset_path\.demo\)$"):
         stage1(tmp_path, tmp_path / "corpus" / "a.wav")
+    monkeypatch.chdir(tmp_path)  # a relative path is read from the working folder (run.sh's: the toolkit's root)
+    with pytest.raises(ValueError, match=rf"^elsewhere \(relative to the working folder: {tmp_path / 'elsewhere'}\): "):
+        stage1(tmp_path, Path("elsewhere"))
 
 
 def test_a_dangling_link_is_named_as_one(tmp_path):

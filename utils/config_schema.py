@@ -308,4 +308,5 @@ def check_dataset_paths(cfg: dict) -> None:
         if PLACEHOLDER in str(path) or not str(path).strip():
             top, origin = cfg.get("config_path"), source_of(cfg, f"dataset_path.{name}")
             where = f"{top} (the placeholder comes from {origin})" if origin != str(top) else top
-            raise ConfigError(f"dataset '{name}' still has the placeholder path '{path}': set dataset_path.{name} in {where}")
+            raise ConfigError(f"dataset '{name}' still has the placeholder path '{path}': set dataset_path.{name} in {where}, "
+                              "or leave it out of 'dataset' there")
