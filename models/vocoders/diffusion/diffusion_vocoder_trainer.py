@@ -382,7 +382,8 @@ class DiffusionVocoderTrainer:
         self._log({"valid/loss": None if self.signalled else valid_loss, "train/epoch_loss": mean_loss})
         log.info("epoch %d%s: step %d, train loss %.5f, valid loss %.5f, lr %.3g, %.2f steps/s, %.1f audio s/s, "
                  "%s skipped, %.1f s", state.epoch if finished else state.epoch + 1,
-                 "" if finished else " (stopped mid-epoch)", state.step, mean_loss, valid_loss,
+                 "" if finished else f" (stopped mid-epoch; {state.epoch} complete, as checkpoint names count)",
+                 state.step, mean_loss, valid_loss,
                  self.optimizer.param_groups[0]["lr"], epoch.steps / seconds, epoch.audio / seconds,
                  plural(state.skipped_steps, "step"), seconds)
         stop = self._at_bound()
