@@ -103,6 +103,27 @@ def test_complex_mels_are_refused_not_cut_to_their_real_part():
     assert check_mel(np.full((N_MEL, 4), -5, np.int16), N_MEL, "x.npy").dtype == torch.float32
 
 
+def test_float64_values_beyond_float32_are_refused_after_the_cast_not_vocoded_as_inf(recwarn):
+    mel = np.full((N_MEL, 6), -5.0)
+    mel[:, 2] = 1e300  # finite in float64, inf in float32
+    with pytest.raises(InputError, match=r"^x\.npy: mel values overflow float32 \(largest magnitude 1e\+300\)$"):
+        check_mel(mel, N_MEL, "x.npy")
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # no raw numpy overflow warning
+    with pytest.raises(InputError, match=r"^x\.npy: mel has zero frames \(shape \(0, 40\)\)$"):
+        check_mel(np.zeros((0, N_MEL), np.float32), N_MEL, "x.npy")  # not first "transposed", then refused
+
+
+def test_a_square_feature_mel_is_vocoded_with_a_warning_that_its_orientation_was_assumed(tmp_path, vocoder, caplog):
+    np.save(tmp_path / "square.npy", np.full((N_MEL, N_MEL), -5.0, np.float32))
+    np.save(tmp_path / "wide.npy", np.full((N_MEL, N_MEL + 1), -5.0, np.float32))
+    with caplog.at_level("WARNING"):
+        assert run_inference(vocoder, "infer_from_feature", tmp_path / "out", feature_dir=str(tmp_path)) == 2
+    warned = [r.getMessage() for r in caplog.records if "orientation" in r.getMessage()]
+    assert warned == [f"{tmp_path / 'square.npy'}: square mel ({N_MEL}, {N_MEL}): its orientation is ambiguous; "
+                      "assumed (n_mel, frames)"]
+    assert len(sf.read(tmp_path / "out" / "pred" / "square.wav")[0]) == N_MEL * HOP
+
+
 def test_feature_files_of_other_formats_are_listed_and_upper_case_npy_is_vocoded(tmp_path, vocoder):
     folder = tmp_path / "mels"
     folder.mkdir()

@@ -40,24 +40,29 @@ class InputError(ValueError):
 
 
 def check_mel(mel: np.ndarray, n_mel: int, source: str) -> torch.Tensor:
-    """A (n_mel, frames) float tensor, or InputError naming the file and the problem."""
+    """A (n_mel, frames) float32 tensor, or InputError naming the file and the problem (checked after the cast to
+    float32 too: a float64 beyond its range would become inf)."""
     if not (np.issubdtype(mel.dtype, np.floating) or np.issubdtype(mel.dtype, np.integer)):  # complex: no silent .real
         raise InputError(f"{source}: mel must be a real (float or integer) array, got dtype {mel.dtype}")
     if mel.ndim == 3 and mel.shape[0] == 1:
         mel = mel[0]
     if mel.ndim != 2:
         raise InputError(f"{source}: mel must be 2-D (n_mel, frames), got shape {mel.shape}")
+    if mel.size == 0:  # before the orientation: (0, n_mel) is no mel to transpose
+        raise InputError(f"{source}: mel has zero frames (shape {mel.shape})")
     if mel.shape[0] != n_mel:
         if mel.shape[1] == n_mel:
             log.warning("%s: mel stored as (frames, n_mel) %s; transposed", source, mel.shape)
             mel = mel.T
         else:
             raise InputError(f"{source}: mel has {mel.shape[0]} bins, the model expects n_mel={n_mel} (shape {mel.shape})")
-    if mel.shape[1] == 0:
-        raise InputError(f"{source}: mel has zero frames")
     if not np.all(np.isfinite(mel)):
         raise InputError(f"{source}: mel contains NaN or inf")
-    return torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32))
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: refused below, not a raw numpy warning
+        single = np.ascontiguousarray(mel, dtype=np.float32)
+    if not np.all(np.isfinite(single)):
+        raise InputError(f"{source}: mel values overflow float32 (largest magnitude {np.abs(mel).max():.3g})")
+    return torch.from_numpy(single)
 
 
 def check_audio(audio: np.ndarray, samples: int, source: str) -> np.ndarray:
@@ -164,10 +169,13 @@ def feature_items(cfg: Any, folder: Path, skipped: list[str],
         raise InputError(f"{folder}: no mel files (expected {folder}/mels/*.npy)")
     skipped += [f"{p}: not a .npy mel ({p.suffix or 'no extension'}): unsupported format" for p in found
                 if p not in files and not p.name.startswith(".")]  # a hidden file (.DS_Store) is not offered as a mel
-    items = []
+    items, n_mel = [], int(cfg.preprocess.n_mel)
     for path in files:
         try:
-            mel = check_mel(load_npy(path), int(cfg.preprocess.n_mel), str(path))
+            mel = check_mel(load_npy(path), n_mel, str(path))
+            if mel.shape[1] == n_mel:  # stage 1's own features are (n_mel, frames) by contract; these may not be
+                log.warning("%s: square mel %s: its orientation is ambiguous; assumed (n_mel, frames)", path,
+                            tuple(mel.shape))
             items.append((path.stem, convert(mel, str(path)) if convert else mel, None))
         except (InputError, ValueError, OSError) as err:
             skipped.append(str(err))
