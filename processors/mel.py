@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -64,3 +65,11 @@ def min_samples(pre: Any) -> int:
     """The shortest audio that gives one mel frame (and survives the reflect padding)."""
     _, n_fft, hop, *_ = mel_settings(pre)
     return max(hop, (n_fft - hop) // 2 + 1)
+
+
+def max_log_mel(pre: Any) -> float:
+    """The largest value `mel_spectrogram` can give for audio in [-1, 1]: no STFT bin exceeds the window's sum, so
+    no filter exceeds its weights' sum times that (full-scale square waves come within about 0.9 of it)."""
+    sample_rate, n_fft, _hop, win, n_mel, fmin, fmax = mel_settings(pre)
+    filters = float(_mel_basis(sample_rate, n_fft, n_mel, fmin, fmax).sum(dim=1).max())
+    return math.log(filters * float(_window(win).sum()))

@@ -65,7 +65,7 @@ def test_wrong_n_mel_is_an_error_naming_both_numbers(experiment, tmp_path):
     assert "wide.npy" in skipped[0] and "80" in skipped[0] and "n_mel=20" in skipped[0]
 
 
-@pytest.mark.parametrize("convention", ["log10", "db_normalized", "meanvar"])
+@pytest.mark.parametrize("convention", ["log10", "db", "db_normalized", "meanvar", "linear"])
 def test_other_conventions_are_recognised_and_named(experiment, convention, caplog):
     expt, _ = experiment
     mel = native_mel()
@@ -74,6 +74,11 @@ def test_other_conventions_are_recognised_and_named(experiment, convention, capl
         converter(mel, "native.npy")
     assert not caplog.records and guess_convention(mel)[0] == "ln"
     foreign = from_natural_log(mel, convention, stats_for(mel))
+    if convention == "db":  # values far outside any natural-log mel of audio: refused with the hint, not vocoded
+        with pytest.raises(ValueError, match=r"^foreign\.npy: .*; it looks like a db mel: convert with "
+                                             r"--infer_mel_convention db"):
+            converter(foreign, "foreign.npy")
+        return
     with caplog.at_level(logging.WARNING):
         converter(foreign, "foreign.npy")
     assert len(caplog.records) == 1
@@ -82,7 +87,7 @@ def test_other_conventions_are_recognised_and_named(experiment, convention, capl
     assert f"--infer_mel_convention {convention}" in message
 
 
-@pytest.mark.parametrize("convention", ["log10", "db_normalized", "meanvar", "meanvar+log10"])
+@pytest.mark.parametrize("convention", ["log10", "db", "db_normalized", "meanvar", "meanvar+log10", "linear"])
 def test_converted_mels_vocode_to_the_native_waveform(experiment, convention, tmp_path):
     expt, cfg = experiment
     # lmnt's [0, 1] dB scale keeps magnitudes in [1e-4, 10] only: test on that range
@@ -97,12 +102,19 @@ def test_converted_mels_vocode_to_the_native_waveform(experiment, convention, tm
     np.save(tmp_path / "stats.npy", stats)
     contract = Experiment(expt).read_contract()
     native = feature_items(cfg, tmp_path / "native", [], MelConverter(contract))
-    converted = feature_items(cfg, tmp_path / "foreign", [], MelConverter(contract, convention, tmp_path / "stats.npy"))
-    unconverted = feature_items(cfg, tmp_path / "foreign", [], MelConverter(contract))
+    stats_file = tmp_path / "stats.npy" if "meanvar" in convention else None
+    converted = feature_items(cfg, tmp_path / "foreign", [], MelConverter(contract, convention, stats_file))
+    refused: list[str] = []
+    unconverted = feature_items(cfg, tmp_path / "foreign", refused, MelConverter(contract))
     vocoder = vocoder_from_experiment(expt, device="cpu", seed=7)
-    (a,), (b,), (c,) = (vocoder([m for _, m, _ in items], ["utt"]) for items in (native, converted, unconverted))
+    (a,), (b,) = (vocoder([m for _, m, _ in items], ["utt"]) for items in (native, converted))
     assert np.abs(a - b).max() < 1e-4
-    assert np.abs(a - c).max() > 1e-2  # the conversion matters: the mel really drives the output
+    # the conversion matters: unconverted, the mel drives the output elsewhere, or no audio gives it and it is refused
+    if unconverted:
+        (c,) = vocoder([unconverted[0][1]], ["utt"])
+        assert np.abs(a - c).max() > 1e-2
+    else:
+        assert "as a natural-log mel" in refused[0] and convention in ("db", "meanvar+log10")
 
 
 def test_meanvar_needs_valid_statistics(experiment, tmp_path):
@@ -114,6 +126,53 @@ def test_meanvar_needs_valid_statistics(experiment, tmp_path):
         MelConverter(contract, "meanvar", tmp_path / "bad.npy")
     with pytest.raises(ConfigError, match="unknown mel convention 'log2'"):
         MelConverter(contract, "log2")
+
+
+def test_statistics_without_meanvar_are_an_error_not_ignored(experiment, tmp_path):
+    np.save(tmp_path / "stats.npy", np.ones((2, 7)))  # the wrong shape too: nothing else would have said so
+    with pytest.raises(ConfigError, match=r"^--infer_mel_stats \(inference.mel_stats\) applies only with a meanvar "
+                                          r"convention, not 'log10'$"):
+        MelConverter(Experiment(experiment[0]).read_contract(), "log10", tmp_path / "stats.npy")
+
+
+HK22 = {"sample_rate": 22050, "hop_size": 256, "n_fft": 1024, "win_size": 1024, "n_mel": 80, "fmin": 0, "fmax": 8000}
+
+
+@pytest.mark.parametrize("pre", [TINY_PRE, HK22], ids=["8k", "22k"])
+@pytest.mark.parametrize("gain", [1.0, 0.1, 0.01])
+def test_linear_mels_are_told_from_db_normalized_ones_at_any_level(pre, gain):
+    """Both lie in [0, 1] for quiet audio; linear ones pile up near 0, lmnt's dB-normalised ones do not."""
+    for seed in range(3):
+        mel = mel_spectrogram(gain * synthetic_voice(0.5, pre["sample_rate"], seed), pre)
+        assert guess_convention(mel)[0] == "ln"
+        assert guess_convention(from_natural_log(mel, "linear"))[0] == "linear"
+        assert guess_convention(from_natural_log(mel, "db_normalized"))[0] == "db_normalized"
+        assert guess_convention(from_natural_log(mel, "db"))[0] == "db"
+
+
+def test_full_scale_audio_stays_under_the_ceiling_and_impossible_values_are_refused(experiment):
+    contract = Experiment(experiment[0]).read_contract()
+    converter = MelConverter(contract)
+    t = np.arange(contract["sample_rate"]) / contract["sample_rate"]
+    for signal in (np.sign(np.sin(2 * np.pi * 500 * t)), np.sin(2 * np.pi * 1000 * t), np.ones_like(t)):
+        mel = mel_spectrogram(signal.astype(np.float32), TINY_PRE)  # the loudest a mel gets: it must pass
+        assert float(mel.max()) <= converter.full_scale and converter(mel, "loud.npy") is mel
+    mel = native_mel()
+    cases = {"huge": torch.full_like(mel, 1e30), "coded": (mel * 1000).round(), "db": from_natural_log(mel, "db") + 20}
+    assert float(mel.max()) < 0 and float(cases["db"].max()) > converter.full_scale + 1  # coded: too low, db: too high
+    for name, values in cases.items():
+        with pytest.raises(ValueError, match=rf"^{name}\.npy: values \(min .*\) reach .* as a natural-log mel, "
+                                             rf"(above the {converter.full_scale:.2f} that full-scale audio gives here|"
+                                             r"below ln\(1e-10\), the lowest floor log mels are clamped at); "):
+            converter(values, f"{name}.npy")
+    with pytest.raises(ValueError, match="it looks like a db mel"):
+        converter(from_natural_log(mel, "db"), "quiet_db.npy")  # under the ceiling, but far below any floor
+    with pytest.raises(ValueError, match="it looks like a db mel: convert with --infer_mel_convention db"):
+        converter(cases["db"], "db.npy")
+    with pytest.raises(ValueError, match=r"a dB mel \(--infer_mel_convention db\)\? .* save ln\(max\(m, 1e-5\)\)"):
+        converter(cases["huge"], "huge.npy")  # 1e30 is no linear mel either: no hint that would fail too
+    converted = MelConverter(contract, "db")(cases["db"], "db.npy")  # named: the same mel 20 dB up is fine
+    assert torch.allclose(converted, (mel + math.log(10)).float(), atol=1e-5)
 
 
 @pytest.mark.parametrize("hop", [1, 7, 64, 256, 300, 441, 512, 600, 1024, 1031, 2048, 2062, 4096])
