@@ -20,20 +20,22 @@ class AudioError(ValueError):
     """An unusable audio file; the message names the file and the problem."""
 
 
-def _decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+def _decode(path: str | os.PathLike) -> tuple[np.ndarray, int, int]:
+    """(mono samples, rate, the file's channel count): channels are averaged."""
     import soundfile as sf
 
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        return data.mean(axis=1), rate
+        return data.mean(axis=1), rate, data.shape[1]
     except Exception as sf_error:  # soundfile cannot read mp3 on some builds: fall back to librosa
         try:
             import librosa
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                data, rate = librosa.load(str(path), sr=None, mono=True)
-            return np.asarray(data, dtype=np.float32), int(rate)
+                data, rate = librosa.load(str(path), sr=None, mono=False)
+            data = np.atleast_2d(np.asarray(data, dtype=np.float32))  # (channels, samples)
+            return data.mean(axis=0), int(rate), data.shape[0]
         except Exception:
             raise AudioError(f"{path}: cannot decode audio ({sf_error})") from None
 
@@ -56,14 +58,18 @@ def check_openable(path: str | os.PathLike) -> None:
         raise AudioError(f"{path}: empty file")
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) -> np.ndarray:
+def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1,
+               downmixed: list[str] | None = None) -> np.ndarray:
     """Mono float32 in [-1, 1] at `sample_rate`; raises AudioError naming the file.
 
-    Stereo is averaged; a float file peaking above 1.0 is scaled down with a warning (not
-    clipped), since clipping would add distortion the vocoder then learns.
+    Stereo and multi-channel files are averaged (named in `downmixed`, for the caller to report
+    once); a float file peaking above 1.0 is scaled down with a warning (not clipped), since
+    clipping would add distortion the vocoder then learns.
     """
     check_openable(path)
-    audio, rate = _decode(path)
+    audio, rate, channels = _decode(path)
+    if channels > 1 and downmixed is not None:
+        downmixed.append(f"{path} ({channels} channels)")
     if len(audio) == 0:
         raise AudioError(f"{path}: no samples (zero-length audio)")
     if not np.all(np.isfinite(audio)):
@@ -97,7 +103,7 @@ def audio_duration(path: str | os.PathLike) -> float:
         return float(sf.info(str(path)).duration)
     except Exception:
         try:
-            audio, rate = _decode(path)
+            audio, rate, _channels = _decode(path)
         except AudioError:
             return 0.0
         return len(audio) / rate

@@ -124,6 +124,29 @@ def test_a_square_feature_mel_is_vocoded_with_a_warning_that_its_orientation_was
     assert len(sf.read(tmp_path / "out" / "pred" / "square.wav")[0]) == N_MEL * HOP
 
 
+def test_comma_separated_datasets_are_explained_with_the_experiments_datasets(tmp_path, vocoder):
+    with pytest.raises(InputError, match=r"demo,vctk/test\.json: metadata missing; run stage 1 for dataset 'demo,vctk' "
+                                         r"first; --infer_datasets takes space-separated names \(the experiment was "
+                                         r"trained on demo\)$"):
+        run_inference(vocoder, "infer_from_dataset", tmp_path / "out", datasets=["demo,vctk"])
+
+
+def test_one_audio_file_is_vocoded_and_downmixed_inputs_are_counted_in_one_line(tmp_path, vocoder, caplog):
+    mono, folder = voice(0.05), tmp_path / "in"
+    folder.mkdir()
+    sf.write(folder / "stereo.wav", np.stack([mono, 0.5 * mono], axis=1), RATE)
+    sf.write(folder / "six.wav", np.tile(mono[:, None], (1, 6)), RATE)
+    sf.write(folder / "mono.wav", mono, RATE)
+    with caplog.at_level("INFO"):
+        assert run_inference(vocoder, "infer_from_audio", tmp_path / "one", audio_dir=str(folder / "stereo.wav")) == 1
+        assert run_inference(vocoder, "infer_from_audio", tmp_path / "all", audio_dir=str(folder)) == 3
+    assert wavs(tmp_path / "one" / "pred") == wavs(tmp_path / "one" / "gt") == ["stereo.wav"]
+    lines = [r.getMessage() for r in caplog.records if "downmixed" in r.getMessage()]
+    assert lines == [f"1 input downmixed to mono (channels averaged): {folder / 'stereo.wav'} (2 channels)",
+                     f"2 inputs downmixed to mono (channels averaged): {folder / 'six.wav'} (6 channels), "
+                     f"{folder / 'stereo.wav'} (2 channels)"]
+
+
 def test_feature_files_of_other_formats_are_listed_and_upper_case_npy_is_vocoded(tmp_path, vocoder):
     folder = tmp_path / "mels"
     folder.mkdir()

@@ -53,7 +53,8 @@ if __name__ == "__main__":
     parser.add_argument("--infer_output_dir", "--output_dir", dest="output_dir", required=True)
     parser.add_argument("--infer_datasets", nargs="*", default=None)
     parser.add_argument("--infer_feature_dir", "--feature_folder", dest="feature_folder", default=None)
-    parser.add_argument("--infer_audio_dir", "--audio_folder", dest="audio_folder", default=None)
+    parser.add_argument("--infer_audio_dir", "--audio_folder", dest="audio_folder", default=None,
+                        help="a folder of audio (any depth) or one audio file")
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest)")
     parser.add_argument("--infer_sampler", "--sampler", dest="sampler", default=None, choices=SAMPLER_NAMES,
                         help="default: config inference.sampler")
@@ -61,7 +62,8 @@ if __name__ == "__main__":
                         help="ddim steps; for searched, which searched schedule")
     parser.add_argument("--infer_batch_size", "--batch_size", dest="batch_size", type=int, default=None)
     parser.add_argument("--infer_mel_convention", "--mel_convention", dest="mel_convention", default=None,
-                        help="infer_from_feature mels: ln | log10 | db_normalized | meanvar, chained with + (default: config)")
+                        help="infer_from_feature mels: ln | log10 | db | db_normalized | meanvar | linear, chained with + "
+                             "(default: config)")
     parser.add_argument("--infer_mel_stats", "--mel_stats", dest="mel_stats", default=None,
                         help="(2, n_mel) .npy of per-bin mean and scale for meanvar")
     parser.add_argument("--seed", type=int, default=1234)

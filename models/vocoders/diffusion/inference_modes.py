@@ -144,8 +144,21 @@ def record_skipped(out: Path, skipped: list[str]) -> None:
         log.warning("skipped %s", reason)
 
 
+def check_datasets(cfg: Any, datasets: list[str]) -> None:
+    """InputError for a dataset without stage 1's metadata, naming the datasets the experiment was trained on
+    (`--infer_datasets "a,b"` arrives as one name)."""
+    pre = cfg.preprocess
+    for dataset in datasets:
+        meta = Path(pre.processed_dir) / dataset / pre.valid_file
+        if not meta.is_file():
+            comma = "; --infer_datasets takes space-separated names" if "," in dataset else ""
+            raise InputError(f"{meta}: metadata missing; run stage 1 for dataset '{dataset}' first{comma} (the "
+                             f"experiment was trained on {' '.join(cfg.dataset)})")
+
+
 def dataset_items(cfg: Any, datasets: list[str], skipped: list[str]) -> list[tuple[str, torch.Tensor, np.ndarray]]:
     """The test split's (name, mel, ground truth); an utterance whose mel or audio fails its check is listed."""
+    check_datasets(cfg, datasets)
     n_mel, hop = int(cfg.preprocess.n_mel), int(cfg.preprocess.hop_size)
     items = []
     for entry in load_entries(cfg, "valid", datasets, missing=skipped):
@@ -183,21 +196,28 @@ def feature_items(cfg: Any, folder: Path, skipped: list[str],
 
 
 def audio_items(cfg: Any, folder: Path, skipped: list[str], out: Path) -> list[tuple[str, torch.Tensor, np.ndarray]]:
-    """The audio below `folder` with its mels; not what this stage wrote there (an output folder inside the input
-    folder fed every run's outputs back in, more at each run)."""
+    """The audio below `folder` (or the one file it names) with its mels; not what this stage wrote there (an output
+    folder inside the input folder fed every run's outputs back in, more at each run)."""
     own = out.resolve()
-    files = [f for f in list_audio(folder) if not Path(f).resolve().is_relative_to(own)] if folder.is_dir() else []
+    if folder.is_file():
+        files, base = [str(folder)], folder.parent
+    else:
+        files = [f for f in list_audio(folder) if not Path(f).resolve().is_relative_to(own)] if folder.is_dir() else []
+        base = folder
     if not files:
         raise InputError(f"{folder}: no audio files (wav, flac, ogg, mp3, ...) found")
     pre = cfg.preprocess
-    items = []
+    items, downmixed = [], []
     for path in files:
         try:
-            audio = load_audio(path, int(pre.sample_rate), min_samples=min_samples(pre))
+            audio = load_audio(path, int(pre.sample_rate), min_samples=min_samples(pre), downmixed=downmixed)
         except AudioError as err:
             skipped.append(str(err))
             continue
-        items.append((str(Path(path).relative_to(folder).with_suffix("")), mel_spectrogram(audio, pre), audio))
+        items.append((str(Path(path).relative_to(base).with_suffix("")), mel_spectrogram(audio, pre), audio))
+    if downmixed:
+        log.info("%s downmixed to mono (channels averaged): %s%s", plural(len(downmixed), "input"),
+                 ", ".join(downmixed[:5]), ", ..." if len(downmixed) > 5 else "")
     return items
 
 

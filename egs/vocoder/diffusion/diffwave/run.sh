@@ -33,7 +33,7 @@ stage 3  --infer_mode MODE          infer_from_dataset | infer_from_feature | in
          --infer_expt_dir DIR       experiment written by stage 2 (or its checkpoint/ folder, or one checkpoint)
          --infer_datasets "A B"     dataset mode: datasets whose test split is vocoded
          --infer_feature_dir DIR    feature mode: folder with mels/*.npy (or *.npy)
-         --infer_audio_dir DIR      audio mode: folder of audio at any rate, any depth
+         --infer_audio_dir DIR      audio mode: folder of audio at any rate, any depth (or one audio file)
          --infer_output_dir DIR     where pred/ and gt/ go (default <infer_expt_dir>/result; also stage 4)
          --checkpoint DIR           one checkpoint folder (default: the newest)
          --infer_sampler NAME       fast (6 steps) | full (50) | ddim | searched (default: config inference.sampler)
@@ -42,7 +42,7 @@ stage 3  --infer_mode MODE          infer_from_dataset | infer_from_feature | in
          --infer_precision P        auto | fp32 | fp16 | bf16 (default: config inference.precision, else auto:
                                     fp16 on CUDA GPUs with tensor cores, else fp32)
          --infer_raw_weights        the raw weights even when EMA weights exist
-         --infer_mel_convention C   feature mode: ln | log10 | db_normalized | meanvar, chained with +
+         --infer_mel_convention C   feature mode: ln | log10 | db | db_normalized | meanvar | linear, chained with +
          --infer_mel_stats FILE     feature mode, meanvar: (2, n_mel) .npy of per-bin mean and scale
 stage 4  --infer_expt_dir DIR, --infer_output_dir DIR   the stage 3 output to score
          --baseline griffinlim      also score Griffin-Lim on the same mels
@@ -233,7 +233,8 @@ except OSError: sys.exit(1)" 2>/dev/null; then
         not_with "to infer_from_dataset" --infer_feature_dir --infer_audio_dir --infer_mel_convention --infer_mel_stats ;;
       infer_from_feature) [ -d "$infer_feature_dir" ] || die "--infer_feature_dir '$infer_feature_dir' is not a folder"
         not_with "to infer_from_feature" --infer_datasets --infer_audio_dir ;;
-      infer_from_audio) [ -d "$infer_audio_dir" ] || die "--infer_audio_dir '$infer_audio_dir' is not a folder"
+      infer_from_audio) [ -d "$infer_audio_dir" ] || [ -f "$infer_audio_dir" ] ||
+          die "--infer_audio_dir '$infer_audio_dir' is neither a folder nor a file"
         not_with "to infer_from_audio (its mels are computed here)" --infer_datasets --infer_feature_dir \
           --infer_mel_convention --infer_mel_stats ;;
       "") die "--infer_mode is required: infer_from_dataset, infer_from_feature or infer_from_audio" ;;
