@@ -222,7 +222,7 @@ OTHER_LEVEL: dict[str, Callable[[Path], Path]] = {
     "kising": lambda root: root.parent, "opera": lambda root: root.parent,
     "popbutfy": lambda root: root.parent, "popcs": lambda root: root.parent,
     "pjs": lambda root: root / "PJS_corpus_ver1.1", "ljspeech": lambda root: root.parent,
-    "libritts": lambda root: root.parent,
+    "libritts": lambda root: root.parent, "vctk": lambda root: root.parent,
 }
 
 # name -> (train count, exact test Uids, speaker labels)

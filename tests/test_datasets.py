@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from processors.datasets import CORPORA, DatasetError, get_parser, parser_name
 from processors.datasets.slicer import slice_spans, trim_span
@@ -87,6 +88,20 @@ def test_empty_folder_is_an_error_naming_folder_and_layout(name, tmp_path):
     with pytest.raises(DatasetError, match="no utterances found; expected") as err:
         get_parser(name)(tmp_path / "empty", name, tmp_path / "work")
     assert str(tmp_path / "empty") in str(err.value)
+
+
+def test_vctk_080_layout_and_two_corpus_folders_are_refused_by_name(tmp_path):
+    old = tmp_path / "VCTK-Corpus"
+    (old / "wav48" / "p225").mkdir(parents=True)
+    sf.write(old / "wav48" / "p225" / "p225_001.wav", np.zeros(4800, np.float32), 48000)
+    for root in (old, tmp_path):  # the corpus folder or its parent
+        with pytest.raises(DatasetError, match=rf"^{old}: VCTK 0\.80 layout \(wav48/\) found; this toolkit reads the "
+                                               r"0\.92 layout \(wav48_silence_trimmed/\)"):
+            get_parser("vctk")(root, "vctk", tmp_path / "work")
+    for copy in ("a", "b"):  # a parent holding two corpus folders: which one is meant is not guessed
+        (tmp_path / "two" / copy / "wav48_silence_trimmed").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"two: 2 VCTK folders inside \(a, b\); set dataset_path to one of them$"):
+        get_parser("vctk")(tmp_path / "two", "vctk", tmp_path / "work")
 
 
 def test_unknown_dataset_lists_known_names():

@@ -1,7 +1,8 @@
 """VCTK 0.92: about 110 English speakers, 48 kHz FLAC, two microphones.
 
 Reads `<root>/wav48_silence_trimmed/<spk>/<spk>_<NNN>_mic<1|2>.flac` (other files such as log.txt
-are ignored) and `<root>/speaker-info.txt` for the gender. Singer `female_<spk>` / `male_<spk>`
+are ignored) and `<root>/speaker-info.txt` for the gender, where `<root>` is the corpus folder
+(`VCTK-Corpus-0.92/`) or its parent. The 0.80 release (`wav48/*.wav`) is refused by name. Singer `female_<spk>` / `male_<spk>`
 (the bare id when the speaker has no gender listed); Uid `<Singer>#<NNN>_mic<k>`
 (`female_p225#001_mic1`). Test: per speaker, the first 3 files of the **sorted** listing
 (so `001_mic1`, `001_mic2`, `002_mic1`); every speaker is in both splits. Transcripts not read.
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from processors.datasets import DatasetError
 from processors.datasets.common import audio_in, entry, require_found, subdirs
 
 TEST_PER_SPEAKER = 3
+AUDIO = "wav48_silence_trimmed"
+OLD_AUDIO = "wav48"  # VCTK 0.80: other file names, no mic suffix, 0.92's trimming missing
 GENDERS = {"F": "female", "M": "male"}
 
 
@@ -33,10 +37,28 @@ def genders(info: Path) -> dict[str, str]:
     return found
 
 
+def corpus_root(root: Path) -> Path:
+    """`root`, or the one folder inside it holding the 0.92 layout (`dataset_path` at the download's parent)."""
+    if (root / AUDIO).is_dir():
+        return root
+    inside = [d for d in subdirs(root) if (d / AUDIO).is_dir()]
+    if len(inside) == 1:
+        return inside[0]
+    if inside:
+        raise DatasetError(f"{root}: {len(inside)} VCTK folders inside ({', '.join(d.name for d in inside)}); "
+                           "set dataset_path to one of them")
+    old = [d for d in [root, *subdirs(root)] if (d / OLD_AUDIO).is_dir()]
+    if old:
+        raise DatasetError(f"{old[0]}: VCTK 0.80 layout ({OLD_AUDIO}/) found; this toolkit reads the 0.92 layout "
+                           f"({AUDIO}/): download VCTK-Corpus-0.92")
+    return root
+
+
 def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
+    root = corpus_root(root)
     gender = genders(root / "speaker-info.txt")
     train, test = [], []
-    for folder in subdirs(root / "wav48_silence_trimmed"):
+    for folder in subdirs(root / AUDIO):
         spk = folder.name
         singer = f"{gender[spk]}_{spk}" if spk in gender else spk
         items = [entry(dataset, f"{singer}#{f.stem.removeprefix(spk + '_')}", f, singer) for f in audio_in(folder)]
