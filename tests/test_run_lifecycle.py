@@ -262,6 +262,47 @@ def test_a_stop_signal_saves_the_step_reached_and_the_resume_goes_on_from_it(roo
     assert steps(exp) == [reached[0], reached[0] + 1]
 
 
+def test_checkpoints_without_a_readable_config_copy_still_resume(root: Path, caplog) -> None:
+    """Checkpoints from before the copy (or the original toolkit's) resume into another --name under --config; a
+    damaged copy is passed over under --config, and without one it is a line naming the file, with nothing moved."""
+    from bins.vocoder.train import saved_config
+
+    exp = root / "ckpts" / "copyless"
+    trainer(tiny_training_config(root, "copyless.json", max_steps=3, keep_last=[-1]), "copyless").train()
+    first, second, _ = list_checkpoints(exp / "checkpoint")
+    (second / "config.json").unlink()
+    trainer(root / "copyless.json", "copyless_elsewhere", "resume", str(second)).train()
+    assert steps(root / "ckpts" / "copyless_elsewhere") == [3]
+    (first / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match=rf"^{first / 'config.json'}: not valid JSON5.*; or pass --config"):
+        saved_config(argparse.Namespace(resume_type="resume", checkpoint=str(first)))
+    assert steps(exp) == [1, 2, 3]
+    trainer(tiny_training_config(root, "copyless2.json", max_steps=2, keep_last=[-1]), "copyless", "resume",
+            str(first)).train()
+    assert steps(exp) == [1, 2] and "config.json: not valid JSON5" in caplog.text
+
+
+def test_a_refused_setup_removes_only_a_folder_it_created(root: Path, tmp_path: Path) -> None:
+    """A refused run leaves no experiment folder behind, but never removes one that was there before it (an empty
+    folder made by hand, a link to another disk), nor follows a link."""
+    other_mel = tiny_training_config(root, "other_mel.json", max_steps=2)
+    config = json.loads(other_mel.read_text())
+    config["preprocess"]["fmax"] = 3000  # features recorded with fmax 4000: refused after the checkpoint folder's probe
+    other_mel.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="were made with"):
+        trainer(other_mel, "refused_new")
+    assert not (root / "ckpts" / "refused_new").exists()
+    (root / "ckpts" / "refused_premade").mkdir()
+    with pytest.raises(ConfigError, match="were made with"):
+        trainer(other_mel, "refused_premade")
+    assert (root / "ckpts" / "refused_premade").is_dir()
+    (tmp_path / "disk").mkdir()
+    (root / "ckpts" / "refused_link").symlink_to(tmp_path / "disk")
+    with pytest.raises(ConfigError, match="were made with"):
+        trainer(other_mel, "refused_link")
+    assert (root / "ckpts" / "refused_link").is_symlink() and (tmp_path / "disk").is_dir()
+
+
 def test_a_disk_without_room_for_a_checkpoint_stops_the_run_at_its_start(root: Path, monkeypatch) -> None:
     exp = root / "ckpts" / "full"
     monkeypatch.setattr("shutil.disk_usage", lambda _path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
@@ -287,12 +328,12 @@ def test_a_resume_under_another_config_says_what_it_does_not_apply_and_keeps_the
         changed[section][key] = {**changed[section][key], **value} if isinstance(value, dict) else value
         path = root / f"changed_{key}.json"
         path.write_text(json.dumps(changed))
-        with pytest.raises(ConfigError, match=rf"^{path}: .*{key}.* but {exp / 'args.json'} trained this experiment"):
+        with pytest.raises(ConfigError, match=rf"^{path}: .*{key}.* but {exp / 'checkpoint'}/epoch-\S+ was trained with"):
             trainer(path, "changed", "resume")
     nyquist = json.loads(json.dumps(base))
     nyquist["preprocess"]["fmax"] = None  # trained with fmax 4000 at 8 kHz: the same mel
     (root / "changed_nyquist.json").write_text(json.dumps(nyquist))
-    Experiment(exp).refuse_changed_results(load_config(root / "changed_nyquist.json"))
+    Experiment(exp).refuse_changed_results(load_config(root / "changed_nyquist.json"), list_checkpoints(exp / "checkpoint")[-1])
     trainer(tiny_training_config(root, "longer.json", max_steps=3), "changed", "resume").train()
     assert not list(exp.glob("args.*.json"))  # only the bound changed
     assert "not applied" not in caplog.text

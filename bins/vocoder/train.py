@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from models.vocoders.diffusion.diffusion_vocoder_trainer import DiffusionVocoderTrainer
-from models.vocoders.diffusion.experiment import ARGS_FILE, Experiment
+from models.vocoders.diffusion.experiment import ARGS_FILE, Experiment, trained_config
 from utils.checkpoint import CHECKPOINT_DIR, list_checkpoints, resolve_checkpoint
 from utils.cli import add_common_args, run
 from utils.config import ConfigError, load_config
@@ -34,7 +34,10 @@ def saved_config(args: argparse.Namespace) -> Any:
     else:
         folder = resolve_checkpoint(path)
         expt_dir = folder.parent.parent
-    cfg = Experiment(expt_dir).config(folder)
+    try:
+        cfg = (trained_config(folder) if folder is not None else None) or Experiment(expt_dir).config()
+    except ConfigError as err:
+        raise ConfigError(f"{err}; or pass --config to resume under a config of your own") from None
     log.info("resuming with the config it was trained under, %s", cfg.config_path)
     cfg.log_dir = str(expt_dir.parent)
     return cfg

@@ -114,7 +114,7 @@ def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: An
         raise ConfigError(f"{folder}: not a checkpoint of {experiment.root}, which has its own (newest "
                           f"{listed[-1].name}); to roll back to it, copy it into {experiment.checkpoints} first, or "
                           "resume it into another --name")
-    experiment.refuse_changed_results(cfg)
+    experiment.refuse_changed_results(cfg, folder)
     return folder
 
 

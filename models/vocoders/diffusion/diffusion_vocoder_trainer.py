@@ -76,7 +76,7 @@ class DiffusionVocoderTrainer:
         try:
             self._build(resume_type, checkpoint, precision, setting)
         except BaseException:  # a notebook or a test that goes on must not keep the experiment locked
-            self.experiment.unlock(remove_if_empty=True)
+            self.experiment.unlock(remove_if_created=True)
             raise
 
     def _build(self, resume_type: str | None, checkpoint: str | None, precision: str, setting: str) -> None:
@@ -122,7 +122,7 @@ class DiffusionVocoderTrainer:
         if self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.experiment.write_setup(cfg, self.state.step if folder is not None else None, folder)
+            self.experiment.write_setup(cfg, folder, self.state.step)
             resumed = resume_type == "resume"  # from step 0 too, where the run stopped before its first save
             self.writer = SummaryWriter(str(self.exp_dir), purge_step=self.state.step + 1 if resumed else None)
         self.eval_logger = EvalLogger(cfg, self.valid_entries, self.writer)
@@ -239,12 +239,11 @@ class DiffusionVocoderTrainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         if self.signalled:  # on a process the signal did not reach, another one's
-            signum = self.stop.signum or signal.SIGTERM
-            raise StopRequested(signum, f"stopped by {signal.Signals(signum).name} at step {self.state.step}, "
-                                "after saving a checkpoint")
+            raise StopRequested(self.signalled, f"stopped by {signal.Signals(self.signalled).name} at step "
+                                f"{self.state.step}, after saving a checkpoint")
 
     def _train(self) -> None:
-        self.bad_in_row, self.started, self.time_flag, self.signalled = 0, time.perf_counter(), None, False
+        self.bad_in_row, self.started, self.time_flag, self.signalled = 0, time.perf_counter(), None, 0
         self.model.train()
         # The wall-time budget is decided within the epoch and at its end (which saves the final checkpoint), not
         # here: with several processes a check reads the previous one's reduction, so a budget spent during
@@ -261,21 +260,21 @@ class DiffusionVocoderTrainer:
                 or (clock and self._cut_short()))
 
     def _cut_short(self) -> bool:
-        """`train.max_minutes` of this run's wall time are spent, or a stop signal came (then `signalled` is set);
-        every process stops when the first one asks.
+        """`train.max_minutes` of this run's wall time are spent, or a stop signal came (then `signalled` is its
+        number, the same on every process); every process stops when the first one asks.
 
         With several processes that is a reduction, read one check later: reading it at once would
         wait for the GPU to finish the window queued before it, at every window.
         """
         minutes = float(self.cfg.train.get("max_minutes", 0) or 0)
         spent = 0 < minutes < (time.perf_counter() - self.started) / 60
-        ask = 2.0 if self.stop.signum is not None else float(spent)
+        ask = float(self.stop.signum or spent)  # a signal's number (2, 15) outranks the budget's 1
         decided = ask
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(torch.full((), ask, device=self.accelerator.device), "max")
             previous, self.time_flag = self.time_flag, HostCopy(flag)
             decided = previous.read() if previous is not None else 0.0
-        self.signalled = self.signalled or decided == 2
+        self.signalled = self.signalled or (int(decided) if decided > 1 else 0)
         return decided > 0
 
     def _run_epoch(self, epoch: EpochLog) -> list[str]:
@@ -377,9 +376,10 @@ class DiffusionVocoderTrainer:
             with warnings.catch_warnings():  # a resume may reach an epoch's end before this process's first step:
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # due all the same
                 self.scheduler.step()
-        valid_loss = float("nan") if self.signalled else self.validate()
+        validated = not self.signalled
+        valid_loss = self.validate() if validated else float("nan")
         mean_loss = float(np.mean(epoch.losses)) if epoch.losses else float("nan")
-        self._log({"valid/loss": None if self.signalled else valid_loss, "train/epoch_loss": mean_loss})
+        self._log({"valid/loss": valid_loss if validated else None, "train/epoch_loss": mean_loss})
         log.info("epoch %d%s: step %d, train loss %.5f, valid loss %.5f, lr %.3g, %.2f steps/s, %.1f audio s/s, "
                  "%s skipped, %.1f s", state.epoch if finished else state.epoch + 1,
                  "" if finished else f" (stopped mid-epoch; {state.epoch} complete, as checkpoint names count)",
@@ -389,7 +389,7 @@ class DiffusionVocoderTrainer:
         stop = self._at_bound()
         kinds = pending + (self.policy.due_by_epoch(state.epoch) if finished else [])
         if kinds or stop:
-            self._save(mean_loss if self.signalled else valid_loss, kinds + (["final"] if stop else []))
+            self._save(valid_loss if validated else mean_loss, kinds + (["final"] if stop else []))
         return stop
 
 

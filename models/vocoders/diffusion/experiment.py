@@ -59,12 +59,14 @@ class Experiment:
         self.records = self.checkpoints / RECORDS_FILE
         self.schedules = self.root / SCHEDULE_FILE
         self.contract = self.root / CONTRACT_FILE
+        self.created = False  # by this object's lock(): a refused setup may remove it again
 
     def lock(self) -> None:
         """Hold `.train.lock` until `unlock` or exit: two trainers here would overwrite each other's checkpoints.
 
         flock conflicts between processes; this process may take it again (in-process runs, one after another).
         """
+        self.created = not self.root.exists() and not self.root.is_symlink()
         self.root.mkdir(parents=True, exist_ok=True)
         path = (self.root / LOCK_FILE).resolve()
         if path in _HELD:
@@ -87,27 +89,35 @@ class Experiment:
         handle.flush()
         _HELD[path] = handle
 
-    def unlock(self, remove_if_empty: bool = False) -> None:
-        """Release the lock; with `remove_if_empty`, a folder holding nothing else goes too (a refused setup)."""
-        lock = (self.root / LOCK_FILE).resolve()
-        handle = _HELD.pop(lock, None)
-        if handle is not None:
-            handle.close()  # closing releases the flock
-            if remove_if_empty and [p.name for p in lock.parent.iterdir()] == [LOCK_FILE]:
-                with suppress(OSError):  # something appeared meanwhile: then the folder stays
-                    lock.unlink()
-                    lock.parent.rmdir()
+    def unlock(self, remove_if_created: bool = False) -> None:
+        """Release the lock; with `remove_if_created`, a folder that lock() created and that holds nothing but the
+        lock and an empty checkpoint folder goes too (a refused setup leaves nothing behind)."""
+        handle = _HELD.pop((self.root / LOCK_FILE).resolve(), None)
+        if handle is None:
+            return
+        handle.close()  # closing releases the flock
+        if remove_if_created and self.created:
+            with suppress(OSError):  # anything else in it (written meanwhile): the folder stays
+                (self.root / LOCK_FILE).unlink()
+                if self.checkpoints.is_dir() and not self.checkpoints.is_symlink():
+                    self.checkpoints.rmdir()
+                self.root.rmdir()
 
-    def config(self, checkpoint: Path | None = None) -> Any:
-        """The config `checkpoint` was trained under (its own copy), else the experiment's latest (args.json):
-        after a rollback, or from an abandoned checkpoint, the two differ."""
-        if checkpoint is not None and (checkpoint / CHECKPOINT_CONFIG).is_file():
-            return load_config(checkpoint / CHECKPOINT_CONFIG)
+    def config(self) -> Any:
         if not self.args.is_file():
             raise ConfigError(f"{self.args}: missing; is '{self.root}' an experiment folder written by stage 2?")
         return load_config(self.args)
 
-    def write_setup(self, cfg: Any, resumed_step: int | None = None, resumed_from: Path | None = None) -> None:
+    def trained_under(self, folder: Path) -> Any | None:
+        """The config that trained checkpoint `folder` (see trained_config); this experiment's args.json where its
+        copy is unreadable (a resume under --config must not fail on it), None where neither exists."""
+        try:
+            return trained_config(folder)
+        except ConfigError as err:
+            log.warning("%s; compared with %s instead", err, self.args)
+            return load_config(self.args) if self.args.is_file() else None
+
+    def write_setup(self, cfg: Any, resumed_from: Path | None = None, resumed_step: int = 0) -> None:
         """The run's config and the mel contract it trains on, beside its checkpoints.
 
         A resume under another config than its checkpoint's keeps that one as `args.<step>.json`: what trained the
@@ -116,22 +126,20 @@ class Experiment:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         kept = self.root / f"args.{resumed_step}.json"
-        if resumed_step is not None and not kept.exists() and (self.args.is_file() or resumed_from is not None):
-            trained = self.config(resumed_from)
-            if _settings(trained) != _settings(cfg):
-                save_config(trained, kept)
+        trained = self.trained_under(resumed_from) if resumed_from is not None and not kept.exists() else None
+        if trained is not None and _settings(trained) != _settings(cfg):
+            save_config(trained, kept)
         save_config(cfg, self.args)
         save_json(self.contract, mel_contract(cfg.preprocess))
 
-    def refuse_changed_results(self, cfg: Any) -> None:
-        """A resume trains on under the settings its weights learnt (RESULT_KEYS): another mel or noise schedule
-        would silently train a different model on top of them."""
-        if not self.args.is_file():
-            return
-        for key, ours, theirs in differing_results(cfg, load_config(self.args)):
-            raise ConfigError(f"{source_of(cfg, key)}: {key} is {ours}, but {self.args} trained this experiment "
-                              f"with {theirs}; resume with that config (or with --checkpoint and no --config, which reads "
-                              f"{ARGS_FILE}), or finetune into another --name to change it")
+    def refuse_changed_results(self, cfg: Any, folder: Path) -> None:
+        """A resume from checkpoint `folder` trains on under the settings its weights learnt (RESULT_KEYS): another
+        mel or noise schedule would silently train a different model on top of them."""
+        trained = self.trained_under(folder)
+        for key, ours, theirs in differing_results(cfg, trained) if trained is not None else []:
+            raise ConfigError(f"{source_of(cfg, key)}: {key} is {ours}, but {folder} was trained with {theirs}; resume "
+                              "with that config (or with --checkpoint and no --config, which reads the config it was "
+                              "trained under), or finetune into another --name to change it")
 
     def read_contract(self) -> dict:
         """The experiment's mel contract; experiments older than the file get it derived from args.json."""

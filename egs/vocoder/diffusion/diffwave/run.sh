@@ -219,11 +219,13 @@ except OSError: sys.exit(1)" 2>/dev/null; then
     [ -n "$resume_type" ] && train_args+=(--resume_type "$resume_type")
     [ -n "$checkpoint" ] && train_args+=(--checkpoint "$checkpoint")
     [ -n "$max_steps" ] && train_args+=(--max_steps "$max_steps")
+    # exec: the trainer (or launcher) takes this shell's place, so a SIGTERM (a scheduler's time limit) or Ctrl-C
+    # reaches it alone and the job lasts until its final checkpoint is saved; its exit status is the script's.
     if [ -n "$single" ]; then
       # One process needs no launcher: errors stay one line, and the process keeps its threads.
-      python bins/vocoder/train.py "${train_args[@]}"
+      exec python bins/vocoder/train.py "${train_args[@]}"
     else
-      accelerate launch "${launch[@]}" bins/vocoder/train.py "${train_args[@]}"
+      exec accelerate launch "${launch[@]}" bins/vocoder/train.py "${train_args[@]}"
     fi
     ;;
   3)
