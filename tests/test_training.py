@@ -100,6 +100,12 @@ def test_finetune_loads_weights_and_ema_only_and_refuses_another_shape(corpus: P
     shutil.copy(source / "model.safetensors", bare)
     with pytest.raises(CheckpointError, match=r"parameter 'input_projection\.\w+' has shape \(\d+,?\d*\), the model expects"):
         trainer(tmp_path / "wider.json", "wider", "finetune", str(bare))
+    cut = tmp_path / "cut" / source.name  # a hand-cut config copy: not compared, said, and the load still refuses
+    shutil.copytree(source, cut)
+    (cut / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"parameter 'input_projection\.\w+' has shape"):
+        trainer(tmp_path / "wider.json", "wider", "finetune", str(cut))
+    assert "the config it was trained under is unusable" in caplog.text
 
     longer = json.loads(cfg.read_text())  # another noise schedule (or mel), the same shapes: allowed, and said
     longer["model"]["diffwave"] = {**longer["model"].get("diffwave", {}), "noise_schedule_factors": [1e-4, 0.05, 60]}

@@ -126,13 +126,7 @@ def check_finetune_source(source: Path, cfg: Any) -> None:
     """A finetune keeps the model's shape: another one is refused naming the setting (the weights would not load).
     Other settings that change the result (the mel, the noise schedule) may change, with a warning: the model
     learnt another mel, and starts far from the new one."""
-    trained = trained_config(source)
-    if trained is None:  # a bare weights file: the load itself names a mis-shaped parameter
-        return
-    changed = [item for item in differing_results(cfg, trained) if item[0] != SHAPE_KEYS[-1]]
-    factors = (upsample_factors(cfg), upsample_factors(trained))  # set, or derived from the hop size
-    if factors[0] != factors[1]:
-        changed.append((SHAPE_KEYS[-1], *factors))
+    changed = _finetune_changes(source, cfg)
     for key, ours, theirs in changed:
         if key in SHAPE_KEYS:
             raise ConfigError(f"{source_of(cfg, key)}: {key} is {ours}, but {source} was trained with {theirs}; a "
@@ -140,6 +134,21 @@ def check_finetune_source(source: Path, cfg: Any) -> None:
     if changed:
         log.warning("finetuning %s under other settings than it was trained with: %s", source,
                     ", ".join(f"{key} {theirs} -> {ours}" for key, ours, theirs in changed))
+
+
+def _finetune_changes(source: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
+    """(key, ours, theirs) of the result settings `cfg` changes from the config that trained `source`; none where that
+    config is not found (a bare weights file: the load itself names a mis-shaped parameter) or not usable."""
+    try:
+        trained = trained_config(source)
+        if trained is None:
+            return []
+        changed = [item for item in differing_results(cfg, trained) if item[0] != SHAPE_KEYS[-1]]
+        factors = (upsample_factors(cfg), upsample_factors(trained))  # set, or derived from the hop size
+    except (ConfigError, AttributeError, KeyError, TypeError, ValueError) as err:  # a damaged or hand-cut copy
+        log.warning("%s: the config it was trained under is unusable (%s): not compared", source, first_line(err))
+        return []
+    return changed + ([(SHAPE_KEYS[-1], *factors)] if factors[0] != factors[1] else [])
 
 
 def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any) -> None:
