@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,29 +121,48 @@ def _score(name: str, ref_path: str, pred_path: str, rate: int, pre: Any, baseli
            plot_dir: Path | None) -> tuple[dict[str, dict], bool]:
     """Metrics (and `length_diff`, pred minus ref samples) for one utterance per system, scored over the reference's
     length, and whether the prediction's length is off by more than one hop; warnings are logged once each, with the
-    name. ValueError for a reference too short for even one mel frame (no metric is defined)."""
+    name and system. ValueError for a reference too short for even one mel frame (no metric is defined); an empty
+    prediction scores as silence. A baseline that fails leaves the model's scores alone (its own are NaN)."""
+    hop = max(1, round(int(pre["hop_size"]) * rate / int(pre["sample_rate"])))
+    ref = load_audio(ref_path, rate)
+    need = math.ceil(min_samples(pre) * rate / int(pre["sample_rate"]))
+    if len(ref) < need:
+        raise ValueError(f"too short ({len(ref)} samples; one mel frame needs {need} at {rate} Hz)")
+    pred = load_audio(pred_path, rate, min_samples=0)
+    length_diff = len(pred) - len(ref)
+    with _named_warnings(name):
+        ref_aligned, pred = align(ref, pred, hop)
+        ref_track, pred_track = pitch_track(ref_aligned, rate), pitch_track(pred, rate)
+        scores = {"pred": {**all_metrics(ref_aligned, pred, rate, pre, tracks=(ref_track, pred_track)),
+                           "length_diff": length_diff}}
+        if plot_dir is not None:
+            _plot(plot_dir / f"{name}.png", name, ref_aligned, pred, rate, pre, (ref_track, pred_track))
+    if baseline == "griffinlim":
+        scores[baseline] = _griffin_lim_scores(name, ref, rate, pre, hop, ref_track)
+    return scores, abs(length_diff) > hop
+
+
+@contextmanager
+def _named_warnings(name: str, system: str | None = None) -> Iterator[None]:
+    """The metrics' warnings, logged once each after the block with the utterance (and the system, for a baseline)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hop = max(1, round(int(pre["hop_size"]) * rate / int(pre["sample_rate"])))
-        ref, pred = load_audio(ref_path, rate), load_audio(pred_path, rate)
-        need = math.ceil(min_samples(pre) * rate / int(pre["sample_rate"]))
-        if len(ref) < need:
-            raise ValueError(f"too short ({len(ref)} samples; one mel frame needs {need} at {rate} Hz)")
-        length_diff = len(pred) - len(ref)
-        ref, pred = align(ref, pred, hop)
-        ref_track, pred_track = pitch_track(ref, rate), pitch_track(pred, rate)
-        scores = {"pred": {**all_metrics(ref, pred, rate, pre, tracks=(ref_track, pred_track)),
-                           "length_diff": length_diff}}
-        if baseline == "griffinlim":
+        yield
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        log.warning("%s%s: %s", name, f" ({system})" if system else "", message)
+
+
+def _griffin_lim_scores(name: str, ref: np.ndarray, rate: int, pre: Any, hop: int, ref_track: PitchTrack) -> dict:
+    """The baseline's metrics; NaN (with a warning) where it fails, so its failure never drops the model's row."""
+    try:
+        with _named_warnings(name, "griffinlim"):
             vocoded = griffin_lim(ref, rate, pre)
             ref_gl, aligned = align(ref, vocoded, hop)
-            scores[baseline] = {**all_metrics(ref_gl, aligned, rate, pre, tracks=(ref_track, pitch_track(aligned, rate))),
-                                "length_diff": len(vocoded) - len(ref)}
-        if plot_dir is not None:
-            _plot(plot_dir / f"{name}.png", name, ref, pred, rate, pre, (ref_track, pred_track))
-    for message in dict.fromkeys(str(w.message) for w in caught):
-        log.warning("%s: %s", name, message)
-    return scores, abs(length_diff) > hop
+            return {**all_metrics(ref_gl, aligned, rate, pre, tracks=(ref_track, pitch_track(aligned, rate))),
+                    "length_diff": len(vocoded) - len(ref)}
+    except Exception as err:  # the baseline is a comparison, never a reason to drop an utterance
+        log.warning("%s (griffinlim): not scored (%s: %s)", name, type(err).__name__, str(err).strip().splitlines()[0])
+        return {**dict.fromkeys(HIGHER_IS_BETTER, math.nan), "length_diff": 0}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -158,7 +179,7 @@ def _count(values: list[float | None]) -> int:
 def format_table(summary: dict) -> str:
     """Metrics as rows, systems (`model`, the baseline) as columns; what was scored, failed and unmatched below, and
     an `n` column per system (the utterances each mean covers) where a mean covers fewer than were scored."""
-    missing = missing_packages()
+    missing = summary.get("disabled", missing_packages())  # as when it was scored (older summaries: as now)
     columns = {"model": (summary["means"], summary["n"])}
     if "baseline" in summary:
         columns[summary["baseline"]["method"]] = (summary["baseline"]["means"], summary["baseline"]["n"])
@@ -265,6 +286,7 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
         "counts": {"scored": scored, "failed": len(failed), "unmatched": len(missing["pred"]) + len(missing["ref"]),
                    "length_mismatch": len(mismatched)},
         "means": means["pred"], "n": n["pred"], "missing": missing, "failed": failed, "length_mismatch": mismatched,
+        "disabled": missing_packages(),
     }
     if baseline:
         summary["baseline"] = {"method": baseline, "means": means[baseline], "n": n[baseline]}

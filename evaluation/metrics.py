@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
+from collections.abc import Callable
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -58,13 +59,17 @@ def _silent(ref: np.ndarray) -> bool:
     return False
 
 
-def _silent_prediction(ref: np.ndarray, pred: np.ndarray, metric: str, worst: float) -> bool:
-    """True (with a warning) when `pred` is silent against a non-silent `ref`: the metric gets its worst value, so
-    silence never scores better than bad audio by dropping out of the mean."""
-    if np.abs(pred).max(initial=0.0) < SILENCE_PEAK <= np.abs(ref).max(initial=0.0):
-        warnings.warn(f"prediction is silent: {metric} gets its worst value ({worst:.3g})", stacklevel=3)
-        return True
-    return False
+def _score_of_silence(ref: np.ndarray, pred: np.ndarray, metric: str, worst: float,
+                      of_itself: Callable[[], float | None]) -> float | None:
+    """Where `pred` is silent against a non-silent `ref`: `worst` (with a warning), so silence never scores better
+    than bad audio by dropping out of the mean; NaN where the metric is undefined for `ref` anyway (`of_itself`,
+    `ref` scored against itself, is NaN: too short), as it would be for a perfect prediction. None otherwise."""
+    if not np.abs(pred).max(initial=0.0) < SILENCE_PEAK <= np.abs(ref).max(initial=0.0):
+        return None
+    if not math.isfinite(of_itself() or math.nan):
+        return math.nan
+    warnings.warn(f"prediction is silent: {metric} gets its worst value ({worst:.3g})", stacklevel=3)
+    return worst
 
 
 def missing_packages() -> dict[str, str]:
@@ -111,8 +116,9 @@ def pesq_wb(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None
         return None
     if _silent(ref):
         return math.nan
-    if _silent_prediction(ref, pred, "pesq", PESQ_FLOOR):
-        return PESQ_FLOOR
+    silence = _score_of_silence(ref, pred, "pesq", PESQ_FLOOR, lambda: pesq_wb(ref, ref, sample_rate))
+    if silence is not None:
+        return silence
     try:
         return float(module.pesq(16000, resample(ref, sample_rate, 16000), resample(pred, sample_rate, 16000), "wb"))
     except Exception as err:  # pesq raises on inputs it finds no speech in
@@ -137,12 +143,16 @@ def stoi(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None:
         return None
     if _silent(ref):
         return math.nan
-    if _silent_prediction(ref, pred, "stoi", 0.0):
-        return 0.0
+    silence = _score_of_silence(ref, pred, "stoi", 0.0, lambda: stoi(ref, ref, sample_rate))
+    if silence is not None:
+        return silence
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        score = float(module.stoi(ref.astype(np.float64), pred.astype(np.float64), sample_rate, extended=False))
-    if any("Not enough STFT frames" in str(w.message) for w in caught):
+        try:
+            score = float(module.stoi(ref.astype(np.float64), pred.astype(np.float64), sample_rate, extended=False))
+        except ValueError:  # under one of its frames once resampled and rid of silence, pystoi fails on an axis
+            score = math.nan
+    if math.isnan(score) or any("Not enough STFT frames" in str(w.message) for w in caught):
         warnings.warn(f"stoi undefined (NaN): shorter than {_stoi_shortest():.2f} s of non-silent audio", stacklevel=2)
         return math.nan
     return score

@@ -60,7 +60,8 @@ def check_openable(path: str | os.PathLike) -> None:
 
 def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1,
                downmixed: list[str] | None = None) -> np.ndarray:
-    """Mono float32 in [-1, 1] at `sample_rate`; raises AudioError naming the file.
+    """Mono float32 in [-1, 1] at `sample_rate`; raises AudioError naming the file (for an empty one too, unless
+    `min_samples` is 0: a vocoder's empty output is still an output to score).
 
     Stereo and multi-channel files are averaged (named in `downmixed`, for the caller to report
     once); a float file peaking above 1.0 is scaled down with a warning (not clipped), since
@@ -71,7 +72,9 @@ def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1,
     if channels > 1 and downmixed is not None:
         downmixed.append(f"{path} ({channels} channels)")
     if len(audio) == 0:
-        raise AudioError(f"{path}: no samples (zero-length audio)")
+        if min_samples > 0:
+            raise AudioError(f"{path}: no samples (zero-length audio)")
+        return np.zeros(0, dtype=np.float32)
     if not np.all(np.isfinite(audio)):
         raise AudioError(f"{path}: contains NaN or inf samples")
     peak = float(np.abs(audio).max())

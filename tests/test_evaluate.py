@@ -119,6 +119,16 @@ def test_stoi_and_mstft_are_nan_on_audio_too_short_for_them(voice):
         assert math.isnan(metrics.mstft(short, short, SR))
 
 
+def test_stoi_under_one_frame_and_silence_against_a_short_reference_are_nan(voice):
+    """Under one pystoi frame pystoi itself fails; and where a perfect prediction is undefined, silence is too."""
+    tiny = voice[: SR // 40]  # 25 ms: under one 256-sample frame at pystoi's 10 kHz
+    with pytest.warns(UserWarning, match="stoi undefined"):
+        assert math.isnan(metrics.stoi(tiny, tiny, SR))
+    short = voice[:1000]
+    with pytest.warns(UserWarning, match="stoi undefined"):
+        assert math.isnan(metrics.stoi(short, np.zeros_like(short), SR))
+
+
 def test_cheap_metrics_accepts_tensors(voice):
     out = metrics.cheap_metrics(torch.from_numpy(voice), torch.from_numpy(voice), PRE)
     assert set(out) == {"mel_l1", "mstft", "pesq"} and out["mel_l1"] == 0 and out["pesq"] > 4.5
@@ -266,6 +276,25 @@ def test_short_and_crashing_files_are_listed_and_the_rest_scored(tmp_path, monke
     assert summary["failed"] == {"boom": "RuntimeError: kaput",
                                  "tiny": "too short (10 samples; one mel frame needs 385 at 8000 Hz)"}
     assert summary["counts"]["scored"] == 2 and summary["n"]["mstft"] == 1 and summary["n"]["mel_l1"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:no frame is voiced")
+def test_an_empty_prediction_scores_as_silence_and_a_failing_baseline_keeps_the_models_scores(tmp_path, monkeypatch,
+                                                                                                caplog):
+    gt, pred = tone_pairs(tmp_path, {"good": 4000, "empty": 4000})
+    sf.write(pred / "empty.wav", np.zeros(0, np.float32), 8000)
+
+    def fails(*_args: object) -> np.ndarray:
+        raise RuntimeError("no phase today")
+
+    monkeypatch.setattr(evaluate, "griffin_lim", fails)
+    summary = evaluate.evaluate_dirs(gt, pred, tmp_path / "eval", baseline="griffinlim",
+                                     pre=PRE | {"sample_rate": 8000, "fmax": 4000})
+    assert summary["counts"] == {"scored": 2, "failed": 0, "unmatched": 0, "length_mismatch": 1}
+    assert summary["n"]["mel_l1"] == 2 and summary["baseline"]["n"]["mel_l1"] == 0
+    assert summary["length_mismatch"] == {"empty": -4000}
+    assert "empty (griffinlim): not scored (RuntimeError: no phase today)" in caplog.text
+    assert summary["disabled"] == metrics.missing_packages()
 
 
 def cli(gt: Path, pred: Path, out: Path, *more: str) -> list[str]:
