@@ -217,12 +217,14 @@ class Vocoder:
         return GraphedDenoiser(denoise) if graph and self.device.type == "cuda" else denoise
 
     def _engine(self) -> tuple[fused.FusedDiffWave | None, Any]:
-        """Built once per Vocoder: the fused layers' packed weights, or the (compiled) forward."""
+        """Built once per Vocoder: the fused layers' packed weights, or the (compiled) forward. Compiled with dynamic
+        shapes: one graph serves every length (a static one recompiled for each new length, and after dynamo's 8
+        went on in eager without a word)."""
         if self._built is None:
             if self.engine == "fused":
                 self._built = (fused.FusedDiffWave(self.model, self.dtype or torch.float32), None)
             else:
-                self._built = (None, torch.compile(self.model, dynamic=False) if self.compile else self.model)
+                self._built = (None, torch.compile(self.model, dynamic=True) if self.compile else self.model)
         return self._built
 
     def _window_budget(self, samples: int) -> int:
