@@ -72,7 +72,8 @@ def test_chunked_forward_keeps_length_masking_exact(model):
 
 def synthesize(model, sampler: str, seed: int, batch_size: int, chunk_size: int = 65536, names=("a", "b", "c", "d")):
     mels = four_mels()[0]
-    vocoder = Vocoder(tiny_cfg(), model, sampler, steps=4, batch_size=batch_size, seed=seed, device="cpu",
+    steps = 4 if sampler == "ddim" else None  # fast and full have theirs
+    vocoder = Vocoder(tiny_cfg(), model, sampler, steps=steps, batch_size=batch_size, seed=seed, device="cpu",
                       chunk_size=chunk_size, cache_gib=1e-5)
     return vocoder(mels, list(names))
 
@@ -160,7 +161,7 @@ def test_an_automatic_half_precision_that_overflows_is_redone_in_fp32(model, mon
     """As a GPU's auto fp16 would: the batch is vocoded again in fp32 and the rest stay there. A precision the
     user chose is kept, overflow and all."""
     mels, names = four_mels()
-    want = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu", precision="fp32", engine="plain")(mels, names)
+    want = Vocoder(tiny_cfg(), model, batch_size=2, device="cpu", precision="fp32", engine="plain")(mels, names)
     monkeypatch.setattr(inference, "inference_precision", lambda setting, device: "bf16" if setting == "auto" else setting)
     forward = type(model).forward
 
@@ -169,7 +170,7 @@ def test_an_automatic_half_precision_that_overflows_is_redone_in_fp32(model, mon
         return out * float("inf") if torch.is_autocast_enabled("cpu") else out
 
     monkeypatch.setattr(type(model), "forward", overflows_under_autocast)
-    vocoder = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu")
+    vocoder = Vocoder(tiny_cfg(), model, batch_size=2, device="cpu")
     assert vocoder.precision == "bf16"
     with caplog.at_level(logging.WARNING):
         got = vocoder(mels, names)
@@ -177,7 +178,7 @@ def test_an_automatic_half_precision_that_overflows_is_redone_in_fp32(model, mon
     for g, w in zip(got, want, strict=True):
         assert np.array_equal(g, w)
     caplog.clear()
-    chosen = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu", precision="bf16")
+    chosen = Vocoder(tiny_cfg(), model, batch_size=2, device="cpu", precision="bf16")
     with caplog.at_level(logging.WARNING):
         chosen(mels, names)
     assert chosen.precision == "bf16" and "non-finite noise predictions in bf16" in caplog.text
@@ -211,15 +212,15 @@ def test_a_fused_kernel_this_gpu_cannot_compile_gives_way_to_the_plain_forward(m
     """The automatic engine falls back (with a warning) where Triton rejects the kernel; a chosen one fails."""
     monkeypatch.setattr(fused, "FusedDiffWave", Rejected)
     mels, names = four_mels()
-    want = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu", engine="plain")(mels, names)
-    vocoder = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu")
+    want = Vocoder(tiny_cfg(), model, batch_size=2, device="cpu", engine="plain")(mels, names)
+    vocoder = Vocoder(tiny_cfg(), model, batch_size=2, device="cpu")
     vocoder.engine = "fused"  # what the automatic choice is on a CUDA GPU with Triton
     with caplog.at_level(logging.WARNING):
         got = vocoder(mels, names)
     assert vocoder.engine == "plain" and "failed on this GPU" in caplog.text and "plain forward instead" in caplog.text
     for g, w in zip(got, want, strict=True):
         assert np.array_equal(g, w)
-    chosen = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu")
+    chosen = Vocoder(tiny_cfg(), model, batch_size=2, device="cpu")
     chosen.engine, chosen.chosen["engine"] = "fused", True  # as `inference.engine: fused` would set them on a GPU
     with pytest.raises(fused.KernelError, match="failed on this GPU"):
         chosen(mels, names)
@@ -231,8 +232,8 @@ def test_a_half_precision_overflow_then_a_kernel_the_gpu_rejects_ends_on_the_pla
     monkeypatch.setattr(fused, "FusedDiffWave", Rejected)
     monkeypatch.setattr(inference, "inference_precision", lambda setting, device: "bf16" if setting == "auto" else setting)
     mels, names = four_mels()
-    want = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu", precision="fp32", engine="plain")(mels, names)
-    vocoder = Vocoder(tiny_cfg(), model, steps=4, batch_size=2, device="cpu")
+    want = Vocoder(tiny_cfg(), model, batch_size=2, device="cpu", precision="fp32", engine="plain")(mels, names)
+    vocoder = Vocoder(tiny_cfg(), model, batch_size=2, device="cpu")
     vocoder.engine = "fused"
     got = vocoder(mels, names)
     assert (vocoder.precision, vocoder.engine) == ("fp32", "plain")
@@ -251,7 +252,7 @@ def test_a_batch_that_is_not_finite_in_any_precision_is_no_overflow(model, monke
 
     monkeypatch.setattr(type(model), "forward", diverged)
     mels, names = four_mels()
-    vocoder = Vocoder(tiny_cfg(), model, steps=4, batch_size=4, device="cpu")
+    vocoder = Vocoder(tiny_cfg(), model, batch_size=4, device="cpu")
     with caplog.at_level(logging.WARNING):
         first = vocoder(mels, names)
         vocoder(mels, names)

@@ -37,8 +37,8 @@ def test_a_compiled_forward_is_one_graph_for_every_length(model, monkeypatch):
     counters.clear()
     inputs = mels(*range(30, 18, -1))
     names = [str(i) for i in range(len(inputs))]
-    got = Vocoder(tiny_cfg(), model, steps=2, device="cpu", engine="plain", compile=True)(inputs, names)
+    got = Vocoder(tiny_cfg(), model, "ddim", steps=2, device="cpu", engine="plain", compile=True)(inputs, names)
     assert counters["stats"]["unique_graphs"] == 1
-    want = Vocoder(tiny_cfg(), model, steps=2, device="cpu", engine="plain")(inputs, names)
+    want = Vocoder(tiny_cfg(), model, "ddim", steps=2, device="cpu", engine="plain")(inputs, names)
     for g, w in zip(got, want, strict=True):
         assert np.array_equal(g, w)

@@ -93,7 +93,7 @@ def test_batched_sampling_equals_one_by_one(sampler):
     torch.manual_seed(0)
     model = build_diffwave(model_cfg()).eval()
     torch.nn.init.normal_(model.output_projection.weight, std=0.3)
-    plan = make_plan(model_cfg().model.diffwave, sampler, steps=4)
+    plan = make_plan(model_cfg().model.diffwave, sampler, steps=4 if sampler == "ddim" else None)
     mels = [torch.randn(10, 9), torch.randn(10, 23), torch.randn(10, 14)]
     padded, frames = pad_batch(mels)
     lengths = frames * 16
@@ -112,6 +112,22 @@ def test_unknown_sampler_and_impossible_ddim_steps_are_config_errors():
     for steps in (0, 51):  # 0 is not "the default"
         with pytest.raises(ConfigError, match=rf"ddim steps must be in 1..50, got {steps}"):
             make_plan(model_cfg().model.diffwave, "ddim", steps)
+
+
+@pytest.mark.parametrize("sampler, steps, betas, message", [
+    ("fast", 3, None, r"^sampler 'fast' takes no steps \(its steps are the config's model.diffwave.inference_noise"),
+    ("full", 3, None, r"^sampler 'full' takes no steps \(it walks every training step\)"),
+    ("ddim", 3, [0.1], r"^sampler 'ddim' takes no betas"),
+    ("searched", None, None, r"^sampler 'searched' needs its searched schedule"),
+    ("fast", None, [], r"^an empty noise schedule"),
+    ("searched", 2, [], r"^an empty noise schedule"),
+])
+def test_steps_or_betas_a_sampler_would_ignore_are_config_errors(sampler, steps, betas, message):
+    """Each ran before: fast with 3 steps ran its 6, searched without a schedule ran the fast one, and an empty
+    schedule returned the initial noise unclamped."""
+    with pytest.raises(ConfigError, match=message):
+        make_plan(model_cfg().model.diffwave, sampler, steps, betas)
+    assert make_plan(model_cfg().model.diffwave, "searched", 2, [0.01, 0.5]).steps == 2
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -120,7 +120,18 @@ FIXED_STEPS = {"fast": "its steps are the config's model.diffwave.inference_nois
 
 
 def make_plan(params: Any, sampler: str = "fast", steps: int | None = None, betas: Sequence[float] | None = None) -> SamplerPlan:
-    """Build a sampler plan from `model.diffwave` params; `betas` overrides the fast schedule."""
+    """Build a sampler plan from `model.diffwave` params; `betas` overrides the fast schedule (and is the searched
+    one). Steps or betas a sampler would ignore are refused, as is an empty schedule (its "audio" was the noise)."""
+    if sampler in FIXED_STEPS and steps is not None:
+        raise ConfigError(f"sampler '{sampler}' takes no steps ({FIXED_STEPS[sampler]}); use ddim (N steps) or "
+                          "searched (a searched N-step schedule)")
+    if sampler in ("full", "ddim") and betas is not None:
+        raise ConfigError(f"sampler '{sampler}' takes no betas: they replace the fast schedule (samplers fast and searched)")
+    if sampler == "searched" and betas is None:
+        raise ConfigError("sampler 'searched' needs its searched schedule (betas): vocoder_from_experiment loads the "
+                          "experiment's, which bins/vocoder/search_schedule.py finds")
+    if betas is not None and len(betas) == 0:
+        raise ConfigError("an empty noise schedule (betas []): a sampler needs at least one step")
     train = training_betas(params)
     if sampler == "full":
         return SamplerPlan("ddpm", torch.arange(len(train), dtype=torch.float32), train)
