@@ -7,9 +7,11 @@ on a CUDA machine the same tests run the compiled kernel.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -261,7 +263,7 @@ class Failing:
     """A kernel family whose launches raise `error` (as Triton's compiler does on a GPU it cannot target), for
     activations of the dtypes in `refused` (all of them by default); the others launch `runs`."""
 
-    def __init__(self, error: type[BaseException], refused: tuple[torch.dtype, ...] | None = None,
+    def __init__(self, error: Callable[[str], BaseException], refused: tuple[torch.dtype, ...] | None = None,
                  runs: object = None) -> None:
         self.error, self.refused, self.runs, self.launches = error, refused, runs, []
 
@@ -279,19 +281,51 @@ def test_a_kernel_the_compiler_rejects_tries_the_split_dot_family_then_says_so(m
     mel, audio, lengths = batch([40], 20)
     net = fused.FusedDiffWave(model)
     cond, step = net.conditioner(mel), torch.full((1,), 3.0, device=DEVICE)
-    families = {"tuned": Failing(RuntimeError), "plain": Failing(RuntimeError)}
+    families = {"tuned": Failing(ptxas), "plain": Failing(ptxas)}
     monkeypatch.setattr(fused, "KERNELS", families)
     monkeypatch.setattr(fused, "_fallen_back", set())
-    with pytest.raises(fused.KernelError, match=r"failed on this GPU \(RuntimeError: unsupported target\)"):
+    with pytest.raises(fused.KernelError, match=r"failed on this GPU \(PTXASError: PTXAS error: unsupported target\)"):
         net(audio, step, cond, lengths)
     assert len(families["tuned"].launches) == len(families["plain"].launches) == 1
     assert "tuned variants failed for torch.float32" in caplog.text
-    for error in (torch.cuda.OutOfMemoryError, TypeError):  # too little memory, or our own mistake: not a verdict
-        monkeypatch.setattr(fused, "KERNELS", {"tuned": Failing(error), "plain": Failing(RuntimeError)})
-        monkeypatch.setattr(fused, "_fallen_back", set())
-        with pytest.raises(error):
-            net(audio, step, cond, lengths)
-        assert fused.family(torch.float32, False) == "tuned"
+
+
+def triton_error(kind: str, message: str = "unsupported target") -> BaseException:
+    """What Triton raises when it cannot build a kernel for a GPU, or something else a launch may raise."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    return {"ptxas": lambda: PTXASError(message), "resources": lambda: OutOfResources(232448, 101376, "shared memory"),
+            "compiler": lambda: CompilationError(None, None, message),
+            "pass": lambda: RuntimeError("PassManager::run failed"), "memory": lambda: torch.cuda.OutOfMemoryError(message),
+            "type": lambda: TypeError(message), "value": lambda: ValueError(message), "assert": lambda: AssertionError(message),
+            "runtime": lambda: RuntimeError(message),
+            "fault": lambda: RuntimeError("CUDA error: an illegal memory access was encountered")}[kind]()
+
+
+def ptxas(message: str) -> BaseException:
+    return triton_error("ptxas", message)
+
+
+@pytest.mark.parametrize("kind, verdict", [(kind, True) for kind in ("ptxas", "resources", "compiler", "pass")] +
+                         [(kind, False) for kind in ("memory", "type", "value", "assert", "runtime", "fault")])
+def test_only_tritons_refusals_to_build_the_kernel_are_kernel_errors(monkeypatch, kind, verdict):
+    """A KernelError sends the automatic engine to the plain forward: every ValueError, RuntimeError or AssertionError
+    once did, so a mistake of ours (or a lost CUDA context) silently changed the engine. Running out of memory, a
+    fault or our own mistake propagates unchanged, and no family is marked as fallen back."""
+    model = random_model()
+    mel, audio, lengths = batch([40], 20)
+    net = fused.FusedDiffWave(model)
+    cond, step = net.conditioner(mel), torch.full((1,), 3.0, device=DEVICE)
+    error = functools.partial(triton_error, kind)
+    monkeypatch.setattr(fused, "KERNELS", {"tuned": Failing(error), "plain": Failing(error)})
+    monkeypatch.setattr(fused, "_fallen_back", set())
+    with pytest.raises(fused.KernelError if verdict else Exception) as raised:
+        net(audio, step, cond, lengths)
+    if not verdict:
+        assert not isinstance(raised.value, fused.KernelError)
+        assert type(raised.value) is type(triton_error(kind))
+    assert fused.family(torch.float32, False) == ("plain" if verdict else "tuned")
 
 
 def test_a_precision_the_compiler_rejects_falls_back_alone(monkeypatch):
@@ -300,7 +334,7 @@ def test_a_precision_the_compiler_rejects_falls_back_alone(monkeypatch):
     model = random_model()
     mel, audio, lengths = batch([40], 20)
     real = fused.KERNELS["plain"]
-    families = {"tuned": Failing(RuntimeError, (torch.bfloat16,), real), "plain": Failing(RuntimeError, (), real)}
+    families = {"tuned": Failing(ptxas, (torch.bfloat16,), real), "plain": Failing(ptxas, (), real)}
     monkeypatch.setattr(fused, "KERNELS", families)
     monkeypatch.setattr(fused, "_fallen_back", set())
     step = torch.full((1,), 3.0, device=DEVICE)

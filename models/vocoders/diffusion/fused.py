@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave
+from models.vocoders.diffusion.kernel_errors import KernelError, refused
 
 try:
     import triton
@@ -49,22 +50,14 @@ log = logging.getLogger(__name__)
 _fallen_back: set[tuple[str, bool]] = set()  # (I/O dtype, projected) whose tuned variants did not compile: "plain"
 
 
-class KernelError(RuntimeError):
-    """The fused kernel does not compile or run on this GPU (an old architecture, an old Triton)."""
-
-
 def _run(family: str, grid: Any, args: tuple, meta: dict) -> None:
-    """Launch; a compiler's or launcher's refusal becomes a KernelError. Running out of memory, a CUDA fault
-    (the context is lost: nothing else would run either) and our own mistakes stay what they are."""
+    """Launch; Triton's refusal to build the kernel on this GPU becomes a KernelError (see kernel_errors)."""
     try:
         KERNELS[family][grid](*args, **meta)
-    except (torch.cuda.OutOfMemoryError, TypeError, NameError, KeyError, IndexError):
-        raise
-    except Exception as error:  # Triton raises compiler errors of many kinds
-        first = str(error).splitlines()[0] if str(error) else ""
-        lost = ("illegal", "misaligned", "unspecified launch", "hipErrorIllegal", "hipErrorLaunchFailure")
-        if ("CUDA" in first or "HIP" in first or "hip" in first) and any(word in first for word in lost):
+    except Exception as error:
+        if not refused(error):
             raise
+        first = str(error).splitlines()[0] if str(error) else ""
         raise KernelError(f"the fused kernel failed on this GPU ({type(error).__name__}: {first})") from error
 
 
