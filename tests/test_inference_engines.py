@@ -9,9 +9,14 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from models.vocoders.diffusion import diffusion_vocoder_inference as inference
+from models.vocoders.diffusion.device_policy import free_memory
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
-from tests.test_inference import tiny_cfg
+from models.vocoders.diffusion.windowed import GraphedDenoiser, bytes_per_sample
+from tests.test_inference import HOP, tiny_cfg
+from utils.config import ConfigError
+from utils.text import byte_size
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +47,76 @@ def test_a_compiled_forward_is_one_graph_for_every_length(model, monkeypatch):
     want = Vocoder(tiny_cfg(), model, "ddim", steps=2, device="cpu", engine="plain")(inputs, names)
     for g, w in zip(got, want, strict=True):
         assert np.array_equal(g, w)
+
+
+def fake_cuda_memory(monkeypatch, free: int, reserved: int, allocated: int) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+
+
+def test_the_gpu_budget_counts_what_the_caching_allocator_holds_unused(model, monkeypatch):
+    """Nothing in stage 3 empties PyTorch's cache, so the driver's free memory alone shrank after every batch: the
+    memory reserved but unallocated is as good as free for the next one."""
+    fake_cuda_memory(monkeypatch, free=10 << 30, reserved=6 << 30, allocated=1 << 30)
+    assert free_memory(torch.device("cuda")) == 15 << 30
+    vocoder = Vocoder(tiny_cfg(), model, device="cpu")
+    vocoder.device = torch.device("cuda")
+    assert vocoder._window_budget(2, 1000) == int(0.8 * (15 << 30)) - 8 * 2 * 1000 * 4
+
+
+def test_a_budget_too_small_says_what_the_sampler_and_a_window_need_in_readable_units(model):
+    """It said "budget -0.00 GiB is too small for batch 2: a window needs at least 0.00 GiB"."""
+    mel = torch.stack(mels(400, 400))
+    tiny = Vocoder(tiny_cfg(), model, device="cpu", engine="plain", gpu_memory_gib=2**-20)  # 1 KiB
+    with pytest.raises(ConfigError, match=r"^inference memory budget 1.0 KiB is too small for a batch of 2 x 6400 "
+                                          r"samples: the sampler's buffers alone need 400.0 KiB \(raise"):
+        tiny._denoiser(mel, None)
+    small = Vocoder(tiny_cfg(), model, device="cpu", engine="plain", gpu_memory_gib=450 / 2**20)  # 450 KiB
+    with pytest.raises(ConfigError, match=r"^inference memory budget 50.0 KiB \(what the sampler's buffers leave of it\) "
+                                          r"is too small for batch 2: a window needs at least [0-9.]+ KiB"):
+        small._denoiser(mel, None)
+    assert [byte_size(n) for n in (512, 3 << 10, 5 << 20, 3 << 29)] == ["512 B", "3.0 KiB", "5.0 MiB", "1.50 GiB"]
+    with pytest.raises(ConfigError, match=r"gpu_memory_gib must be a positive number of GiB, got -1"):
+        Vocoder(tiny_cfg(), model, device="cpu", gpu_memory_gib=-1)
+
+
+def test_half_precision_on_the_cpu_runs_in_windows_within_the_memory_budget(model, monkeypatch):
+    """bf16 on the CPU took the plain forward over the whole batch at once: 5 GiB for 409,600 samples of the base
+    model, and no budget applied. Its windows give the unbounded forward's audio within bf16's rounding; the default
+    budget is half the host memory available."""
+    inputs, names = mels(400, 250), ["a", "b"]
+    monkeypatch.setattr(inference, "free_memory", lambda device: 1 << 40)
+    whole = Vocoder(tiny_cfg(), model, "ddim", steps=3, batch_size=2, device="cpu", precision="bf16")
+    assert whole._window_budget(2, 6400) == (1 << 39) - 8 * 2 * 6400 * 4
+    assert len(whole._denoiser(torch.stack(mels(400, 400)), None).windows) == 1
+    budget = 8 * 2 * 6400 * 4 + 2 * bytes_per_sample(model, "plain", torch.bfloat16) * 1200
+    windowed = Vocoder(tiny_cfg(), model, "ddim", steps=3, batch_size=2, device="cpu", precision="bf16",
+                       gpu_memory_gib=budget / 2**30)
+    assert windowed.engine == "plain" and len(windowed._denoiser(torch.stack(mels(400, 400)), None).windows) >= 5
+    for got, want in zip(windowed(inputs, names), whole(inputs, names), strict=True):
+        assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
+def graph_windows(model, cuda_graph: bool | str, budget: int, frames: int = 100) -> tuple[bool, int]:
+    """Whether a (faked) CUDA Vocoder would capture a graph for a batch of 2, and over how many windows."""
+    vocoder = Vocoder(tiny_cfg(), model, device="cpu", engine="plain", cuda_graph=cuda_graph,
+                      gpu_memory_gib=(budget + 8 * 2 * frames * HOP * 4) / 2**30)
+    vocoder.device = torch.device("cuda")
+    denoise = vocoder._denoiser(torch.stack(mels(frames, frames)), None)
+    graphed = isinstance(denoise, GraphedDenoiser)
+    return graphed, len((denoise.denoise if graphed else denoise).windows)
+
+
+def test_a_captured_graph_sizes_its_windows_for_its_own_pool(model):
+    """The eager first step leaves its blocks cached and the capture allocates the working set again in the graph's
+    pool: a graph over windows sized for the whole budget used 1.5x it. With a graph the windows are sized for
+    twice the working set; `auto` captures only where one window still holds the batch."""
+    one = 2 * bytes_per_sample(model, "plain", None) * 100 * HOP  # one window of the batch's 1600 samples, once
+    assert graph_windows(model, False, one) == (False, 1)
+    graphed, windows = graph_windows(model, True, one)
+    assert graphed and windows >= 2
+    assert graph_windows(model, True, 2 * one) == (True, 1)
+    assert graph_windows(model, "auto", one) == (False, 1)  # no graph rather than a graph over several windows
+    assert graph_windows(model, "auto", 2 * one) == (True, 1)
+

@@ -78,6 +78,20 @@ def channels_last(setting: bool | str, cuda: bool, channels: int, graphed: bool 
     return bool_or_auto(setting, "train.channels_last", channels >= 32 and (not cuda or graphed))
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes a new allocation on `device` could take: on CUDA the GPU's free memory plus what PyTorch's caching
+    allocator holds reserved but unused (nothing empties that cache, so the free memory alone shrank batch after
+    batch); on the CPU the host memory the kernel reports available (free plus reclaimable caches)."""
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    try:
+        with open("/proc/meminfo") as info:
+            return next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux: the pages nothing holds
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def set_cuda_math(tcfg: Any) -> None:
     torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32", True))
     torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32", True))

@@ -15,12 +15,12 @@ import torch
 from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.chunked import ChunkedDenoiser
 from models.vocoders.diffusion.ddpm import FIXED_STEPS, SAMPLER_NAMES, Denoiser, make_plan
-from models.vocoders.diffusion.device_policy import inference_precision
+from models.vocoders.diffusion.device_policy import free_memory, inference_precision
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.windowed import ENGINES, GraphedDenoiser, WindowedDenoiser
 from utils.config import ConfigError, bool_or_auto, source_of
-from utils.text import plural
+from utils.text import byte_size, plural
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # auto: see inference_precision
@@ -108,6 +108,8 @@ class Vocoder:
         cuda = self.device.type == "cuda"
         self.compile = bool_or_auto(compile, "inference.compile", auto=False)
         self.cuda_graph = cuda_graph if cuda_graph == "auto" else bool_or_auto(cuda_graph, "inference.cuda_graph", auto=cuda)
+        if gpu_memory_gib is not None and not float(gpu_memory_gib) > 0:
+            raise ConfigError(f"inference.gpu_memory_gib must be a positive number of GiB, got {gpu_memory_gib}")
         self.memory_bytes = None if gpu_memory_gib is None else int(float(gpu_memory_gib) * 2**30)
         self._built: tuple[fused.FusedDiffWave | None, Any] | None = None  # the model's weights must not change after
         self.projected = False  # whether the last batch's fused kernel took every layer's conditioner projected once
@@ -201,7 +203,7 @@ class Vocoder:
         self.projected = False
         if self.engine == "tiled":
             return ChunkedDenoiser(self.model, mel, lengths, self.chunk_size, self.cache_bytes, self.tile)
-        if self.engine == "plain" and (self.device.type != "cuda" or not isinstance(self.model, DiffWave)):
+        if self.engine == "plain" and not isinstance(self.model, DiffWave):
             model = self._engine()[1]
 
             def plain(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -210,11 +212,15 @@ class Vocoder:
 
             return plain
         samples = mel.shape[0] * mel.shape[-1] * self.hop
-        denoise = WindowedDenoiser(self.model, mel, lengths, self.dtype, self._window_budget(samples), *self._engine())
+        budget = self._window_budget(mel.shape[0], mel.shape[-1] * self.hop)
+        # auto: a graph where kernel launches outlast the work (measured on an H200: 1 s gains, 10 s loses the capture),
+        # and only where one window holds the batch with room for the graph's own copy of its working set
+        graph = self.device.type == "cuda" and (self.cuda_graph is True or (self.cuda_graph == "auto" and samples <= 1 << 16))
+        denoise = WindowedDenoiser(self.model, mel, lengths, self.dtype, budget, *self._engine(), graphed=graph)
+        if graph and self.cuda_graph == "auto" and len(denoise.windows) > 1:
+            graph, denoise = False, WindowedDenoiser(self.model, mel, lengths, self.dtype, budget, *self._engine())
         self.projected = denoise.projected
-        # auto: a graph where kernel launches outlast the work (measured on an H200: 1 s gains, 10 s loses the capture)
-        graph = self.cuda_graph is True or (self.cuda_graph == "auto" and len(denoise.windows) == 1 and samples <= 1 << 16)
-        return GraphedDenoiser(denoise) if graph and self.device.type == "cuda" else denoise
+        return GraphedDenoiser(denoise) if graph else denoise
 
     def _engine(self) -> tuple[fused.FusedDiffWave | None, Any]:
         """Built once per Vocoder: the fused layers' packed weights, or the (compiled) forward. Compiled with dynamic
@@ -227,12 +233,18 @@ class Vocoder:
                 self._built = (None, torch.compile(self.model, dynamic=True) if self.compile else self.model)
         return self._built
 
-    def _window_budget(self, samples: int) -> int:
-        """Bytes the windows may use: the budget (default: 80% of the free GPU memory) less the sampler's buffers."""
+    def _window_budget(self, batch: int, length: int) -> int:
+        """Bytes the windows may use: the budget (`gpu_memory_gib`; by default 80% of what the GPU could allocate,
+        or on the CPU half of the host memory available) less the sampler's buffers."""
         budget = self.memory_bytes
         if budget is None:
-            budget = int(0.8 * torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else 8 << 30
-        return budget - 8 * samples * 4  # x, eps, noise, the graph's copies and the update's temporaries
+            budget = int((0.8 if self.device.type == "cuda" else 0.5) * free_memory(self.device))
+        reserve = 8 * batch * length * 4  # x, eps, noise, the graph's copies and the update's temporaries
+        if budget <= reserve:
+            raise ConfigError(f"inference memory budget {byte_size(budget)} is too small for a batch of {batch} x "
+                              f"{length} samples: the sampler's buffers alone need {byte_size(reserve)} (raise "
+                              "inference.gpu_memory_gib or lower the batch size)")
+        return budget - reserve
 
     def __call__(self, mels: Sequence[torch.Tensor], names: Sequence[str],
                  on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None) -> list[np.ndarray]:

@@ -26,6 +26,7 @@ from models.vocoders.diffusion.chunked import MEL_MARGIN
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave
 from models.vocoders.diffusion.fused import FusedDiffWave, mel_row, projected_row
 from utils.config import ConfigError
+from utils.text import byte_size
 
 ENGINES = ("auto", "fused", "tiled", "plain")
 SAFETY = 1.5  # allocator rounding and the temporaries the estimates leave out
@@ -50,10 +51,13 @@ def offset_limit(batch: int, row: int) -> int:
 
 class WindowedDenoiser:
     """`denoise(x, step)` for ddpm.sample over halo windows, through `fused` when given, else `forward`
-    (the model, or its compiled form) under autocast to `dtype`."""
+    (the model, or its compiled form) under autocast to `dtype`. `graphed`: the step will be captured as a CUDA
+    graph, whose private pool allocates the working set again beside the blocks the eager first step left cached,
+    so the windows are sized for both."""
 
     def __init__(self, model: DiffWave, mel: Tensor, lengths: Tensor | None, dtype: torch.dtype | None,
-                 budget_bytes: int, fused: FusedDiffWave | None = None, forward: Callable | None = None) -> None:
+                 budget_bytes: int, fused: FusedDiffWave | None = None, forward: Callable | None = None,
+                 graphed: bool = False) -> None:
         engine = "fused" if fused is not None else "plain"
         self.model, self.mel, self.lengths, self.dtype, self.fused = model, mel, lengths, dtype, fused
         self.forward = model if forward is None else forward  # not `or`: a compiled module proxies len() to DiffWave
@@ -61,7 +65,7 @@ class WindowedDenoiser:
         self.total = mel.shape[-1] * self.hop
         batch = mel.shape[0]
         self.halo = math.ceil((model.receptive_halo + MEL_MARGIN * self.hop) / self.hop) * self.hop
-        per_sample = batch * bytes_per_sample(model, engine, dtype)
+        per_sample = batch * bytes_per_sample(model, engine, dtype) * (2 if graphed else 1)
         window_budget = budget_bytes // 2 if engine == "fused" else budget_bytes
         window = window_budget // per_sample // self.hop * self.hop
         if engine == "fused":
@@ -69,9 +73,9 @@ class WindowedDenoiser:
             window = min(window, offset_limit(batch, widest) // self.hop * self.hop)
         if window < 2 * self.halo + 2 * self.hop and window < self.total:
             need = (2 * self.halo + 2 * self.hop) * per_sample * (2 if engine == "fused" else 1)
-            raise ConfigError(f"inference memory budget {budget_bytes / 2**30:.2f} GiB is too small for batch {batch}: "
-                              f"a window needs at least {need / 2**30:.2f} GiB (raise inference.gpu_memory_gib or "
-                              f"lower the batch size)")
+            raise ConfigError(f"inference memory budget {byte_size(budget_bytes)} (what the sampler's buffers leave of "
+                              f"it) is too small for batch {batch}: a window needs at least {byte_size(need)} (raise "
+                              "inference.gpu_memory_gib or lower the batch size)")
         count = 1 if window >= self.total else math.ceil(self.total / (window - 2 * self.halo - self.hop))
         frames = mel.shape[-1]
         edges = [round(i * frames / count) * self.hop for i in range(count + 1)]
