@@ -4,12 +4,15 @@ CUDA-only choices are tested on the CPU with what torch.cuda reports faked."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from models.vocoders.diffusion import diffusion_vocoder_inference as inference
+from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.device_policy import free_memory
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
@@ -120,3 +123,18 @@ def test_a_captured_graph_sizes_its_windows_for_its_own_pool(model):
     assert graph_windows(model, "auto", one) == (False, 1)  # no graph rather than a graph over several windows
     assert graph_windows(model, "auto", 2 * one) == (True, 1)
 
+
+def test_compile_applies_to_the_plain_engine_only(model, caplog):
+    """The tiled and fused engines ignored `compile: true` while the Vocoder said it compiled: a chosen engine is
+    refused with it, an automatic one says which engine it took."""
+    for engine in ("tiled", "fused") if fused.available(torch.device("cpu")) else ("tiled",):  # fused: the interpreter
+        with pytest.raises(ConfigError, match=rf"^inference.compile applies to the plain engine only, not '{engine}'"):
+            Vocoder(tiny_cfg(), model, device="cpu", engine=engine, compile=True)
+    with caplog.at_level(logging.WARNING):
+        vocoder = Vocoder(tiny_cfg(), model, device="cpu", compile=True)
+    assert vocoder.engine == "tiled"
+    assert "inference.compile: the automatic engine here is tiled, which is not compiled" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Vocoder(tiny_cfg(), model, device="cpu", engine="plain", compile=True)
+    assert not caplog.text

@@ -107,6 +107,12 @@ class Vocoder:
         self.engine = self._pick_engine(engine)
         cuda = self.device.type == "cuda"
         self.compile = bool_or_auto(compile, "inference.compile", auto=False)
+        if self.compile and self.engine != "plain":  # the tiled and fused engines have no forward to compile
+            if self.chosen["engine"]:
+                raise ConfigError(f"inference.compile applies to the plain engine only, not '{self.engine}': set "
+                                  "inference.engine to plain to compile, or compile to false")
+            log.warning("inference.compile: the automatic engine here is %s, which is not compiled (compile applies to "
+                        "the plain engine only: set inference.engine to plain to compile it)", self.engine)
         self.cuda_graph = cuda_graph if cuda_graph == "auto" else bool_or_auto(cuda_graph, "inference.cuda_graph", auto=cuda)
         if gpu_memory_gib is not None and not float(gpu_memory_gib) > 0:
             raise ConfigError(f"inference.gpu_memory_gib must be a positive number of GiB, got {gpu_memory_gib}")
@@ -180,7 +186,7 @@ class Vocoder:
         except fused.KernelError as error:
             if self.chosen["engine"]:
                 raise
-            log.warning("%s; vocoding with the plain forward instead", error)
+            log.warning("%s; vocoding with the %splain forward instead", error, "compiled " if self.compile else "")
             self.engine, self._built = "plain", None
         return self._sample(mel, lengths, shape, names)  # outside the handler: the failed call's frames are gone
 
