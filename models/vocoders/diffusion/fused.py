@@ -252,8 +252,8 @@ if triton is not None:
         tl.store(skip_ptr + offsets, (total + skip).to(skip_ptr.dtype.element_ty), mask=rows)
 
     def _tuner(configs: list) -> triton.runtime.Autotuner:
-        """Tuned once per GPU model and shape class: Triton 3.2+ keeps the winner on disk, so a later
-        process starts without the tuning run (about 20 s on an H200)."""
+        """Tuned once per key (shapes, size class, projected or not: up to 4 runs a model and precision, about 20 s
+        each on an H200); Triton 3.2+ keeps the winners on disk, so a later process starts without them."""
         if INTERPRET:
             configs = [_config(32, True, 4)]
         on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
