@@ -196,7 +196,11 @@ class MelConverter:
 
 def mel_converter(contract: dict, cfg: Any, convention: str | None = None,
                   stats_path: str | os.PathLike | None = None) -> MelConverter:
-    """The converter stage 3 applies to `infer_from_feature` mels: flags first, then `inference.*`."""
+    """The converter stage 3 applies to `infer_from_feature` mels: flags first, then `inference.*`; a convention
+    given as a flag takes the config's stats only when it uses them (meanvar), so a flag can leave the config's
+    meanvar setup."""
     infer = cfg.get("inference", {}) or {}
-    return MelConverter(contract, convention or infer.get("mel_convention") or "ln",
-                        stats_path or infer.get("mel_stats"))
+    chosen = convention or infer.get("mel_convention") or "ln"
+    if stats_path is None and (convention is None or "meanvar" in parse_convention(convention)):
+        stats_path = infer.get("mel_stats")
+    return MelConverter(contract, chosen, stats_path)

@@ -17,7 +17,7 @@ from models.vocoders.diffusion.diffwave.geometry import factorize, upsample_fact
 from models.vocoders.diffusion.experiment import CONTRACT_FILE, Experiment
 from models.vocoders.diffusion.inference_modes import feature_items
 from processors.mel import mel_spectrogram
-from processors.mel_conventions import MelConverter, from_natural_log, guess_convention, mel_contract
+from processors.mel_conventions import MelConverter, from_natural_log, guess_convention, mel_contract, mel_converter
 from tests.recipe_helpers import run_recipe
 from tests.tiny_experiment import REPO, TINY_PRE, make_experiment
 from utils.config import ConfigError, load_config, to_attrdict
@@ -133,6 +133,11 @@ def test_statistics_without_meanvar_are_an_error_not_ignored(experiment, tmp_pat
     with pytest.raises(ConfigError, match=r"^--infer_mel_stats \(inference.mel_stats\) applies only with a meanvar "
                                           r"convention, not 'log10'$"):
         MelConverter(Experiment(experiment[0]).read_contract(), "log10", tmp_path / "stats.npy")
+    contract = Experiment(experiment[0]).read_contract()  # a flag leaves a config's meanvar setup, stats and all
+    config = {"inference": {"mel_convention": "meanvar", "mel_stats": str(tmp_path / "stats.npy")}}
+    assert mel_converter(contract, config, "log10").convention == "log10"
+    with pytest.raises(ConfigError, match=r"stats\.npy: mel statistics must have shape"):
+        mel_converter(contract, config)  # the config's own meanvar still reads its stats
 
 
 HK22 = {"sample_rate": 22050, "hop_size": 256, "n_fft": 1024, "win_size": 1024, "n_mel": 80, "fmin": 0, "fmax": 8000}
