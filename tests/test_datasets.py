@@ -104,6 +104,23 @@ def test_vctk_080_layout_and_two_corpus_folders_are_refused_by_name(tmp_path):
         get_parser("vctk")(tmp_path / "two", "vctk", tmp_path / "work")
 
 
+def test_vctk_at_a_mount_root_skips_a_sibling_it_may_not_read(tmp_path, monkeypatch):
+    """dataset_path at a mount root: lost+found is root's alone, and looking inside it fails with EACCES."""
+    from processors.datasets.vctk import corpus_root
+
+    (tmp_path / "VCTK-Corpus-0.92" / "wav48_silence_trimmed").mkdir(parents=True)
+    (tmp_path / "lost+found").mkdir()
+    real = Path.is_dir
+
+    def guarded(path: Path) -> bool:
+        if "lost+found" in path.parts and path.name != "lost+found":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "is_dir", guarded)
+    assert corpus_root(tmp_path) == tmp_path / "VCTK-Corpus-0.92"
+
+
 def test_unknown_dataset_lists_known_names():
     with pytest.raises(DatasetError) as err:
         get_parser("nosuch")

@@ -41,17 +41,25 @@ def corpus_root(root: Path) -> Path:
     """`root`, or the one folder inside it holding the 0.92 layout (`dataset_path` at the download's parent)."""
     if (root / AUDIO).is_dir():
         return root
-    inside = [d for d in subdirs(root) if (d / AUDIO).is_dir()]
+    inside = [d for d in subdirs(root) if _holds(d, AUDIO)]
     if len(inside) == 1:
         return inside[0]
     if inside:
         raise DatasetError(f"{root}: {len(inside)} VCTK folders inside ({', '.join(d.name for d in inside)}); "
                            "set dataset_path to one of them")
-    old = [d for d in [root, *subdirs(root)] if (d / OLD_AUDIO).is_dir()]
+    old = [d for d in [root, *subdirs(root)] if _holds(d, OLD_AUDIO)]
     if old:
         raise DatasetError(f"{old[0]}: VCTK 0.80 layout ({OLD_AUDIO}/) found; this toolkit reads the 0.92 layout "
                            f"({AUDIO}/): download VCTK-Corpus-0.92")
     return root
+
+
+def _holds(folder: Path, name: str) -> bool:
+    """Whether `folder` has the sub-folder `name`; a sibling we may not read (lost+found on a mount) has none."""
+    try:
+        return (folder / name).is_dir()
+    except PermissionError:
+        return False
 
 
 def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
