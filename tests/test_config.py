@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,9 @@ def test_a_relative_base_beside_the_child_and_under_the_repo_root_is_refused_nam
                               "one beside this config")
     write(child, '{"base_config": "./config/base.json"}')
     assert load_config(child).train == {"batch_size": 3}
+    shutil.copy(repo_base, tmp_path / "config" / "base.json")  # an unchanged copy (a project's, a second clone's)
+    write(child, '{"base_config": "config/base.json"}')
+    assert load_config(child).train == load_config(repo_base).train
 
 
 def test_a_relative_base_is_found_under_the_repo_root_or_beside_never_in_the_working_folder(tmp_path, monkeypatch):

@@ -73,9 +73,9 @@ def _resolve_parent(name: str, child: Path) -> Path:
     beside the child; any other relative name is looked for beside the child and under the repo root (the
     original's recipes name bases from the repo root: `egs/...`, `config/...`).
 
-    A name found in both places is an error naming both, not a pick: either pick silently changes some user's
-    results (a project's own `config/base.json` or the toolkit's). The working directory is never tried, so
-    a config means the same wherever a stage runs.
+    A name found in both places with different contents is an error naming both, not a pick: either pick
+    silently changes some user's results (a project's own `config/base.json` or the toolkit's). The working
+    directory is never tried, so a config means the same wherever a stage runs.
     """
     try:
         path = Path(name).expanduser()
@@ -84,6 +84,8 @@ def _resolve_parent(name: str, child: Path) -> Path:
     beside = [child.parent / path]
     candidates = beside if path.is_absolute() or name.startswith(("./", "../")) else [*beside, REPO_ROOT / path]
     found = list(dict.fromkeys(c.resolve() for c in candidates if c.is_file()))
+    if len(found) > 1 and found[0].read_bytes() == found[1].read_bytes():  # a copy: either reads the same
+        found = found[:1]
     if len(found) > 1:
         raise ConfigError(f"{child}: base_config '{name}' is both {found[0]} and {found[1]}: name one of them by its "
                           f"absolute path, or as './{name}' for the one beside this config")
