@@ -367,6 +367,11 @@ def test_log_level_in_a_config_is_warned_as_ignored_with_where_to_set_it(tmp_pat
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert f"{child}: unknown config key 'log_level' is ignored; the log level is the --log_level option of run.sh " \
            "and the bins" in warned
+    caplog.clear()  # an experiment trained before: its args.json copied the key, and is nothing to edit
+    (tmp_path / "expt").mkdir()
+    validate(load_config(write(tmp_path / "expt" / "args.json", json.dumps({**load_config(child), "config_path": ""}))),
+             "inference")
+    assert "log_level" not in caplog.text
 
 
 def test_ddim_steps_beyond_the_training_steps_name_the_key_and_file(tmp_path):

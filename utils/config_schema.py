@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,8 +243,11 @@ def validate(cfg: dict, stage: str) -> None:
             _check_rule(cfg, dotted, rule, stage)
     _cross_checks(cfg, letter)
     for dotted, guess in unknown_keys(cfg):
+        source = source_of(cfg, dotted)
+        if dotted in ELSEWHERE and WRITTEN_BY_STAGE_2.search(source):
+            continue  # copied there from an older config/base.json: nothing for the user to edit
         hint = f"; {ELSEWHERE[dotted]}" if dotted in ELSEWHERE else f"; did you mean '{guess}'?" if guess else ""
-        log.warning("%s: unknown config key '%s' is ignored%s", source_of(cfg, dotted), dotted, hint)
+        log.warning("%s: unknown config key '%s' is ignored%s", source, dotted, hint)
 
 
 # Keys the code reads that neither SCHEMA nor the shipped configs name, and sections whose keys are free.
@@ -251,6 +255,8 @@ OPTIONAL_KEYS = ("config_path",)
 # Keys of the original's configs that are set elsewhere here: their warning says where.
 ELSEWHERE = {"log_level": "the log level is the --log_level option of run.sh and the bins"}
 FREE_SECTIONS = ("dataset_path.",)
+# The configs stage 2 writes: an experiment's args.json (args.<step>.json) and a checkpoint's config.json.
+WRITTEN_BY_STAGE_2 = re.compile(r"(^|/)args(\.\d+)?\.json$|/epoch-\d+_step-\d+_loss-[^/]+/config\.json$")
 
 
 # The configs shipped with the toolkit, whose keys count as known. A fixed list, not a glob: a user's own
