@@ -287,6 +287,9 @@ def test_debug_log_level_shows_the_traceback(tmp_path):
     (["-s", "4", "--plot=no"], "--plot takes no value (given '--plot=no'): leave it out to turn it off"),
     # went on to an argparse usage block from check_config.py
     (["-s", "1", "--log_level", "verbose"], "--log_level must be debug, info, warning or error, got 'verbose'"),
+    # an empty value fell back to a default silently; of two values only the last was checked
+    (["-s", "4", "--infer_output_dir="], "--infer_output_dir needs a value (given empty)"),
+    (["-s", "4", "--baseline", "foo", "--baseline", "griffinlim"], "--baseline is given twice"),
 ])
 def test_run_sh_flag_values_it_cannot_use_are_one_line(args, message):
     code, stderr = run_sh(*args)

@@ -71,6 +71,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
   case "$opt" in -c) opt=--config ;; -n) opt=--name ;; -s) opt=--stage ;; esac
+  case "$given" in *" $opt "*) die "$opt is given twice" ;; esac
+  case "$opt" in --infer_raw_weights|--plot) ;; *) [ -n "$value" ] || die "$opt needs a value (given empty)" ;; esac
   given="$given$opt "
   case "$opt" in
     --stage) stage="$value" ;;
