@@ -40,7 +40,8 @@ def config_path(args: argparse.Namespace) -> str:
     if args.config:
         raise EvaluationError("give --config or --expt_dir, not both")
     if not os.path.isdir(args.expt_dir):
-        raise EvaluationError(f"{args.expt_dir}: experiment folder does not exist")
+        what = "not a folder (give the experiment folder)" if os.path.exists(args.expt_dir) else "does not exist"
+        raise EvaluationError(f"{args.expt_dir}: experiment folder {what}")
     expt_dir, _ = locate_experiment(args.expt_dir)
     if not Experiment(expt_dir).args.is_file():
         raise EvaluationError(f"{args.expt_dir}: not an experiment of stage 2 (no args.json in it, nor in the "
