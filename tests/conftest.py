@@ -1,16 +1,27 @@
 """Without a GPU, Triton kernels run under Triton's CPU interpreter (set before anything imports Triton).
 
 `fake_gpus` stands in for CUDA GPUs of given names and compute capabilities, for the per-device choices.
+Experiment locks a test leaves held (a trainer set up and never trained) are released after it.
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _release_experiment_locks() -> Iterator[None]:
+    yield
+    from models.vocoders.diffusion.experiment import _HELD
+
+    for handle in _HELD.values():
+        handle.close()
+    _HELD.clear()
 
 
 @pytest.fixture
