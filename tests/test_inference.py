@@ -27,14 +27,18 @@ def tiny_cfg() -> object:
     return model_cfg(hop=HOP, residual_layers=6, dilation_cycle_length=3)
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
+def random_tiny_model() -> torch.nn.Module:
     """Random non-trivial weights: every layer and the (normally zero-initialised) output matter."""
     torch.manual_seed(0)
     net = build_diffwave(tiny_cfg()).eval()
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return net
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return random_tiny_model()
 
 
 def padded_batch(frames: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

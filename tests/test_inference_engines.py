@@ -15,20 +15,15 @@ from models.vocoders.diffusion import diffusion_vocoder_inference as inference
 from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.device_policy import free_memory
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
-from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.windowed import GraphedDenoiser, bytes_per_sample
-from tests.test_inference import HOP, tiny_cfg
+from tests.test_inference import HOP, random_tiny_model, tiny_cfg
 from utils.config import ConfigError
 from utils.text import byte_size
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    net = build_diffwave(tiny_cfg()).eval()
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return net
+    return random_tiny_model()
 
 
 def mels(*frames: int) -> list[torch.Tensor]:
