@@ -147,9 +147,11 @@ def _named_warnings(name: str, system: str | None = None) -> Iterator[None]:
     """The metrics' warnings, logged once each after the block with the utterance (and the system, for a baseline)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        yield
-    for message in dict.fromkeys(str(w.message) for w in caught):
-        log.warning("%s%s: %s", name, f" ({system})" if system else "", message)
+        try:
+            yield
+        finally:  # also where scoring then fails: what led there is worth seeing
+            for message in dict.fromkeys(str(w.message) for w in caught):
+                log.warning("%s%s: %s", name, f" ({system})" if system else "", message)
 
 
 def _griffin_lim_scores(name: str, ref: np.ndarray, rate: int, pre: Any, hop: int, ref_track: PitchTrack) -> dict:
@@ -162,7 +164,8 @@ def _griffin_lim_scores(name: str, ref: np.ndarray, rate: int, pre: Any, hop: in
                     "length_diff": len(vocoded) - len(ref)}
     except Exception as err:  # the baseline is a comparison, never a reason to drop an utterance
         log.warning("%s (griffinlim): not scored (%s: %s)", name, type(err).__name__, str(err).strip().splitlines()[0])
-        return {**dict.fromkeys(HIGHER_IS_BETTER, math.nan), "length_diff": 0}
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        return {**dict.fromkeys(HIGHER_IS_BETTER, math.nan), "length_diff": None, "failed": reason}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -195,7 +198,10 @@ def format_table(summary: dict) -> str:
     if counts["length_mismatch"]:
         notes.append(f"{plural(counts['length_mismatch'], 'prediction')} off by more than one hop: zero-padded or "
                      "trimmed to the reference's length")
-    notes.append("'-': disabled or undefined")
+    baseline_failures = len(summary.get("baseline", {}).get("failed", {}))
+    if baseline_failures:
+        notes.append(f"{summary['baseline']['method']} failed on {plural(baseline_failures, 'utterance')} (see the log)")
+    notes.append("'-': disabled, undefined or failed")
     if show_n:
         notes.append("n: utterances a mean covers")
     lines.append(f"({'; '.join(notes)})")
@@ -248,6 +254,7 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
     systems = ["pred", *([baseline] if baseline else [])]
     rows: list[dict] = []
     failed: dict[str, str] = {}
+    baseline_failed: dict[str, str] = {}
     mismatched: dict[str, int] = {}
     for name, ref_path, pred_path in tqdm(pairs, desc="scoring", unit="utt", dynamic_ncols=True):
         log.debug("scoring %s", name)
@@ -262,6 +269,8 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
             continue
         if mismatch:
             mismatched[name] = scores["pred"]["length_diff"]
+        if baseline and "failed" in scores[baseline]:
+            baseline_failed[name] = scores[baseline].pop("failed")
         rows += [{"name": name, "system": system, **scores[system]} for system in systems]
     if not rows:
         first = next(iter(failed.items()))
@@ -289,7 +298,7 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
         "disabled": missing_packages(),
     }
     if baseline:
-        summary["baseline"] = {"method": baseline, "means": means[baseline], "n": n[baseline]}
+        summary["baseline"] = {"method": baseline, "means": means[baseline], "n": n[baseline], "failed": baseline_failed}
     save_json(output_dir / "summary.json", summary)
     print(format_table(summary))
     return summary

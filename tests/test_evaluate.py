@@ -294,6 +294,10 @@ def test_an_empty_prediction_scores_as_silence_and_a_failing_baseline_keeps_the_
     assert summary["n"]["mel_l1"] == 2 and summary["baseline"]["n"]["mel_l1"] == 0
     assert summary["length_mismatch"] == {"empty": -4000}
     assert "empty (griffinlim): not scored (RuntimeError: no phase today)" in caplog.text
+    assert summary["baseline"]["failed"] == dict.fromkeys(("empty", "good"), "RuntimeError: no phase today")
+    assert "griffinlim failed on 2 utterances" in format_table(summary)
+    rows = list(csv.DictReader((tmp_path / "eval" / "metrics.csv").open()))
+    assert [r["length_diff"] for r in rows if r["system"] == "griffinlim"] == ["", ""]
     assert summary["disabled"] == metrics.missing_packages()
 
 

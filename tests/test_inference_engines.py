@@ -5,6 +5,7 @@ CUDA-only choices are tested on the CPU with what torch.cuda reports faked."""
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -75,8 +76,24 @@ def test_a_budget_too_small_says_what_the_sampler_and_a_window_need_in_readable_
                                           r"is too small for batch 2: a window needs at least [0-9.]+ KiB"):
         small._denoiser(mel, None)
     assert [byte_size(n) for n in (512, 3 << 10, 5 << 20, 3 << 29)] == ["512 B", "3.0 KiB", "5.0 MiB", "1.50 GiB"]
-    with pytest.raises(ConfigError, match=r"gpu_memory_gib must be a positive number of GiB, got -1"):
-        Vocoder(tiny_cfg(), model, device="cpu", gpu_memory_gib=-1)
+    for bad in (-1, float("inf"), 1e300, "abc"):  # inf and 1e300 overflowed, "abc" failed in float()
+        with pytest.raises(ConfigError, match=re.escape(f"gpu_memory_gib must be a positive number of GiB, got {bad!r}")):
+            Vocoder(tiny_cfg(), model, device="cpu", gpu_memory_gib=bad)
+
+
+def test_a_host_that_does_not_say_its_free_memory_gets_a_fixed_budget(monkeypatch):
+    """macOS has no /proc/meminfo nor SC_AVPHYS_PAGES, Windows no os.sysconf: the bf16 CPU path died there."""
+    from models.vocoders.diffusion import device_policy
+
+    def unreadable(*_args: object, **_kwargs: object) -> None:
+        raise OSError(2, "No such file or directory")
+
+    def unknown_name(_name: str) -> int:
+        raise ValueError("unrecognized configuration name")
+
+    monkeypatch.setattr("builtins.open", unreadable)
+    monkeypatch.setattr(device_policy.os, "sysconf", unknown_name)
+    assert free_memory(torch.device("cpu")) == device_policy.CPU_MEMORY_FALLBACK
 
 
 def test_half_precision_on_the_cpu_runs_in_windows_within_the_memory_budget(model, monkeypatch):

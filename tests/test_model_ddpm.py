@@ -121,6 +121,7 @@ def test_unknown_sampler_and_impossible_ddim_steps_are_config_errors():
     ("searched", None, None, r"^sampler 'searched' needs its searched schedule"),
     ("fast", None, [], r"^an empty noise schedule"),
     ("searched", 2, [], r"^an empty noise schedule"),
+    ("searched", 2, [0.01, 0.1, 0.5], r"^sampler 'searched' takes the steps of its schedule \(3\), not 2"),
 ])
 def test_steps_or_betas_a_sampler_would_ignore_are_config_errors(sampler, steps, betas, message):
     """Each ran before: fast with 3 steps ran its 6, searched without a schedule ran the fast one, and an empty

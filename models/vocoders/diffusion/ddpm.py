@@ -132,6 +132,8 @@ def make_plan(params: Any, sampler: str = "fast", steps: int | None = None, beta
                           "experiment's, which bins/vocoder/search_schedule.py finds")
     if betas is not None and len(betas) == 0:
         raise ConfigError("an empty noise schedule (betas []): a sampler needs at least one step")
+    if sampler == "searched" and steps is not None and steps != len(betas):
+        raise ConfigError(f"sampler 'searched' takes the steps of its schedule ({len(betas)}), not {steps}")
     train = training_betas(params)
     if sampler == "full":
         return SamplerPlan("ddpm", torch.arange(len(train), dtype=torch.float32), train)

@@ -22,6 +22,7 @@ from utils.threads import fair_threads
 log = logging.getLogger(__name__)
 THREAD_CHECK_STEPS = 50
 TRAIN_PRECISIONS = ("auto", "no", "fp16", "bf16")
+CPU_MEMORY_FALLBACK = 16 << 30  # where the host does not say what it has available; inference.gpu_memory_gib sets it
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 NATIVE_BF16 = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores
 TRITON_GPUS = TENSOR_CORES = (7, 0)  # Volta: the oldest GPUs Inductor's Triton backend compiles for, with fp16 tensor cores
@@ -88,8 +89,11 @@ def free_memory(device: torch.device) -> int:
     try:
         with open("/proc/meminfo") as info:
             return next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):  # not Linux: the pages nothing holds
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux, or a kernel that words it otherwise
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # the pages nothing holds
+        except (AttributeError, ValueError, OSError):  # macOS has no SC_AVPHYS_PAGES, Windows no sysconf
+            return CPU_MEMORY_FALLBACK
 
 
 def set_cuda_math(tcfg: Any) -> None:
