@@ -290,6 +290,8 @@ def test_debug_log_level_shows_the_traceback(tmp_path):
     # an empty value fell back to a default silently; of two values only the last was checked
     (["-s", "4", "--infer_output_dir="], "--infer_output_dir needs a value (given empty)"),
     (["-s", "4", "--baseline", "foo", "--baseline", "griffinlim"], "--baseline is given twice"),
+    # stage 4 scores with the experiment's own mel: a --config there was silently ignored
+    (["-s", "4", "--config", "x.json"], "--config does not apply to stage 4 (it is for stage 1 or 2 or 3)"),
 ])
 def test_run_sh_flag_values_it_cannot_use_are_one_line(args, message):
     code, stderr = run_sh(*args)

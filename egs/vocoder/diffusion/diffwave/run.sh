@@ -134,6 +134,7 @@ only_for 3 --infer_mode --infer_datasets --infer_feature_dir --infer_audio_dir -
   --infer_batch_size --infer_precision --infer_raw_weights --infer_mel_convention --infer_mel_stats
 only_for "3 4" --infer_expt_dir --infer_output_dir
 only_for 4 --plot --baseline
+only_for "1 2 3" --config  # stage 4 scores with the mel of --infer_expt_dir's experiment (its args.json)
 if [ -n "$accelerate_config" ]; then
   not_with "with --accelerate_config (the file sets it)" --num_machines --machine_rank --main_process_ip
 fi
