@@ -2,8 +2,8 @@
 
 Reads `<root>/wav48_silence_trimmed/<spk>/<spk>_<NNN>_mic<1|2>.flac` (other files such as log.txt
 are ignored) and `<root>/speaker-info.txt` for the gender, where `<root>` is the corpus folder
-(`VCTK-Corpus-0.92/`) or its parent. The 0.80 release (`wav48/*.wav`) is refused by name. Singer `female_<spk>` / `male_<spk>`
-(the bare id when the speaker has no gender listed); Uid `<Singer>#<NNN>_mic<k>`
+(`VCTK-Corpus-0.92/`) or its parent. The 0.80 release (`wav48/*.wav`) is refused by name.
+Singer `female_<spk>` / `male_<spk>` (the bare id when the speaker has no gender listed); Uid `<Singer>#<NNN>_mic<k>`
 (`female_p225#001_mic1`). Test: per speaker, the first 3 files of the **sorted** listing
 (so `001_mic1`, `001_mic2`, `002_mic1`); every speaker is in both splits. Transcripts not read.
 """
@@ -41,13 +41,14 @@ def corpus_root(root: Path) -> Path:
     """`root`, or the one folder inside it holding the 0.92 layout (`dataset_path` at the download's parent)."""
     if (root / AUDIO).is_dir():
         return root
-    inside = [d for d in subdirs(root) if _holds(d, AUDIO)]
+    folders = subdirs(root)
+    inside = [d for d in folders if _holds(d, AUDIO)]
     if len(inside) == 1:
         return inside[0]
     if inside:
         raise DatasetError(f"{root}: {len(inside)} VCTK folders inside ({', '.join(d.name for d in inside)}); "
                            "set dataset_path to one of them")
-    old = [d for d in [root, *subdirs(root)] if _holds(d, OLD_AUDIO)]
+    old = [d for d in [root, *folders] if _holds(d, OLD_AUDIO)]
     if old:
         raise DatasetError(f"{old[0]}: VCTK 0.80 layout ({OLD_AUDIO}/) found; this toolkit reads the 0.92 layout "
                            f"({AUDIO}/): download VCTK-Corpus-0.92")

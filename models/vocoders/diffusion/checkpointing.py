@@ -118,8 +118,9 @@ def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: An
     return folder
 
 
+UPSAMPLE_KEY = "model.diffwave.upsample_factors"  # compared as used: set, or derived from the hop size
 SHAPE_KEYS = ("preprocess.n_mel", "model.generator", "model.diffwave.residual_channels", "model.diffwave.residual_layers",
-              "model.diffwave.upsample_factors")
+              UPSAMPLE_KEY)
 
 
 def check_finetune_source(source: Path, cfg: Any) -> None:
@@ -143,12 +144,12 @@ def _finetune_changes(source: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
         trained = trained_config(source)
         if trained is None:
             return []
-        changed = [item for item in differing_results(cfg, trained) if item[0] != SHAPE_KEYS[-1]]
-        factors = (upsample_factors(cfg), upsample_factors(trained))  # set, or derived from the hop size
+        changed = [item for item in differing_results(cfg, trained) if item[0] != UPSAMPLE_KEY]
+        factors = (upsample_factors(cfg), upsample_factors(trained))
     except (ConfigError, AttributeError, KeyError, TypeError, ValueError) as err:  # a damaged or hand-cut copy
         log.warning("%s: the config it was trained under is unusable (%s): not compared", source, first_line(err))
         return []
-    return changed + ([(SHAPE_KEYS[-1], *factors)] if factors[0] != factors[1] else [])
+    return changed + ([(UPSAMPLE_KEY, *factors)] if factors[0] != factors[1] else [])
 
 
 def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any) -> None:

@@ -144,24 +144,18 @@ def record_skipped(out: Path, skipped: list[str]) -> None:
         log.warning("skipped %s", reason)
 
 
-def check_datasets(cfg: Any, datasets: list[str]) -> None:
-    """InputError for a dataset without stage 1's metadata, naming the datasets the experiment was trained on
-    (`--infer_datasets "a,b"` arrives as one name)."""
-    pre = cfg.preprocess
-    for dataset in datasets:
-        meta = Path(pre.processed_dir) / dataset / pre.valid_file
-        if not meta.is_file():
-            comma = "; --infer_datasets takes space-separated names" if "," in dataset else ""
-            raise InputError(f"{meta}: metadata missing; run stage 1 for dataset '{dataset}' first{comma} (the "
-                             f"experiment was trained on {' '.join(cfg.dataset)})")
-
-
 def dataset_items(cfg: Any, datasets: list[str], skipped: list[str]) -> list[tuple[str, torch.Tensor, np.ndarray]]:
-    """The test split's (name, mel, ground truth); an utterance whose mel or audio fails its check is listed."""
-    check_datasets(cfg, datasets)
+    """The test split's (name, mel, ground truth); an utterance whose mel or audio fails its check is listed. A dataset
+    without metadata is named with the datasets the experiment was trained on (`--infer_datasets "a,b"` arrives as
+    one name)."""
+    try:
+        entries = load_entries(cfg, "valid", datasets, missing=skipped)
+    except FileNotFoundError as err:
+        comma = "; --infer_datasets takes space-separated names" if any("," in d for d in datasets) else ""
+        raise InputError(f"{err}{comma} (the experiment was trained on {' '.join(cfg.dataset)})") from None
     n_mel, hop = int(cfg.preprocess.n_mel), int(cfg.preprocess.hop_size)
     items = []
-    for entry in load_entries(cfg, "valid", datasets, missing=skipped):
+    for entry in entries:
         audio_path = feature_paths(cfg.preprocess.processed_dir, entry)[1]
         for name, mel, audio in load_items(cfg, "valid", entries=[entry], qualified=len(datasets) > 1, skipped=skipped,
                                            check=lambda mel, source: check_mel(mel, n_mel, source)):
