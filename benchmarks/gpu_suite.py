@@ -159,6 +159,8 @@ class InferenceCases:
         ten_minutes(self.suite, self.line)
 
     def extras(self) -> None:
+        # first: the plain forward compiled with dynamic shapes, unmeasured on a GPU since it replaced the static one
+        self.run("infer plain+compile 10s b1 fp32", 10, 1, "fp32", engine="plain", cuda_graph=False, compile=True)
         kernel_cases(self.suite, self.cfg, self.model, self.peaks, self.tuned)
         self.run("infer fused 1s b1 fp32", 1, 1, "fp32")
         self.run("infer fused 1s b1 fp16 no-graph", 1, 1, "fp16", cuda_graph=False)
@@ -166,7 +168,6 @@ class InferenceCases:
         for seconds, batch, precision in ((10, 1, "fp16"), (1, 1, "fp32"), (10, 16, "fp16")):
             self.run(f"infer plain {seconds}s b{batch} {precision}", seconds, batch, precision, engine="plain",
                      cuda_graph=False)
-        self.run("infer plain+compile 10s b1 fp32", 10, 1, "fp32", engine="plain", cuda_graph=False, compile=True)
         windows_exact(self.suite, self.cfg, self.model)
 
 

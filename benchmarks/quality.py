@@ -28,6 +28,7 @@ from pathlib import Path
 
 from evaluation.evaluate import summary_table
 from utils.config import REPO_ROOT, load_config
+from utils.config_schema import COMPILE_MODES
 
 RUN_SH = REPO_ROOT / "egs/vocoder/diffusion/diffwave/run.sh"
 # DiffWave's published models (Kong et al., ICLR 2021): 1M steps of batch 16, clips of 16,000 samples.
@@ -53,8 +54,10 @@ def extrapolate(results: Path, sample_rate: int) -> None:
         print(f"{case['case']:50s} {case['audio_s_per_s']:7.1f} audio-s/s  {hours_to_paper(rate):6.1f} GPU-hours")
 
 
-def recipe_config(work: Path, corpus: Path, minutes: float, plain: bool, batch_size: int) -> Path:
-    """The base recipe on the corpus, bounded by wall time only, checkpoints and evaluation at the end."""
+def recipe_config(work: Path, corpus: Path, minutes: float, plain: bool, batch_size: int,
+                  compile_mode: str | None = None) -> Path:
+    """The base recipe on the corpus, bounded by wall time only, checkpoints and evaluation at the end;
+    `compile_mode` (the fast variant's) None keeps the recipe's."""
     cfg = {
         "base_config": str(REPO_ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"),
         "dataset": ["speech"], "use_custom_dataset": ["speech"], "dataset_path": {"speech": str(corpus)},
@@ -63,6 +66,8 @@ def recipe_config(work: Path, corpus: Path, minutes: float, plain: bool, batch_s
                   "save_checkpoint_stride": [0], "keep_last": [1], "run_eval": [False],
                   "mixed_precision": "no" if plain else "bf16", "compile": not plain, "adamw": {"fused": not plain}},
     }
+    if compile_mode and not plain:
+        cfg["train"]["compile_mode"] = compile_mode
     path = work / f"{'plain' if plain else 'fast'}.json"
     path.write_text(json.dumps(cfg, indent=1), encoding="utf-8")
     return path
@@ -103,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     variant.add_argument("--plain", action="store_true", help="fp32 and eager: the run without the speed-ups")
     variant.add_argument("--both", action="store_true", help="the speed-ups, then the plain run, on one stage 1")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--compile_mode", choices=COMPILE_MODES, default=None,
+                        help="the fast variant's train.compile_mode (default: the recipe's)")
     parser.add_argument("--work", default=None, help="keep everything here (default: a temporary folder)")
     parser.add_argument("--out", default="quality.json")
     parser.add_argument("--extrapolate", type=Path, default=None, metavar="SUITE_JSON",
@@ -120,10 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(args.work or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
         corpus = Path(args.corpus).resolve()
-        configs = {("plain" if plain else "fast"): recipe_config(work, corpus, args.minutes, plain, args.batch_size)
+        configs = {("plain" if plain else "fast"): recipe_config(work, corpus, args.minutes, plain, args.batch_size,
+                                                                           args.compile_mode)
                    for plain in plains}
         stage1 = stage("--stage", "1", "--config", str(next(iter(configs.values()))))
         results, failed = {"minutes": args.minutes, "batch_size": args.batch_size, "stage1_s": stage1}, []
+        mode = args.compile_mode or "the recipe's mode"
         for name, config in configs.items():
             try:
                 result = results[name] = train_and_score(work, config, name)
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             finally:
                 Path(args.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
-            print(f"{name}: trained {args.minutes:g} min ({'fp32 eager' if name == 'plain' else 'bf16 compiled'}, "
+            print(f"{name}: trained {args.minutes:g} min ({'fp32 eager' if name == 'plain' else f'bf16 compiled, {mode}'}, "
                   f"batch {args.batch_size}), {steps} steps; last checkpoint {result['last_checkpoint']}; at this rate "
                   f"the published models' training budget takes {result['hours_to_paper']:.1f} GPU-hours")
             print(summary_table(result["summary_path"]))
