@@ -100,7 +100,8 @@ def profile_lines(r: dict) -> str:
 
 def run_tests(suite: Suite, limit_s: float, tests: list[str]) -> None:
     start = time.perf_counter()
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", "--tb=short", *tests]
+    # -vv against addopts' -q names each test as it ends: a run cut short by `limit_s` still names its failures
+    command = [sys.executable, "-m", "pytest", "-vv", "-p", "no:cacheprovider", "-rf", "--tb=short", *tests]
     try:
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=limit_s)
         code, text = done.returncode, done.stdout + done.stderr

@@ -187,7 +187,7 @@ BAD_VALUES = [  # (section, values, stage, key named in the error, words of the 
     ("preprocess", {"extract_audio": False}, "preprocess", "preprocess.extract_audio", "choose one of true"),
     ("train", {"tracker": ["tensorboard", "wandb"]}, "train", "train.tracker", "'wandb': choose one of tensorboard"),
     ("train", {"dataloader": {"pin_memory": "yes"}}, "train", "train.dataloader.pin_memory", "must be bool"),
-    ("train", {"compile_mode": "fast"}, "train", "train.compile_mode", "choose one of default, reduce-overhead"),
+    ("train", {"compile_mode": "fast"}, "train", "train.compile_mode", "choose one of auto, default, reduce-overhead"),
     ("train", {"adamw": {"fused": "yes"}}, "train", "train.adamw.fused", "auto"),
     # 0 stopped the run at its first (good) step: "0 optimizer steps in a row had a non-finite loss"
     ("train", {"max_nonfinite_steps": 0}, "train", "train.max_nonfinite_steps", "(0, inf)"),

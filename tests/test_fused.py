@@ -244,11 +244,11 @@ def test_sampling_a_padded_batch_never_waits_for_the_gpu():
     denoise = FiniteWatch(WindowedDenoiser(model, mel, lengths, torch.float16, 1 << 30,
                                            fused.FusedDiffWave(model, torch.float16, VARIANT)))
     plan = make_plan(cfg(16, 20).model.diffwave, "fast")
-    shape = (2, 64 * HOP)
+    shape, host_lengths = (2, 64 * HOP), lengths.cpu()  # read before the watch: a device-to-host copy waits
 
     def run() -> torch.Tensor:
         gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-        return sample(denoise, plan, shape, DEVICE, lengths.cpu(), gens)
+        return sample(denoise, plan, shape, DEVICE, host_lengths, gens)
 
     first = run()  # compiles the kernel and caches the conditioner, which may wait
     torch.cuda.set_sync_debug_mode("error")

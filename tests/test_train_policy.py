@@ -31,6 +31,22 @@ def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation() -> No
         refuse_graphed_accumulation(mode, 4, cuda, "cfg.json")
 
 
+def test_the_automatic_compile_mode_replays_cuda_graphs_only_where_they_were_measured() -> None:
+    """One process on CUDA without accumulation: reduce-overhead (and so channels-last); else torch's default mode,
+    and a mode asked for is kept (the accumulation check refuses a graphed one later, naming it)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def mode(device: torch.device, processes: int = 1, **train: object) -> str | None:
+        return device_policy.compile_mode({"compile": True, **train}, device, processes)
+
+    assert mode(cuda) == mode(cuda, compile_mode="auto") == "reduce-overhead"
+    assert channels_last_rule("auto", True, 64, graphed=mode(cuda) in device_policy.CUDA_GRAPH_MODES)
+    assert mode(cuda, gradient_accumulation_step=2) == mode(cuda, processes=2) == mode(cpu) == "default"
+    assert mode(cuda, compile_mode="default") == "default"
+    assert mode(cuda, gradient_accumulation_step=2, compile_mode="max-autotune") == "max-autotune"
+    assert device_policy.compile_mode({"compile": False}, cuda, 1) is None
+
+
 def test_ema_update_is_the_moving_average_of_every_float_tensor() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     ema = EMA(model, decay=0.9)

@@ -73,8 +73,9 @@ def switch(stages: str) -> Rule:
     return Rule(BOOL_OR_AUTO, stages, required=False, choices=(True, False, "auto"))
 
 
-# torch.compile's modes; "reduce-overhead" replays CUDA graphs, "max-autotune" also tunes its matmuls.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile's modes; "reduce-overhead" replays CUDA graphs, "max-autotune" also tunes its matmuls; "auto" is the
+# trainer's choice by device (device_policy.compile_mode).
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # The keys the recipe reads, with the ranges the DSP and DDPM maths need; other keys are reported by
 # unknown_keys (original configs carry many more, which still load).

@@ -78,7 +78,8 @@ class EvalLogger:
         device = next(model.parameters()).device
         vocoder = Vocoder(self.cfg, model, sampler="fast", batch_size=len(items), device=str(device),
                           precision=self.precision)
-        preds = vocoder([m for _, m, _ in items], [n for n, _, _ in items])
+        with torch.compiler.set_stance("force_eager"):  # as in validation_loss: no graph for a pass this short
+            preds = vocoder([m for _, m, _ in items], [n for n, _, _ in items])
         self.precision = "fp32" if vocoder.overflowed else self.precision
         model.train(was_training)
         rate = int(self.cfg.preprocess.sample_rate)
