@@ -298,22 +298,25 @@ def ten_minutes(suite: Suite, line: Callable[[dict], str]) -> None:
               f"(<= 4 GiB: {r['peak_gib'] <= 4.0})", flush=True)
 
 
-# (precision, batch, compiled, compile mode, variant). The core: the default on an H100/H200 (bf16, compiled) at
-# both batches, the channels-last probe, fp32; the extras: one batch replayed from the GPU (no loader), eager bf16,
-# CUDA graphs. (cuDNN's algorithm search and max-autotune gained nothing on an H200: no longer measured.)
-CORE_TRAINING = [("bf16", 32, True, "default", ""), ("bf16", 64, True, "default", ""),
+# (precision, batch, compiled, compile mode, variant). The core: stage 2's default on an H100/H200 (bf16, compiled,
+# compile mode and channels-last `auto`: CUDA graphs and channels-last for one process) at both batches, the default
+# compile mode (what several processes or gradient accumulation get) with and without channels-last, fp32; the
+# extras: one batch replayed from the GPU (no loader), eager bf16, CUDA graphs without channels-last. A variant
+# sets train.channels_last: "channels-last" on, "channels-first" off, else "auto". (cuDNN's algorithm search and
+# max-autotune gained nothing on an H200: no longer measured.)
+CORE_TRAINING = [("bf16", 32, True, "auto", ""), ("bf16", 64, True, "auto", ""), ("bf16", 32, True, "default", ""),
                  ("bf16", 32, True, "default", "channels-last"), ("no", 32, False, "default", "")]
 EXTRA_TRAINING = [("bf16", 32, True, "default", "replay"),
                   ("bf16", 32, False, "default", ""), ("bf16", 32, False, "default", "channels-last"),
-                  ("bf16", 32, True, "reduce-overhead", ""), ("no", 64, False, "default", "")]
+                  ("bf16", 32, True, "reduce-overhead", "channels-first"), ("no", 64, False, "default", "")]
 TRAINING_CASES = CORE_TRAINING + EXTRA_TRAINING
-VARIANTS = ("", "replay", "channels-last")
+VARIANTS = ("", "replay", "channels-last", "channels-first")
 
 
 def case_settings(precision: str, batch: int, compiled: bool, mode: str, variant: str) -> dict[str, Any]:
     """A training case's `train.*` settings."""
     return {"mixed_precision": precision, "batch_size": batch, "compile": compiled, "compile_mode": mode,
-            "channels_last": variant == "channels-last"}
+            "channels_last": {"channels-last": True, "channels-first": False}.get(variant, "auto")}
 
 
 class TrainingCases:
@@ -335,7 +338,8 @@ class TrainingCases:
     @staticmethod
     def line(r: dict) -> str:
         ratio = f"  {r['x_plain_loop']:.2f}x the plain loop" if r["x_plain_loop"] else ""
-        return (f"{r['ms_per_step']:7.1f} ms/step  {r['audio_s_per_s']:7.1f} audio-s/s  data wait {r['loader_ms']:.1f} "
+        return (f"{r['ms_per_step']:7.1f} ms/step  {r['audio_s_per_s']:7.1f} audio-s/s  ({r['compile_mode'] or 'eager'}, "
+                f"channels-last {r['channels_last']})  data wait {r['loader_ms']:.1f} "
                 f"ms/step  warm-up {r['warmup_s']:.1f} s  peak {r['peak_gib']:.2f} GiB{ratio}{profile_lines(r)}")
 
     def run(self, cases: list[tuple[str, int, bool, str, str]]) -> None:

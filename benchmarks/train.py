@@ -109,7 +109,7 @@ def measure_training(cfg: Any, steps: int, warmup: int, profile_steps: int = 0, 
         busy = gpu_ms / (1e3 * seconds / steps)
     audio_seconds = steps * batch * frames * hop / rate
     return {"batch": batch, "precision": acc.mixed_precision, "device": str(acc.device),
-            "compile": bool(trainer.compiled), "compile_mode": cfg.train.get("compile_mode", "default"),
+            "compile": bool(trainer.compiled), "compile_mode": trainer.compile_mode,
             "channels_last": trainer.accelerator.unwrap_model(trainer.model).channels_last,
             "fused_adamw": bool(trainer.optimizer.defaults.get("fused")), "replay": replay,
             "warmup_s": marks[warmup] - marks[0], "steps_per_s": steps / seconds,
