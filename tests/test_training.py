@@ -294,6 +294,29 @@ def test_validation_runs_a_compiled_model_eagerly(corpus: Path, tmp_path: Path) 
     assert counters["stats"]["unique_graphs"] == 0  # nothing traced, so nothing compiled
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_training_resumes_exactly_with_ema_clipping_and_evaluation(corpus: Path, tmp_path: Path) -> None:
+    """Stage 2's default on one GPU replays CUDA graphs (compile_mode auto): the features a long run leans on
+    (EMA, clipping, evaluation at a save, validation, resume) run under it, and a resume equals a straight run."""
+    cfg = config(corpus, tmp_path, compile=True, max_grad_norm=1.0, ema_decay=0.9, run_eval=[True],
+                 save_checkpoint_stride=[1])
+    straight = trainer(cfg, "straight")
+    assert straight.compile_mode == "reduce-overhead" and straight.compiled
+    straight.cfg.train.max_steps = 6
+    straight.train()
+    half = trainer(cfg, "resumed")
+    half.cfg.train.max_steps = 3
+    half.train()
+    rest = trainer(cfg, "resumed", "resume", str(tmp_path / "ckpts" / "resumed"))
+    rest.cfg.train.max_steps = 6
+    rest.train()
+    want, got = newest(tmp_path / "ckpts" / "straight"), newest(tmp_path / "ckpts" / "resumed")
+    assert got.name == want.name
+    for weights in ("model.safetensors", "ema.safetensors"):
+        assert max_diff(want / weights, got / weights) <= 1e-6, weights
+    assert math.isfinite(rest.validate())
+
+
 def test_the_fused_optimizer_is_chosen_per_device_and_refused_with_fp16(corpus: Path, tmp_path: Path) -> None:
     path = config(corpus, tmp_path)
     cfg = load_config(path)
@@ -369,5 +392,5 @@ def test_channels_last_training_takes_the_same_steps(corpus: Path, tmp_path: Pat
     wide = json.loads(path.read_text())
     wide["model"]["diffwave"]["residual_channels"] = 32
     path.write_text(json.dumps(wide))
-    wide = trainer(path, "wide")  # auto: on the CPU from 32 channels, where it is faster; off on CUDA until measured
+    wide = trainer(path, "wide")  # auto: on the CPU from 32 channels, where it is faster; on CUDA only with graphs
     assert wide.accelerator.unwrap_model(wide.model).channels_last is (not torch.cuda.is_available())
