@@ -12,7 +12,7 @@ import torch
 
 from models.vocoders.diffusion import ddpm
 from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, fractional_steps, make_plan, sample, training_betas
-from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
+from models.vocoders.diffusion.diffwave.diffwave import SpectrogramUpsampler, build_diffwave
 from tests.tiny_experiment import model_cfg
 from utils.config import ConfigError, load_config
 
@@ -46,6 +46,29 @@ def test_output_shape_and_fractional_steps_accepted():
     audio, mel = torch.randn(3, 7 * 16), torch.randn(3, 10, 7)
     assert model(audio, torch.tensor([0, 10, 49]), mel).shape == (3, 112)
     assert model(audio, torch.tensor([0.5, 10.25, 48.9]), mel).shape == (3, 112)
+
+
+@pytest.mark.parametrize("factors", [[8, 8], [4, 3], [5]])
+def test_the_upsampler_computes_its_transposed_convolutions(factors: list[int]) -> None:
+    """Its matmul form against the stored ConvTranspose2d layers run as such (the checkpoints' layers), values and
+    gradients, odd factors included."""
+    torch.manual_seed(0)
+    up = SpectrogramUpsampler(factors)
+    for p in up.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    mel = torch.randn(2, 7, 9, dtype=torch.float64, requires_grad=True)
+    up = up.double()
+    x, length = mel.unsqueeze(1), mel.shape[-1]
+    for i, factor in enumerate(factors, start=1):
+        length *= factor
+        x = torch.nn.functional.leaky_relu(getattr(up, f"conv{i}")(x)[..., :length], 0.4)
+    reference = x.squeeze(1)
+    out = up(mel)
+    assert out.shape == reference.shape and torch.allclose(out, reference, atol=1e-12)
+    grad = torch.randn_like(out)
+    mine = torch.autograd.grad((out * grad).sum(), [mel, *up.parameters()])
+    theirs = torch.autograd.grad((reference * grad).sum(), [mel, *up.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(mine, theirs, strict=True))
 
 
 def test_upsample_factors_must_multiply_to_hop():
