@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -18,7 +19,7 @@ from models.vocoders.diffusion.ddpm import FIXED_STEPS, SAMPLER_NAMES, Denoiser,
 from models.vocoders.diffusion.device_policy import free_memory, inference_precision
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave
 from models.vocoders.diffusion.experiment import Experiment
-from models.vocoders.diffusion.windowed import ENGINES, GraphedDenoiser, WindowedDenoiser
+from models.vocoders.diffusion.windowed import ENGINES, GraphedDenoiser, WindowedDenoiser, least_window_bytes
 from utils.config import ConfigError, bool_or_auto, source_of
 from utils.text import byte_size, plural
 
@@ -218,10 +219,10 @@ class Vocoder:
 
             return plain
         samples = mel.shape[0] * mel.shape[-1] * self.hop
-        budget = self._window_budget(mel.shape[0], mel.shape[-1] * self.hop)
         # auto: a graph where kernel launches outlast the work (measured on an H200: 1 s gains, 10 s loses the capture),
         # and only where one window holds the batch with room for the graph's own copy of its working set
         graph = self.device.type == "cuda" and (self.cuda_graph is True or (self.cuda_graph == "auto" and samples <= 1 << 16))
+        budget = self._window_budget(mel.shape[0], mel.shape[-1] * self.hop, graph is True and self.cuda_graph is True)
         denoise = WindowedDenoiser(self.model, mel, lengths, self.dtype, budget, *self._engine(), graphed=graph)
         if graph and self.cuda_graph == "auto" and len(denoise.windows) > 1:
             graph, denoise = False, WindowedDenoiser(self.model, mel, lengths, self.dtype, budget, *self._engine())
@@ -239,17 +240,21 @@ class Vocoder:
                 self._built = (None, torch.compile(self.model, dynamic=True) if self.compile else self.model)
         return self._built
 
-    def _window_budget(self, batch: int, length: int) -> int:
+    def _window_budget(self, batch: int, length: int, graphed: bool = False) -> int:
         """Bytes the windows may use: the budget (`gpu_memory_gib`; by default 80% of what the GPU could allocate,
-        or on the CPU half of the host memory available) less the sampler's buffers."""
+        or on the CPU half of the host memory available) less the sampler's buffers. One that cannot hold the
+        smallest window (`graphed`: twice, for a graph that must be captured) says which budget would."""
         budget = self.memory_bytes
         if budget is None:
             budget = int((0.8 if self.device.type == "cuda" else 0.5) * free_memory(self.device))
         reserve = 8 * batch * length * 4  # x, eps, noise, the graph's copies and the update's temporaries
-        if budget <= reserve:
+        engine = "fused" if self.engine == "fused" else "plain"
+        need = reserve + least_window_bytes(self.model, batch, length, engine, self.dtype, graphed)
+        if budget < need:
             raise ConfigError(f"inference memory budget {byte_size(budget)} is too small for a batch of {batch} x "
-                              f"{length} samples: the sampler's buffers alone need {byte_size(reserve)} (raise "
-                              "inference.gpu_memory_gib or lower the batch size)")
+                              f"{length} samples: the sampler's buffers need {byte_size(reserve)} and the smallest "
+                              f"window {byte_size(need - reserve)} (set inference.gpu_memory_gib to at least "
+                              f"{math.ceil(need / 2**20) / 1024:.4g}, or lower the batch size)")
         return budget - reserve
 
     def __call__(self, mels: Sequence[torch.Tensor], names: Sequence[str],

@@ -43,6 +43,17 @@ def bytes_per_sample(model: DiffWave, engine: str, dtype: torch.dtype | None) ->
     return int(SAFETY * ((len(layers) + 8) * 2 * channels * 4 + 12 * n_mel + 32))
 
 
+def least_window_bytes(model: DiffWave, batch: int, total: int, engine: str, dtype: torch.dtype | None,
+                       graphed: bool = False) -> int:
+    """The smallest budget WindowedDenoiser takes for a batch of `total` samples: one window of the whole input,
+    or of twice the halo and two frames, whichever is shorter."""
+    hop = model.hop_size
+    halo = math.ceil((model.receptive_halo + MEL_MARGIN * hop) / hop) * hop
+    per_sample = batch * bytes_per_sample(model, engine, dtype) * (2 if graphed else 1)
+    shortest = min(2 * halo + 2 * hop, math.ceil(total / hop) * hop)
+    return shortest * per_sample * (2 if engine == "fused" else 1)
+
+
 def offset_limit(batch: int, row: int) -> int:
     """The most samples a window may have: the fused kernel's offsets into a (batch, samples, row) tensor are
     32-bit."""
@@ -72,7 +83,7 @@ class WindowedDenoiser:
             widest = max(model.residual_layers[0].dilated_conv.in_channels, mel_row(mel.shape[1]))  # padded rows
             window = min(window, offset_limit(batch, widest) // self.hop * self.hop)
         if window < 2 * self.halo + 2 * self.hop and window < self.total:
-            need = (2 * self.halo + 2 * self.hop) * per_sample * (2 if engine == "fused" else 1)
+            need = least_window_bytes(model, batch, self.total, engine, dtype, graphed)
             raise ConfigError(f"inference memory budget {byte_size(budget_bytes)} (what the sampler's buffers leave of "
                               f"it) is too small for batch {batch}: a window needs at least {byte_size(need)} (raise "
                               "inference.gpu_memory_gib or lower the batch size)")
