@@ -266,6 +266,9 @@ def test_steps_for_a_fixed_step_sampler_are_an_error(tmp_path):
         result = run_recipe(*base, *extra, check=False)
         assert result.returncode == 1, result.stderr
         assert f"error: --infer_steps 3 does not apply to the {sampler} sampler" in result.stderr
+    for steps in ("0", "51"):  # the message named no flag: "ddim steps must be in 1..50, got 0"
+        result = run_recipe(*base[:-1], steps, "--infer_sampler", "ddim", check=False)
+        assert result.returncode == 1 and f"error: --infer_steps {steps}: ddim takes 1 to 50 steps" in result.stderr
 
 
 def test_steps_set_in_a_config_for_a_fixed_step_sampler_are_an_error(tmp_path):

@@ -6,7 +6,7 @@ typed; the short names (`--sampler`, ...) still work.
 
 import argparse
 
-from models.vocoders.diffusion.ddpm import FIXED_STEPS, SAMPLER_NAMES
+from models.vocoders.diffusion.ddpm import FIXED_STEPS, SAMPLER_NAMES, training_betas
 from models.vocoders.diffusion.diffusion_vocoder_inference import PRECISIONS, vocoder_from_experiment
 from models.vocoders.diffusion.experiment import Experiment, locate_experiment, with_recipe_config
 from models.vocoders.diffusion.inference_modes import MODES, run_inference
@@ -27,6 +27,9 @@ def main(args: argparse.Namespace) -> None:
     if args.steps is not None and sampler in FIXED_STEPS:
         raise ConfigError(f"--infer_steps {args.steps} does not apply to the {sampler} sampler ({FIXED_STEPS[sampler]}); "
                           "use --infer_sampler ddim for N steps, or searched for a searched N-step schedule")
+    trained_steps = len(training_betas(cfg.model.diffwave))
+    if args.steps is not None and sampler == "ddim" and not 1 <= args.steps <= trained_steps:
+        raise ConfigError(f"--infer_steps {args.steps}: ddim takes 1 to {trained_steps} steps (the model's training steps)")
     options = {"seed": args.seed, "device": args.device}
     if args.precision:
         options["precision"] = args.precision
