@@ -82,3 +82,8 @@ def test_export_cli_writes_and_verifies(experiment, tmp_path):
                           "--output", str(tmp_path / "x.onnx")], cwd=REPO, capture_output=True, text=True,
                          env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert bad.returncode == 1 and "args.json: missing" in bad.stderr
+    zero = subprocess.run([sys.executable, "bins/vocoder/export.py", "--expt_dir", str(expt), "--format", "onnx",
+                           "--output", str(tmp_path / "z.onnx"), "--sampler", "ddim", "--steps", "0"], cwd=REPO,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert zero.returncode == 1 and "ddim steps must be in 1.." in zero.stderr  # was exported with 6 steps
+    assert not (tmp_path / "z.onnx").exists()

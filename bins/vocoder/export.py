@@ -15,7 +15,7 @@ def main(args: argparse.Namespace) -> None:
     options = {"device": "cpu", "precision": "fp32", "seed": args.seed}  # exports are fp32, traced on the CPU
     if args.sampler:
         options["sampler"] = args.sampler
-    if args.steps:
+    if args.steps is not None:  # 0 too: refused, not taken for "the default"
         options["steps"] = args.steps
     vocoder = vocoder_from_experiment(args.expt_dir, args.checkpoint, not args.raw_weights, **options)
     if args.format == "torchscript":
