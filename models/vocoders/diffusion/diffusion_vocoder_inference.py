@@ -222,7 +222,7 @@ class Vocoder:
         # auto: a graph where kernel launches outlast the work (measured on an H200: 1 s gains, 10 s loses the capture),
         # and only where one window holds the batch with room for the graph's own copy of its working set
         graph = self.device.type == "cuda" and (self.cuda_graph is True or (self.cuda_graph == "auto" and samples <= 1 << 16))
-        budget = self._window_budget(mel.shape[0], mel.shape[-1] * self.hop, graph is True and self.cuda_graph is True)
+        budget = self._window_budget(mel.shape[0], mel.shape[-1] * self.hop, graph and self.cuda_graph is True)
         denoise = WindowedDenoiser(self.model, mel, lengths, self.dtype, budget, *self._engine(), graphed=graph)
         if graph and self.cuda_graph == "auto" and len(denoise.windows) > 1:
             graph, denoise = False, WindowedDenoiser(self.model, mel, lengths, self.dtype, budget, *self._engine())

@@ -43,12 +43,16 @@ def bytes_per_sample(model: DiffWave, engine: str, dtype: torch.dtype | None) ->
     return int(SAFETY * ((len(layers) + 8) * 2 * channels * 4 + 12 * n_mel + 32))
 
 
+def window_halo(model: DiffWave) -> int:
+    """Samples each side of a window that its centre depends on (audio and mel), in whole frames."""
+    return math.ceil((model.receptive_halo + MEL_MARGIN * model.hop_size) / model.hop_size) * model.hop_size
+
+
 def least_window_bytes(model: DiffWave, batch: int, total: int, engine: str, dtype: torch.dtype | None,
                        graphed: bool = False) -> int:
     """The smallest budget WindowedDenoiser takes for a batch of `total` samples: one window of the whole input,
     or of twice the halo and two frames, whichever is shorter."""
-    hop = model.hop_size
-    halo = math.ceil((model.receptive_halo + MEL_MARGIN * hop) / hop) * hop
+    hop, halo = model.hop_size, window_halo(model)
     per_sample = batch * bytes_per_sample(model, engine, dtype) * (2 if graphed else 1)
     shortest = min(2 * halo + 2 * hop, math.ceil(total / hop) * hop)
     return shortest * per_sample * (2 if engine == "fused" else 1)
@@ -75,7 +79,7 @@ class WindowedDenoiser:
         self.hop = model.hop_size
         self.total = mel.shape[-1] * self.hop
         batch = mel.shape[0]
-        self.halo = math.ceil((model.receptive_halo + MEL_MARGIN * self.hop) / self.hop) * self.hop
+        self.halo = window_halo(model)
         per_sample = batch * bytes_per_sample(model, engine, dtype) * (2 if graphed else 1)
         window_budget = budget_bytes // 2 if engine == "fused" else budget_bytes
         window = window_budget // per_sample // self.hop * self.hop

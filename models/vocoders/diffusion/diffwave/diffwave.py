@@ -98,8 +98,9 @@ class SpectrogramUpsampler(nn.Module):
     def _transpose_rows(x: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
         """The layer's first `length x stride` outputs. Output block j (`stride` samples, before the padding's
         crop) reads frames j and j - 1 of three mel rows: 6 inputs through a (6, stride) slice of the kernel. The
-        same numbers as the transposed convolution, within rounding, and faster: 20% on the CPU, and on a GPU it
-        spares cuDNN's direct kernel for one-channel transposed convolutions (3 ms a 10 s utterance on an H200)."""
+        same numbers as the transposed convolution, within rounding, and faster on the CPU (docs/benchmarks.md); on
+        a GPU it spares cuDNN's direct kernel for one-channel transposed convolutions (3 ms a 10 s utterance on an
+        H200 in run 7)."""
         batch, rows, length = x.shape
         stride = conv.stride[1]
         padded = F.pad(x, (1, 1, 1, 1))  # a zero row above and below, a zero frame before and after
