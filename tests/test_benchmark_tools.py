@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 
-from benchmarks import quality
+from benchmarks import gpu_suite, quality
 from benchmarks.epoch_starts import wait_ms_per_step
 from benchmarks.gpu_suite import (
     CONFIG,
@@ -34,7 +35,7 @@ from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from processors.feature_store import load_entries
 from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
-from utils.config import load_config
+from utils.config import REPO_ROOT, load_config
 from utils.config_schema import COMPILE_MODES, validate
 from utils.synthetic import write_corpus
 
@@ -104,11 +105,31 @@ def test_the_gpu_suites_test_run_reports_its_output_as_lines_when_stopped(tmp_pa
     slow.write_text("import time\n\n\ndef test_slow():\n    print('first line\\nsecond line', flush=True)\n"
                     "    time.sleep(120)\n")
     suite = SimpleNamespace(results={}, out=tmp_path / "gpu_results.json")
-    run_tests(suite, 8, ["--noconftest", "-p", "no:cacheprovider", "-s", str(slow)])
+    run_tests(suite, 8, ["--noconftest", "-p", "no:cacheprovider", "-s", str(slow)], first=[])
     report = suite.results["tests"]
     assert report["returncode"] == "timeout"
     assert "second line" in report["tail"] and report["tail"][-1] == "stopped after 8 s", report["tail"]
     assert "second line" in (tmp_path / "gpu_results_tests.log").read_text()  # the whole output, kept beside
+
+
+def test_the_gpu_suite_runs_its_first_tests_alone_then_the_rest_without_them(tmp_path: Path, monkeypatch) -> None:
+    runs = []
+
+    def pytest_run(args: list[str], limit_s: float) -> tuple[int, str]:
+        runs.append((args, limit_s))
+        return (1 if len(runs) == 1 else 0), f"run {len(runs)}"
+
+    monkeypatch.setattr(gpu_suite, "pytest_run", pytest_run)
+    suite = SimpleNamespace(results={}, out=tmp_path / "gpu_results.json")
+    run_tests(suite, 60, ["tests/test_a.py", "tests/test_b.py"], first=["tests/test_b.py::test_new"])
+    assert [args for args, _ in runs] == [["tests/test_b.py::test_new"],
+                                          ["tests/test_a.py", "tests/test_b.py", "--deselect", "tests/test_b.py::test_new"]]
+    assert runs[1][1] <= 60 and suite.results["tests"]["returncode"] == 1  # the first run's failure is the verdict
+    assert (tmp_path / "gpu_results_tests.log").read_text() == "run 1\nrun 2"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "--co", "tests/test_train_policy.py", "--deselect",
+                          "tests/test_train_policy.py::test_ema_update_is_the_moving_average_of_every_float_tensor"],
+                         cwd=REPO_ROOT, capture_output=True, text=True)  # the deselect form the suite passes works
+    assert out.returncode == 0 and "test_train_policy.py: 7" in out.stdout, out.stdout
 
 
 def test_the_quality_run_goes_on_to_the_plain_variant_when_the_fast_one_fails(tmp_path: Path,
