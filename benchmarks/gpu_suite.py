@@ -384,6 +384,37 @@ class TrainingCases:
             self.suite.case(name, fn, self.line, expect_s=35 if compiled else 10)
 
 
+def conditioner_rows(rows: int, batch: int, samples: int, channels_last: bool, device: torch.device,
+                     repeats: int = 10) -> float:
+    """Seconds for the conditioner projections' forward and backward in a bf16 training step (three 1x1
+    convolutions of 1,280 channels from the upsampled mel, as 2-D convolutions of one-row images), with `rows`
+    mel rows: 100 against 112 says whether the rows' alignment is what makes run 7's largest training kernel slow."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    mel = torch.randn(batch, rows, 1, samples, device=device).contiguous(memory_format=layout).requires_grad_(True)
+    weights = [torch.randn(1280, rows, 1, 1, device=device, requires_grad=True) for _ in range(3)]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            total = sum(torch.nn.functional.conv2d(mel, w).float().mean() for w in weights)
+        total.backward()
+
+    if device.type == "cuda":
+        return cuda_seconds(step, repeats)
+    step()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - start) / repeats
+
+
+def conditioner_rows_case(suite: Suite) -> None:
+    def fn() -> dict:
+        return {f"{layout}_{rows}_ms": 1e3 * conditioner_rows(rows, 32, 8192, layout == "nhwc", torch.device("cuda"))
+                for layout in ("nchw", "nhwc") for rows in (100, 112)}
+    suite.case("train probe: conditioner backward, 100 vs 112 mel rows, b32", fn,
+               lambda r: "  ".join(f"{k[:-3]} {v:.2f} ms" for k, v in r.items() if k.endswith("_ms")), expect_s=10)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_results.json")
@@ -411,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         training = TrainingCases(suite, Path(tmp)) if args.only != "infer" else None
         if training:
             training.run(CORE_TRAINING)
+            conditioner_rows_case(suite)
         if inference:
             inference.extras()
         if training:

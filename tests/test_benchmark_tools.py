@@ -24,6 +24,7 @@ from benchmarks.gpu_suite import (
     Suite,
     TrainingCases,
     case_settings,
+    conditioner_rows,
     kernel_cases,
     run_tests,
     tuning_key,
@@ -213,3 +214,9 @@ def test_the_fused_kernels_byte_count_follows_its_conditioner_and_skip_sum() -> 
     assert bytes_per_sample(model, torch.float16) == 30 * ((128 + 112) * 2 + 8 * 64)
     assert bytes_per_sample(model, torch.float16, projected=True) == 30 * ((128 + 128) * 2 + 8 * 64)
     assert bytes_per_sample(model, torch.float16, skip=torch.float16) == 30 * ((128 + 112) * 2 + 4 * 64)
+
+
+def test_the_conditioner_rows_probe_times_both_layouts_on_any_device() -> None:
+    times = [conditioner_rows(rows, 1, 64, layout, torch.device("cpu"), repeats=1)
+             for rows in (100, 112) for layout in (False, True)]
+    assert all(0 < t < 60 for t in times)
