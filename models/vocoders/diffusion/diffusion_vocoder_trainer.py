@@ -141,7 +141,7 @@ class DiffusionVocoderTrainer:
                  "; follows the load average" if self.threads.adaptive else "")
         log.info("mixed precision %s, gradient accumulation %d, max_grad_norm %s, torch.compile %s, channels-last %s, "
                  "TF32 %s, AdamW %s", precision, self.accum, self.cfg.train.get("max_grad_norm", 0) or "off",
-                 f"{self.compiled} ({self.compile_mode})" if self.compiled else False,
+                 f"{self.compiled} ({self.compile_mode}; the first step compiles, ~30 s on a GPU)" if self.compiled else False,
                  acc.unwrap_model(self.model).channels_last,
                  torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else "n/a (CPU)",
                  "fused, steps decided on the device" if self.stepper.on_device else "multi-tensor")
