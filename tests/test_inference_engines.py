@@ -16,7 +16,7 @@ from models.vocoders.diffusion import diffusion_vocoder_inference as inference
 from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.device_policy import free_memory
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
-from models.vocoders.diffusion.windowed import GraphedDenoiser, bytes_per_sample
+from models.vocoders.diffusion.windowed import GraphedDenoiser, bytes_per_sample, least_window_bytes
 from tests.test_inference import HOP, random_tiny_model, tiny_cfg
 from utils.config import ConfigError
 from utils.text import byte_size
@@ -85,6 +85,20 @@ def test_a_budget_too_small_names_one_that_fits_in_readable_units(model, engine)
     for bad in (-1, float("inf"), 1e300, "abc"):  # inf and 1e300 overflowed, "abc" failed in float()
         with pytest.raises(ConfigError, match=re.escape(f"gpu_memory_gib must be a positive number of GiB, got {bad!r}")):
             Vocoder(tiny_cfg(), model, device="cpu", gpu_memory_gib=bad)
+
+
+@pytest.mark.parametrize(("batch", "frames"), [(1, 372194), (16, 237571), (16, 293004), (3, 5)])
+def test_the_named_budget_is_taken_for_long_batches_too(model, batch: int, frames: int) -> None:
+    """Rounded to the nearest at four digits the named GiB fell short: 1.816 for 1.8163 GiB (16 x 3801136 samples),
+    refused in turn. Checked on the budget alone: nothing this long is allocated."""
+    length = frames * HOP
+    with pytest.raises(ConfigError, match="at least") as refused:
+        Vocoder(tiny_cfg(), model, device="cpu", engine="plain", gpu_memory_gib=2**-30)._window_budget(batch, length)
+    named = float(re.search(r"at least ([0-9.e+-]+),", str(refused.value)).group(1))
+    fits = Vocoder(tiny_cfg(), model, device="cpu", engine="plain", gpu_memory_gib=named)
+    need = 8 * batch * length * 4 + least_window_bytes(model, batch, length, "plain", fits.dtype)
+    assert fits._window_budget(batch, length) > 0 and need <= named * 2**30 <= 1.001 * need  # enough, not much more
+    assert inference.gib_at_least(3 << 30) == "3" and inference.gib_at_least((3 << 30) + 1) == "3.001"
 
 
 def test_a_host_that_does_not_say_its_free_memory_gets_a_fixed_budget(monkeypatch):

@@ -76,6 +76,17 @@ class FiniteWatch:
         return self.finite is None or bool(self.finite)
 
 
+def gib_at_least(count: int) -> str:
+    """`count` bytes in GiB, four significant digits rounded up: a budget set to it holds them (rounded to the
+    nearest, 1.816 was named for 1.8163 GiB and refused)."""
+    gib = count / 2**30
+    scale = 10.0 ** (3 - math.floor(math.log10(gib)))
+    text = f"{math.ceil(gib * scale) / scale:.4g}"
+    while int(float(text) * 2**30) < count:  # the budget's own conversion truncates: one more in the last digit
+        text = f"{float(text) + 1 / scale:.4g}"
+    return text
+
+
 class Vocoder:
     """Vocodes lists of mels, grouped by length into padded batches that equal one-by-one synthesis."""
 
@@ -254,7 +265,7 @@ class Vocoder:
             raise ConfigError(f"inference memory budget {byte_size(budget)} is too small for a batch of {batch} x "
                               f"{length} samples: the sampler's buffers need {byte_size(reserve)} and the smallest "
                               f"window {byte_size(need - reserve)} (set inference.gpu_memory_gib to at least "
-                              f"{math.ceil(need / 2**20) / 1024:.4g}, or lower the batch size)")
+                              f"{gib_at_least(need)}, or lower the batch size)")
         return budget - reserve
 
     def __call__(self, mels: Sequence[torch.Tensor], names: Sequence[str],
