@@ -154,6 +154,12 @@ def test_a_captured_graph_sizes_its_windows_for_its_own_pool(model):
     assert graph_windows(model, True, 2 * one) == (True, 1)
     assert graph_windows(model, "auto", one) == (False, 1)  # no graph rather than a graph over several windows
     assert graph_windows(model, "auto", 2 * one) == (True, 1)
+    # shorter than two halos: no graphed window fit the budget that holds the input once, and `auto` was refused
+    # (naming a budget too small for the graph), where it runs ungraphed
+    four = 2 * bytes_per_sample(model, "plain", None) * 4 * HOP
+    assert graph_windows(model, "auto", four, frames=4) == (False, 1)
+    with pytest.raises(ConfigError, match="too small for a batch of 2 x 64 samples"):  # forced: a named budget
+        graph_windows(model, True, four, frames=4)
 
 
 def test_compile_applies_to_the_plain_engine_only(model, caplog):

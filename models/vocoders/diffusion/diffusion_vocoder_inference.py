@@ -234,8 +234,14 @@ class Vocoder:
         # and only where one window holds the batch with room for the graph's own copy of its working set
         graph = self.device.type == "cuda" and (self.cuda_graph is True or (self.cuda_graph == "auto" and samples <= 1 << 16))
         budget = self._window_budget(mel.shape[0], mel.shape[-1] * self.hop, graph and self.cuda_graph is True)
-        denoise = WindowedDenoiser(self.model, mel, lengths, self.dtype, budget, *self._engine(), graphed=graph)
-        if graph and self.cuda_graph == "auto" and len(denoise.windows) > 1:
+        auto = graph and self.cuda_graph == "auto"
+        try:
+            denoise = WindowedDenoiser(self.model, mel, lengths, self.dtype, budget, *self._engine(), graphed=graph)
+        except ConfigError:  # `auto` asks no room for a graph: a budget that holds no graphed window runs without one
+            if not auto:
+                raise
+            denoise = None
+        if auto and (denoise is None or len(denoise.windows) > 1):
             graph, denoise = False, WindowedDenoiser(self.model, mel, lengths, self.dtype, budget, *self._engine())
         self.projected = denoise.projected
         return GraphedDenoiser(denoise) if graph else denoise
