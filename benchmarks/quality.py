@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.corpus:
         parser.error("--corpus is required (or --extrapolate)")
+    if args.plain and args.compile_mode:
+        parser.error("--compile_mode sets the fast variant's mode; --plain trains without compiling")
 
     plains = [False, True] if args.both else [args.plain]
     with tempfile.TemporaryDirectory(prefix="quality_") as tmp:

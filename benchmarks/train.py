@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     busy = "" if r["gpu_busy"] is None else f", GPU busy {r['gpu_busy']:.0%}"
     model = cfg.model.diffwave
     print(f"device {r['device']}, {torch.get_num_threads()} torch threads, precision {r['precision']}, compile "
-          f"{r['compile']}, channels_last {r['channels_last']}, model {model.residual_channels} channels x "
+          f"{r['compile_mode'] or False}, channels_last {r['channels_last']}, model {model.residual_channels} channels x "
           f"{model.residual_layers} layers, batch {r['batch']} ({r['audio_per_step_s']:.2f} s of audio per step)")
     print(f"{args.steps} steps: {r['steps_per_s']:.3f} steps/s, {r['ms_per_step']:.1f} ms/step, {r['audio_s_per_s']:.2f} "
           f"audio s/s ({r['loader_ms']:.1f} ms/step waiting for data), warm-up {r['warmup_s']:.1f} s, "
