@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from processors.mel import mel_settings, mel_spectrogram
+from utils import file_lock
 from utils.config import ConfigError
 from utils.io import load_json, load_npy, npy_shape, safe_name, save_json
 from utils.text import plural
@@ -25,6 +26,7 @@ from utils.text import plural
 log = logging.getLogger(__name__)
 Item = tuple[str, Tensor, np.ndarray]
 SETTINGS_FILE = "features.json"
+LOCK_FILE = ".features.lock"  # shared by the trainings reading a dataset's features, exclusive while stage 1 remakes them
 SETTING_NAMES = ("sample_rate", "n_fft", "hop_size", "win_size", "n_mel", "fmin", "fmax")
 
 
@@ -96,8 +98,9 @@ def unrecorded_mismatch(pre: Any, entries: list[dict]) -> str | None:
     return None
 
 
-def forget_features_of_other_settings(pre: Any, dataset: str, entries: list[dict]) -> None:
-    """Delete a dataset's features when they were made with other mel settings, so all are made anew.
+def forget_features_of_other_settings(pre: Any, dataset: str, entries: list[dict]) -> bool:
+    """Delete a dataset's features when they were made with other mel settings, so all are made anew; whether
+    it took the dataset's lock for that (see `remaking_lock`), which the caller releases when the features are made.
 
     Without a readable record (features from before it existed) a few features are checked instead.
     The settings are recorded in `features.json` after the deletion: a run killed in between deletes again.
@@ -113,12 +116,46 @@ def forget_features_of_other_settings(pre: Any, dataset: str, entries: list[dict
         if then is not None:
             log.warning("%s: unreadable or incomplete; the features are checked against the current settings", record)
         why = unrecorded_mismatch(pre, entries) if any((folder / "mels").glob("*.npy")) else None
+    took = False
     if why:
+        took = (folder / LOCK_FILE).resolve() not in file_lock.HELD and remaking_lock(folder, why)
         log.warning("%s: the features were made with other settings (%s): all are made anew", dataset, why)
         for sub in ("mels", "audios"):
             for path in (folder / sub).glob("*.npy"):
                 path.unlink(missing_ok=True)
     save_json(record, now)
+    return took
+
+
+def remaking_lock(folder: Path, why: str) -> bool:
+    """Stage 1's exclusive hold on a dataset's features while it remakes them (until `release_features`);
+    refused while a training reads them, which would go on with features deleted and remade under it."""
+    try:
+        return file_lock.take(folder / LOCK_FILE, exclusive=True)
+    except file_lock.LockBusy:
+        raise ConfigError(f"{folder}: the features were made with other settings ({why}) and a training is reading "
+                          "them; remaking them now would change its data under it: run stage 1 when it has ended, or "
+                          "give this config its own preprocess.processed_dir") from None
+
+
+def hold_features(pre: Any, datasets: list[str]) -> None:
+    """A training's shared hold on its datasets' features for the whole run (until `release_features`), so that
+    stage 1 cannot remake them meanwhile; refused while stage 1 is remaking them."""
+    for dataset in datasets:
+        folder = Path(pre["processed_dir"]) / dataset
+        if not folder.is_dir():  # nothing to guard: load_entries says what is missing
+            continue
+        try:
+            file_lock.take(folder / LOCK_FILE, exclusive=False)
+        except file_lock.LockBusy as busy:
+            release_features(pre, datasets)
+            raise ConfigError(f"{folder}: stage 1 (pid {busy.holder}) is remaking these features; train when it has "
+                              "ended") from None
+
+
+def release_features(pre: Any, datasets: list[str]) -> None:
+    for dataset in datasets:
+        file_lock.release(Path(pre["processed_dir"]) / dataset / LOCK_FILE)
 
 
 def refuse_other_settings(pre: Any, dataset: str) -> None:

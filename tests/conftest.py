@@ -1,7 +1,7 @@
 """Without a GPU, Triton kernels run under Triton's CPU interpreter (set before anything imports Triton).
 
 `fake_gpus` stands in for CUDA GPUs of given names and compute capabilities, for the per-device choices.
-Experiment locks a test leaves held (a trainer set up and never trained) are released after it.
+Run locks a test leaves held (a trainer set up and never trained) are released after it.
 """
 
 import os
@@ -15,13 +15,11 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(autouse=True)
-def _release_experiment_locks() -> Iterator[None]:
+def _release_run_locks() -> Iterator[None]:
     yield
-    from models.vocoders.diffusion.experiment import _HELD
+    from utils import file_lock
 
-    for handle in _HELD.values():
-        handle.close()
-    _HELD.clear()
+    file_lock.release_all()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
 from tests.reliability_kit import REPO, python_bin, write_config
 from tests.training_kit import trainer
+from utils import file_lock
 from utils.checkpoint import CheckpointError, list_checkpoints, read_state
 from utils.config import ConfigError, load_config
 from utils.synthetic import write_corpus
@@ -165,8 +166,6 @@ def test_a_rollback_stopped_before_its_first_save_is_not_restarted_from_step_0(r
 def test_a_setup_that_fails_leaves_the_experiment_unlocked_and_its_checkpoints_in_place(root: Path) -> None:
     """A rollback whose data cannot be read moved the newer checkpoints aside before failing, and an in-process
     caller (a notebook) kept the lock: the next run was refused naming the notebook's pid."""
-    from models.vocoders.diffusion import experiment
-
     exp = root / "ckpts" / "setup"
     trainer(tiny_training_config(root, "s3.json", max_steps=3, keep_last=[-1]), "setup").train()
     first = list_checkpoints(exp / "checkpoint")[0]
@@ -176,7 +175,7 @@ def test_a_setup_that_fails_leaves_the_experiment_unlocked_and_its_checkpoints_i
     with pytest.raises(FileNotFoundError, match="metadata missing"):
         trainer(root / "s3_bad.json", "setup", "resume", str(first))
     assert steps(exp) == [1, 2, 3] and not list((exp / "checkpoint").glob("abandoned-*"))
-    assert (exp / ".train.lock").resolve() not in experiment._HELD
+    assert (exp / ".train.lock").resolve() not in file_lock.HELD
 
 
 def test_a_copied_experiment_resumed_by_its_checkpoint_trains_in_the_copy(root: Path) -> None:

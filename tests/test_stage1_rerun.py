@@ -290,3 +290,40 @@ def test_clips_deleted_by_hand_are_cut_again(tmp_path, caplog):
     config.write_text(json.dumps({**json.loads(config.read_text()), "preprocess": {**cfg["preprocess"], "fmax": 3000}}))
     preprocess(load_config(config), 1)
     assert sorted(clips.glob("*.wav")) == made
+
+
+def test_features_a_training_reads_are_not_remade_under_it_nor_read_while_stage_1_remakes_them(tmp_path):
+    """Stage 1 with other settings deleted and remade every feature of a dataset that a running training (another
+    process) was reading: it went on with the new features, or failed on a deleted one."""
+    import fcntl
+
+    from processors.feature_store import LOCK_FILE
+    from tests.training_kit import trainer
+    from utils.config import ConfigError
+
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav", "c.wav"])
+    stage1(tmp_path, root)
+    before = stamps(tmp_path)
+    lock = tmp_path / "data" / "demo" / LOCK_FILE
+    with open(lock, "a+") as training:  # another process's shared hold: a second open conflicts as one would
+        fcntl.flock(training, fcntl.LOCK_SH)
+        with pytest.raises(ConfigError, match=r"data/demo: the features were made with other settings \(fmax .*\) "
+                                              "and a training is reading them"):
+            stage1(tmp_path, root, fmax=3000)
+        assert stamps(tmp_path) == before  # nothing deleted
+        stage1(tmp_path, root)  # the same settings: nothing to remake, so nothing to refuse
+        assert stamps(tmp_path) == before
+    with open(lock, "a+") as remaking:  # stage 1 remaking them, in another process
+        fcntl.flock(remaking, fcntl.LOCK_EX)
+        remaking.truncate(0)
+        remaking.write("4242\n")
+        remaking.flush()
+        with pytest.raises(ConfigError, match=r"data/demo: stage 1 \(pid 4242\) is remaking these features"):
+            trainer(write_config(tmp_path, corpus=root), "reader")
+    assert not (tmp_path / "ckpts" / "reader").exists()  # the refused setup left nothing, and no lock held
+    run = trainer(write_config(tmp_path, corpus=root, train={"max_steps": 1}), "reader")
+    with open(lock, "a+") as other, pytest.raises(BlockingIOError):  # the training holds it, shared, until it ends
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    run.train()
+    stage1(tmp_path, root, fmax=3000)  # the training has ended: remade
+    assert all(stamps(tmp_path)[p] != before[p] for p in before)

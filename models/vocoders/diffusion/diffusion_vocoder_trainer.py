@@ -43,6 +43,7 @@ from models.vocoders.diffusion.eval_logging import EvalLogger, validation_loss
 from models.vocoders.diffusion.experiment import Experiment
 from models.vocoders.diffusion.stepper import HostCopy, Inflight, Stepper, make_optimizer
 from models.vocoders.diffusion.train_state import EMA, TrainState
+from processors.feature_store import hold_features, release_features
 from utils.checkpoint import list_checkpoints, resolve_checkpoint
 from utils.config import ConfigError
 from utils.stop_request import StopRequest, StopRequested
@@ -74,8 +75,10 @@ class DiffusionVocoderTrainer:
         if self.accelerator.is_main_process:  # the only writer
             self.experiment.lock()
         try:
+            hold_features(cfg.preprocess, list(cfg.dataset))  # stage 1 may not remake them under this run
             self._build(resume_type, checkpoint, precision, setting)
         except BaseException:  # a notebook or a test that goes on must not keep the experiment locked
+            release_features(cfg.preprocess, list(cfg.dataset))
             self.experiment.unlock(remove_if_created=True)
             raise
 
@@ -233,6 +236,7 @@ class DiffusionVocoderTrainer:
         finally:
             if self.writer is not None:
                 self.writer.close()
+            release_features(self.cfg.preprocess, list(self.cfg.dataset))
             self.experiment.unlock()
         # Every process leaves together: a process group torn down while a peer still talks through it can
         # abort that peer (gloo: "terminate called without an active exception").

@@ -11,19 +11,19 @@ setting that changes the result; `--config` contributes its `inference` section.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from collections.abc import Sequence
 from contextlib import suppress
 from itertools import pairwise
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from models.vocoders.diffusion.diffwave.diffwave import DiffWave, build_diffwave
 from models.vocoders.diffusion.diffwave.geometry import upsample_factors
 from models.vocoders.diffusion.train_state import weights_source
 from processors.mel_conventions import mel_contract
+from utils import file_lock
 from utils.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_DIR, CHECKPOINT_PATTERN, load_into, load_weights, resolve_checkpoint
 from utils.config import ConfigError, adopt_sources, load_config, merge, save_config, source_of, to_attrdict, to_plain
 from utils.io import load_json, save_json
@@ -34,7 +34,6 @@ RECORDS_FILE = "ckpts.json"  # inside CHECKPOINT_DIR: which checkpoint each save
 SCHEDULE_FILE = "searched_schedule.json"
 CONTRACT_FILE = "mel_contract.json"
 LOCK_FILE = ".train.lock"
-_HELD: dict[Path, IO] = {}  # the locks this process holds, by experiment folder
 BETA_MIN, BETA_MAX = 1e-6, 0.9
 # Settings that change the waveform a trained model produces: the mel it was trained on, and its shape.
 RESULT_KEYS = (
@@ -62,40 +61,19 @@ class Experiment:
         self.created = False  # by this object's lock(): a refused setup may remove it again
 
     def lock(self) -> None:
-        """Hold `.train.lock` until `unlock` or exit: two trainers here would overwrite each other's checkpoints.
-
-        flock conflicts between processes; this process may take it again (in-process runs, one after another).
-        """
+        """Hold `.train.lock` until `unlock` or exit: two trainers here would overwrite each other's checkpoints."""
         self.created = not self.root.exists() and not self.root.is_symlink()
         self.root.mkdir(parents=True, exist_ok=True)
-        path = (self.root / LOCK_FILE).resolve()
-        if path in _HELD:
-            return
-        handle = open(path, "a+")  # noqa: SIM115 -- held open for the whole run
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise ConfigError(f"{self.root}: another training (pid {holder}) is using this experiment") from None
-        except OSError as err:  # a file system without flock (some NFS and Lustre mounts): train unguarded
-            handle.close()
-            log.warning("%s: cannot lock (%s); a second training on this experiment would not be refused", path,
-                        err.strerror or err)
-            return
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        _HELD[path] = handle
+            file_lock.take(self.root / LOCK_FILE, exclusive=True)
+        except file_lock.LockBusy as busy:
+            raise ConfigError(f"{self.root}: another training (pid {busy.holder}) is using this experiment") from None
 
     def unlock(self, remove_if_created: bool = False) -> None:
         """Release the lock; with `remove_if_created`, a folder that lock() created and that holds nothing but the
         lock and an empty checkpoint folder goes too (a refused setup leaves nothing behind)."""
-        handle = _HELD.pop((self.root / LOCK_FILE).resolve(), None)
-        if handle is None:
+        if not file_lock.release(self.root / LOCK_FILE):
             return
-        handle.close()  # closing releases the flock
         if remove_if_created and self.created:
             with suppress(OSError):  # anything else in it (written meanwhile): the folder stays
                 (self.root / LOCK_FILE).unlink()
