@@ -327,3 +327,24 @@ def test_features_a_training_reads_are_not_remade_under_it_nor_read_while_stage_
     run.train()
     stage1(tmp_path, root, fmax=3000)  # the training has ended: remade
     assert all(stamps(tmp_path)[p] != before[p] for p in before)
+
+
+def test_features_in_a_read_only_store_are_read_unguarded(tmp_path, monkeypatch, caplog):
+    """A training on features shared read-only (another user's store) cannot make or open its lock file for
+    writing: it trains, with a warning, rather than stopping."""
+    import errno
+
+    from processors.feature_store import hold_features, release_features
+    from utils import file_lock
+
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+    stage1(tmp_path, root)
+    pre = load_config(write_config(tmp_path, corpus=root)).preprocess
+
+    def read_only(path: Path, exclusive: bool) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(file_lock, "opened", read_only)
+    hold_features(pre, ["demo"])
+    assert "demo/.features.lock: cannot lock (Read-only file system)" in caplog.text
+    release_features(pre, ["demo"])

@@ -31,8 +31,12 @@ def take(path: str | os.PathLike, exclusive: bool) -> bool:
     path = Path(path).resolve()
     if path in HELD:
         return True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 -- held open for the whole run
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = opened(path, exclusive)
+    except OSError as err:  # a read-only store (features shared with other users): read, unguarded
+        log.warning("%s: cannot lock (%s); a conflicting run here would not be refused", path, err.strerror or err)
+        return False
     try:
         fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -50,6 +54,17 @@ def take(path: str | os.PathLike, exclusive: bool) -> bool:
         handle.flush()
     HELD[path] = handle
     return True
+
+
+def opened(path: Path, exclusive: bool) -> IO[str]:
+    """The lock file, held open for the whole run; a shared lock needs only to read it (a lock file another user
+    made in a shared store)."""
+    try:
+        return open(path, "a+")
+    except PermissionError:
+        if exclusive or not path.is_file():
+            raise
+        return open(path)
 
 
 def release(path: str | os.PathLike) -> bool:
