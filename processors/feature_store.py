@@ -98,9 +98,9 @@ def unrecorded_mismatch(pre: Any, entries: list[dict]) -> str | None:
     return None
 
 
-def forget_features_of_other_settings(pre: Any, dataset: str, entries: list[dict]) -> bool:
-    """Delete a dataset's features when they were made with other mel settings, so all are made anew; whether
-    it took the dataset's lock for that (see `remaking_lock`), which the caller releases when the features are made.
+def forget_features_of_other_settings(pre: Any, dataset: str, entries: list[dict]) -> None:
+    """Delete a dataset's features when they were made with other mel settings, so all are made anew, under the
+    dataset's lock (see `remaking_lock`), which the caller releases when the features are made.
 
     Without a readable record (features from before it existed) a few features are checked instead.
     The settings are recorded in `features.json` after the deletion: a run killed in between deletes again.
@@ -116,22 +116,20 @@ def forget_features_of_other_settings(pre: Any, dataset: str, entries: list[dict
         if then is not None:
             log.warning("%s: unreadable or incomplete; the features are checked against the current settings", record)
         why = unrecorded_mismatch(pre, entries) if any((folder / "mels").glob("*.npy")) else None
-    took = False
     if why:
-        took = (folder / LOCK_FILE).resolve() not in file_lock.HELD and remaking_lock(folder, why)
+        remaking_lock(folder, why)
         log.warning("%s: the features were made with other settings (%s): all are made anew", dataset, why)
         for sub in ("mels", "audios"):
             for path in (folder / sub).glob("*.npy"):
                 path.unlink(missing_ok=True)
     save_json(record, now)
-    return took
 
 
-def remaking_lock(folder: Path, why: str) -> bool:
+def remaking_lock(folder: Path, why: str) -> None:
     """Stage 1's exclusive hold on a dataset's features while it remakes them (until `release_features`);
     refused while a training reads them, which would go on with features deleted and remade under it."""
     try:
-        return file_lock.take(folder / LOCK_FILE, exclusive=True)
+        file_lock.take(folder / LOCK_FILE, exclusive=True)
     except file_lock.LockBusy:
         raise ConfigError(f"{folder}: the features were made with other settings ({why}) and a training is reading "
                           "them; remaking them now would change its data under it: run stage 1 when it has ended, or "
@@ -151,6 +149,11 @@ def hold_features(pre: Any, datasets: list[str]) -> None:
             release_features(pre, datasets)
             raise ConfigError(f"{folder}: stage 1 (pid {busy.holder}) is remaking these features; train when it has "
                               "ended") from None
+
+
+def features_held(pre: Any, datasets: list[str]) -> list[str]:
+    """The datasets whose features this process holds (a training set up in this process, a notebook)."""
+    return [d for d in datasets if (Path(pre["processed_dir"]) / d / LOCK_FILE).resolve() in file_lock.HELD]
 
 
 def release_features(pre: Any, datasets: list[str]) -> None:

@@ -22,7 +22,13 @@ from tqdm import tqdm
 
 from processors.audio import AudioError, load_audio
 from processors.datasets import DatasetError, collecting_left_out, get_parser, test_rule
-from processors.feature_store import feature_paths, features_done, forget_features_of_other_settings, release_features
+from processors.feature_store import (
+    feature_paths,
+    features_done,
+    features_held,
+    forget_features_of_other_settings,
+    release_features,
+)
 from processors.fingerprint import changes, corpus_fingerprint, mark_pending, read_fingerprint, stale_uids, write_fingerprint
 from processors.mel import mel_spectrogram, min_samples
 from utils.config_schema import check_dataset_paths
@@ -231,22 +237,21 @@ def preprocess(cfg: Any, num_workers: int | None = None) -> None:
     """Stage 1 for every dataset; one whose every utterance is skipped fails the stage after the others are done."""
     check_dataset_paths(cfg)
     splits = {dataset: write_metadata(cfg, dataset) for dataset in cfg.dataset}
-    remade: list[str] = []  # the datasets whose features this run remakes, locked until it ends
+    held = features_held(cfg.preprocess, list(cfg.dataset))
     try:
-        failed = extract_all(cfg, splits, remade, num_workers)
-    finally:
-        release_features(cfg.preprocess, remade)
+        failed = extract_all(cfg, splits, num_workers)
+    finally:  # the datasets this run locked to remake them, also where it failed half-way (a notebook goes on)
+        release_features(cfg.preprocess, [d for d in cfg.dataset if d not in held])
     if failed:
         raise ValueError("; ".join(failed))
 
 
-def extract_all(cfg: Any, splits: dict[str, tuple[list[dict], list[dict], list[str]]], remade: list[str],
+def extract_all(cfg: Any, splits: dict[str, tuple[list[dict], list[dict], list[str]]],
                 num_workers: int | None) -> list[str]:
     """Every dataset's features; what failed whole datasets, in words."""
     todo = {}
     for dataset, (train, test, _left) in splits.items():
-        if forget_features_of_other_settings(cfg.preprocess, dataset, train + test):
-            remade.append(dataset)
+        forget_features_of_other_settings(cfg.preprocess, dataset, train + test)
         todo[dataset] = [e for e in train + test if not features_done(cfg.preprocess, e)]
     check_disk_space(cfg.preprocess, [e for entries in todo.values() for e in entries])
     pool = feature_pool(num_workers or default_workers(sum(map(len, todo.values()))))

@@ -348,3 +348,27 @@ def test_features_in_a_read_only_store_are_read_unguarded(tmp_path, monkeypatch,
     hold_features(pre, ["demo"])
     assert "demo/.features.lock: cannot lock (Read-only file system)" in caplog.text
     release_features(pre, ["demo"])
+
+
+def test_a_remake_that_fails_half_way_lets_go_of_the_features(tmp_path, monkeypatch):
+    """Stage 1 that failed (a full disk, Ctrl-C in a notebook) between locking a dataset to remake it and recording
+    the new settings kept the lock for the life of the process: every training elsewhere was refused, and a later
+    stage 1 in the same process, taking the lock for its own, never let go of it either."""
+    import errno
+
+    from processors import feature_store
+    from utils import file_lock
+
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+    stage1(tmp_path, root)
+
+    def full(path: Path, data: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(feature_store, "save_json", full)
+        with pytest.raises(OSError, match="No space left"):
+            stage1(tmp_path, root, fmax=3000)
+    assert not file_lock.HELD
+    stage1(tmp_path, root, fmax=3000)
+    assert not file_lock.HELD
