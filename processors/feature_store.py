@@ -117,7 +117,7 @@ def forget_features_of_other_settings(pre: Any, dataset: str, entries: list[dict
             log.warning("%s: unreadable or incomplete; the features are checked against the current settings", record)
         why = unrecorded_mismatch(pre, entries) if any((folder / "mels").glob("*.npy")) else None
     if why:
-        remaking_lock(folder, why)
+        remaking_lock(folder, f"the features were made with other settings ({why})")
         log.warning("%s: the features were made with other settings (%s): all are made anew", dataset, why)
         for sub in ("mels", "audios"):
             for path in (folder / sub).glob("*.npy"):
@@ -131,9 +131,9 @@ def remaking_lock(folder: Path, why: str) -> None:
     try:
         file_lock.take(folder / LOCK_FILE, exclusive=True)
     except file_lock.LockBusy:
-        raise ConfigError(f"{folder}: the features were made with other settings ({why}) and a training is reading "
-                          "them; remaking them now would change its data under it: run stage 1 when it has ended, or "
-                          "give this config its own preprocess.processed_dir") from None
+        raise ConfigError(f"{folder}: {why} and a training is reading them; remaking them now would change its data "
+                          "under it: run stage 1 when it has ended, or give this config its own preprocess.processed_dir"
+                          ) from None
 
 
 def hold_features(pre: Any, datasets: list[str]) -> None:

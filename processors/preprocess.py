@@ -28,6 +28,7 @@ from processors.feature_store import (
     features_held,
     forget_features_of_other_settings,
     release_features,
+    remaking_lock,
 )
 from processors.fingerprint import changes, corpus_fingerprint, mark_pending, read_fingerprint, stale_uids, write_fingerprint
 from processors.mel import mel_spectrogram, min_samples
@@ -50,7 +51,8 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list
     """Parse the corpus, or reuse train.json/test.json while the corpus is unchanged since they were written.
 
     A changed corpus (another dataset_path, files added, removed or rewritten) is parsed again, and
-    the features of every utterance whose source changed are removed so they are made anew.
+    the features of every utterance whose source changed are removed so they are made anew, under the dataset's
+    features lock (refused while a training reads them), which the caller releases.
     Also returns the files the parser left out, each with its reason (kept in inputs.json).
     """
     out = Path(cfg.preprocess.processed_dir) / dataset
@@ -85,9 +87,12 @@ def write_metadata(cfg: Any, dataset: str) -> tuple[list[dict], list[dict], list
         for index, item in enumerate(split):
             item["index"] = index
     if then is not None:
-        for uid in stale_uids(then, train + test):
-            for path in feature_paths(cfg.preprocess.processed_dir, {"Dataset": dataset, "Uid": uid}):
-                path.unlink(missing_ok=True)
+        stale = [p for uid in stale_uids(then, train + test)
+                 for p in feature_paths(cfg.preprocess.processed_dir, {"Dataset": dataset, "Uid": uid}) if p.exists()]
+        if stale:  # a training reading them would fail on a deleted file, or read the new audio under an old length
+            remaking_lock(out, f"the corpus changed ({plural(len({p.name for p in stale}), 'source')} rewritten)")
+        for path in stale:
+            path.unlink(missing_ok=True)
     mark_pending(out, then)
     save_json(test_file, test)
     save_json(train_file, train)
@@ -236,9 +241,9 @@ def default_workers(jobs: int) -> int:
 def preprocess(cfg: Any, num_workers: int | None = None) -> None:
     """Stage 1 for every dataset; one whose every utterance is skipped fails the stage after the others are done."""
     check_dataset_paths(cfg)
-    splits = {dataset: write_metadata(cfg, dataset) for dataset in cfg.dataset}
     held = features_held(cfg.preprocess, list(cfg.dataset))
     try:
+        splits = {dataset: write_metadata(cfg, dataset) for dataset in cfg.dataset}
         failed = extract_all(cfg, splits, num_workers)
     finally:  # the datasets this run locked to remake them, also where it failed half-way (a notebook goes on)
         release_features(cfg.preprocess, [d for d in cfg.dataset if d not in held])

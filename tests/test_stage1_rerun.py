@@ -372,3 +372,27 @@ def test_a_remake_that_fails_half_way_lets_go_of_the_features(tmp_path, monkeypa
     assert not file_lock.HELD
     stage1(tmp_path, root, fmax=3000)
     assert not file_lock.HELD
+
+
+def test_features_of_rewritten_sources_are_not_remade_under_a_training(tmp_path):
+    """Stage 1 with the same settings after a corpus file was rewritten deleted that file's features under a running
+    training (another process), which then failed on the deleted file."""
+    import fcntl
+
+    from processors.feature_store import LOCK_FILE
+    from utils.config import ConfigError
+
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav", "c.wav"])
+    stage1(tmp_path, root)
+    before, data = stamps(tmp_path), tmp_path / "data" / "demo"
+    metadata = (data / "train.json").read_text()
+    sf.write(root / "a.wav", voice(0.5, seed=9), RATE)
+    with open(data / LOCK_FILE, "a+") as training:
+        fcntl.flock(training, fcntl.LOCK_SH)
+        with pytest.raises(ConfigError, match=r"data/demo: the corpus changed \(1 source rewritten\) and a training is "
+                                              "reading them"):
+            stage1(tmp_path, root)
+        assert stamps(tmp_path) == before and (data / "train.json").read_text() == metadata
+    stage1(tmp_path, root)  # the training has ended
+    after = stamps(tmp_path)
+    assert set(after) == set(before) and sum(after[p] != before[p] for p in before) == 2
