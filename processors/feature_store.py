@@ -130,7 +130,10 @@ def remaking_lock(folder: Path, why: str) -> None:
     refused while a training reads them, which would go on with features deleted and remade under it."""
     try:
         file_lock.take(folder / LOCK_FILE, exclusive=True)
-    except file_lock.LockBusy:
+    except file_lock.LockBusy as busy:
+        if not busy.shared:
+            raise ConfigError(f"{folder}: {why}, and another stage 1 (pid {busy.holder}) is remaking them; run this one "
+                              "when it has ended") from None
         raise ConfigError(f"{folder}: {why} and a training is reading them; remaking them now would change its data "
                           "under it: run stage 1 when it has ended, or give this config its own preprocess.processed_dir"
                           ) from None

@@ -396,3 +396,25 @@ def test_features_of_rewritten_sources_are_not_remade_under_a_training(tmp_path)
     stage1(tmp_path, root)  # the training has ended
     after = stamps(tmp_path)
     assert set(after) == set(before) and sum(after[p] != before[p] for p in before) == 2
+
+
+def test_a_stage_1_refused_by_another_stage_1_says_so(tmp_path):
+    """Two stage 1 runs with other settings at once: the second was told that a training was reading the features."""
+    import fcntl
+
+    from processors.feature_store import LOCK_FILE
+    from utils.config import ConfigError
+
+    root = corpus(tmp_path / "corpus", ["a.wav", "b.wav"])
+    stage1(tmp_path, root)
+    lock = tmp_path / "data" / "demo" / LOCK_FILE
+    with open(lock, "a+") as remaking:  # stage 1 remaking them, in another process
+        fcntl.flock(remaking, fcntl.LOCK_EX)
+        remaking.write("4242\n")
+        remaking.flush()
+        with pytest.raises(ConfigError, match=r"fmax .*\), and another stage 1 \(pid 4242\) is remaking them"):
+            stage1(tmp_path, root, fmax=3000)
+    with open(lock, "a+") as training:  # the pid an earlier stage 1 left in the file is no training's
+        fcntl.flock(training, fcntl.LOCK_SH)
+        with pytest.raises(ConfigError, match=r"fmax .*\) and a training is reading them"):
+            stage1(tmp_path, root, fmax=3000)

@@ -18,11 +18,12 @@ HELD: dict[Path, IO[str]] = {}  # the locks this process holds, by lock file
 
 
 class LockBusy(Exception):
-    """Another process holds a conflicting lock; `holder` is the pid an exclusive holder wrote, or "unknown"."""
+    """Another process holds a conflicting lock; `holder` is the pid an exclusive holder wrote, or "unknown";
+    `shared`: the holders hold it shared (the pid in the file is then an earlier exclusive holder's)."""
 
-    def __init__(self, path: Path, holder: str) -> None:
+    def __init__(self, path: Path, holder: str, shared: bool = False) -> None:
         super().__init__(f"{path}: held by pid {holder}")
-        self.path, self.holder = path, holder
+        self.path, self.holder, self.shared = path, holder, shared
 
 
 def take(path: str | os.PathLike, exclusive: bool) -> bool:
@@ -42,8 +43,9 @@ def take(path: str | os.PathLike, exclusive: bool) -> bool:
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
+        shared = exclusive and shared_now(handle)
         handle.close()
-        raise LockBusy(path, holder) from None
+        raise LockBusy(path, "unknown" if shared else holder, shared) from None
     except OSError as err:
         handle.close()
         log.warning("%s: cannot lock (%s); a conflicting run here would not be refused", path, err.strerror or err)
@@ -53,6 +55,15 @@ def take(path: str | os.PathLike, exclusive: bool) -> bool:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
     HELD[path] = handle
+    return True
+
+
+def shared_now(handle: IO[str]) -> bool:
+    """Whether the holders that refused an exclusive lock hold it shared (a shared lock is granted beside them)."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
     return True
 
 
