@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -20,6 +21,13 @@ from utils.checkpoint import list_checkpoints
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return preprocessed_corpus(tmp_path_factory.mktemp("train"))
+
+
+# A gloo peer aborting as its process exits, after training and saving are done (pytorch/pytorch#190489): seen twice
+# in CI in two-"node" launches on one loaded machine. The trainer now frees its DDP wrapper before the process
+# group; the two-node test still tries once more on this message alone, so a repeat of it, or any other failure,
+# fails the test.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
 def free_port() -> int:
@@ -41,10 +49,13 @@ def listening(port: int) -> bool:
 
 
 def finish(procs: list[subprocess.Popen], port: int) -> tuple[list[str], bool]:
-    """Wait for every launch (3 min cap), watching whether `port` is listened on meanwhile."""
+    """Wait for every launch (3 min cap; 15 s more once one has failed, as the others wait for it at the exit
+    barrier), watching whether `port` is listened on meanwhile."""
     seen, deadline = False, time.time() + 180
     while any(p.poll() is None for p in procs) and time.time() < deadline:
         seen = seen or listening(port)
+        if any(p.poll() not in (None, 0) for p in procs):
+            deadline = min(deadline, time.time() + 15)
         time.sleep(0.1)
     outputs = []
     for p in procs:
@@ -126,12 +137,16 @@ def test_a_gpu_list_without_device_ids_is_refused(gpu: str, words: str) -> None:
 
 def test_two_nodes_on_one_machine_share_steps_and_one_checkpoint(corpus: Path, tmp_path: Path) -> None:
     cfg = config(corpus, tmp_path, batch_size=2, max_epoch=2, save_checkpoint_stride=[2])
-    port = free_port()
-    node = ("--gpu", "0", "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port))
-    procs = [launch(cfg, "nodes", *node, "--machine_rank", str(rank)) for rank in range(2)]
-    outputs, _ = finish(procs, port)
+    exp = tmp_path / "ckpts" / "nodes"
+    for attempt in range(2):
+        port = free_port()
+        node = ("--gpu", "0", "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port))
+        procs = [launch(cfg, "nodes", *node, "--machine_rank", str(rank)) for rank in range(2)]
+        outputs, _ = finish(procs, port)
+        if attempt or [p.returncode for p in procs] == [0, 0] or not any(GLOO_EXIT_ABORT in o for o in outputs):
+            break
+        shutil.rmtree(exp, ignore_errors=True)  # gloo's rare abort at exit, after the work was saved: once more, from the start
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "2 processes on 2 machines" in outputs[0]
-    exp = tmp_path / "ckpts" / "nodes"
     check_one_experiment(exp, 2, 2)
     assert len(list_checkpoints(exp / "checkpoint")) == 1

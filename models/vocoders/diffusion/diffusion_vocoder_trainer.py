@@ -238,9 +238,12 @@ class DiffusionVocoderTrainer:
                 self.writer.close()
             release_features(self.cfg.preprocess, list(self.cfg.dataset))
             self.experiment.unlock()
-        # Every process leaves together: a process group torn down while a peer still talks through it can
-        # abort that peer (gloo: "terminate called without an active exception").
+        # Every process leaves together, and the DDP wrapper (its gradient buckets and their collectives' work) goes
+        # before the process group it talks through: either torn down out of order can abort a peer at exit (gloo:
+        # "terminate called without an active exception", seen twice in CI with two processes).
         self.accelerator.wait_for_everyone()
+        self.model = self.accelerator.unwrap_model(self.model)
+        self.accelerator.free_memory()
         self.accelerator.end_training()
         if self.signalled:  # on a process the signal did not reach, another one's
             raise StopRequested(self.signalled, f"stopped by {signal.Signals(self.signalled).name} at step "
