@@ -32,13 +32,10 @@ def take(path: str | os.PathLike, exclusive: bool) -> bool:
     path = Path(path).resolve()
     if path in HELD:
         return True
+    handle = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = opened(path, exclusive)
-    except OSError as err:  # a read-only store (features shared with other users): read, unguarded
-        log.warning("%s: cannot lock (%s); a conflicting run here would not be refused", path, err.strerror or err)
-        return False
-    try:
         fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
@@ -46,8 +43,9 @@ def take(path: str | os.PathLike, exclusive: bool) -> bool:
         shared = exclusive and shared_now(handle)
         handle.close()
         raise LockBusy(path, "unknown" if shared else holder, shared) from None
-    except OSError as err:
-        handle.close()
+    except OSError as err:  # a read-only store (features shared with other users), a file system without flock
+        if handle is not None:
+            handle.close()
         log.warning("%s: cannot lock (%s); a conflicting run here would not be refused", path, err.strerror or err)
         return False
     if exclusive:  # a shared holder leaves the file alone: others share it

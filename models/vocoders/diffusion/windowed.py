@@ -48,14 +48,22 @@ def window_halo(model: DiffWave) -> int:
     return math.ceil((model.receptive_halo + MEL_MARGIN * model.hop_size) / model.hop_size) * model.hop_size
 
 
+def shortest_window(model: DiffWave) -> int:
+    """Samples of the shortest window worth its halo: twice the halo and two frames."""
+    return 2 * window_halo(model) + 2 * model.hop_size
+
+
+def window_sample_bytes(model: DiffWave, batch: int, engine: str, dtype: torch.dtype | None, graphed: bool) -> int:
+    """Budget one window sample of the batch takes (twice under a graph: see WindowedDenoiser)."""
+    return batch * bytes_per_sample(model, engine, dtype) * (2 if graphed else 1)
+
+
 def least_window_bytes(model: DiffWave, batch: int, total: int, engine: str, dtype: torch.dtype | None,
                        graphed: bool = False) -> int:
     """The smallest budget WindowedDenoiser takes for a batch of `total` samples: one window of the whole input,
-    or of twice the halo and two frames, whichever is shorter."""
-    hop, halo = model.hop_size, window_halo(model)
-    per_sample = batch * bytes_per_sample(model, engine, dtype) * (2 if graphed else 1)
-    shortest = min(2 * halo + 2 * hop, math.ceil(total / hop) * hop)
-    return shortest * per_sample * (2 if engine == "fused" else 1)
+    or the shortest window, whichever is shorter (the fused engine leaves half of its budget to the conditioner)."""
+    shortest = min(shortest_window(model), math.ceil(total / model.hop_size) * model.hop_size)
+    return shortest * window_sample_bytes(model, batch, engine, dtype, graphed) * (2 if engine == "fused" else 1)
 
 
 def offset_limit(batch: int, row: int) -> int:
@@ -80,13 +88,13 @@ class WindowedDenoiser:
         self.total = mel.shape[-1] * self.hop
         batch = mel.shape[0]
         self.halo = window_halo(model)
-        per_sample = batch * bytes_per_sample(model, engine, dtype) * (2 if graphed else 1)
+        per_sample = window_sample_bytes(model, batch, engine, dtype, graphed)
         window_budget = budget_bytes // 2 if engine == "fused" else budget_bytes
         window = window_budget // per_sample // self.hop * self.hop
         if engine == "fused":
             widest = max(model.residual_layers[0].dilated_conv.in_channels, mel_row(mel.shape[1]))  # padded rows
             window = min(window, offset_limit(batch, widest) // self.hop * self.hop)
-        if window < 2 * self.halo + 2 * self.hop and window < self.total:
+        if window < shortest_window(model) and window < self.total:
             need = least_window_bytes(model, batch, self.total, engine, dtype, graphed)
             raise ConfigError(f"inference memory budget {byte_size(budget_bytes)} (what the sampler's buffers leave of "
                               f"it) is too small for batch {batch}: a window needs at least {byte_size(need)} (raise "
