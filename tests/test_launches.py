@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -37,9 +38,10 @@ def free_port() -> int:
 
 
 def launch(cfg: Path, name: str, *extra: str) -> subprocess.Popen:
+    """run.sh's stage 2 in a session of its own (its process group is what a terminal's Ctrl-C reaches)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(["bash", str(RUN_SH), "--stage", "2", "--config", str(cfg), "--name", name, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
 
 def listening(port: int) -> bool:
@@ -97,6 +99,40 @@ def test_two_processes_stop_together_at_a_wall_time_budget(corpus: Path, tmp_pat
     records = json.loads((folder / "ckpts.json").read_text())["checkpoints"]
     assert records[-1]["kinds"] == ["final"] and 1 <= records[-1]["step"] < 100000, out[-3000:]
     assert "Traceback" not in out and out.count("INFO models.vocoders.diffusion.checkpointing: saved") == 1
+
+
+def test_ctrl_c_stops_two_processes_with_one_checkpoint_and_no_traceback(corpus: Path, tmp_path: Path) -> None:
+    """The terminal's SIGINT reaches the launcher and both processes, and the launcher passes it on once more: that
+    echo is no second Ctrl-C (which stops at once, unsaved); the launcher ended in torchrun's traceback, exit 1."""
+    cfg = config(corpus, tmp_path, batch_size=1, max_steps=100000, save_checkpoint_stride=[0])
+    proc = launch(cfg, "ctrl_c", "--gpu", "0,1", "--main_process_port", str(free_port()))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 3:" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    assert "Traceback" not in out and "stage 2: the launcher got SIGINT and passed it on" in out, out[-3000:]
+    folder = tmp_path / "ckpts" / "ctrl_c" / "checkpoint"
+    records = json.loads((folder / "ckpts.json").read_text())["checkpoints"]
+    assert len(records) == 1 and records[0]["kinds"] == ["final"] and records[0]["step"] >= 3
+    assert out.count("after saving a checkpoint; finished work is kept") == 2
+
+
+def test_a_failing_process_ends_the_launch_in_one_line(corpus: Path, tmp_path: Path) -> None:
+    """Each process's own error, then one line from the launcher where torchrun printed a traceback and a report."""
+    missing = tmp_path / "no_such_experiment" / "checkpoint"
+    proc = launch(config(corpus, tmp_path), "failing", "--gpu", "0,1", "--main_process_port", str(free_port()),
+                  "--resume_type", "resume", "--checkpoint", str(missing))
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and f"error: {missing}" in out, out[-3000:]
+    assert out.rstrip().endswith("exited with status 1 (its error is above); the others were stopped"), out[-3000:]
 
 
 @pytest.mark.parametrize("zeros", ["", "0"])

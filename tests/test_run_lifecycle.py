@@ -261,6 +261,23 @@ def test_a_stop_signal_saves_the_step_reached_and_the_resume_goes_on_from_it(roo
     assert steps(exp) == [reached[0], reached[0] + 1]
 
 
+def test_a_ctrl_c_echoed_by_a_launcher_is_one_stop_request_and_a_later_one_stops_at_once(monkeypatch) -> None:
+    """A launcher passes the terminal's SIGINT on to processes that got it already: taken for a second Ctrl-C, it
+    stopped them at once, mid-save."""
+    from utils import stop_request
+
+    stop = stop_request.StopRequest()
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGINT, None)  # the echo
+    stop._handle(signal.SIGTERM, None)  # a scheduler's, beside it
+    assert stop.signum == signal.SIGINT
+    later = time.monotonic() + stop_request.ECHO_S + 0.1
+    monkeypatch.setattr(stop_request.time, "monotonic", lambda: later)
+    stop._handle(signal.SIGTERM, None)  # SIGTERM never insists
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
 def test_checkpoints_without_a_readable_config_copy_still_resume(root: Path, caplog) -> None:
     """Checkpoints from before the copy (or the original toolkit's) resume into another --name under --config; a
     damaged copy is passed over under --config, and without one it is a line naming the file, with nothing moved."""

@@ -1,7 +1,8 @@
 """SIGINT and SIGTERM as a request to stop at the next safe point, so a long job saves its work first.
 
 A cluster's time limit (SLURM sends SIGTERM, then SIGKILL after its grace period) or a Ctrl-C
-would otherwise lose every step since the last checkpoint. A second Ctrl-C stops at once.
+would otherwise lose every step since the last checkpoint. A second Ctrl-C stops at once; one within
+`ECHO_S` of the first is that first one again (a launcher passes on the Ctrl-C that reached its processes too).
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType, TracebackType
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+ECHO_S = 1.0
 
 
 class StopRequested(KeyboardInterrupt):
@@ -29,6 +32,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._since = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
@@ -43,10 +47,10 @@ class StopRequest:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.signum is not None:
-            if signum == signal.SIGINT:  # the user insists
+            if signum == signal.SIGINT and time.monotonic() - self._since > ECHO_S:  # the user insists
                 raise KeyboardInterrupt
             return
-        self.signum = signum
+        self.signum, self._since = signum, time.monotonic()
         log.warning("%s received: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)",
                     signal.Signals(signum).name)
 

@@ -228,7 +228,7 @@ except OSError: sys.exit(1)" 2>/dev/null; then
       # One process needs no launcher: errors stay one line, and the process keeps its threads.
       exec python bins/vocoder/train.py "${train_args[@]}"
     else
-      exec accelerate launch "${launch[@]}" bins/vocoder/train.py "${train_args[@]}"
+      exec python bins/vocoder/launch.py "${launch[@]}" bins/vocoder/train.py "${train_args[@]}"
     fi
     ;;
   3)
