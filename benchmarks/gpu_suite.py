@@ -25,7 +25,6 @@ short lease still returns a result, and the default (295 s) keeps the run under 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -34,18 +33,16 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks.inference import bytes_per_sample, cuda_peaks, cuda_seconds, flops_per_sample, measure
+from benchmarks.inference import cuda_peaks, cuda_seconds, measure
+from benchmarks.kernel_step import kernel_cases, tuning_key
 from benchmarks.train import measure_plain_loop, measure_training, synthetic_setup
-from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
-from models.vocoders.diffusion.fused import FusedDiffWave
 from utils.config import REPO_ROOT, load_config
 
 CONFIG = REPO_ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"
@@ -56,7 +53,6 @@ QUICK_TESTS = ["tests/test_fused.py", "tests/test_inference.py", "tests/test_tra
 # GPU behaviour no lease has seen yet (or whose last GPU run failed): run first, so a short lease still checks them
 GPU_FIRST = ["tests/test_fused.py::test_sampling_a_padded_batch_never_waits_for_the_gpu",
              "tests/test_training.py::test_cuda_graph_training_resumes_exactly_with_ema_clipping_and_evaluation"]
-PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Suite:
@@ -190,101 +186,6 @@ class InferenceCases:
             self.run(f"infer plain {seconds}s b{batch} {precision}", seconds, batch, precision, engine="plain",
                      cuda_graph=False)
         windows_exact(self.suite, self.cfg, self.model)
-
-
-def tuning_key(cfg: Any, seconds: float, batch: int, precision: str, projected: bool,
-               skip: torch.dtype = torch.float32) -> tuple:
-    """What the fused kernel's tuner tunes anew (about 20 s each on an H200): precision, size class, conditioner
-    kind, skip sum dtype."""
-    return precision, fused.size_class(batch * seconds * int(cfg.preprocess.sample_rate)), projected, skip
-
-
-def kernel_cases(suite: Suite, cfg: Any, model: torch.nn.Module, peaks: dict[str, float], tuned: set) -> None:
-    """One denoising step of the fused network alone (30 layers and the tail; no sampler), timed with CUDA
-    events, with its error against the plain forward in float64."""
-    rate, hop = int(cfg.preprocess.sample_rate), int(cfg.preprocess.hop_size)
-    per_sample = flops_per_sample(model, int(cfg.preprocess.n_mel))
-
-    def inputs(seconds: float, batch: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        frames = round(seconds * rate / hop)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        mel = torch.randn(batch, int(cfg.preprocess.n_mel), frames, device="cuda", generator=gen)
-        audio = torch.randn(batch, frames * hop, device="cuda", generator=gen)
-        return frames, mel, audio, torch.full((batch,), 20.5, device="cuda")
-
-    def fn(seconds: float, batch: int, precision: str, skip: torch.dtype = torch.float32,
-           projected: bool = False) -> Callable[[], dict]:
-        def inner() -> dict:
-            dtype = PRECISION_DTYPES[precision]
-            frames, mel, audio, step = inputs(seconds, batch)
-            net = FusedDiffWave(model, dtype or torch.float32, skip_dtype=skip)
-            cond = net.projected(net.conditioner(mel)) if projected else net.conditioner(mel)
-            start = time.perf_counter()
-            out = net(audio, step, cond)
-            torch.cuda.synchronize()
-            first = time.perf_counter() - start
-            step_s = cuda_seconds(lambda: net(audio, step, cond), 20)
-            span = min(frames, rate // hop)  # the first second, against float64; the cut edge's halo left out
-            with torch.no_grad():
-                wide = copy.deepcopy(model).double()
-                ref = wide(audio[:1, : span * hop].double(), step[:1], mel[:1, :, :span].double()).float()
-            keep = span * hop - model.receptive_halo - 4 * hop
-            got, ref = out[:1, :keep].float(), ref[:, :keep]
-            samples = batch * frames * hop
-            return {"precision": precision, "ms_per_step": 1e3 * step_s, "first_call_s": first,
-                    "tflops": per_sample * samples / step_s / 1e12,
-                    "tbps": bytes_per_sample(model, dtype, projected, skip) * samples / step_s / 1e12,
-                    "relative_error": float((got - ref).norm() / ref.norm()),
-                    "kernel": fused.kernel_in_use(dtype or torch.float32, projected)}
-        return inner
-
-    def line(r: dict) -> str:
-        peak = peaks["tf32_tflops" if r["precision"] == "fp32" else "bf16_tflops"]
-        return (f"{r['ms_per_step']:8.3f} ms/step  {r['tflops']:6.1f} TFLOP/s ({r['tflops'] / peak:5.1%})  "
-                f"{r['tbps']:5.2f} TB/s ({r['tbps'] / peaks['copy_tbps']:5.1%})  rel.err {r['relative_error']:.1e}  "
-                f"first {r['first_call_s']:.1f} s  {r['kernel']}")
-
-    def variants() -> dict:
-        """Each of the tuner's variants pinned, at 10 s batch 1 in fp16: what the tuner's choice is worth, and the
-        registers and spills the driver reports for it (to check `benchmarks.kernel_resources`, compiled offline)."""
-        _, mel, audio, step = inputs(10, 1)
-        times, resources = {}, {}
-        for config in fused.TUNED:
-            pinned = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
-                      "maxnreg": config.maxnreg}
-            label = " ".join(f"{k}={v}" for k, v in pinned.items())
-            before = set(compiled_kernels())
-            net = FusedDiffWave(model, torch.float16, config=pinned)
-            times[label] = 1e3 * cuda_seconds(partial(net, audio, step, net.conditioner(mel)), 10)
-            resources[label] = [(getattr(k, "n_regs", None), getattr(k, "n_spills", None))
-                                for h, k in compiled_kernels().items() if h not in before]
-        return {"ms_per_step": times, "registers_spills": resources}
-
-    def kernel_case(name: str, seconds: float, batch: int, precision: str, skip: torch.dtype = torch.float32,
-                    projected: bool = False) -> None:
-        key = tuning_key(cfg, seconds, batch, precision, projected, skip)
-        suite.case(name, fn(seconds, batch, precision, skip, projected), line, expect_s=10 if key in tuned else 25)
-        tuned.add(key)
-
-    for seconds, batch, precision in ((10, 1, "fp16"), (10, 16, "fp16"), (10, 1, "bf16"), (10, 1, "fp32"),
-                                      (10, 16, "fp32"), (1, 1, "fp16")):
-        kernel_case(f"kernel step {seconds}s b{batch} {precision}", seconds, batch, precision)
-    for batch in (1, 16):  # the conditioner projected once (stage 3's choice where it fits), against the mel dots
-        kernel_case(f"kernel step 10s b{batch} fp16 projected", 10, batch, "fp16", projected=True)
-    for batch in (1, 16):  # what a 16-bit skip sum (half the bytes of the fp32 one) gains, and costs in error
-        kernel_case(f"kernel step 10s b{batch} fp16 skip fp16", 10, batch, "fp16", torch.float16)
-    suite.case("kernel variants 10s b1 fp16", variants,
-               lambda r: "  ".join(f"[{k}] {ms:.2f} ms {r['registers_spills'][k]}" for k, ms in r["ms_per_step"].items()),
-               expect_s=40)
-
-
-def compiled_kernels() -> dict[str, Any]:
-    """The fused layer's kernels compiled in this process, by hash (Triton's internals: empty where they differ)."""
-    found = {}
-    for caches in getattr(fused._residual_layer, "device_caches", {}).values():
-        kernels = caches[0] if isinstance(caches, tuple) and caches and isinstance(caches[0], dict) else {}
-        found.update({getattr(kernel, "hash", str(key)): kernel for key, kernel in kernels.items()})
-    return found
 
 
 def windows_exact(suite: Suite, cfg: Any, model: torch.nn.Module) -> None:

@@ -25,11 +25,10 @@ from benchmarks.gpu_suite import (
     TrainingCases,
     case_settings,
     conditioner_rows,
-    kernel_cases,
     run_tests,
-    tuning_key,
 )
 from benchmarks.inference import bytes_per_sample, kernel_times, measure
+from benchmarks.kernel_step import kernel_cases, tuning_key
 from benchmarks.train import measure_plain_loop, measure_training
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
