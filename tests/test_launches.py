@@ -124,15 +124,23 @@ def test_ctrl_c_stops_two_processes_with_one_checkpoint_and_no_traceback(corpus:
     assert out.count("after saving a checkpoint; finished work is kept") == 2
 
 
-def test_a_failing_process_ends_the_launch_in_one_line(corpus: Path, tmp_path: Path) -> None:
-    """Each process's own error, then one line from the launcher where torchrun printed a traceback and a report."""
+ONE_PROCESS = "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\nuse_cpu: true\n"
+
+
+@pytest.mark.parametrize("processes", [2, 1])
+def test_a_failing_process_ends_the_launch_in_one_line(corpus: Path, tmp_path: Path, processes: int) -> None:
+    """Each process's own error, then one line from the launcher where torchrun (several processes) or accelerate (one,
+    through an --accelerate_config) printed a traceback."""
     missing = tmp_path / "no_such_experiment" / "checkpoint"
-    proc = launch(config(corpus, tmp_path), "failing", "--gpu", "0,1", "--main_process_port", str(free_port()),
+    accelerate_config = tmp_path / "one.yaml"
+    accelerate_config.write_text(ONE_PROCESS)
+    how = ("--gpu", "0,1") if processes == 2 else ("--accelerate_config", str(accelerate_config))
+    proc = launch(config(corpus, tmp_path), "failing", *how, "--main_process_port", str(free_port()),
                   "--resume_type", "resume", "--checkpoint", str(missing))
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, out[-3000:]
     assert "Traceback" not in out and f"error: {missing}" in out, out[-3000:]
-    assert out.rstrip().endswith("exited with status 1 (its error is above); the others were stopped"), out[-3000:]
+    assert out.rstrip().endswith("exited with status 1 (its error is above)"), out[-3000:]
 
 
 @pytest.mark.parametrize("zeros", ["", "0"])

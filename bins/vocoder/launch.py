@@ -3,6 +3,7 @@ traceback: on a stop signal (each process has saved its work and says so above) 
 is above). Arguments are `accelerate launch`'s."""
 
 import signal
+import subprocess
 import sys
 
 from accelerate.commands.launch import launch_command, launch_command_parser
@@ -24,6 +25,18 @@ def status(exitcode: int) -> int:
     return 128 - exitcode if exitcode < 0 else min(exitcode, 255) or 1
 
 
+def ended(who: str, exitcode: int) -> int:
+    """Say in one line how `who` ended (its own words are above); the launch's exit status."""
+    code = status(exitcode)
+    if code in STOPPED:
+        print(f"stage 2: {who} stopped by {named(code - 128)}; see above what it saved", file=sys.stderr)
+    elif exitcode < 0:
+        print(f"stage 2: {who} was killed by {named(-exitcode)}", file=sys.stderr)
+    else:
+        print(f"stage 2: {who} exited with status {code} (its error is above)", file=sys.stderr)
+    return code
+
+
 def main() -> int:
     args = launch_command_parser().parse_args(sys.argv[1:])
     try:
@@ -34,17 +47,9 @@ def main() -> int:
         return 128 + int(stop.sigval)
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
-        code = status(failure.exitcode)
-        if code in STOPPED:
-            print(f"stage 2: process {rank} stopped by {named(code - 128)}; see above what it saved",
-                  file=sys.stderr)
-        elif failure.exitcode < 0:
-            print(f"stage 2: process {rank} was killed by {named(-failure.exitcode)}; the others were stopped",
-                  file=sys.stderr)
-        else:
-            print(f"stage 2: process {rank} exited with status {code} (its error is above); the others were stopped",
-                  file=sys.stderr)
-        return code
+        return ended(f"process {rank}", failure.exitcode)
+    except subprocess.CalledProcessError as failed:  # one process (an --accelerate_config for one)
+        return ended("the training", failed.returncode)
     return 0
 
 
