@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
 from models.vocoders.diffusion.experiment import Experiment
 from processors.mel import mel_spectrogram
-from tests.recipe_helpers import run_recipe, tiny_config
+from tests.recipe_helpers import REPO, run_recipe, tiny_config
 from utils.checkpoint import list_checkpoints, load_weights, read_state
 from utils.synthetic import write_corpus
 
@@ -172,6 +176,24 @@ def test_two_processes_train_and_save_one_checkpoint(trained):
 def test_cli_errors_are_one_clear_line(args, message):
     result = run_recipe(*args, check=False)
     assert result.returncode != 0 and message in result.stderr
+
+
+PROJECT_PACKAGES = {"benchmarks", "evaluation", "models", "processors", "utils"}
+
+
+def test_the_bins_run_as_the_guide_writes_them(tmp_path):
+    """`python bins/vocoder/export.py ...` (the guide's commands, without run.sh's PYTHONPATH) stopped with a
+    ModuleNotFoundError traceback: each bin puts the repo root on its import path before importing the project."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(REPO / "bins/vocoder/check_config.py"), "--config",
+                             str(REPO / "egs/vocoder/diffusion/diffwave/exp_config.json"), "--stage", "train"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for path in sorted((REPO / "bins/vocoder").glob("[!_]*.py")):  # the others import torch: checked by reading
+        statements = ast.parse(path.read_text()).body
+        first = next((i for i, node in enumerate(statements) if isinstance(node, ast.ImportFrom)
+                      and (node.module or "").split(".")[0] in PROJECT_PACKAGES), len(statements))
+        assert any("sys.path.insert" in ast.unparse(node) for node in statements[:first]), path.name
 
 
 def test_empty_feature_and_audio_folders_fail_clearly(trained, tmp_path):

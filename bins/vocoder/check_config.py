@@ -6,6 +6,9 @@ buried under a launcher's traceback.
 
 import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, as run.sh sets PYTHONPATH: `python bins/...` works
 
 from utils.config import ConfigError, load_config
 from utils.config_schema import STAGES, validate

@@ -1,6 +1,6 @@
 """Score vocoded audio against ground truth: `python bins/vocoder/evaluate.py --ref_dir R --pred_dir P --output_dir D`.
 
-Run from the repository root with PYTHONPATH=. (run.sh --stage 4 does). The mel settings come from
+Runs from any folder, with or without PYTHONPATH=. (run.sh --stage 4 sets it). The mel settings come from
 --config, or from the args.json of --expt_dir (an experiment, its checkpoint/ folder or one
 checkpoint), and are checked before any scoring. Usage errors exit with code 2 and a one-line
 message on stderr (a traceback only with --log_level debug).
@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, as run.sh sets PYTHONPATH: `python bins/...` works
 
 from evaluation.evaluate import BASELINES, DEFAULT_CONFIG, EvaluationError, evaluate_dirs
 from models.vocoders.diffusion.experiment import Experiment, locate_experiment

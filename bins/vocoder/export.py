@@ -1,6 +1,10 @@
 """Export a trained vocoder: TorchScript of the whole synthesis, or ONNX of the denoiser (run it with OnnxVocoder)."""
 
 import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, as run.sh sets PYTHONPATH: `python bins/...` works
 
 from models.vocoders.diffusion.ddpm import SAMPLER_NAMES
 from models.vocoders.diffusion.diffusion_vocoder_inference import vocoder_from_experiment

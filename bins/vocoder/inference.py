@@ -5,6 +5,10 @@ typed; the short names (`--sampler`, ...) still work.
 """
 
 import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, as run.sh sets PYTHONPATH: `python bins/...` works
 
 from models.vocoders.diffusion.ddpm import FIXED_STEPS, SAMPLER_NAMES, training_betas
 from models.vocoders.diffusion.diffusion_vocoder_inference import PRECISIONS, vocoder_from_experiment

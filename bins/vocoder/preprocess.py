@@ -1,6 +1,10 @@
 """Stage 1: metadata and features for every dataset in the config."""
 
 import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, as run.sh sets PYTHONPATH: `python bins/...` works
 
 from processors.preprocess import preprocess
 from utils.cli import add_common_args, positive_int, run

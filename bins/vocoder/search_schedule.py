@@ -1,6 +1,10 @@
 """Search an N-step noise schedule for a trained experiment; stage 3 uses it with --infer_sampler searched."""
 
 import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, as run.sh sets PYTHONPATH: `python bins/...` works
 
 from models.vocoders.diffusion.experiment import Experiment, with_recipe_config
 from models.vocoders.diffusion.schedule_search import search_schedule
