@@ -338,6 +338,17 @@ def test_a_dataset_name_unfit_for_a_folder_is_refused(tmp_path, name):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("datasets", "problem"), [([], "must not be empty"), (["a", "b", "a"], "names 'a' more than once")])
+@pytest.mark.parametrize("stage", ["preprocess", "train"])
+def test_an_empty_or_repeated_dataset_list_is_refused(tmp_path, datasets, problem, stage):
+    """`dataset: []` made stage 1 do nothing and exit 0; a dataset listed twice trained on each utterance twice."""
+    child = write(tmp_path / "c.json", json.dumps({"base_config": str(RECIPE), "dataset": datasets,
+                                                   "dataset_path": {"a": str(tmp_path), "b": str(tmp_path)}}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(child))}: key 'dataset' {problem}") as err:
+        validate(load_config(child), stage)
+    assert "\n" not in str(err.value)
+
+
 def test_the_shipped_configs_are_the_tracked_ones():
     """known_keys reads a fixed list: it must name every config the toolkit ships, and only those."""
     import subprocess

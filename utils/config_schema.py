@@ -57,6 +57,7 @@ class Rule:
     items: tuple[type, ...] = ()
     length: int | None = None
     nonempty: bool = False
+    distinct: bool = False  # a list naming an item twice (a dataset: its utterances would count twice)
 
 
 def positive(kind: tuple[type, ...], stages: str, required: bool = True, items: tuple[type, ...] = ()) -> Rule:
@@ -87,7 +88,7 @@ SCHEMA: dict[str, Rule] = {
        for k in ("extract_mel", "extract_audio", "use_mel", "use_audio")},
     "train.tracker": Rule(LIST, "t", required=False, items=STR, choices=("tensorboard",)),
     "train.dataloader.pin_memory": Rule((bool,), "t", required=False),
-    "dataset": Rule(LIST, "pt", items=STR),
+    "dataset": Rule(LIST, "pt", items=STR, nonempty=True, distinct=True),  # []: stage 1 did nothing and exited 0
     "dataset_path": Rule((dict,), "p"),
     "use_custom_dataset": Rule(LIST, "p", required=False, items=STR),
     "log_dir": Rule(STR, "t"),
@@ -184,6 +185,9 @@ def _check_rule(cfg: dict, dotted: str, rule: Rule, stage: str) -> None:
             raise ConfigError(f"{where} must hold {names} values, got {type(item).__name__} {item!r}")
     if isinstance(value, list) and not value and rule.nonempty:
         raise ConfigError(f"{where} must not be empty")
+    twice = sorted({item for item in value if value.count(item) > 1}) if rule.distinct and isinstance(value, list) else []
+    if twice:
+        raise ConfigError(f"{where} names {', '.join(map(repr, twice))} more than once: list each once")
     if rule.length is not None and isinstance(value, list) and len(value) != rule.length:
         raise ConfigError(f"{where} must hold {rule.length} values, got {len(value)}: {value!r}")
     if rule.length is None:
