@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import torch
 from models.vocoders.diffusion.diffusion_vocoder_inference import utterance_seed, vocoder_from_experiment
 from models.vocoders.diffusion.export import OnnxVocoder, export_onnx, export_torchscript, noise_draws, seeded_noise
 from tests.tiny_experiment import REPO, make_experiment
+from utils.cli import positive_int, seconds
 
 LENGTHS = (1, 7, 40)  # frames: one hop, an odd length, a longer one than the export example (16)
 
@@ -87,3 +90,25 @@ def test_export_cli_writes_and_verifies(experiment, tmp_path):
                           capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert zero.returncode == 1 and "ddim steps must be in 1.." in zero.stderr  # was exported with 6 steps
     assert not (tmp_path / "z.onnx").exists()
+
+
+def test_export_cli_applies_config_and_refuses_bad_numbers_before_exporting(experiment, tmp_path):
+    """--config was accepted and ignored (the export kept the experiment's sampler); --verify -1 crashed with an
+    IndexError traceback, nan and --repeats 0 with riddles, each after the export was written."""
+    expt, _ = experiment
+    config = tmp_path / "ddim.json"
+    config.write_text(json.dumps({"inference": {"sampler": "ddim", "steps": 3}}))
+    env = {"PYTHONPATH": str(REPO), "PATH": "", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "bins/vocoder/export.py", "--expt_dir", str(expt), "--format", "torchscript"]
+    ok = subprocess.run([*base, "--output", str(tmp_path / "v.pt"), "--config", str(config)], cwd=REPO,
+                        capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "ddim sampler, 3 steps" in ok.stdout, ok.stderr[-2000:]
+    bad = subprocess.run([*base, "--output", str(tmp_path / "b.pt"), "--verify", "-1", "--repeats", "0"], cwd=REPO,
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "argument --verify: must be a finite number of seconds >= 0, got -1" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "b.pt").exists()
+    for text in ("nan", "inf", "-0.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            seconds(text)
+    with pytest.raises(argparse.ArgumentTypeError):
+        positive_int("0")

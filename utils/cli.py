@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -13,7 +14,8 @@ import torch
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 
-EXPECTED_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError, OSError)
+EXPECTED_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError, OSError,
+                   MemoryError)  # numpy's "Unable to allocate 58.2 TiB ..." for an absurd length is one line
 
 
 def positive_int(text: str) -> int:
@@ -21,6 +23,15 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type for a duration such as export's --verify: a negative or non-finite one is refused, not a
+    traceback from deep inside."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
     return value
 
 

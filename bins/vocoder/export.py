@@ -8,9 +8,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, a
 
 from models.vocoders.diffusion.ddpm import SAMPLER_NAMES
 from models.vocoders.diffusion.diffusion_vocoder_inference import vocoder_from_experiment
+from models.vocoders.diffusion.experiment import Experiment, with_recipe_config
 from models.vocoders.diffusion.export import FORMATS, compare, export_onnx, export_torchscript
 from processors.mel import mel_spectrogram
-from utils.cli import add_common_args, run
+from utils.cli import add_common_args, positive_int, run, seconds
+from utils.config_schema import validate
 from utils.synthetic import synthetic_voice
 from utils.text import plural
 
@@ -21,7 +23,9 @@ def main(args: argparse.Namespace) -> None:
         options["sampler"] = args.sampler
     if args.steps is not None:  # 0 too: refused, not taken for "the default"
         options["steps"] = args.steps
-    vocoder = vocoder_from_experiment(args.expt_dir, args.checkpoint, not args.raw_weights, **options)
+    cfg = with_recipe_config(Experiment(args.expt_dir).config(), args.config)  # as stage 3: --config adds its inference
+    validate(cfg, "inference")
+    vocoder = vocoder_from_experiment(args.expt_dir, args.checkpoint, not args.raw_weights, cfg=cfg, **options)
     if args.format == "torchscript":
         export_torchscript(vocoder, args.output)
     else:
@@ -49,7 +53,7 @@ if __name__ == "__main__":
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest)")
     parser.add_argument("--raw_weights", action="store_true", help="use the raw weights even when EMA weights exist")
     parser.add_argument("--seed", type=int, default=1234, help="noise seed of the --verify check")
-    parser.add_argument("--verify", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--verify", type=seconds, default=0.0, metavar="SECONDS",
                         help="vocode this much synthetic audio with both and print the difference and the timings")
-    parser.add_argument("--repeats", type=int, default=3, help="timing repeats of --verify (the best is shown)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timing repeats of --verify (the best is shown)")
     run(main, parser)

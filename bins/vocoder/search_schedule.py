@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, a
 
 from models.vocoders.diffusion.experiment import Experiment, with_recipe_config
 from models.vocoders.diffusion.schedule_search import search_schedule
-from utils.cli import add_common_args, run
+from utils.cli import add_common_args, positive_int, run, seconds
 from utils.text import plural
 
 
@@ -35,8 +35,8 @@ if __name__ == "__main__":
     add_common_args(parser, config_required=False)
     parser.add_argument("--expt_dir", required=True, help="experiment folder written by stage 2")
     parser.add_argument("--steps", type=int, required=True, help="number of sampling steps of the schedule")
-    parser.add_argument("--utterances", type=int, default=4, help="validation utterances to score on")
-    parser.add_argument("--seconds", type=float, default=1.0, help="at most this much of each utterance")
+    parser.add_argument("--utterances", type=positive_int, default=4, help="validation utterances to score on")
+    parser.add_argument("--seconds", type=seconds, default=1.0, help="at most this much of each utterance")
     parser.add_argument("--rounds", type=int, default=3, help="refinement rounds after the coarse grid")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest)")
