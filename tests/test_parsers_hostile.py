@@ -131,6 +131,14 @@ def test_list_files_with_a_byte_order_mark_keep_their_first_id(tmp_path):
     assert {"2001000001", "2001000002", "2002000001"} == set(entries)
 
 
+def test_list_files_whose_lyrics_are_not_utf8_keep_their_ids(tmp_path):
+    """A test.txt re-saved in GBK stopped stage 1 with "'utf-8' codec can't decode byte ...", naming no file."""
+    root = opencpop(tmp_path / "cpop")
+    (root / "segments" / "test.txt").write_bytes("2002000001|你好|n i h ao|C4|0.1\n".encode("gbk"))
+    entries, _left = parse("opencpop", root, tmp_path / "work")
+    assert {"2001000001", "2001000002", "2002000001"} == set(entries)
+
+
 def test_an_empty_recording_to_cut_is_listed_as_empty(tmp_path):
     root = pjs(tmp_path / "pjs")
     song = root / "PJS_corpus_ver1.1" / "pjs004" / "pjs004_song.wav"

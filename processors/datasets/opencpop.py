@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def _split(segments: Path, dataset: str, name: str, wavs: dict[str, Path]) -> list[dict]:
     listing = segments / f"{name}.txt"
-    lines = listing.read_text(encoding="utf-8-sig").splitlines() if listing.is_file() else []
+    # only the id field is read: lyrics re-saved in GBK stopped stage 1 with a decode error naming no file
+    lines = listing.read_text(encoding="utf-8-sig", errors="replace").splitlines() if listing.is_file() else []
     entries = []
     for uid in (line.split("|")[0].strip() for line in lines if line.strip()):
         wav = wavs.get(f"{uid}.wav".lower())
