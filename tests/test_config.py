@@ -349,6 +349,15 @@ def test_an_empty_or_repeated_dataset_list_is_refused(tmp_path, datasets, proble
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("inference", "problem"), [({"precision": "fp8"}, "key 'inference.precision' is 'fp8'"),
+                                                  (None, "key 'inference' must be an object")])
+def test_the_precision_stage2_evaluates_in_is_checked_before_training(tmp_path, inference, problem):
+    """Both passed stage 2's check: the run trained up to its first evaluation, then stopped there (null: a traceback)."""
+    child = write(tmp_path / "c.json", json.dumps({"base_config": str(RECIPE), "inference": inference}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(child))}: {re.escape(problem)}"):
+        validate(load_config(child), "train")
+
+
 def test_the_shipped_configs_are_the_tracked_ones():
     """known_keys reads a fixed list: it must name every config the toolkit ships, and only those."""
     import subprocess

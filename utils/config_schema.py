@@ -137,7 +137,8 @@ SCHEMA: dict[str, Rule] = {
     "train.adamw.fused": switch("t"),
     "inference.batch_size": positive(INT, "i", required=False),
     "inference.engine": Rule(STR, "i", required=False, choices=("auto", "fused", "tiled", "plain")),
-    "inference.precision": Rule(STR, "i", required=False, choices=("auto", "fp32", "fp16", "bf16")),
+    # stage 2's evaluation vocodes in this precision: a bad one stopped the run at its first eval, after hours of training
+    "inference.precision": Rule(STR, "ti", required=False, choices=("auto", "fp32", "fp16", "bf16")),
     "inference.compile": switch("i"),
     "inference.cuda_graph": switch("i"),
     "inference.gpu_memory_gib": Rule(NUMBER + NONE, "i", required=False, low=0, open_low=True),
