@@ -164,13 +164,20 @@ def release_features(pre: Any, datasets: list[str]) -> None:
         file_lock.release(Path(pre["processed_dir"]) / dataset / LOCK_FILE)
 
 
-def refuse_other_settings(pre: Any, dataset: str) -> None:
-    """Stages 2 and 3 read a dataset's features only when stage 1 recorded the settings they are configured with:
-    features of another fmax or rate have the right shapes, and were trained on or vocoded without a word."""
-    record = Path(pre["processed_dir"]) / dataset / SETTINGS_FILE
+def settings_differ(record: Path, pre: Any, ours: str = "this config") -> str | None:
+    """The settings `record` (a features.json) names that differ from `pre`'s, in words; None where they agree or
+    nothing readable is recorded: features of another fmax or rate have the right shapes, so only the record tells."""
     then, now = recorded_settings(record), feature_settings(pre)
-    if isinstance(then, dict) and then != now:  # no record, or an unreadable one: stage 1 checks the features
-        differ = ", ".join(f"{k} {then[k]} (this config: {v})" for k, v in now.items() if then[k] != v)
+    if not isinstance(then, dict) or then == now:  # no record, or an unreadable one: stage 1 checks the features
+        return None
+    return ", ".join(f"{k} {then[k]} ({ours}: {v})" for k, v in now.items() if then[k] != v)
+
+
+def refuse_other_settings(pre: Any, dataset: str) -> None:
+    """Stages 2 and 3 read a dataset's features only when stage 1 recorded the settings they are configured with."""
+    record = Path(pre["processed_dir"]) / dataset / SETTINGS_FILE
+    differ = settings_differ(record, pre)
+    if differ:
         raise ConfigError(f"{record}: the features of '{dataset}' were made with {differ}; rerun stage 1 with this "
                           "config (in its own processed_dir), or use the config they were made with")
 

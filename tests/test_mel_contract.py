@@ -15,12 +15,14 @@ import torch
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder, vocoder_from_experiment
 from models.vocoders.diffusion.diffwave.geometry import factorize, upsample_factors
 from models.vocoders.diffusion.experiment import CONTRACT_FILE, Experiment
-from models.vocoders.diffusion.inference_modes import feature_items
+from models.vocoders.diffusion.inference_modes import InputError, feature_items
+from processors.feature_store import feature_settings
 from processors.mel import mel_spectrogram
 from processors.mel_conventions import MelConverter, from_natural_log, guess_convention, mel_contract, mel_converter
 from tests.recipe_helpers import run_recipe
 from tests.tiny_experiment import REPO, TINY_PRE, make_experiment
 from utils.config import ConfigError, load_config, to_attrdict
+from utils.io import save_json, save_npy
 from utils.synthetic import synthetic_voice, write_corpus
 
 CONFIGS = REPO / "egs/vocoder/diffusion/diffwave"
@@ -63,6 +65,21 @@ def test_wrong_n_mel_is_an_error_naming_both_numbers(experiment, tmp_path):
     skipped: list[str] = []
     assert feature_items(cfg, tmp_path, skipped, MelConverter(Experiment(expt).read_contract())) == []
     assert "wide.npy" in skipped[0] and "80" in skipped[0] and "n_mel=20" in skipped[0]
+
+
+@pytest.mark.parametrize("given", ["folder", "mels"])
+def test_stage1_mels_of_other_settings_are_refused_by_their_record(experiment, tmp_path, given):
+    """A stage 1 folder made at 16 kHz, hop 128 with the model's 20 bins: the shapes fit, so every mel was vocoded at
+    the model's 8 kHz, hop 64 without a word. Its features.json says what they were made with."""
+    _expt, cfg = experiment
+    other = {**TINY_PRE, "sample_rate": 16000, "hop_size": 128, "n_fft": 512, "win_size": 512, "fmax": 8000}
+    folder = tmp_path / "data" / "other"
+    save_npy(folder / "mels" / "a.npy", native_mel(pre=other).numpy())
+    save_json(folder / "features.json", feature_settings(to_attrdict(other)))
+    with pytest.raises(InputError, match=r"features\.json: these mels were made with sample_rate 16000 \(the model's: 8000\)"):
+        feature_items(cfg, folder if given == "folder" else folder / "mels", [])
+    save_json(folder / "features.json", feature_settings(cfg.preprocess))  # the model's own settings: vocoded
+    assert [name for name, _mel, _ in feature_items(cfg, folder, [])] == ["a"]
 
 
 @pytest.mark.parametrize("convention", ["log10", "db", "db_normalized", "meanvar", "linear"])

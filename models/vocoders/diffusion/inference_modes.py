@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from processors.audio import AudioError, list_audio, load_audio
-from processors.feature_store import feature_paths, load_entries, load_items
+from processors.feature_store import SETTINGS_FILE, feature_paths, load_entries, load_items, settings_differ
 from processors.mel import mel_spectrogram, min_samples
 from processors.mel_conventions import MelConverter
 from utils.io import (
@@ -174,6 +174,11 @@ def feature_items(cfg: Any, folder: Path, skipped: list[str],
     files = [p for p in found if p.suffix.lower() == ".npy"]
     if not files:
         raise InputError(f"{folder}: no mel files (expected {folder}/mels/*.npy)")
+    record = (mel_dir.parent if mel_dir.name == "mels" else mel_dir) / SETTINGS_FILE  # a stage 1 dataset folder's
+    differ = settings_differ(record, cfg.preprocess, "the model's")
+    if differ:  # same shapes, another rate or hop: vocoded to wrong audio without a word
+        raise InputError(f"{record}: these mels were made with {differ}; vocode them with an experiment trained on "
+                         "those settings, or make them anew from the audio (infer_from_audio)")
     skipped += [f"{p}: not a .npy mel ({p.suffix or 'no extension'}): unsupported format" for p in found
                 if p not in files and not p.name.startswith(".")]  # a hidden file (.DS_Store) is not offered as a mel
     items, n_mel = [], int(cfg.preprocess.n_mel)
