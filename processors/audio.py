@@ -14,6 +14,7 @@ from utils.text import plural
 log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aiff", ".aif")
+LOWEST_RATE = 1000  # Hz; below it a header's rate is damage, not audio (a 1 Hz header made an hour out of 2 s)
 
 
 class AudioError(ValueError):
@@ -69,6 +70,9 @@ def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1,
     """
     check_openable(path)
     audio, rate, channels = _decode(path)
+    if rate < LOWEST_RATE:
+        raise AudioError(f"{path}: sample rate {rate} Hz in its header (a damaged header? audio is {LOWEST_RATE} Hz or "
+                         "more)")
     if channels > 1 and downmixed is not None:
         downmixed.append(f"{path} ({channels} channels)")
     if len(audio) == 0:

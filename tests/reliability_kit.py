@@ -81,6 +81,7 @@ def write_audio_battery(folder: Path) -> dict[str, str]:
     bad = voice(seed=2).copy()
     bad[50] = np.inf
     wav("inf", "inf.wav", bad, subtype="FLOAT")
+    wav("rate_1hz", "rate1.wav", voice(seed=12)[:2000], rate=1)  # a damaged header: resampled, 2000 s of audio
     wav("peak", "loud.wav", voice(seed=3) * 4.0, subtype="FLOAT")  # synthetic voices peak at 0.5: 2.0 here
     wav("pcm8", "pcm8.wav", voice(seed=4), subtype="PCM_U8")
     wav("pcm24", "pcm24.wav", voice(seed=5), subtype="PCM_24")
@@ -100,6 +101,7 @@ BAD_AUDIO = {  # case -> a word the one-line reason must contain
     "shorter_than_a_frame": "too short",
     "nan": "NaN",
     "inf": "inf",
+    "rate_1hz": "sample rate 1 Hz in its header",
 }
 GOOD_AUDIO = ("peak", "pcm8", "pcm24", "float32", "stereo", "rate8k", "rate48k", "space", "non_ascii")
 
