@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from models.vocoders.diffusion.checkpointing import CheckpointPolicy, refuse_to_mix_runs, rng_state, set_rng_state
 from tests.reliability_kit import make_experiment, python_bin, tiny_train_state, write_config
@@ -280,6 +281,17 @@ def test_stage2_cli_never_overwrites_an_existing_experiments_args(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and (exp / "args.json").read_text() == '{"mine": 1}'
 
 
+def other_shape(path: Path) -> None:
+    """Another model's file in place of `path`: its first tensor of another shape (it failed in the first step)."""
+    if path.suffix == ".safetensors":
+        weights = load_file(str(path))
+        save_file({**weights, next(iter(weights)): torch.zeros(5)}, str(path))
+    else:
+        state = torch.load(path)
+        state["state"][0]["exp_avg"] = torch.zeros(5)
+        torch.save(state, path)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny experiment trained for two steps in-process: a real, complete checkpoint to damage."""
@@ -302,7 +314,12 @@ def trained(tmp_path_factory):
     (lambda f: torch.save({"torch": torch.get_rng_state()}, f / "rng_0.pt"), "rng_0.pt", "missing key 'numpy'"),
     (lambda f: torch.save({"state": {}, "param_groups": "x"}, f / "optimizer.pt"), "optimizer.pt", "damaged"),
     (lambda f: torch.save([1, 2], f / "scheduler.pt"), "scheduler.pt", "damaged"),
-], ids=["empty_state", "ill_typed_state", "rng_missing_keys", "ill_typed_optimizer", "scheduler_not_a_dict"])
+    (lambda f: other_shape(f / "ema.safetensors"), "ema.safetensors", "has shape (5,), the model expects"),
+    (lambda f: other_shape(f / "optimizer.pt"), "optimizer.pt", "'exp_avg' of parameter"),
+    (lambda f: torch.save({**torch.load(f / "scheduler.pt"), "last_epoch": "7"}, f / "scheduler.pt"), "scheduler.pt",
+     "'last_epoch' is '7'"),
+], ids=["empty_state", "ill_typed_state", "rng_missing_keys", "ill_typed_optimizer", "scheduler_not_a_dict",
+        "foreign_ema", "foreign_optimizer", "ill_typed_scheduler"])
 def test_resume_from_damaged_metadata_is_one_line_naming_the_file(trained, tmp_path, damage, culprit, words):
     root, source, trainer = trained
     folder = tmp_path / source.name
@@ -312,6 +329,17 @@ def test_resume_from_damaged_metadata_is_one_line_naming_the_file(trained, tmp_p
         trainer(root / "config.json", "resumed", "resume", str(folder))
     message = str(err.value)
     assert message.startswith(str(folder / culprit)) and words in message and "\n" not in message
+
+
+def test_a_resume_without_ema_weights_says_its_ema_starts_again(trained, tmp_path, caplog):
+    root, source, trainer = trained
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder)
+    (folder / "ema.safetensors").unlink()
+    from tests.recipe_helpers import tiny_training_config
+
+    trainer(tiny_training_config(root, "longer.json", max_steps=3), "no_ema", "resume", str(folder))
+    assert "no EMA weights (ema.safetensors); the EMA starts again" in caplog.text
 
 
 def test_kinds_the_config_no_longer_has_are_kept_not_crashed_on(tmp_path):

@@ -106,6 +106,13 @@ def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
     """Strict load with one clear line for a missing, unexpected or mis-shaped parameter."""
+    check_fits(model, state, source)
+    model.load_state_dict(state)
+
+
+def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """`state` has exactly the model's parameters, each of its shape; else one line naming the first that is not
+    (EMA weights too, which are never loaded into the model: another model's would fail deep in the first step)."""
     own = model.state_dict()
     for name, tensor in state.items():
         if name in own and own[name].shape != tensor.shape:
@@ -117,7 +124,6 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise CheckpointError(f"{source}: weights do not match the model ({detail})")
-    model.load_state_dict(state)
 
 
 TEMP_PREFIX = ".tmp-"

@@ -8,7 +8,6 @@ names every file; `load_state_dict` (resume) and `load_weights` (finetune, infer
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from utils.checkpoint import (
     WEIGHT_FILES,
     CheckpointError,
+    check_fits,
     first_line,
     load_into,
     load_weights,
@@ -121,15 +121,21 @@ class TrainState:
             saved = safe_torch_load(path)  # a refused file is reported as refused, not as damaged
             if target is self.optimizer:
                 this_runs_kernel(saved, self.optimizer)
+            fresh = target.state_dict()
             try:
                 target.load_state_dict(saved)
+                unfit = misfit_moment(self.optimizer, self.model) if target is self.optimizer else misfit_field(fresh, saved)
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
                 raise CheckpointError(f"{path}: damaged or from another model ({first_line(err)})") from None
+            if unfit:  # it would fail deep inside the first step or the epoch's end, as a traceback
+                raise CheckpointError(f"{path}: damaged or from another model ({unfit})")
         if self.scaler is not None and (folder / SCALER_FILE).is_file():
             self.scaler.load_state_dict(safe_torch_load(folder / SCALER_FILE))
         if self.ema is not None:
             ema_file = folder / EMA_FILE
-            self.ema.shadow = load_weights(ema_file) if ema_file.is_file() else float_copy(self.model)
+            if not ema_file.is_file():
+                log.warning("%s: no EMA weights (%s); the EMA starts again from the resumed weights", folder, EMA_FILE)
+            self.ema.shadow = self.ema_from(ema_file) if ema_file.is_file() else float_copy(self.model)
         state = read_state(folder)
         self.epoch, self.step = state["epoch"], state["step"]
         self.batch_in_epoch, self.skipped_steps = state.get("batch_in_epoch", 0), state.get("skipped_steps", 0)
@@ -144,9 +150,35 @@ class TrainState:
         if self.ema is None:
             return
         ema_file = source / EMA_FILE if source.is_dir() else None
-        if ema_file is not None and ema_file.is_file():
-            shadow = copy.deepcopy(self.model)
-            load_into(shadow, load_weights(ema_file), ema_file)  # the same clear error for a shape mismatch
-            self.ema.shadow = float_copy(shadow)
-        else:
-            self.ema.shadow = float_copy(self.model)
+        self.ema.shadow = self.ema_from(ema_file) if ema_file is not None and ema_file.is_file() else float_copy(self.model)
+
+    def ema_from(self, path: Path) -> dict[str, torch.Tensor]:
+        """EMA weights checked against the model as its raw weights are (the same clear error for a shape mismatch)."""
+        shadow = load_weights(path)
+        check_fits(self.model, shadow, path)
+        return {name: tensor.float() for name, tensor in shadow.items()}
+
+
+def misfit_moment(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> str | None:
+    """The first restored optimizer state tensor whose shape is not its parameter's (another model's optimizer.pt)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    return (f"'{key}' of parameter '{names.get(id(param), '?')}' has shape {tuple(value.shape)}, the "
+                            f"model's is {tuple(param.shape)}")
+    return None
+
+
+def misfit_field(fresh: dict, saved: dict) -> str | None:
+    """The first field of a restored scheduler state whose kind differs from a fresh one's (a list of another length,
+    a string for a number)."""
+    def kind(value: Any) -> str:
+        if isinstance(value, list | tuple):
+            return f"[{', '.join(kind(v) for v in value)}]"
+        return "number" if isinstance(value, int | float) and not isinstance(value, bool) else type(value).__name__
+    for key, value in fresh.items():
+        if key in saved and kind(saved[key]) != kind(value):
+            return f"'{key}' is {saved[key]!r}, expected {kind(value)}"
+    return None
