@@ -170,6 +170,14 @@ def checkpoint_folder(tmp_path: Path) -> Path:
                            "rng_0.pt": rng_state()}, {"epoch": 1, "step": 2})
 
 
+def test_a_checkpoint_renamed_by_hand_is_refused_naming_its_place(tmp_path):
+    # a later name made every resume go back to it, and the run then saved over its own newer checkpoints' names
+    renamed = checkpoint_folder(tmp_path).rename(tmp_path / checkpoint_name(9, 90, 0.5))
+    with pytest.raises(CheckpointError, match=r"named for epoch 9, step 90 .*rename it back to epoch-0001_step-0000002_"):
+        read_state(renamed)
+    assert read_state(renamed.rename(tmp_path / "best"))["step"] == 2  # a name that does not place it: not compared
+
+
 @pytest.mark.parametrize(("content", "reason"), [
     ("", "unreadable checkpoint state"),
     ("not json at all", "unreadable checkpoint state"),

@@ -239,6 +239,11 @@ def read_state(folder: Path) -> dict:
         value = state.get(key, 0) if key in ("batch_in_epoch", "skipped_steps") else state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
             raise CheckpointError(f"{path}: '{key}' must be a non-negative integer, got {value!r}")
+    named = re.search(r"(?:^|-)epoch-(\d+)_step-(\d+)_loss-", folder.name)  # abandoned-<name> too
+    if named and (int(named[1]), int(named[2])) != (state["epoch"], state["step"]):  # the name orders resume and pruning
+        raise CheckpointError(f"{path}: epoch {state['epoch']}, step {state['step']}, but its folder is named for epoch "
+                              f"{int(named[1])}, step {int(named[2])} (renamed by hand?); rename it back to "
+                              f"epoch-{state['epoch']:04d}_step-{state['step']:07d}_loss-...")
     return state
 
 
