@@ -20,7 +20,7 @@ from models.vocoders.diffusion.experiment import Experiment
 from processors.preprocess import preprocess
 from tests.recipe_helpers import tiny_training_config
 from tests.reliability_kit import REPO, python_bin, write_config
-from tests.training_kit import trainer
+from tests.training_kit import scalars, trainer
 from utils import file_lock
 from utils.checkpoint import CheckpointError, list_checkpoints, read_state
 from utils.config import ConfigError, load_config
@@ -92,6 +92,21 @@ def test_runs_that_would_train_nothing_are_refused_before_writing(root: Path, tm
     result = python_bin("train.py", "--config", str(write_config(tmp_path)), "--exp_name", "neg", "--max_steps", "-5")
     assert result.returncode == 1 and result.stderr.strip() == "error: --max_steps must be 0 (no bound) or more, got -5"
     assert not (tmp_path / "ckpts").exists()
+
+
+def test_an_empty_test_split_logs_no_validation_loss_and_names_checkpoints_by_the_training_loss(
+        root: Path, tmp_path: Path, caplog) -> None:
+    """A corpus whose test utterances are all missing (a subset of kising without its test songs): no loss of 0."""
+    shutil.copytree(root / "data", tmp_path / "data")
+    (tmp_path / "data" / "demo" / "test.json").write_text("[]")
+    cfg = json.loads((root / "config.json").read_text())
+    cfg["preprocess"]["processed_dir"], cfg["log_dir"] = str(tmp_path / "data"), str(tmp_path / "ckpts")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    trainer(tmp_path / "config.json", "novalid").train()
+    assert "no validation utterances with features" in caplog.text
+    exp = tmp_path / "ckpts" / "novalid"
+    assert [read_state(p)["loss"] > 0.1 for p in list_checkpoints(exp / "checkpoint")] == [True, True]
+    assert "valid/loss" not in scalars(exp)
 
 
 def test_a_rollback_to_an_older_checkpoint_sticks(root: Path, caplog) -> None:

@@ -173,6 +173,9 @@ class TrainingData:
         self.valid_entries = load_entries(cfg, "valid")
         if not train_entries:
             raise ValueError(f"no training utterances with features under {cfg.preprocess.processed_dir}")
+        if not self.valid_entries:
+            log.warning("no validation utterances with features under %s (an empty test split): no valid/loss is "
+                        "logged, and checkpoints are named by the training loss", cfg.preprocess.processed_dir)
         batch = int(cfg.train.batch_size)
         workers = dataloader_workers(cfg)
         pin = torch.cuda.is_available() and bool(cfg.train.get("dataloader", {}).get("pin_memory", True))

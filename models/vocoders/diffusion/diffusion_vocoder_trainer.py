@@ -383,7 +383,7 @@ class DiffusionVocoderTrainer:
             with warnings.catch_warnings():  # a resume may reach an epoch's end before this process's first step:
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # due all the same
                 self.scheduler.step()
-        validated = not self.signalled
+        validated = not self.signalled and bool(self.valid_entries)  # an empty test split has no loss (0 looked perfect)
         valid_loss = self.validate() if validated else float("nan")
         mean_loss = float(np.mean(epoch.losses)) if epoch.losses else float("nan")
         self._log({"valid/loss": valid_loss if validated else None, "train/epoch_loss": mean_loss})
