@@ -212,6 +212,17 @@ def test_a_copied_experiment_resumed_by_its_checkpoint_trains_in_the_copy(root: 
     assert steps(copy) == [1, 2, 3, 4] and not (copy.parent / "copy").exists() and sorted(copy.parent.iterdir()) == [copy]
 
 
+def test_a_backed_up_checkpoint_resumed_without_config_trains_where_its_config_says(root: Path) -> None:
+    """A checkpoint outside any experiment (`backups/b/<checkpoint>`) was taken for one: the run trained in
+    `<root>/<name>`, a folder of no experiment; its config's log_dir names where its experiments are."""
+    from bins.vocoder.train import saved_config
+
+    trainer(root / "config.json", "backed").train()
+    backup = root / "backups" / "b" / list_checkpoints(root / "ckpts" / "backed" / "checkpoint")[-1].name
+    shutil.copytree(root / "ckpts" / "backed" / "checkpoint" / backup.name, backup)
+    assert saved_config(argparse.Namespace(resume_type="resume", checkpoint=str(backup))).log_dir == str(root / "ckpts")
+
+
 def test_a_second_resume_from_one_step_keeps_the_config_that_trained_it(root: Path) -> None:
     """args.<step>.json holds the config the weights up to that step were trained with: a later resume from the same
     step (after one under another config that saved nothing) does not replace it."""

@@ -24,7 +24,9 @@ def saved_config(args: argparse.Namespace) -> Any:
     copy; args.json beside the checkpoint/ folder for checkpoints older than that copy).
 
     It trains where that experiment now lies (a copied or moved one too, not where its args.json says it was made),
-    and an experiment stopped before its first checkpoint is named by its empty checkpoint/ folder."""
+    and an experiment stopped before its first checkpoint is named by its empty checkpoint/ folder. A checkpoint
+    outside an experiment (a backup) trains where its config says: beside the backup, it went to a folder of no
+    experiment (the backup's grandparent's parent)."""
     if args.resume_type != "resume" or not args.checkpoint:
         raise ConfigError("--config is required; only a resume with --checkpoint may leave it out "
                           "(it then reads the config that checkpoint was trained under)")
@@ -42,7 +44,8 @@ def saved_config(args: argparse.Namespace) -> Any:
     except ConfigError as err:
         raise ConfigError(f"{err}; or pass --config to resume under a config of your own") from None
     log.info("resuming with the config it was trained under, %s", cfg.config_path)
-    cfg.log_dir = str(expt_dir.parent)
+    if folder is None or (folder.parent.name == CHECKPOINT_DIR and (expt_dir / ARGS_FILE).is_file()):
+        cfg.log_dir = str(expt_dir.parent)
     return cfg
 
 
