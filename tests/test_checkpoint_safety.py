@@ -53,6 +53,18 @@ def test_train_state_reads_back_what_the_policy_saved(tmp_path):
     assert torch.equal(moments[0]["exp_avg_sq"], moments[1]["exp_avg_sq"]) and moments[1]["step"] == 1
 
 
+@pytest.mark.parametrize("saved", [{}, {**torch.amp.GradScaler("cpu").state_dict(), "scale": "big"}],
+                         ids=["empty", "ill_typed"])
+def test_a_damaged_grad_scaler_file_is_one_line_naming_it(tmp_path, saved):
+    """fp16's scaler.pt was loaded unguarded: a damaged one stopped the resume with a KeyError traceback."""
+    source, target = tiny_train_state(1), tiny_train_state(0)
+    source.scaler = target.scaler = torch.amp.GradScaler("cpu")
+    folder = CheckpointPolicy(to_attrdict({"train": {}}), tmp_path / "checkpoint").save(source, 0.5, RNG, ["stride0"])
+    torch.save(saved, folder / "scaler.pt")
+    with pytest.raises(CheckpointError, match=r"scaler\.pt: damaged or from another model \(.+\)$"):
+        target.load_state_dict(folder)
+
+
 def policy_run(root: Path, saves: int, **train: object) -> tuple[CheckpointPolicy, list[int]]:
     """`saves` one-epoch saves through the policy; returns it and the steps still on disk."""
     policy = CheckpointPolicy(to_attrdict({"train": {"save_checkpoint_stride": [1], **train}}), root)

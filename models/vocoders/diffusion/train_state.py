@@ -116,8 +116,11 @@ class TrainState:
     def load_state_dict(self, folder: Path) -> None:
         """Resume: everything from a complete checkpoint folder, ours or accelerate's save_state."""
         load_into(self.model, load_weights(folder), folder)
-        for stem, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
-            path = training_state_file(folder, stem)
+        parts = [(training_state_file(folder, stem), target) for stem, target in (("optimizer", self.optimizer),
+                                                                                    ("scheduler", self.scheduler))]
+        if self.scaler is not None and (folder / SCALER_FILE).is_file():
+            parts.append((folder / SCALER_FILE, self.scaler))
+        for path, target in parts:
             saved = safe_torch_load(path)  # a refused file is reported as refused, not as damaged
             if target is self.optimizer:
                 this_runs_kernel(saved, self.optimizer)
@@ -125,12 +128,10 @@ class TrainState:
             try:
                 target.load_state_dict(saved)
                 unfit = misfit_moment(self.optimizer, self.model) if target is self.optimizer else misfit_field(fresh, saved)
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
                 raise CheckpointError(f"{path}: damaged or from another model ({first_line(err)})") from None
             if unfit:  # it would fail deep inside the first step or the epoch's end, as a traceback
                 raise CheckpointError(f"{path}: damaged or from another model ({unfit})")
-        if self.scaler is not None and (folder / SCALER_FILE).is_file():
-            self.scaler.load_state_dict(safe_torch_load(folder / SCALER_FILE))
         if self.ema is not None:
             ema_file = folder / EMA_FILE
             if not ema_file.is_file():
