@@ -362,6 +362,17 @@ def test_a_resume_without_ema_weights_says_its_ema_starts_again(trained, tmp_pat
     assert "no EMA weights (ema.safetensors); the EMA starts again" in caplog.text
 
 
+def test_a_resume_by_another_number_of_processes_says_the_data_order_differs(trained, tmp_path, caplog):
+    root, source, trainer = trained
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder)
+    (folder / "state.json").write_text(json.dumps({**json.loads((folder / "state.json").read_text()), "num_processes": 2}))
+    from tests.recipe_helpers import tiny_training_config
+
+    trainer(tiny_training_config(root, "longer.json", max_steps=3), "two_to_one", "resume", str(folder))
+    assert "was saved by 2 processes and is resumed by 1: the data order" in caplog.text
+
+
 def test_kinds_the_config_no_longer_has_are_kept_not_crashed_on(tmp_path):
     # an earlier run saved with two strides (or ckpts.json was edited): what only those kinds hold stays
     root = tmp_path / "checkpoint"

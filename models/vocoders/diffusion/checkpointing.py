@@ -24,6 +24,7 @@ from utils.checkpoint import (
     first_line,
     is_accelerate_folder,
     list_checkpoints,
+    read_state,
     remove_checkpoint,
     resolve_checkpoint,
     safe_torch_load,
@@ -152,8 +153,8 @@ def _finetune_changes(source: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
     return changed + ([(UPSAMPLE_KEY, *factors)] if factors[0] != factors[1] else [])
 
 
-def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any) -> None:
-    """Everything a resume restores from `folder`: the training state and this process's RNG state."""
+def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any, processes: int = 1) -> None:
+    """Everything a resume restores from `folder`: the training state and this process's RNG state (of `processes`)."""
     try:
         train.load_state_dict(folder)
         restore_rng(folder, process_index)
@@ -164,6 +165,12 @@ def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any) -> No
                               if before else str(err)) from None
     log.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", folder, train.epoch, train.step,
              train.batch_in_epoch)
+    saved_by = read_state(folder).get("num_processes")
+    if process_index == 0 and isinstance(saved_by, int) and saved_by != processes:  # it went on without a word
+        log.warning("%s was saved by %s and is resumed by %d: the data order (its position, batch %d of the epoch, "
+                    "counts each process's batches) and the noise differ from the uninterrupted run's; resume with %d "
+                    "for the same ones", folder, plural(saved_by, "process", "processes"), processes,
+                    train.batch_in_epoch, saved_by)
     saved = (train.optimizer.param_groups[0].get("initial_lr"), getattr(train.scheduler, "gamma", None))
     wanted = (float(tcfg.adamw.lr), float(tcfg.exponential_lr.lr_decay))
     if None not in saved and saved != wanted:  # the restored optimizer and scheduler states carry their own

@@ -110,7 +110,7 @@ class DiffusionVocoderTrainer:
         self.stepper = Stepper(self.accelerator, self.optimizer, self.ema, tcfg.get("max_grad_norm", 0))
         folder = ckpt.resume_folder(self.experiment, checkpoint, cfg) if resume_type == "resume" else None
         if folder is not None:
-            ckpt.resume(self.state, folder, self.accelerator.process_index, tcfg)
+            ckpt.resume(self.state, folder, self.accelerator.process_index, tcfg, self.accelerator.num_processes)
         self._refuse_no_op()
         if self.accelerator.is_main_process:  # the only writer
             ckpt.check_room(self.ckpt_dir, self.state.model)
