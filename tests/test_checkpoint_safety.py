@@ -279,6 +279,27 @@ def test_full_disk_in_any_checkpoint_file_is_one_line_and_keeps_the_earlier(tmp_
     assert not list(root.glob(".tmp-*"))
 
 
+def test_a_checkpoint_saved_over_one_of_its_name_never_leaves_the_name_empty(tmp_path, monkeypatch):
+    """The earlier folder was deleted before the new one took its name: an interruption in between (a second Ctrl-C)
+    lost both. Now the earlier one is set aside, and deleted only once the new one has the name, or put back."""
+    folder = tmp_path / "checkpoint" / checkpoint_name(0, 1, 0.5)
+    save_checkpoint(folder, {"model.safetensors": {"w": torch.zeros(2)}}, {"epoch": 0, "step": 1})
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if Path(src).name.startswith(".tmp-") and not Path(src).name.startswith(".tmp-del-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr("utils.checkpoint.os.replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(folder, {"model.safetensors": {"w": torch.ones(2)}}, {"epoch": 0, "step": 1})
+    assert list_checkpoints(folder.parent) == [folder] and torch.equal(load_weights(folder)["w"], torch.zeros(2))
+    monkeypatch.setattr("utils.checkpoint.os.replace", real_replace)
+    save_checkpoint(folder, {"model.safetensors": {"w": torch.ones(2)}}, {"epoch": 0, "step": 1})
+    assert torch.equal(load_weights(folder)["w"], torch.ones(2)) and not list(folder.parent.glob(".tmp-*"))
+
+
 def test_a_new_run_into_an_existing_experiment_is_refused(tmp_path):
     exp = tmp_path / "exp"
     refuse_to_mix_runs(exp, None)  # nothing there yet

@@ -137,8 +137,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def remove_checkpoint(folder: Path) -> None:
-    """Rename out of sight first, then delete: a folder with a checkpoint name is never half-deleted.
+def set_aside(folder: Path) -> Path | None:
+    """Rename a checkpoint folder out of sight, to be deleted (None where there is none): a folder with a checkpoint
+    name is never half-deleted.
 
     Only a real folder with a checkpoint name is ever removed; a symlink or any other name is
     refused, so no listing (ckpts.json included) can make a run delete anything else.
@@ -146,11 +147,17 @@ def remove_checkpoint(folder: Path) -> None:
     if folder.is_symlink() or not CHECKPOINT_PATTERN.match(folder.name):
         raise CheckpointError(f"{folder}: refused to delete: not a checkpoint folder written by this toolkit")
     if not folder.exists():
-        return
+        return None
     doomed = folder.with_name(f"{TEMP_PREFIX}del-{folder.name}")
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(folder, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    return doomed
+
+
+def remove_checkpoint(folder: Path) -> None:
+    doomed = set_aside(folder)
+    if doomed is not None:
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(folder: Path, files: dict[str, Any], state: dict) -> Path:
@@ -177,9 +184,16 @@ def save_checkpoint(folder: Path, files: dict[str, Any], state: dict) -> Path:
             _fsync(tmp / name)
         save_json(tmp / "state.json", state)
         _fsync(tmp)
-        remove_checkpoint(folder)
-        os.replace(tmp, folder)
+        doomed = set_aside(folder)  # a checkpoint of the same name is deleted only once this one has its name
+        try:
+            os.replace(tmp, folder)
+        except BaseException:  # a second Ctrl-C in between: the earlier one keeps its name
+            if doomed is not None:
+                os.replace(doomed, folder)
+            raise
         _fsync(folder.parent)
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
     except (RuntimeError, SafetensorError) as err:  # how torch.save and safetensors report a failed write (a full disk)
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(first_line(err)) from None
