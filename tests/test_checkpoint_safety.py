@@ -300,6 +300,21 @@ def test_a_checkpoint_saved_over_one_of_its_name_never_leaves_the_name_empty(tmp
     assert torch.equal(load_weights(folder)["w"], torch.ones(2)) and not list(folder.parent.glob(".tmp-*"))
 
 
+def test_a_loose_weights_file_takes_no_config_from_folders_above_it(tmp_path):
+    """Its grandparent's args.json is no experiment's of its: a finetune compared the model with an unrelated config."""
+    from models.vocoders.diffusion.experiment import trained_config
+
+    (tmp_path / "args.json").write_text('{"model": {"diffwave": {"residual_channels": 999}}}')
+    loose = tmp_path / "downloads" / "model.safetensors"
+    loose.parent.mkdir()
+    save_file({"w": torch.zeros(2)}, str(loose))
+    assert trained_config(loose) is None
+    inside = tmp_path / "exp" / "checkpoint" / checkpoint_name(0, 1, 0.5)
+    save_checkpoint(inside, {"model.safetensors": {"w": torch.zeros(2)}}, {"epoch": 0, "step": 1})
+    (tmp_path / "exp" / "args.json").write_text('{"model": {"diffwave": {"residual_channels": 7}}}')
+    assert trained_config(inside / "model.safetensors").model.diffwave.residual_channels == 7
+
+
 def test_a_new_run_into_an_existing_experiment_is_refused(tmp_path):
     exp = tmp_path / "exp"
     refuse_to_mix_runs(exp, None)  # nothing there yet

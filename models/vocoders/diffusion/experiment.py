@@ -186,7 +186,8 @@ def differing_results(cfg: Any, trained: Any) -> list[tuple[str, Any, Any]]:
 def trained_config(weights: Path) -> Any | None:
     """The config that trained a checkpoint folder's (or weights file's) weights, where it can be found."""
     folder = weights if weights.is_dir() else weights.parent
-    for path in (folder / CHECKPOINT_CONFIG, folder.parent.parent / ARGS_FILE):
+    in_experiment = folder.parent.name == CHECKPOINT_DIR  # a loose file's grandparent is no experiment of its
+    for path in (folder / CHECKPOINT_CONFIG, *([folder.parent.parent / ARGS_FILE] if in_experiment else [])):
         if path.is_file():
             return load_config(path)
     return None
