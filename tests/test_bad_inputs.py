@@ -319,6 +319,17 @@ def test_stage3_flag_it_cannot_use_is_one_line(tmp_path, experiment, flag, value
     assert "Traceback" not in result.stderr
 
 
+def test_one_mel_file_given_as_the_feature_folder_is_called_a_file(tmp_path, experiment):
+    """It said "no mel files (expected good.npy/mels/*.npy)"."""
+    _root, expt = experiment
+    mel = tmp_path / "good.npy"
+    np.save(mel, np.zeros((N_MEL, 12), np.float32))
+    result = python_bin("inference.py", "--infer_mode", "infer_from_feature", "--infer_expt_dir", str(expt),
+                        "--feature_folder", str(mel), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {mel}: a file; vocode a folder of .npy mels (put this one in a folder of its own)"), result.stderr
+
+
 def test_stage3_checks_the_experiment_config(tmp_path, experiment):
     _root, expt = experiment
     broken = tmp_path / "expt"

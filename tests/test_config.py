@@ -421,3 +421,22 @@ def test_stage3_recipe_config_differences_blame_the_file_that_set_each_value(tmp
     with_recipe_config(Experiment(expt).config(), recipe)
     warned = [r.getMessage() for r in caplog.records if "preprocess.sample_rate is" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith(f"{setter}: preprocess.sample_rate is "), warned
+
+
+@pytest.mark.parametrize(("key", "stage"), [("preprocess.processed_dir", "preprocess"), ("preprocess.processed_dir", "inference"),
+                                            ("log_dir", "train")])
+def test_an_output_folder_that_is_a_file_names_its_key(tmp_path, key, stage):
+    """It stopped the stage with a bare "[Errno 20] Not a directory" naming no key."""
+    taken = write(tmp_path / "taken", "a file")
+    section, _, name = key.rpartition(".")
+    values = {section: {name: str(taken)}} if section else {name: str(taken)}
+    child = write(tmp_path / "c.json", json.dumps({"base_config": str(RECIPE), **values}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(child))}: key '{key}' \('{re.escape(str(taken))}'\) is a file"):
+        validate(load_config(child), stage)
+
+
+def test_a_folder_named_as_base_config_is_called_a_folder(tmp_path):
+    (tmp_path / "configs").mkdir()
+    child = write(tmp_path / "c.json", '{"base_config": "./configs"}')
+    with pytest.raises(ConfigError, match=r"base_config './configs' is the folder .*configs: name a config file"):
+        load_config(child)

@@ -329,7 +329,8 @@ def test_expt_dir_finds_args_json_from_the_checkpoint_folder(tmp_path, capsys):
     assert main(cli(gt, pred, tmp_path / "eval2", "--expt_dir", str(tmp_path / "nope"))) == 2
     assert capsys.readouterr().err.strip() == f"evaluate: error: {tmp_path / 'nope'}: experiment folder does not exist"
     assert main(cli(tmp_path / "result" / "gt", pred, tmp_path / "eval3", "--expt_dir", str(expt))) == 2
-    assert "result/gt: folder does not exist; run stage 3 with --infer_mode infer_from_dataset first" in capsys.readouterr().err
+    assert ("result/gt: folder does not exist; run stage 3 with --infer_mode infer_from_dataset or infer_from_audio first"
+            in capsys.readouterr().err)
 
 
 def test_rerun_moves_earlier_outputs_aside_and_an_unwritable_output_is_refused_first(tmp_path, capsys):

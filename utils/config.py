@@ -90,6 +90,9 @@ def _resolve_parent(name: str, child: Path) -> Path:
         raise ConfigError(f"{child}: base_config '{name}' is both {found[0]} and {found[1]}: name one of them by its "
                           f"absolute path, or as './{name}' for the one beside this config")
     if not found:
+        folders = [c for c in candidates if c.is_dir()]
+        if folders:
+            raise ConfigError(f"{child}: base_config '{name}' is the folder {folders[0].resolve()}: name a config file")
         where = "" if len(candidates) == 1 else f" (looked beside this config and under {REPO_ROOT})"
         raise ConfigError(f"{child}: base_config '{name}' does not exist{where}")
     return found[0]

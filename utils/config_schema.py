@@ -206,6 +206,10 @@ def _cross_checks(cfg: dict, letter: str) -> None:
         raise ConfigError(f"{source_of(cfg, dotted)}: key '{dotted}' {problem}")
 
     pre = cfg.get("preprocess", {})
+    for dotted, stages in (("preprocess.processed_dir", "pti"), ("log_dir", "t")):  # a file there: a bare [Errno 20]
+        path = os.path.expanduser(str(lookup(cfg, dotted)[1])) if letter in stages else ""
+        if os.path.exists(path) and not os.path.isdir(path):
+            fail(dotted, f"({path!r}) is a file: it must name a folder")
     if letter in "pt":  # stage 1 writes both lists beside its own records: a shared name overwrites one of them
         lists = {key: os.path.normpath(pre[key]).casefold() for key in ("train_file", "valid_file")}
         own = {os.path.normpath(pre.get(key) or name).casefold() for key, name in STAGE1_NAMED_FILES} | set(STAGE1_FILES)

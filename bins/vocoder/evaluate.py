@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, "evaluation")
         if args.expt_dir is not None and not os.path.isdir(args.ref_dir):
             raise EvaluationError(f"{args.ref_dir}: folder does not exist; run stage 3 with --infer_mode infer_from_dataset "
-                                  "first (with the same --infer_output_dir), which writes the ground truth there")
+                                  "or infer_from_audio first (with the same --infer_output_dir), which write the ground "
+                                  "truth there")
         pre = cfg.preprocess
         evaluate_dirs(args.ref_dir, args.pred_dir, args.output_dir, sample_rate=args.sample_rate,
                       plot=args.plot, baseline=args.baseline, pre=pre)

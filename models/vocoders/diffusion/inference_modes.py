@@ -169,6 +169,8 @@ def dataset_items(cfg: Any, datasets: list[str], skipped: list[str]) -> list[tup
 def feature_items(cfg: Any, folder: Path, skipped: list[str],
                   convert: MelConverter | None = None) -> list[tuple[str, torch.Tensor, None]]:
     """Mels of a folder; `convert` checks each against the mel contract and undoes other conventions."""
+    if folder.is_file():
+        raise InputError(f"{folder}: a file; vocode a folder of .npy mels (put this one in a folder of its own)")
     mel_dir = folder / "mels" if (folder / "mels").is_dir() else folder
     found = sorted(p for p in mel_dir.iterdir() if not p.is_dir()) if mel_dir.is_dir() else []
     files = [p for p in found if p.suffix.lower() == ".npy"]
