@@ -259,7 +259,8 @@ def extract_all(cfg: Any, splits: dict[str, tuple[list[dict], list[dict], list[s
         forget_features_of_other_settings(cfg.preprocess, dataset, train + test)
         todo[dataset] = [e for e in train + test if not features_done(cfg.preprocess, e)]
     check_disk_space(cfg.preprocess, [e for entries in todo.values() for e in entries])
-    pool = feature_pool(num_workers or default_workers(sum(map(len, todo.values()))))
+    jobs = sum(map(len, todo.values()))
+    pool = feature_pool(max(1, min(num_workers, jobs)) if num_workers else default_workers(jobs))  # no idle forks
     failed = []
     try:
         for dataset, (train, test, left) in splits.items():

@@ -200,7 +200,10 @@ def test_default_workers_are_the_cpus_this_job_may_use_at_most_one_per_file(tmp_
     for npy in (tmp_path / "data").rglob("*.npy"):
         npy.unlink()
     preprocess(load_config(write_config(tmp_path, corpus=root)))
-    assert asked == [2, 2]
+    for npy in (tmp_path / "data").rglob("*.npy"):
+        npy.unlink()
+    preprocess(load_config(write_config(tmp_path, corpus=root)), 64)  # asked for: still no more than one a file
+    assert asked == [2, 2, 2]
 
 
 def test_a_dataset_whose_every_file_is_bad_fails_the_stage_after_the_healthy_ones(tmp_path):
