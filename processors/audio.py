@@ -116,6 +116,22 @@ def audio_duration(path: str | os.PathLike) -> float:
         return len(audio) / rate
 
 
+APPLE_DOUBLE_MAGIC = b"\x00\x05\x16\x07"
+
+
+def is_apple_double(path: str | os.PathLike) -> bool:
+    """A macOS `._<name>` companion (resource fork and Finder data, not audio), which a copy to a non-Mac disk, a
+    network share or a zip made on a Mac leaves beside every file: `._0001.wav` is taken for an utterance otherwise."""
+    if not os.path.basename(path).startswith("._"):
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == APPLE_DOUBLE_MAGIC
+    except OSError:
+        return False
+
+
 def list_audio(folder: str | os.PathLike) -> list[str]:
-    """All audio files below `folder`, at any depth (symlinked folders too), sorted so listings agree across machines."""
-    return sorted(p for p in walk_files(folder) if p.lower().endswith(AUDIO_EXTENSIONS))
+    """All audio files below `folder`, at any depth (symlinked folders too), sorted so listings agree across machines;
+    macOS `._` companions are not audio and are passed over."""
+    return sorted(p for p in walk_files(folder) if p.lower().endswith(AUDIO_EXTENSIONS) and not is_apple_double(p))

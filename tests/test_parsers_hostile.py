@@ -13,7 +13,21 @@ import pytest
 import soundfile as sf
 
 from processors.datasets import collecting_left_out, get_parser
-from tests.corpora import csd, libritts, ljspeech, m4singer, nus48e, opencpop, pjs, quiet, tone, write_audio, write_text
+from tests.corpora import (
+    BUILDERS,
+    EXPECTED,
+    csd,
+    libritts,
+    ljspeech,
+    m4singer,
+    nus48e,
+    opencpop,
+    pjs,
+    quiet,
+    tone,
+    write_audio,
+    write_text,
+)
 
 
 def parse(name: str, root: Path, work: Path) -> tuple[dict[str, dict], list[str]]:
@@ -205,3 +219,20 @@ def test_pjs_reads_a_song_folder_that_is_a_symlink(tmp_path):
     folder.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     entries, left = parse("pjs", root, tmp_path / "work")
     assert "pjs004_song_0" in entries and len(entries) == 15 and left == []
+
+
+APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4000)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_macos_companion_files_are_not_utterances(tmp_path, name):
+    """A copy made on a Mac leaves `._<name>` beside every file; they sort first, so they took VCTK's test places,
+    shifted LJSpeech's last 5% and gave PopCS two clips named '<song>_.'."""
+    root = BUILDERS[name](tmp_path / name)
+    clean, _left = parse(name, root, tmp_path / "clean")
+    for path in [p for p in (tmp_path / name).rglob("*") if p.is_file()]:
+        (path.parent / f"._{path.name}").write_bytes(APPLE_DOUBLE)
+    with collecting_left_out() as left:
+        train, test = get_parser(name)(root, name, tmp_path / "work")
+    assert {e["Uid"] for e in train + test} == set(clean) and {e["Uid"] for e in test} == EXPECTED[name][1]
+    assert not any("._" in line for line in left)
