@@ -236,3 +236,18 @@ def test_macos_companion_files_are_not_utterances(tmp_path, name):
         train, test = get_parser(name)(root, name, tmp_path / "work")
     assert {e["Uid"] for e in train + test} == set(clean) and {e["Uid"] for e in test} == EXPECTED[name][1]
     assert not any("._" in line for line in left)
+
+
+@pytest.mark.parametrize(("name", "stray"), [
+    ("opencpop", "segments/wavs/2003000001.wav"), ("m4singer", "Tenor-3#新歌/0000.wav"),
+    ("opensinger", "ManRaw/0_大鱼/0_大鱼.wav"), ("popbutfy", "Female4#singing#Someone_Like_You_Amateur/take2.wav"),
+    ("popcs", "popcs-欧若拉/0001.wav"), ("kising", "421/0041.flac"),
+])
+def test_audio_a_parser_passes_over_is_listed_not_dropped(tmp_path, name, stray):
+    """A wav in no official list, or named otherwise than the layout, was passed over without a word."""
+    root = BUILDERS[name](tmp_path / name)
+    write_audio(root / stray, 0.3, 24000)
+    entries, left = parse(name, root, tmp_path / "work")
+    assert len(entries) == EXPECTED[name][0] + len(EXPECTED[name][1])
+    named = [line for line in left if line.startswith(f"{root / stray}: ")]
+    assert len(named) == 1 and named[0].endswith("; not used")

@@ -68,6 +68,16 @@ def audio_in(folder: Path) -> list[Path]:
     return usable(p for p in folder.glob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
 
 
+def list_unused(folders: Iterable[Path], entries: list[Entry], why: str) -> None:
+    """Left out with `why`: the audio files in `folders` that no entry reads (named otherwise than the layout says,
+    or not in the corpus's own list), so a file the parser passes over is listed in skipped.txt, never just dropped."""
+    read = {Path(e["Path"]) for e in entries}
+    for folder in folders:
+        for path in audio_in(folder):
+            if path not in read:
+                left_out(path, why)
+
+
 def subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*") if p.is_dir())
 

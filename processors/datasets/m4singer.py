@@ -3,8 +3,8 @@
 Reads `<root>/meta.json` (a list; only `item_name` = `<Singer>#<Song>#<NNNN>` is used) and the
 matching `<root>/<Singer>#<Song>/<NNNN>.wav`. Uid `<Singer>_<Song>_<NNNN>`; Singer = voice part;
 Song = title, kept as written (spaces included: the original drops those songs). Items whose wav
-is missing are logged and left out. Test: (Alto-1, 美错), (Bass-1, 十年), (Soprano-2, 同桌的你),
-(Tenor-5, 爱笑的眼睛); their singers also sing in train.
+is missing, and wavs meta.json does not list, are left out (listed in skipped.txt).
+Test: (Alto-1, 美错), (Bass-1, 十年), (Soprano-2, 同桌的你), (Tenor-5, 爱笑的眼睛); their singers also sing in train.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from processors.datasets import DatasetError, left_out
-from processors.datasets.common import entry, require_found, split_by
+from processors.datasets.common import entry, list_unused, require_found, split_by, subdirs
 from utils.io import load_json
 
 TEST = {("Alto-1", "美错"), ("Bass-1", "十年"), ("Soprano-2", "同桌的你"), ("Tenor-5", "爱笑的眼睛")}
@@ -50,4 +50,5 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
         else:
             left_out(wav, f"listed in meta.json as '{name}' but missing")
     require_found(entries, root, LAYOUT)
+    list_unused([d for d in subdirs(root) if "#" in d.name], entries, "not listed in meta.json; not used")
     return split_by(entries, lambda e: (e["Singer"], e["Song"]) in TEST)

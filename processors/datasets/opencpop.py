@@ -3,8 +3,8 @@
 Reads `<root>/segments/{train,test}.txt` ("|"-separated; field 1 = utterance id) and
 `<root>/segments/wavs/<id>.wav`; the full songs in `<root>/wavs/` are not used. Any dataset name
 starting with `opencpo` comes here and becomes the `Dataset` field. Uid = the id (`2001000001`);
-Singer `female1`. Test: the official segments/test.txt. Listed ids without a wav are logged and
-left out.
+Singer `female1`. Test: the official segments/test.txt. Listed ids without a wav, and wavs in no list, are left out
+(listed in skipped.txt).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from processors.datasets import left_out
-from processors.datasets.common import entry, require_found, sorted_files
+from processors.datasets.common import entry, list_unused, require_found, sorted_files
 
 log = logging.getLogger(__name__)
 
@@ -37,4 +37,5 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
     wavs = {p.name.lower(): p for p in sorted_files(segments / "wavs", "*.wav")}
     train, test = (_split(segments, dataset, name, wavs) for name in ("train", "test"))
     require_found(train + test, root, "<root>/segments/{train,test}.txt and <root>/segments/wavs/<id>.wav")
+    list_unused([segments / "wavs"], train + test, "listed in neither segments/train.txt nor test.txt; not used")
     return train, test

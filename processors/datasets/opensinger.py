@@ -13,15 +13,16 @@ import logging
 from pathlib import Path
 
 from processors.datasets import left_out
-from processors.datasets.common import entry, require_found, sorted_files, split_by, subdirs
+from processors.datasets.common import entry, list_unused, require_found, sorted_files, split_by, subdirs
 
 log = logging.getLogger(__name__)
 TEST = {("Man_0", "大鱼"), ("Man_21", "丑八怪"), ("Woman_39", "mojito"), ("Woman_40", "易燃易爆炸")}
 MAX_SECONDS = 30.0
+LAYOUT = "<root>/{ManRaw,WomanRaw}/<id>_<song>/<id>_<song>_<n>.wav"
 
 
 def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[dict]]:
-    entries = []
+    entries, too_long = [], []
     for gender in ("Man", "Woman"):
         for folder in (f for f in subdirs(root / f"{gender}Raw") if "_" in f.name):
             singer_id, song = folder.name.split("_", 1)
@@ -30,7 +31,10 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
                 item = entry(dataset, f"{singer}_{song}_{wav.stem.rsplit('_', 1)[1]}", wav, singer, Song=song)
                 if item["Duration"] > MAX_SECONDS:
                     left_out(wav, f"{item['Duration']:.1f} s is over {MAX_SECONDS:.0f} s")
+                    too_long.append(item)
                 else:
                     entries.append(item)
-    require_found(entries, root, "<root>/{ManRaw,WomanRaw}/<id>_<song>/<id>_<song>_<n>.wav")
+    require_found(entries, root, LAYOUT)
+    list_unused([f for g in ("Man", "Woman") for f in subdirs(root / f"{g}Raw")], entries + too_long,
+                f"not named as {LAYOUT}; not used")
     return split_by(entries, lambda e: (e["Singer"], e["Song"]) in TEST)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from processors.datasets.common import audio_in, descend, entry, require_found, split_by, subdirs
+from processors.datasets.common import audio_in, descend, entry, list_unused, require_found, split_by, subdirs
 
 TEST = {("Female1", "you_are_my_sunshine_Professional"), ("Female4", "Someone_Like_You_Professional"),
         ("Male2", "Lemon_Tree_Professional"), ("Male5", "can_you_feel_the_love_tonight_Professional")}
@@ -32,4 +32,6 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
             number = stem.rsplit("_", 1)[1]
             entries.append(entry(dataset, f"{singer}#{song}#{number}", clips[stem], singer, Song=song))
     require_found(entries, data, "<root>/data/<S>#singing#<Song>/<S>#singing#<Song>_<n>.mp3 (or <root> = data/)")
+    list_unused(subdirs(data), entries, "not named <S>#singing#<Song>/<S>#singing#<Song>_<n>.mp3 or .wav (or a .wav "
+                "beside the .mp3 of its name); not used")
     return split_by(entries, lambda e: (e["Singer"], e["Song"]) in TEST)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from processors.datasets.common import descend, entry, require_found, sorted_files, split_by, subdirs
+from processors.datasets.common import descend, entry, list_unused, require_found, sorted_files, split_by, subdirs
 
 TEST_SONGS = {"明天会更好", "欧若拉", "虫儿飞", "隐形的翅膀"}
 
@@ -24,4 +24,5 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
             uid = f"{song}_{wav.stem.split('_')[0]}"
             entries.append(entry(dataset, uid, wav, "female1", Song=song))
     require_found(entries, songs, "<root>/popcs/popcs-<Song>/<NNNN>_wf0.wav (or <root> = inner popcs/)")
+    list_unused(subdirs(songs), entries, "not named popcs-<Song>/<NNNN>_wf0.wav; not used")
     return split_by(entries, lambda e: e["Song"] in TEST_SONGS)
