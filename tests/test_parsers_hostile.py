@@ -251,3 +251,11 @@ def test_audio_a_parser_passes_over_is_listed_not_dropped(tmp_path, name, stray)
     assert len(entries) == EXPECTED[name][0] + len(EXPECTED[name][1])
     named = [line for line in left if line.startswith(f"{root / stray}: ")]
     assert len(named) == 1 and named[0].endswith("; not used")
+
+
+def test_pjs_test_songs_are_found_in_any_case_as_the_songs_are(tmp_path):
+    root = pjs(tmp_path / "pjs")
+    song = root / "PJS_corpus_ver1.1" / "pjs001"
+    (song / "pjs001_song.wav").rename(song / "PJS001_Song.WAV")
+    _train, test = get_parser("pjs")(root, "pjs", tmp_path / "work")
+    assert {e["Uid"] for e in test} >= {"PJS001_Song_0", "PJS001_Song_1", "PJS001_Song_2"} and len(test) == 9

@@ -36,4 +36,5 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
     entries = [entry(dataset, clip.stem, clip, "male1")
                for song in songs for clip in cut_clips(song, work_dir / "clips", thirds, f"{safe_name(song.stem)}_{{i}}")]
     require_found(entries, root, "<root>/PJS_corpus_ver1.1/pjsNNN/pjsNNN_song.wav")
-    return split_by(entries, lambda e: e["Uid"].split("_")[0] in TEST_SONGS)
+    # songs are found in any case, so the test songs are too (`PJS001_song.wav` went to train)
+    return split_by(entries, lambda e: e["Uid"].split("_")[0].lower() in TEST_SONGS)
