@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from processors.datasets import collecting_left_out, get_parser
+from processors.datasets import DatasetError, collecting_left_out, get_parser
 from tests.corpora import (
     BUILDERS,
     EXPECTED,
@@ -259,3 +259,23 @@ def test_pjs_test_songs_are_found_in_any_case_as_the_songs_are(tmp_path):
     (song / "pjs001_song.wav").rename(song / "PJS001_Song.WAV")
     _train, test = get_parser("pjs")(root, "pjs", tmp_path / "work")
     assert {e["Uid"] for e in test} >= {"PJS001_Song_0", "PJS001_Song_1", "PJS001_Song_2"} and len(test) == 9
+
+
+@pytest.mark.parametrize(("name", "copy", "used"), [
+    ("vctk", "wav48_silence_trimmed/p225/p225_001_mic1.wav", "p225_001_mic1.flac"),
+    ("opera", "western/fem_12/pos_3.mp3", "pos_3.wav"),
+])
+def test_a_converted_copy_beside_a_recording_is_listed_not_a_second_utterance(tmp_path, name, copy, used):
+    """Two formats of one recording gave two utterances one Uid, which stopped the whole corpus."""
+    root = BUILDERS[name](tmp_path / name)
+    write_audio(root / copy, 0.5, 24000)
+    entries, left = parse(name, root, tmp_path / "work")
+    assert len(entries) == EXPECTED[name][0] + len(EXPECTED[name][1])
+    assert left == [f"{root / copy}: another copy of {used}, which is used"]
+
+
+def test_a_uid_clash_names_the_files(tmp_path):
+    root = BUILDERS["kising"](tmp_path / "kising")
+    write_audio(root / "422" / "0001.WAV", 0.3, 24000)
+    with pytest.raises(DatasetError, match=f"'422_0001': {root}/422/0001.WAV and {root}/422/0001.wav"):
+        parse("kising", root, tmp_path / "work")

@@ -24,7 +24,9 @@ def require_found(entries: list[Entry], root: Path, layout: str) -> list[Entry]:
         raise DatasetError(f"{root}: no utterances found; expected {layout}")
     clashes = [uid for uid, n in Counter(e["Uid"] for e in entries).items() if n > 1]
     if clashes:
-        raise DatasetError(f"{root}: {plural(len(clashes), 'Uid names', 'Uids name')} several files (e.g. '{clashes[0]}')")
+        files = " and ".join(e["Path"] for e in entries if e["Uid"] == clashes[0])
+        raise DatasetError(f"{root}: {plural(len(clashes), 'Uid names', 'Uids name')} several files (e.g. "
+                           f"'{clashes[0]}': {files})")
     return entries
 
 
@@ -76,6 +78,23 @@ def list_unused(folders: Iterable[Path], entries: list[Entry], why: str) -> None
         for path in audio_in(folder):
             if path not in read:
                 left_out(path, why)
+
+
+def one_per_stem(paths: list[Path], prefer: str) -> list[Path]:
+    """One file per recording: where a folder holds a stem in several formats (a converted copy beside the original),
+    the `prefer` format, else the first sorted; the others are left out, named, instead of two utterances sharing one
+    Uid, which stopped the whole corpus."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in paths:
+        by_stem.setdefault(path.stem, []).append(path)
+    kept = []
+    for copies in by_stem.values():
+        best = min(copies, key=lambda c: c.suffix.lower() != prefer)
+        kept.append(best)
+        for other in copies:
+            if other != best:
+                left_out(other, f"another copy of {best.name}, which is used")
+    return sorted(kept)
 
 
 def subdirs(folder: Path) -> list[Path]:

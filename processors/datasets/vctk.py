@@ -4,8 +4,9 @@ Reads `<root>/wav48_silence_trimmed/<spk>/<spk>_<NNN>_mic<1|2>.flac` (other file
 are ignored) and `<root>/speaker-info.txt` for the gender, where `<root>` is the corpus folder
 (`VCTK-Corpus-0.92/`) or its parent. The 0.80 release (`wav48/*.wav`) is refused by name.
 Singer `female_<spk>` / `male_<spk>` (the bare id when the speaker has no gender listed); Uid `<Singer>#<NNN>_mic<k>`
-(`female_p225#001_mic1`). Test: per speaker, the first 3 files of the **sorted** listing
-(so `001_mic1`, `001_mic2`, `002_mic1`); every speaker is in both splits. Transcripts not read.
+(`female_p225#001_mic1`); a converted copy beside a .flac (`p225_001_mic1.wav`) is left out.
+Test: per speaker, the first 3 files of the **sorted** listing (so `001_mic1`, `001_mic2`, `002_mic1`); every
+speaker is in both splits. Transcripts not read.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from processors.datasets import DatasetError
-from processors.datasets.common import audio_in, entry, require_found, subdirs
+from processors.datasets.common import audio_in, entry, one_per_stem, require_found, subdirs
 
 TEST_PER_SPEAKER = 3
 AUDIO = "wav48_silence_trimmed"
@@ -70,7 +71,8 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
     for folder in subdirs(root / AUDIO):
         spk = folder.name
         singer = f"{gender[spk]}_{spk}" if spk in gender else spk
-        items = [entry(dataset, f"{singer}#{f.stem.removeprefix(spk + '_')}", f, singer) for f in audio_in(folder)]
+        files = one_per_stem(audio_in(folder), ".flac")
+        items = [entry(dataset, f"{singer}#{f.stem.removeprefix(spk + '_')}", f, singer) for f in files]
         test += items[:TEST_PER_SPEAKER]
         train += items[TEST_PER_SPEAKER:]
     require_found(train + test, root, "<root>/wav48_silence_trimmed/<spk>/<spk>_<NNN>_mic<k>.flac (VCTK 0.92)")
