@@ -279,3 +279,10 @@ def test_a_uid_clash_names_the_files(tmp_path):
     write_audio(root / "422" / "0001.WAV", 0.3, 24000)
     with pytest.raises(DatasetError, match=f"'422_0001': {root}/422/0001.WAV and {root}/422/0001.wav"):
         parse("kising", root, tmp_path / "work")
+
+
+def test_csd_names_the_label_file_that_is_missing(tmp_path):
+    root = csd(tmp_path / "csd")
+    (root / "english" / "csv" / "en001a.csv").unlink()
+    _entries, left = parse("csd", root, tmp_path / "work")
+    assert left == [f"{root / 'english/wav/en001a.wav'}: csv/en001a.csv missing; not cut into clips"]

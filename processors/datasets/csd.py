@@ -63,8 +63,9 @@ def parse(root: Path, dataset: str, work_dir: Path) -> tuple[list[dict], list[di
     for lang_dir in (d for d in subdirs(root) if d.name in ("english", "korean")):
         for wav in sorted_files(lang_dir / "wav", "*.wav"):
             txt, notes = lang_dir / "txt" / f"{wav.stem}.txt", lang_dir / "csv" / f"{wav.stem}.csv"
-            if not (txt.is_file() and notes.is_file()):
-                left_out(wav, f"no {txt.name} or {notes.name}")
+            absent = [f"{p.parent.name}/{p.name}" for p in (txt, notes) if not p.is_file()]
+            if absent:  # name the one missing: "no a.txt or a.csv" sent the user looking for both
+                left_out(wav, f"{' and '.join(absent)} missing; not cut into clips")
                 continue
             try:
                 times = line_times(txt, notes)
