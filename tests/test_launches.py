@@ -9,12 +9,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.recipe_helpers import RUN_SH
+from tests.recipe_helpers import REPO, RUN_SH
 from tests.training_kit import config, preprocessed_corpus
 from utils.checkpoint import list_checkpoints
 
@@ -141,6 +142,62 @@ def test_a_failing_process_ends_the_launch_in_one_line(corpus: Path, tmp_path: P
     assert proc.returncode == 1, out[-3000:]
     assert "Traceback" not in out and f"error: {missing}" in out, out[-3000:]
     assert out.rstrip().endswith("exited with status 1 (its error is above)"), out[-3000:]
+
+
+STAND_IN = """import sys, time
+sys.path.insert(0, sys.argv[1])
+from utils.stop_request import StopRequest
+print("ready", flush=True)
+try:
+    with StopRequest() as stop:
+        while stop.signum is None:
+            time.sleep(0.05)
+        time.sleep(3)  # saving
+except KeyboardInterrupt:
+    print("stopped at once", flush=True)
+    sys.exit(130)
+sys.exit(128 + stop.signum)
+"""
+
+
+@pytest.mark.parametrize("processes", [2, 1])
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
+def test_the_launcher_passes_each_stop_signal_on_as_the_processes_await_it(tmp_path: Path, processes: int,
+                                                                          second: str) -> None:
+    """A second Ctrl-C stops each process at once, as without a launcher: torchrun's agent sent SIGTERM instead (a
+    stopping process takes it for the same request) and killed them 30 s later. accelerate's one-process launch
+    ended in a KeyboardInterrupt traceback at a Ctrl-C; a SIGTERM to the launcher alone ended it and left the training
+    running. (A stand-in for train.py, with its stop handling, takes 3 s to save.)"""
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    accelerate_config = tmp_path / "one.yaml"
+    accelerate_config.write_text(ONE_PROCESS)
+    how = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--config_file", str(accelerate_config)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "bins" / "vocoder" / "launch.py"), *how, "--main_process_port",
+                             str(free_port()), str(script), str(REPO)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    out = ""
+    while out.count("ready") < processes:
+        line = proc.stdout.readline()
+        assert line, out
+        out += line
+    time.sleep(0.3)
+    stop = signal.SIGINT if second == "SIGINT" else signal.SIGTERM
+    if second == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches its process group
+    else:
+        os.kill(proc.pid, signal.SIGTERM)  # `kill <pid>` or a scheduler: the launcher alone
+    time.sleep(1.5)  # past the window in which a process takes a SIGINT for the first one passed on again
+    if second == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out += proc.communicate(timeout=20)[0]
+    finally:
+        proc.kill()
+    assert "Traceback" not in out and proc.returncode == 128 + stop, out[-3000:]
+    assert out.count("stopped at once") == (processes if second == "SIGINT" else 0), out[-3000:]
+    assert out.count(f"{second} received: stopping after this step") == processes, out[-3000:]
 
 
 @pytest.mark.parametrize("zeros", ["", "0"])

@@ -1,11 +1,17 @@
-"""`accelerate launch` for stage 2's several processes (run.sh), ending in one line where torchrun's agent ends in a
-traceback: on a stop signal (each process has saved its work and says so above) or a failed process (whose own error
-is above). Arguments are `accelerate launch`'s."""
+"""`accelerate launch` for stage 2's several processes, or an --accelerate_config (run.sh), ending in one line where
+torchrun's agent or accelerate end in a traceback: on a stop signal (each process has saved its work and says so
+above) or a failed process (whose own error is above). A stop signal reaches each process as it would without a
+launcher (a second Ctrl-C stops at once). Arguments are `accelerate launch`'s."""
 
+import os
 import signal
 import subprocess
 import sys
+from contextlib import suppress
+from types import FrameType
 
+import psutil
+import torch.distributed.elastic.multiprocessing.api as elastic
 from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -37,8 +43,45 @@ def ended(who: str, exitcode: int) -> int:
     return code
 
 
+class Relay:
+    """The launcher's stop-signal handler: the first signal is torchrun's (passed on to each process, which stops at
+    a safe point); a later Ctrl-C is passed on as a Ctrl-C, so each process stops at once as without a launcher.
+    torchrun's own sent SIGTERM instead, which a stopping process takes for the same request, and killed them 30 s
+    later. The processes are in sessions of their own: the terminal's Ctrl-C reaches the launcher alone."""
+
+    def __init__(self) -> None:
+        self.first = elastic._terminate_process_handler
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        first, self.first = self.first, None
+        if first is not None:
+            first(signum, frame)  # raises SignalException
+        if signum == signal.SIGINT:  # more than ECHO_S after the first reaches a process as a second Ctrl-C
+            for child in psutil.Process().children():
+                with suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGINT)
+
+
+def to_the_training(signum: int, _frame: FrameType | None) -> None:
+    """Until torchrun's agent takes the stop signals over, and for accelerate's one-process launch, which waits for its
+    process: a stop signal is passed on to it and the launch waits for its save (a Ctrl-C printed a KeyboardInterrupt
+    traceback, and a SIGTERM ended the launcher, leaving the training running on, unwatched). A Ctrl-C is not passed
+    to a process of this one's group: the terminal's reached it too. Before any process starts, the launch ends."""
+    pids = [child.pid for child in psutil.Process().children()]
+    if not pids:
+        print(f"stage 2: the launcher got {named(signum)} before the training started", file=sys.stderr)
+        sys.exit(128 + signum)
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            if signum != signal.SIGINT or os.getpgid(pid) != os.getpgrp():
+                os.kill(pid, signum)
+
+
 def main() -> int:
     args = launch_command_parser().parse_args(sys.argv[1:])
+    elastic._terminate_process_handler = Relay()  # what torchrun's agent installs for SIGINT, SIGTERM, ...
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, to_the_training)
     try:
         launch_command(args)
     except SignalException as stop:
