@@ -79,7 +79,8 @@ def to_the_training(signum: int, _frame: FrameType | None) -> None:
 
 def main() -> int:
     args = launch_command_parser().parse_args(sys.argv[1:])
-    elastic._terminate_process_handler = Relay()  # what torchrun's agent installs for SIGINT, SIGTERM, ...
+    if hasattr(elastic, "_terminate_process_handler"):  # torch's private name: where it is gone, torchrun's own
+        elastic._terminate_process_handler = Relay()  # what torchrun's agent installs for SIGINT, SIGTERM, ...
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, to_the_training)
     try:
