@@ -129,6 +129,15 @@ def test_batched_sampling_equals_one_by_one(sampler):
         assert alone.abs().max() > 0.01  # a real signal, not a trivially equal zero
 
 
+@pytest.mark.parametrize("steps", [1, 2, 4, 50])
+def test_every_ddim_walk_starts_at_the_last_training_step(steps):
+    """The walk starts from pure noise, the last training step's level. One step walked training step 0 alone, whose
+    update barely moves its input: the 'audio' was the starting noise (correlation 0.99999 with it)."""
+    walk = make_plan(model_cfg().model.diffwave, "ddim", steps).walk()
+    assert len(walk) == steps and walk[0].position == 49 and (steps == 1 or walk[-1].position == 0)
+    assert steps > 1 or walk[0].x_scale > 1.5  # one step: x0 at sqrt(alpha_cum) 0.53, not x itself
+
+
 def test_unknown_sampler_and_impossible_ddim_steps_are_config_errors():
     with pytest.raises(ConfigError, match="unknown sampler"):
         make_plan(model_cfg().model.diffwave, "dpm")

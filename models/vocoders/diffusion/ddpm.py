@@ -144,7 +144,9 @@ def make_plan(params: Any, sampler: str = "fast", steps: int | None = None, beta
         n = 6 if steps is None else int(steps)
         if not 1 <= n <= len(train):
             raise ConfigError(f"ddim steps must be in 1..{len(train)}, got {n}")
-        chosen = torch.linspace(0, len(train) - 1, n).round().long().unique()
+        # The walk starts from pure noise, so it must start at the last training step: one step is that step alone
+        # (linspace(0, T - 1, 1) is [0], where the x0 estimate is the starting noise itself)
+        chosen = torch.linspace(0, len(train) - 1, n).round().long().unique() if n > 1 else torch.tensor([len(train) - 1])
         return SamplerPlan("ddim", chosen.float(), train)
     raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLER_NAMES)}")
 
