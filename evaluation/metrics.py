@@ -26,6 +26,7 @@ from processors.mel import mel_spectrogram
 SILENCE_PEAK = 1e-4  # about -80 dBFS: below this a reference carries no signal to score against
 F0_MIN, F0_MAX = 65.0, 1050.0  # C2..C6: speech and most singing
 MSTFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (2048, 512, 2048))  # (n_fft, hop, win)
+MSTFT_SHORTEST = max(n_fft for n_fft, _, _ in MSTFT_RESOLUTIONS) // 2 + 1  # the largest STFT's reflect padding fits
 MCD_ORDER = 24  # cepstral coefficients 1..24 (c0, the energy, is left out as usual)
 MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
 SI_SNR_CAP_DB = 100.0
@@ -171,9 +172,8 @@ def mstft(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float:
     """
     if _silent(ref):
         return math.nan
-    shortest = max(n_fft for n_fft, _, _ in MSTFT_RESOLUTIONS) // 2 + 1
-    if len(ref) < shortest:
-        warnings.warn(f"mstft undefined (NaN): shorter than {shortest} samples", stacklevel=2)
+    if len(ref) < MSTFT_SHORTEST:
+        warnings.warn(f"mstft undefined (NaN): shorter than {MSTFT_SHORTEST} samples", stacklevel=2)
         return math.nan
     total = 0.0
     for n_fft, hop, win in MSTFT_RESOLUTIONS:

@@ -70,6 +70,26 @@ def test_search_cli_writes_per_step_schedules_and_stage3_reads_them(experiment, 
     assert vocoder.plan.steps == 2
 
 
+def test_utterances_no_score_is_defined_on_are_left_out_and_none_at_all_is_one_line(experiment, caplog):
+    """Under the M-STFT's 1025 samples (--seconds 0.1 at 8 kHz) every score was NaN, so every candidate ranked
+    alike and the grid's first was saved as the searched schedule (worse than the fast one on mel L1 alone)."""
+    import logging
+
+    import numpy as np
+
+    from models.vocoders.diffusion.schedule_search import scorable, validation_utterances
+
+    expt, cfg = experiment
+    model = Experiment(expt).load_model(Experiment(expt).config())
+    with pytest.raises(ConfigError, match=r"none of the 2 validation utterances can score a schedule: each needs 1025 "
+                                          r"samples \(0\.128 s\) of sound; raise --seconds \(0\.1\)"):
+        search_schedule(cfg, model, steps=2, utterances=2, seconds=0.1, rounds=1)
+    (name, mel, audio), other = validation_utterances(cfg, 2, 0.3)
+    with caplog.at_level(logging.WARNING):
+        assert scorable([(name, mel, np.zeros_like(audio)), other], 0.3, 8000) == [other]
+    assert f"left out of the schedule search, silent or shorter than 1025 samples (0.128 s) of sound: {name}" in caplog.text
+
+
 def test_missing_schedule_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"searched_schedule\.json: missing; run bins/vocoder/search_schedule\.py"):
         Experiment(tmp_path).searched_betas()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluation.metrics import mel_l1, mstft
+from evaluation.metrics import MSTFT_SHORTEST, SILENCE_PEAK, mel_l1, mstft
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
 from models.vocoders.diffusion.experiment import is_valid
 from processors.feature_store import first_by_name, load_entries, load_items
@@ -41,6 +41,23 @@ def validation_utterances(cfg: Any, count: int, seconds: float) -> list[tuple[st
     if not entries:
         raise FileNotFoundError(f"{pre.processed_dir}: no validation utterances with features to search a schedule on")
     return load_items(cfg, "valid", entries=entries, max_frames=frames)
+
+
+def scorable(items: list[tuple[str, torch.Tensor, np.ndarray]], seconds: float,
+             rate: int) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+    """The utterances both scores are defined on; ConfigError where none is. A silent reference, or one under the
+    M-STFT's shortest, scores NaN, and a NaN mean ranked every candidate alike: the grid's first was saved as the
+    searched schedule, with NaN scores."""
+    short = {name for name, _, audio in items if len(audio) < MSTFT_SHORTEST}
+    silent = {name for name, _, audio in items if np.abs(audio).max(initial=0.0) < SILENCE_PEAK}
+    kept = [item for item in items if item[0] not in short | silent]
+    need = f"{MSTFT_SHORTEST} samples ({MSTFT_SHORTEST / rate:.3f} s) of sound"
+    if not kept:
+        raise ConfigError(f"none of the {plural(len(items), 'validation utterance')} can score a schedule: each needs "
+                          f"{need}{'; raise --seconds (' + format(seconds, 'g') + ')' if short else ''}")
+    if short | silent:
+        log.warning("left out of the schedule search, silent or shorter than %s: %s", need, ", ".join(sorted(short | silent)))
+    return kept
 
 
 class ScheduleScorer:
@@ -117,7 +134,7 @@ def search_schedule(cfg: Any, model: torch.nn.Module, steps: int, utterances: in
     """
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
-    items = validation_utterances(cfg, utterances, seconds)
+    items = scorable(validation_utterances(cfg, utterances, seconds), seconds, int(cfg.preprocess.sample_rate))
     score = ScheduleScorer(cfg, model, items, seed, device)
     default = cfg.model.diffwave.get("inference_noise_schedule")
     grid = coarse_grid(steps, default)
