@@ -4,7 +4,7 @@ Used by the trainer, the in-training evaluation and stage 3 alike.
 - full: the T-step ancestral sampler over the training betas;
 - fast: DiffWave's fast sampler over `inference_noise_schedule`, each of its steps mapped
   to a fractional training step by matching sqrt(alpha_cum);
-- ddim: the deterministic DDIM update on N evenly spaced training steps.
+- ddim: the deterministic DDIM update on N evenly spaced training steps from the last (N = 1: the last alone).
 """
 
 from __future__ import annotations
