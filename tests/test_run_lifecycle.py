@@ -255,7 +255,8 @@ def test_a_resume_without_config_goes_on_with_the_config_its_checkpoint_was_trai
     assert lr(exp / "checkpoint" / f"abandoned-{four.name}") == 5e-4
 
 
-@pytest.mark.parametrize(("signum", "workers"), [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(("signum", "workers"), [(signal.SIGTERM, 1), (signal.SIGINT, 0), (signal.SIGHUP, 0)],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_stop_signal_saves_the_step_reached_and_the_resume_goes_on_from_it(root: Path, signum: int,
                                                                              workers: int) -> None:
     """A scheduler's time limit (SIGTERM to every process of the job, loader workers too) or a Ctrl-C lost every

@@ -1,8 +1,9 @@
-"""SIGINT and SIGTERM as a request to stop at the next safe point, so a long job saves its work first.
+"""SIGINT, SIGTERM and SIGHUP as a request to stop at the next safe point, so a long job saves its work first.
 
-A cluster's time limit (SLURM sends SIGTERM, then SIGKILL after its grace period) or a Ctrl-C
-would otherwise lose every step since the last checkpoint. A second Ctrl-C stops at once; one within
-`ECHO_S` of the first is that first one again (a launcher passes on the Ctrl-C that reached its processes too).
+A cluster's time limit (SLURM sends SIGTERM, then SIGKILL after its grace period), a Ctrl-C or a
+closed terminal (an ssh session that drops) would otherwise lose every step since the last checkpoint. A
+second Ctrl-C stops at once; one within `ECHO_S` of the first is that first one again (a launcher passes
+on the Ctrl-C that reached its processes too).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from types import FrameType, TracebackType
 
 log = logging.getLogger(__name__)
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ECHO_S = 1.0
 
 
@@ -27,7 +28,7 @@ class StopRequested(KeyboardInterrupt):
 
 
 class StopRequest:
-    """While entered, SIGINT and SIGTERM set `signum` instead of ending the process (main thread only: Python
+    """While entered, the stop signals set `signum` instead of ending the process (main thread only: Python
     runs handlers there; elsewhere nothing changes)."""
 
     def __init__(self) -> None:

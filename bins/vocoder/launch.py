@@ -16,7 +16,8 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM}  # a process's exit status after a stop at a safe point
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # utils/stop_request's
+STOPPED = {128 + s for s in STOPS}  # a process's exit status after a stop at a safe point
 
 
 def named(signum: int) -> str:
@@ -66,14 +67,15 @@ def to_the_training(signum: int, _frame: FrameType | None) -> None:
     """Until torchrun's agent takes the stop signals over, and for accelerate's one-process launch, which waits for its
     process: a stop signal is passed on to it and the launch waits for its save (a Ctrl-C printed a KeyboardInterrupt
     traceback, and a SIGTERM ended the launcher, leaving the training running on, unwatched). A Ctrl-C is not passed
-    to a process of this one's group: the terminal's reached it too. Before any process starts, the launch ends."""
+    to a process of this one's group: the terminal's reached it too (and a closed terminal's SIGHUP). Before any process
+    starts, the launch ends."""
     pids = [child.pid for child in psutil.Process().children()]
     if not pids:
         print(f"stage 2: the launcher got {named(signum)} before the training started", file=sys.stderr)
         sys.exit(128 + signum)
     for pid in pids:
         with suppress(ProcessLookupError):
-            if signum != signal.SIGINT or os.getpgid(pid) != os.getpgrp():
+            if signum == signal.SIGTERM or os.getpgid(pid) != os.getpgrp():
                 os.kill(pid, signum)
 
 
@@ -81,7 +83,7 @@ def main() -> int:
     args = launch_command_parser().parse_args(sys.argv[1:])
     if hasattr(elastic, "_terminate_process_handler"):  # torch's private name: where it is gone, torchrun's own
         elastic._terminate_process_handler = Relay()  # what torchrun's agent installs for SIGINT, SIGTERM, ...
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOPS:
         signal.signal(signum, to_the_training)
     try:
         launch_command(args)

@@ -222,7 +222,7 @@ class DiffusionVocoderTrainer:
         )
 
     def train(self) -> None:
-        """Train to the config's bounds; a SIGINT or SIGTERM stops at the next step with a final checkpoint, then
+        """Train to the config's bounds; a SIGINT, SIGTERM or SIGHUP stops at the next step with a final checkpoint, then
         raises StopRequested (a second Ctrl-C stops at once, losing the steps since the last checkpoint)."""
         self.stop = StopRequest()
         try:
@@ -275,13 +275,13 @@ class DiffusionVocoderTrainer:
         """
         minutes = float(self.cfg.train.get("max_minutes", 0) or 0)
         spent = 0 < minutes < (time.perf_counter() - self.started) / 60
-        ask = float(self.stop.signum or spent)  # a signal's number (2, 15) outranks the budget's 1
+        ask = float(1 + self.stop.signum if self.stop.signum else spent)  # a signal (1 + its number) outranks the budget
         decided = ask
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(torch.full((), ask, device=self.accelerator.device), "max")
             previous, self.time_flag = self.time_flag, HostCopy(flag)
             decided = previous.read() if previous is not None else 0.0
-        self.signalled = self.signalled or (int(decided) if decided > 1 else 0)
+        self.signalled = self.signalled or (int(decided) - 1 if decided > 1 else 0)
         return decided > 0
 
     def _run_epoch(self, epoch: EpochLog) -> list[str]:
