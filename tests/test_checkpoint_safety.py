@@ -300,6 +300,28 @@ def test_a_checkpoint_saved_over_one_of_its_name_never_leaves_the_name_empty(tmp
     assert torch.equal(load_weights(folder)["w"], torch.ones(2)) and not list(folder.parent.glob(".tmp-*"))
 
 
+@pytest.mark.parametrize("killed", ["saving", "pruning"])
+def test_a_save_killed_between_its_renames_is_finished_and_a_killed_prune_is_not_undone(tmp_path, killed):
+    """Killed between set_aside and the new folder's rename, a same-name save left both folders hidden: the resume
+    listing went back to an older checkpoint and the next save's cleanup deleted both."""
+    root = tmp_path / "checkpoint"
+    older, name = root / checkpoint_name(0, 1, 0.5), checkpoint_name(1, 2, 0.4)
+    save_checkpoint(older, {"model.safetensors": {"w": torch.zeros(2)}}, {"epoch": 0, "step": 1})
+    save_checkpoint(root / name, {"model.safetensors": {"w": torch.zeros(2)}}, {"epoch": 1, "step": 2})
+    os.replace(root / name, root / f".tmp-del-{name}")  # set aside ...
+    if killed == "saving":  # ... for a complete, synced new folder that had yet to take the name
+        save_checkpoint(tmp_path / "new" / name, {"model.safetensors": {"w": torch.ones(2)}}, {"epoch": 1, "step": 2})
+        os.replace(tmp_path / "new" / name, root / f".tmp-{name}")
+    assert list_checkpoints(root) == [older]
+    save_checkpoint(root / checkpoint_name(2, 3, 0.3), {"model.safetensors": {"w": torch.zeros(2)}}, {"epoch": 2, "step": 3})
+    names = [p.name for p in list_checkpoints(root)]
+    assert names == ([older.name, name, checkpoint_name(2, 3, 0.3)] if killed == "saving" else [older.name,
+                                                                                                  checkpoint_name(2, 3, 0.3)])
+    if killed == "saving":
+        assert torch.equal(load_weights(root / name)["w"], torch.ones(2))
+    assert not list(root.glob(".tmp-*"))
+
+
 def test_a_loose_weights_file_takes_no_config_from_folders_above_it(tmp_path):
     """Its grandparent's args.json is no experiment's of its: a finetune compared the model with an unrelated config."""
     from models.vocoders.diffusion.experiment import trained_config

@@ -154,6 +154,20 @@ def set_aside(folder: Path) -> Path | None:
     return doomed
 
 
+def finish_interrupted_save(root: Path) -> None:
+    """A save killed between its two renames (`set_aside`, then the new folder's) left the earlier checkpoint in
+    `.tmp-del-<name>` and the new one, complete and synced, in `.tmp-<name>`: the new one takes its name. (A prune
+    killed mid-delete leaves `.tmp-del-<name>` alone, with nothing to put back.)"""
+    for doomed in root.glob(f"{TEMP_PREFIX}del-*"):
+        name = doomed.name.removeprefix(f"{TEMP_PREFIX}del-")
+        new = root / f"{TEMP_PREFIX}{name}"
+        if CHECKPOINT_PATTERN.match(name) and not (root / name).exists() and (new / "state.json").is_file():
+            try:
+                os.replace(new, root / name)
+            except OSError:  # a read-only copy, or another process of the run did it first
+                continue
+
+
 def remove_checkpoint(folder: Path) -> None:
     doomed = set_aside(folder)
     if doomed is not None:
@@ -167,6 +181,7 @@ def save_checkpoint(folder: Path, files: dict[str, Any], state: dict) -> Path:
     training process writes in this folder, and list_checkpoints never reads them.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_save(folder.parent)
     for stale in folder.parent.glob(f"{TEMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
     remove_stale_temps(folder.parent)

@@ -21,6 +21,7 @@ from utils.checkpoint import (
     CHECKPOINT_PATTERN,
     CheckpointError,
     checkpoint_name,
+    finish_interrupted_save,
     first_line,
     is_accelerate_folder,
     list_checkpoints,
@@ -101,6 +102,8 @@ def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: An
     A checkpoint from outside an experiment that has checkpoints of its own is refused: resumed there, it would
     graft another run's weights onto this one's history."""
     own = checkpoint is None or Path(checkpoint).resolve() in (experiment.root.resolve(), experiment.checkpoints.resolve())
+    if experiment.checkpoints.is_dir():
+        finish_interrupted_save(experiment.checkpoints)
     listed = list_checkpoints(experiment.checkpoints)
     if own and experiment.args.is_file() and not listed:
         aside = sorted(p.name for p in experiment.checkpoints.glob(f"{ABANDONED_PREFIX}*"))
