@@ -203,6 +203,42 @@ def test_the_launcher_passes_each_stop_signal_on_as_the_processes_await_it(tmp_p
     assert out.count(f"{second} received: stopping after this step") == processes, out[-3000:]
 
 
+@pytest.mark.parametrize(("processes", "nohup"), [(1, False), (2, True)], ids=["kill-HUP", "nohup"])
+def test_a_sighup_reaches_the_training_unless_it_was_ignored_from_the_start(tmp_path: Path, processes: int,
+                                                                            nohup: bool) -> None:
+    """A SIGHUP to a one-process launcher alone (`kill -HUP`) was swallowed: the training ran on and the launcher waited.
+    Under nohup, a closed terminal's SIGHUP (the shell sends it to each job's group) stopped the run it was meant not
+    to stop: the launcher and the training caught the SIGHUP nohup ignores."""
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    accelerate_config = tmp_path / "one.yaml"
+    accelerate_config.write_text(ONE_PROCESS)
+    how = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--config_file", str(accelerate_config)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*(["nohup"] if nohup else []), sys.executable, str(REPO / "bins" / "vocoder" / "launch.py"),
+                             *how, "--main_process_port", str(free_port()), str(script), str(REPO)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    out = ""
+    while out.count("ready") < processes:
+        line = proc.stdout.readline()
+        assert line, out
+        out += line
+    time.sleep(0.3)
+    (os.killpg if nohup else os.kill)(proc.pid, signal.SIGHUP)
+    try:
+        if nohup:
+            time.sleep(2)
+            assert proc.poll() is None
+            os.kill(proc.pid, signal.SIGTERM)
+        out += proc.communicate(timeout=20)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    stop = signal.SIGTERM if nohup else signal.SIGHUP
+    assert "Traceback" not in out and proc.returncode == 128 + stop, out[-3000:]
+    assert "SIGHUP received" not in out if nohup else out.count("SIGHUP received") == processes, out[-3000:]
+
+
 @pytest.mark.parametrize("zeros", ["", "0"])
 def test_busy_port_gives_a_clear_error(corpus: Path, tmp_path: Path, zeros: str) -> None:
     """A leading zero is the same port (it was pasted into the bind probe's Python, where 08 does not parse)."""

@@ -16,6 +16,12 @@ from types import FrameType, TracebackType
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def wanted_signals() -> tuple[int, ...]:
+    """The stop signals to catch: a SIGHUP ignored from the start (`nohup`, `trap '' HUP`) stays ignored, so a run
+    started to outlive its terminal does not stop when that terminal closes."""
+    return tuple(s for s in SIGNALS if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN)
 ECHO_S = 1.0
 
 
@@ -38,7 +44,7 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in wanted_signals()}
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:

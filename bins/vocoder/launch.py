@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from contextlib import suppress
+from pathlib import Path
 from types import FrameType
 
 import psutil
@@ -16,8 +17,10 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # utils/stop_request's
-STOPPED = {128 + s for s in STOPS}  # a process's exit status after a stop at a safe point
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, as train.py: `python bins/...` works
+from utils.stop_request import SIGNALS, wanted_signals
+
+STOPPED = {128 + s for s in SIGNALS}  # a process's exit status after a stop at a safe point
 
 
 def named(signum: int) -> str:
@@ -50,10 +53,12 @@ class Relay:
     torchrun's own sent SIGTERM instead, which a stopping process takes for the same request, and killed them 30 s
     later. The processes are in sessions of their own: the terminal's Ctrl-C reaches the launcher alone."""
 
-    def __init__(self) -> None:
-        self.first = elastic._terminate_process_handler
+    def __init__(self, wanted: tuple[int, ...]) -> None:
+        self.first, self.wanted = elastic._terminate_process_handler, wanted
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if signum not in self.wanted:  # a SIGHUP under nohup: torchrun's would stop every process
+            return
         first, self.first = self.first, None
         if first is not None:
             first(signum, frame)  # raises SignalException
@@ -67,23 +72,25 @@ def to_the_training(signum: int, _frame: FrameType | None) -> None:
     """Until torchrun's agent takes the stop signals over, and for accelerate's one-process launch, which waits for its
     process: a stop signal is passed on to it and the launch waits for its save (a Ctrl-C printed a KeyboardInterrupt
     traceback, and a SIGTERM ended the launcher, leaving the training running on, unwatched). A Ctrl-C is not passed
-    to a process of this one's group: the terminal's reached it too (and a closed terminal's SIGHUP). Before any process
-    starts, the launch ends."""
+    to a process of this one's group: the terminal's reached it too (a SIGTERM or SIGHUP that reached it too is the same
+    request again, and one sent to the launcher alone, `kill -HUP`, was swallowed). Before any process starts, the
+    launch ends."""
     pids = [child.pid for child in psutil.Process().children()]
     if not pids:
         print(f"stage 2: the launcher got {named(signum)} before the training started", file=sys.stderr)
         sys.exit(128 + signum)
     for pid in pids:
         with suppress(ProcessLookupError):
-            if signum == signal.SIGTERM or os.getpgid(pid) != os.getpgrp():
+            if signum != signal.SIGINT or os.getpgid(pid) != os.getpgrp():
                 os.kill(pid, signum)
 
 
 def main() -> int:
     args = launch_command_parser().parse_args(sys.argv[1:])
+    wanted = wanted_signals()
     if hasattr(elastic, "_terminate_process_handler"):  # torch's private name: where it is gone, torchrun's own
-        elastic._terminate_process_handler = Relay()  # what torchrun's agent installs for SIGINT, SIGTERM, ...
-    for signum in STOPS:
+        elastic._terminate_process_handler = Relay(wanted)  # what torchrun's agent installs for SIGINT, SIGTERM, ...
+    for signum in wanted:
         signal.signal(signum, to_the_training)
     try:
         launch_command(args)
