@@ -16,13 +16,13 @@ from types import FrameType, TracebackType
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+ECHO_S = 1.0
 
 
 def wanted_signals() -> tuple[int, ...]:
     """The stop signals to catch: a SIGHUP ignored from the start (`nohup`, `trap '' HUP`) stays ignored, so a run
     started to outlive its terminal does not stop when that terminal closes."""
     return tuple(s for s in SIGNALS if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN)
-ECHO_S = 1.0
 
 
 class StopRequested(KeyboardInterrupt):
