@@ -162,6 +162,26 @@ sys.exit(128 + stop.signum)
 """
 
 
+def launch_stand_in(tmp_path: Path, processes: int, *prefix: str) -> tuple[subprocess.Popen, str]:
+    """The launcher over STAND_IN, in a session of its own; returned once every process is ready, with its output."""
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    accelerate_config = tmp_path / "one.yaml"
+    accelerate_config.write_text(ONE_PROCESS)
+    how = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--config_file", str(accelerate_config)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*prefix, sys.executable, str(REPO / "bins" / "vocoder" / "launch.py"), *how,
+                             "--main_process_port", str(free_port()), str(script), str(REPO)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    out = ""
+    while out.count("ready") < processes:
+        line = proc.stdout.readline()
+        assert line, out
+        out += line
+    time.sleep(0.3)
+    return proc, out
+
+
 @pytest.mark.parametrize("processes", [2, 1])
 @pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
 def test_the_launcher_passes_each_stop_signal_on_as_the_processes_await_it(tmp_path: Path, processes: int,
@@ -170,21 +190,7 @@ def test_the_launcher_passes_each_stop_signal_on_as_the_processes_await_it(tmp_p
     stopping process takes it for the same request) and killed them 30 s later. accelerate's one-process launch
     ended in a KeyboardInterrupt traceback at a Ctrl-C; a SIGTERM to the launcher alone ended it and left the training
     running. (A stand-in for train.py, with its stop handling, takes 3 s to save.)"""
-    script = tmp_path / "stand_in.py"
-    script.write_text(STAND_IN)
-    accelerate_config = tmp_path / "one.yaml"
-    accelerate_config.write_text(ONE_PROCESS)
-    how = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--config_file", str(accelerate_config)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(REPO / "bins" / "vocoder" / "launch.py"), *how, "--main_process_port",
-                             str(free_port()), str(script), str(REPO)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    out = ""
-    while out.count("ready") < processes:
-        line = proc.stdout.readline()
-        assert line, out
-        out += line
-    time.sleep(0.3)
+    proc, out = launch_stand_in(tmp_path, processes)
     stop = signal.SIGINT if second == "SIGINT" else signal.SIGTERM
     if second == "SIGINT":
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches its process group
@@ -209,21 +215,7 @@ def test_a_sighup_reaches_the_training_unless_it_was_ignored_from_the_start(tmp_
     """A SIGHUP to a one-process launcher alone (`kill -HUP`) was swallowed: the training ran on and the launcher waited.
     Under nohup, a closed terminal's SIGHUP (the shell sends it to each job's group) stopped the run it was meant not
     to stop: the launcher and the training caught the SIGHUP nohup ignores."""
-    script = tmp_path / "stand_in.py"
-    script.write_text(STAND_IN)
-    accelerate_config = tmp_path / "one.yaml"
-    accelerate_config.write_text(ONE_PROCESS)
-    how = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--config_file", str(accelerate_config)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([*(["nohup"] if nohup else []), sys.executable, str(REPO / "bins" / "vocoder" / "launch.py"),
-                             *how, "--main_process_port", str(free_port()), str(script), str(REPO)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    out = ""
-    while out.count("ready") < processes:
-        line = proc.stdout.readline()
-        assert line, out
-        out += line
-    time.sleep(0.3)
+    proc, out = launch_stand_in(tmp_path, processes, *(["nohup"] if nohup else []))
     (os.killpg if nohup else os.kill)(proc.pid, signal.SIGHUP)
     try:
         if nohup:
