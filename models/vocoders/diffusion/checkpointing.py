@@ -102,8 +102,7 @@ def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: An
     A checkpoint from outside an experiment that has checkpoints of its own is refused: resumed there, it would
     graft another run's weights onto this one's history."""
     own = checkpoint is None or Path(checkpoint).resolve() in (experiment.root.resolve(), experiment.checkpoints.resolve())
-    if experiment.checkpoints.is_dir():
-        finish_interrupted_save(experiment.checkpoints)
+    finish_interrupted_save(experiment.checkpoints)  # a save killed between its renames hid the newest
     listed = list_checkpoints(experiment.checkpoints)
     if own and experiment.args.is_file() and not listed:
         aside = sorted(p.name for p in experiment.checkpoints.glob(f"{ABANDONED_PREFIX}*"))
