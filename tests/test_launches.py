@@ -85,6 +85,7 @@ def test_two_processes_shard_data_save_once_and_use_the_port(corpus: Path, tmp_p
     port = free_port()
     (out,), seen = finish([launch(cfg, "ddp", "--gpu", "0,1", "--main_process_port", str(port))], port)
     assert f"process group: backend gloo, world size 2, rendezvous port {port}" in out, out[-3000:]
+    assert "accelerate config" not in out  # its warning of defaults: the trainer sets precision and compiling itself
     assert seen, f"nothing listened on port {port} during training"
     exp = tmp_path / "ckpts" / "ddp"
     check_one_experiment(exp, 2, 2)
@@ -263,6 +264,20 @@ def test_a_port_that_is_no_port_number_is_named_as_such(tmp_path: Path, port: st
 def test_a_gpu_list_without_device_ids_is_refused(gpu: str, words: str) -> None:
     """These started a CPU run (or one process per empty entry) instead of the GPUs meant."""
     result = subprocess.run(["bash", str(RUN_SH), "--stage", "2", "--name", "g", "--gpu", gpu], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--num_machines", "2", "--machine_rank", "1"], "--num_machines 2 needs --main_process_ip"),
+    (["--machine_rank", "1"], "--machine_rank 1 is no machine of --num_machines 1 (ranks 0 to 0)"),
+    (["--num_machines", "2", "--machine_rank", "2", "--main_process_ip", "127.0.0.1"], "ranks 0 to 1"),
+    (["--num_machines", "0"], "--num_machines must be a whole number from 1, got '0'"),
+    (["--num_machines", "two"], "--num_machines must be a whole number from 1, got 'two'"),
+    (["--machine_rank", "-1"], "--machine_rank must be a whole number from 0, got '-1'")])
+def test_machines_that_could_never_meet_are_refused(flags: list[str], words: str) -> None:
+    """These waited for a rendezvous that never came (machine 1 without machine 0's address), beyond a SIGTERM."""
+    result = subprocess.run(["bash", str(RUN_SH), "--stage", "2", "--name", "m", *flags], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

@@ -138,6 +138,15 @@ only_for "1 2 3" --config  # stage 4 scores with the mel of --infer_expt_dir's e
 if [ -n "$accelerate_config" ]; then
   not_with "with --accelerate_config (the file sets it)" --num_machines --machine_rank --main_process_ip
 fi
+# A rank outside the machines, or machines without machine 0's address, waited for a rendezvous that never came.
+case "$num_machines" in ""|*[!0-9]*) die "--num_machines must be a whole number from 1, got '$num_machines'" ;; esac
+case "$machine_rank" in ""|*[!0-9]*) die "--machine_rank must be a whole number from 0, got '$machine_rank'" ;; esac
+num_machines=$(( 10#$num_machines )) machine_rank=$(( 10#$machine_rank ))
+[ "$num_machines" -ge 1 ] || die "--num_machines must be a whole number from 1, got '$num_machines'"
+[ "$machine_rank" -lt "$num_machines" ] || die "--machine_rank $machine_rank is no machine of --num_machines $num_machines (ranks 0 to $(( num_machines - 1 )))"
+if [ "$num_machines" -gt 1 ] && [ -z "$main_process_ip" ]; then
+  die "--num_machines $num_machines needs --main_process_ip: the address of machine 0, the same on every machine"
+fi
 case "$log_level" in debug|info|warning|error) ;; *) die "--log_level must be debug, info, warning or error, got '$log_level'" ;; esac
 case "$infer_precision" in ""|auto|fp32|fp16|bf16) ;; *) die "--infer_precision must be auto, fp32, fp16 or bf16, got '$infer_precision'" ;; esac
 case ",$gpu," in *,,*|*[[:space:]]*) die "--gpu must list device ids separated by commas, e.g. \"0,1\", got '$gpu'" ;; esac
@@ -198,7 +207,10 @@ case "$stage" in
     if [ -n "$accelerate_config" ]; then
       launch+=(--config_file "$accelerate_config")
     else
-      launch+=(--num_processes "$total" --num_machines "$num_machines" --machine_rank "$machine_rank")
+      # Given, so accelerate does not warn of defaults and advise `accelerate config`: the trainer sets the precision
+      # (train.mixed_precision) and compiles (train.compile) itself.
+      launch+=(--num_processes "$total" --num_machines "$num_machines" --machine_rank "$machine_rank"
+               --mixed_precision no --dynamo_backend no)
       [ -n "$main_process_ip" ] && launch+=(--main_process_ip "$main_process_ip")
       # Several processes go through torchrun (--multi_gpu); without CUDA the trainer makes it a gloo group.
       # accelerate's --cpu launcher would start only one process.
