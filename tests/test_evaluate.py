@@ -348,3 +348,15 @@ def test_rerun_moves_earlier_outputs_aside_and_an_unwritable_output_is_refused_f
     (tmp_path / "file").write_text("")
     assert main(cli(gt, pred, tmp_path / "file")) == 2
     assert "cannot write the outputs there" in capsys.readouterr().err
+
+
+def test_a_warning_during_a_progress_bar_starts_a_line_of_its_own() -> None:
+    """Stage 4's per-utterance warnings (and every stage's) went on after the bar's text, mid-line, easy to miss."""
+    script = ("import logging; from tqdm import tqdm; from utils.cli import setup_logging; setup_logging('info')\n"
+              "for i in tqdm(range(2), desc='scoring'):\n"
+              "    logging.getLogger('evaluation.evaluate').warning('utt%d: F0 RMSE undefined', i)\n")
+    err = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stderr
+    lines = err.replace("\r", "\n").splitlines()
+    for i in range(2):
+        assert any(line.split(" ", 1)[-1] == f"WARNING evaluation.evaluate: utt{i}: F0 RMSE undefined"
+                   for line in lines), err

@@ -40,11 +40,34 @@ def add_common_args(parser: argparse.ArgumentParser, config_required: bool = Tru
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+class BarAwareHandler(logging.StreamHandler):
+    """Each record on a line of its own while a progress bar is drawn: tqdm takes the bar away, the record is written
+    and the bar drawn again below it. Written straight to the stream, a record went on after the bar's text, mid-line
+    (`scoring:  12%|█▎ | 1/8 [00:04<00:31]04:18:54 WARNING ...`), easy to miss. Other processes (forked workers, whose
+    copies of the bars are stale) write as a plain handler does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pid = os.getpid()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if os.getpid() != self.pid:
+            super().emit(record)
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(level: str) -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(
         level=getattr(logging, level.upper()) if rank == "0" else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[BarAwareHandler()],
     )
     logging.captureWarnings(True)
 
