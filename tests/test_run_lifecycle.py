@@ -85,6 +85,17 @@ def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(root: 
     assert "no checkpoint yet" in caplog.text and steps(exp) == [1, 2]
 
 
+def test_resuming_a_name_that_holds_no_experiment_says_so_and_where_it_looked(root: Path) -> None:
+    """A mistyped --name, or a resume without the --config it was trained with (so another log_dir), ended in
+    "ckpts/vocoder/x/checkpoint: no complete checkpoint here": a path relative to the repo root, not the user's folder."""
+    with pytest.raises(ConfigError) as err:
+        trainer(root / "config.json", "never_trained", "resume")
+    exp = (root / "ckpts" / "never_trained").resolve()
+    assert str(err.value).startswith(f"{exp}: no experiment of this name to resume (log_dir '{root / 'ckpts'}' from "
+                                     f"{root / 'config.json'}); check --name and --config"), err.value
+    assert not exp.exists()
+
+
 def test_runs_that_would_train_nothing_are_refused_before_writing(root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="already at epoch 0 of max_epoch 0"):
         trainer(tiny_training_config(root, "epoch0.json", max_epoch=0), "nothing")
