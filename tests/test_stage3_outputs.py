@@ -189,3 +189,14 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_vocoding(tmp_
     monkeypatch.setattr(type(vocoder), "__call__", lambda *a, **k: pytest.fail("vocoded before checking the folder"))
     with pytest.raises(InputError, match=r"out/pred: cannot write the outputs there"):
         run_inference(vocoder, "infer_from_feature", tmp_path / "out", feature_dir=str(tmp_path / "mels"))
+
+
+def test_the_summary_line_names_the_sampler_as_chosen(tmp_path, vocoder, caplog):
+    """Not "ddpm", which the fast, full and searched samplers all said."""
+    from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
+
+    fast = Vocoder(vocoder.cfg, vocoder.model, sampler="fast")
+    np.save(tmp_path / "a.npy", np.full((N_MEL, 4), -5.0, np.float32))
+    with caplog.at_level("INFO"):
+        assert run_inference(fast, "infer_from_feature", tmp_path / "out", feature_dir=str(tmp_path)) == 1
+    assert caplog.records[-1].getMessage().endswith("with the fast sampler (6 steps)")

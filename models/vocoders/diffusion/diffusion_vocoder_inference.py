@@ -105,6 +105,7 @@ class Vocoder:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.plan = make_plan(cfg.model.diffwave, sampler, steps, betas)
+        self.sampler = sampler  # as chosen (--infer_sampler, inference.sampler): the plan's kind is ddpm or ddim
         self.batch_size = max(1, int(batch_size))
         self.seed = seed
         self.hop = int(cfg.preprocess.hop_size)

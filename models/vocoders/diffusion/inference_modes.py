@@ -250,5 +250,5 @@ def run_inference(vocoder: Vocoder, mode: str, output_dir: str | Path, datasets:
     elapsed = time.time() - start
     log.info("%s: %s written to %s, %d skipped; %.1f s of audio in %.1f s (RTF %.2f) with the %s sampler (%s)",
              mode, plural(written, "wav"), out / "pred", len(skipped), seconds, elapsed, elapsed / max(seconds, 1e-9),
-             vocoder.plan.kind if vocoder.plan.kind == "ddim" else "ddpm", plural(vocoder.plan.steps, "step"))
+             vocoder.sampler, plural(vocoder.plan.steps, "step"))
     return written
