@@ -96,6 +96,16 @@ def test_resuming_a_name_that_holds_no_experiment_says_so_and_where_it_looked(ro
     assert not exp.exists()
 
 
+def test_an_epochs_progress_bar_is_numbered_as_its_summary_line(root: Path, capfd, caplog) -> None:
+    """The bar of the first epoch said "epoch 0", its summary line below it "epoch 1: step 1, ..."."""
+    with caplog.at_level("INFO"):
+        trainer(root / "config.json", "numbered").train()
+    bars = {part.split(":")[0] for part in capfd.readouterr().err.replace("\r", "\n").splitlines()
+            if part.startswith("epoch ") and "batch" in part}
+    summaries = {r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("epoch ")}
+    assert bars == summaries == {"epoch 1", "epoch 2"}, (bars, summaries)
+
+
 def test_runs_that_would_train_nothing_are_refused_before_writing(root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="already at epoch 0 of max_epoch 0"):
         trainer(tiny_training_config(root, "epoch0.json", max_epoch=0), "nothing")

@@ -293,7 +293,8 @@ class DiffusionVocoderTrainer:
         """
         acc, state = self.accelerator, self.state
         epoch.per_epoch = len(self.train_sampler)
-        with tqdm(total=epoch.per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}", unit="batch",
+        # numbered as its summary line and checkpoint name will be, from 1 (the bar said "epoch 0" above "epoch 1: ...")
+        with tqdm(total=epoch.per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}", unit="batch",
                   disable=not acc.is_main_process, dynamic_ncols=True, leave=False) as bar:  # cleared on any exit
             return self._run_windows(epoch, bar)
 
