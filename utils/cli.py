@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
@@ -55,8 +56,6 @@ class BarAwareHandler(logging.StreamHandler):
             super().emit(record)
             return
         try:
-            from tqdm import tqdm
-
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
         except Exception:
