@@ -112,3 +112,17 @@ def test_export_cli_applies_config_and_refuses_bad_numbers_before_exporting(expe
             seconds(text)
     with pytest.raises(argparse.ArgumentTypeError):
         positive_int("0")
+
+
+def test_export_ignores_the_configs_gpu_engine_options(experiment, tmp_path, capsys):
+    """A recipe config made for stage 3 on a GPU (`engine: fused`, `compile`, `cuda_graph`) stopped the export, which
+    runs on the CPU in fp32, with "inference engine 'fused' needs a CUDA GPU"; the export and its check now run."""
+    from bins.vocoder.export import main
+
+    expt, _ = experiment
+    config = tmp_path / "gpu.json"
+    config.write_text(json.dumps({"inference": {"engine": "fused", "compile": True, "cuda_graph": True}}))
+    args = argparse.Namespace(expt_dir=str(expt), config=str(config), format="torchscript", output=str(tmp_path / "v.pt"),
+                              sampler="ddim", steps=2, checkpoint=None, raw_weights=False, seed=1, verify=0.05, repeats=1)
+    main(args)
+    assert (tmp_path / "v.pt").is_file() and "max abs difference to PyTorch" in capsys.readouterr().out

@@ -18,7 +18,10 @@ from utils.text import plural
 
 
 def main(args: argparse.Namespace) -> None:
-    options = {"device": "cpu", "precision": "fp32", "seed": args.seed}  # exports are fp32, traced on the CPU
+    # Exports are fp32, traced on the CPU: the config's GPU choices for stage 3 (a fused engine, compiling, CUDA graphs)
+    # do not apply to them, nor to --verify's PyTorch reference (the CPU's automatic engine)
+    options = {"device": "cpu", "precision": "fp32", "seed": args.seed, "engine": "auto", "compile": False,
+               "cuda_graph": False}
     if args.sampler:
         options["sampler"] = args.sampler
     if args.steps is not None:  # 0 too: refused, not taken for "the default"
