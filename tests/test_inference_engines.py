@@ -135,9 +135,8 @@ def test_half_precision_on_the_cpu_runs_in_windows_within_the_memory_budget(mode
 
 def graph_windows(model, cuda_graph: bool | str, budget: int, frames: int = 100) -> tuple[bool, int]:
     """Whether a (faked) CUDA Vocoder would capture a graph for a batch of 2, and over how many windows."""
-    vocoder = Vocoder(tiny_cfg(), model, device="cpu", engine="plain", cuda_graph=cuda_graph,
-                      gpu_memory_gib=(budget + 8 * 2 * frames * HOP * 4) / 2**30)
-    vocoder.device = torch.device("cuda")
+    vocoder = Vocoder(tiny_cfg(), model, device="cpu", engine="plain", gpu_memory_gib=(budget + 8 * 2 * frames * HOP * 4) / 2**30)
+    vocoder.device, vocoder.cuda_graph = torch.device("cuda"), cuda_graph
     denoise = vocoder._denoiser(torch.stack(mels(frames, frames)), None)
     graphed = isinstance(denoise, GraphedDenoiser)
     return graphed, len((denoise.denoise if graphed else denoise).windows)
@@ -176,3 +175,12 @@ def test_compile_applies_to_the_plain_engine_only(model, caplog):
     with caplog.at_level(logging.WARNING):
         Vocoder(tiny_cfg(), model, device="cpu", engine="plain", compile=True)
     assert not caplog.text
+
+
+def test_a_cuda_graph_asked_for_on_the_cpu_is_refused(model):
+    """`inference.cuda_graph: true` with the CPU was accepted and ignored: no graph, and no word of it."""
+    with pytest.raises(ConfigError, match=r"^inference.cuda_graph: true needs a CUDA GPU, and this run vocodes on the cpu; "
+                                          r"set it to auto or false$"):
+        Vocoder(tiny_cfg(), model, device="cpu", cuda_graph=True)
+    for setting in ("auto", False):
+        Vocoder(tiny_cfg(), model, device="cpu", cuda_graph=setting)

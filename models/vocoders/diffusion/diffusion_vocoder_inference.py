@@ -127,6 +127,9 @@ class Vocoder:
             log.warning("inference.compile: the automatic engine here is %s, which is not compiled (compile applies to "
                         "the plain engine only: set inference.engine to plain to compile it)", self.engine)
         self.cuda_graph = cuda_graph if cuda_graph == "auto" else bool_or_auto(cuda_graph, "inference.cuda_graph", auto=cuda)
+        if self.cuda_graph is True and not cuda:
+            raise ConfigError(f"inference.cuda_graph: true needs a CUDA GPU, and this run vocodes on the {self.device.type}; "
+                              "set it to auto or false")
         if gpu_memory_gib is not None and not (isinstance(gpu_memory_gib, int | float) and 0 < gpu_memory_gib < 2**40):
             raise ConfigError(f"inference.gpu_memory_gib must be a positive number of GiB, got {gpu_memory_gib!r}")
         self.memory_bytes = None if gpu_memory_gib is None else int(float(gpu_memory_gib) * 2**30)
