@@ -141,7 +141,7 @@ class Vocoder:
         if engine not in ENGINES:
             raise ConfigError(f"unknown inference engine '{engine}': choose one of {', '.join(ENGINES)}")
         plain_model = isinstance(self.model, DiffWave)
-        too_wide = fused.too_wide(self.model) if plain_model else None
+        too_wide = fused.too_wide(self.model, self.dtype or torch.float32, self.device) if plain_model else None
         if engine == "auto":
             if self.device.type == "cuda":
                 ready = plain_model and fused.available(self.device) and not too_wide

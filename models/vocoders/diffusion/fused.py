@@ -79,13 +79,26 @@ def tensor_core_dots(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def too_wide(model: DiffWave) -> str | None:
+def too_wide(model: DiffWave, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> str | None:
     """Why the kernel cannot run this model, if it cannot: past 128 residual channels no variant's tiles fit in a
-    multiprocessor's shared memory, and ptxas takes minutes to say so (docs/benchmarks.md)."""
+    multiprocessor's shared memory, and ptxas takes minutes to say so (docs/benchmarks.md). On a CUDA `device`, one
+    dot's weights (the padded channels by twice them, in the I/O `dtype`) must also fit in the shared memory a block
+    may take there: 128 channels in fp32 take 128 KiB, where GPUs of compute capability 7.5, 8.6, 8.9 and 12.x offer
+    64-99 KiB (compiled for sm_86, every variant asked for 145-161 KiB: `python -m benchmarks.kernel_resources --arch 86
+    --dtypes fp32 --channels 128`), and each variant failed only at its launch, after its compilation."""
     channels = model.residual_layers[0].dilated_conv.in_channels
-    if channels <= MAX_CHANNELS:
+    if channels > MAX_CHANNELS:
+        return f"the fused kernel takes at most {MAX_CHANNELS} residual channels; this model has {channels}"
+    if device is None or device.type != "cuda":
         return None
-    return f"the fused kernel takes at most {MAX_CHANNELS} residual channels; this model has {channels}"
+    properties = torch.cuda.get_device_properties(device)
+    offered = getattr(properties, "shared_memory_per_block_optin", None)  # a torch without it: not checked
+    weights = _padded(channels) * 2 * _padded(channels) * dtype.itemsize
+    if offered is None or weights < offered:
+        return None
+    return (f"a model of {channels} residual channels in {str(dtype).removeprefix('torch.')} needs {weights // 1024} KiB "
+            f"of shared memory a block for one dot's weights, more than the {offered // 1024} KiB {properties.name} "
+            "offers (16-bit precisions take half)")
 
 
 def family(dtype: torch.dtype, projected: bool) -> str:
