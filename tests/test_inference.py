@@ -129,12 +129,17 @@ def four_mels() -> tuple[list[torch.Tensor], list[str]]:
     return [mel[i, :, :f] for i, f in enumerate([23, 9, 17, 9])], ["a", "b", "c", "d"]
 
 
-def test_default_precision_is_fp16_on_gpus_with_tensor_cores_and_fp32_elsewhere(model, fake_gpus):
+def test_default_precision_is_fp16_on_gpus_with_tensor_cores_and_fp32_elsewhere(model, fake_gpus, caplog):
+    """bf16 set by hand is kept where the GPU only emulates it, with the warning stage 2 gives there (it gave none)."""
     assert Vocoder(tiny_cfg(), model, device="cpu").precision == "fp32"
     fake_gpus(("NVIDIA GeForce GTX 1080", (6, 1)), ("NVIDIA H100", (9, 0)))
     assert inference_precision("auto", torch.device("cuda")) == "fp32"  # cuda:0, whose fp16 is slow
     assert inference_precision("auto", torch.device("cuda", 1)) == "fp16"
-    assert inference_precision("bf16", torch.device("cuda")) == "bf16"
+    with caplog.at_level(logging.WARNING):
+        assert inference_precision("bf16", torch.device("cuda", 1)) == "bf16"
+        assert not caplog.text
+        assert inference_precision("bf16", torch.device("cuda")) == "bf16"
+    assert "'bf16' on NVIDIA GeForce GTX 1080 (cuda:0, compute capability 6.1) is emulated" in caplog.text
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs Triton")
@@ -147,7 +152,8 @@ def test_the_automatic_engine_is_fused_only_where_tritons_dots_use_tensor_cores(
         vocoder = SimpleNamespace(device=torch.device("cuda", index), model=model, dtype=torch.float16, chunk_size=0)
         picked.append(Vocoder._pick_engine(vocoder, "auto"))
     assert picked == ["plain", "fused", "fused"]
-    assert Vocoder._pick_engine(SimpleNamespace(device=torch.device("cuda", 0), model=model), "fused") == "fused"
+    chosen = SimpleNamespace(device=torch.device("cuda", 0), model=model, dtype=torch.float16)
+    assert Vocoder._pick_engine(chosen, "fused") == "fused"
 
 
 def test_the_configs_precision_is_the_default_and_a_bad_one_names_its_file(model, tmp_path):

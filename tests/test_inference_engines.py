@@ -190,26 +190,18 @@ def test_the_fused_engine_is_only_picked_where_one_dots_weights_fit_in_a_blocks_
     """fp32 at 128 channels needs 128 KiB of shared memory for one dot's weights: on an RTX 4090 (99 KiB a block)
     every variant compiled, then failed at its launch, before the automatic engine fell back; a chosen one stopped
     mid-run. Now the automatic engine takes the plain forward there and a chosen one is refused in one line."""
-    from types import SimpleNamespace
-
     from tests.test_fused import random_model
-
-    def gpu(name: str, capability: tuple[int, int], shared: int) -> None:
-        fake_gpus((name, capability))
-        properties = SimpleNamespace(name=name, shared_memory_per_block_optin=shared)
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
 
     monkeypatch.setattr(fused, "available", lambda device: device.type == "cuda")
     wide = random_model(channels=fused.MAX_CHANNELS, layers=2).cpu()
     vocoder = Vocoder(tiny_cfg(), wide, device="cpu")
     vocoder.device = torch.device("cuda")
-    for name, capability, shared, fp32_engine in (("NVIDIA GeForce RTX 4090", (8, 9), 101376, "plain"),
-                                                 ("NVIDIA A100-SXM4-80GB", (8, 0), 166912, "fused")):
-        gpu(name, capability, shared)
+    for gpu, fp32_engine in ((("NVIDIA GeForce RTX 4090", (8, 9)), "plain"), (("NVIDIA A100-SXM4-80GB", (8, 0)), "fused")):
+        fake_gpus(gpu)
         for dtype, engine in ((torch.float16, "fused"), (torch.bfloat16, "fused"), (None, fp32_engine)):
             vocoder.dtype = dtype
-            assert vocoder._pick_engine("auto") == engine, (name, dtype)
-    gpu("NVIDIA GeForce RTX 4090", (8, 9), 101376)
+            assert vocoder._pick_engine("auto") == engine, (gpu, dtype)
+    fake_gpus(("NVIDIA GeForce RTX 4090", (8, 9)))
     vocoder.dtype = None
     with pytest.raises(ConfigError, match=r"^inference engine 'fused': a model of 128 residual channels in float32 needs "
                                           r"128 KiB of shared memory a block for one dot's weights, more than the 99 KiB "
