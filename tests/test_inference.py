@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from benchmarks.inference import flops_per_sample
+from models.vocoders.diffusion import device_policy, fused
 from models.vocoders.diffusion import diffusion_vocoder_inference as inference
-from models.vocoders.diffusion import fused
 from models.vocoders.diffusion.chunked import ChunkedDenoiser
 from models.vocoders.diffusion.device_policy import inference_precision
 from models.vocoders.diffusion.diffusion_vocoder_inference import Vocoder
@@ -135,6 +135,7 @@ def test_default_precision_is_fp16_on_gpus_with_tensor_cores_and_fp32_elsewhere(
     fake_gpus(("NVIDIA GeForce GTX 1080", (6, 1)), ("NVIDIA H100", (9, 0)))
     assert inference_precision("auto", torch.device("cuda")) == "fp32"  # cuda:0, whose fp16 is slow
     assert inference_precision("auto", torch.device("cuda", 1)) == "fp16"
+    device_policy._warn_emulated_bf16.cache_clear()  # once a process and GPU
     with caplog.at_level(logging.WARNING):
         assert inference_precision("bf16", torch.device("cuda", 1)) == "bf16"
         assert not caplog.text

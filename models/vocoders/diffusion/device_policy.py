@@ -9,6 +9,7 @@ neighbour's job does not stall every op (see utils/threads).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -59,6 +60,12 @@ def training_precision(setting: str, cuda: bool, source: str = "config") -> str:
     return setting
 
 
+@functools.cache  # once a process: stage 2 builds a Vocoder at every evaluation
+def _warn_emulated_bf16(name: str, index: int, capability: tuple[int, int]) -> None:
+    log.warning("inference.precision 'bf16' on %s (cuda:%d, compute capability %d.%d) is emulated and slower than fp16, "
+                "which is also closer to the exact result; 'fp16' or 'auto' vocode faster there", name, index, *capability)
+
+
 def inference_precision(setting: str, device: torch.device) -> str:
     """Stage 3's precision: "auto" is fp16 on CUDA GPUs with tensor cores (compute capability 7.0+; 2.3x faster
     than fp32 on an H200, and closer to the exact result than fp32's TF32 dot products: 1.6e-3 vs 5.7e-3 relative
@@ -66,9 +73,7 @@ def inference_precision(setting: str, device: torch.device) -> str:
     cuda = device.type == "cuda"
     index = torch.cuda.current_device() if cuda and device.index is None else device.index
     if setting == "bf16" and cuda and torch.cuda.get_device_capability(index) < NATIVE_BF16:  # as train.mixed_precision
-        log.warning("inference.precision 'bf16' on %s (cuda:%d, compute capability %d.%d) is emulated and slower than "
-                    "fp16, which is also closer to the exact result; 'fp16' or 'auto' vocode faster there",
-                    torch.cuda.get_device_name(index), index, *torch.cuda.get_device_capability(index))
+        _warn_emulated_bf16(torch.cuda.get_device_name(index), index, torch.cuda.get_device_capability(index))
     if setting != "auto":
         return setting
     return "fp16" if cuda and torch.cuda.get_device_capability(index) >= TENSOR_CORES else "fp32"
