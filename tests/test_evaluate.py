@@ -76,6 +76,17 @@ def test_pitch_shift_gives_its_rmse_in_cents(voice):
     assert scores["vuv_f1"] > 0.9
 
 
+def test_mcd_is_the_rms_db_difference_of_the_log_mels_less_their_mean(voice):
+    """With every cepstrum kept (20 mels, 19 coefficients), MCD is, by Parseval, the RMS over mel bands of the dB
+    difference of the two log mels less its mean, averaged over frames; the constant 10 sqrt(2) / ln 10 assumes that
+    cepstral scale. The orthonormal DCT alone was sqrt(n_mel / 2) times larger (x3.2 here) and grew with n_mel."""
+    pre = {**PRE, "n_mel": 20}
+    other = with_noise(voice, 10)
+    diff = metrics.log_mel(voice, SR, pre) - metrics.log_mel(other, SR, pre)
+    rms_db = 20 / math.log(10) * np.sqrt(((diff - diff.mean(axis=0)) ** 2).mean(axis=0))
+    assert metrics.mcd(voice, other, SR, pre) == pytest.approx(rms_db.mean(), rel=1e-4)
+
+
 def test_silent_reference_gives_nan_with_warning(voice):
     with pytest.warns(UserWarning, match="silent"):
         m = metrics.all_metrics(np.zeros_like(voice), voice, SR, PRE)
