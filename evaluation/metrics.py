@@ -25,7 +25,9 @@ from processors.mel import mel_spectrogram
 
 SILENCE_PEAK = 1e-4  # about -80 dBFS: below this a reference carries no signal to score against
 F0_MIN, F0_MAX = 65.0, 1050.0  # C2..C6: speech and most singing
-MSTFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (2048, 512, 2048))  # (n_fft, hop, win)
+# (n_fft, hop, win), Hann windows: Parallel WaveGAN's (Yamamoto et al. 2020, table 1), auraloss's defaults, with which
+# BigVGAN and others report M-STFT
+MSTFT_RESOLUTIONS = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))
 MSTFT_SHORTEST = max(n_fft for n_fft, _, _ in MSTFT_RESOLUTIONS) // 2 + 1  # the largest STFT's reflect padding fits
 MCD_ORDER = 24  # cepstral coefficients 1..24 (c0, the energy, is left out as usual)
 MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
@@ -166,7 +168,7 @@ def _magnitude(audio: np.ndarray, n_fft: int, hop: int, win: int) -> torch.Tenso
 
 def mstft(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float:
     """Multi-resolution STFT distance: spectral convergence + log-magnitude L1, averaged over
-    MSTFT_RESOLUTIONS (the auxiliary loss of Parallel WaveGAN, used here as a metric).
+    MSTFT_RESOLUTIONS (the auxiliary loss of Parallel WaveGAN, with its resolutions, used here as a metric).
 
     NaN (with a warning) for audio the largest STFT's reflect padding does not fit.
     """

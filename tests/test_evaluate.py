@@ -87,6 +87,22 @@ def test_mcd_is_the_rms_db_difference_of_the_log_mels_less_their_mean(voice):
     assert metrics.mcd(voice, other, SR, pre) == pytest.approx(rms_db.mean(), rel=1e-4)
 
 
+def test_mstft_is_parallel_wavegans_loss_at_its_resolutions(voice):
+    """Spectral convergence + mean |log magnitude difference| at Parallel WaveGAN's published (FFT, hop, window):
+    (1024, 120, 600), (2048, 240, 1200), (512, 50, 240), Hann windows, averaged; an independent librosa STFT here.
+    The metric used (512, 128, 512), (1024, 256, 1024), (2048, 512, 2048), so its M-STFT matched no published one."""
+    import librosa
+
+    other = with_noise(voice, 10)
+    total = 0.0
+    for n_fft, hop, win in ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240)):
+        a, b = (np.sqrt(np.maximum(np.abs(librosa.stft(x.astype(np.float64), n_fft=n_fft, hop_length=hop,
+                                                      win_length=win, window="hann", pad_mode="reflect")) ** 2, 1e-7))
+                for x in (voice, other))
+        total += np.linalg.norm(a - b) / np.linalg.norm(a) + np.abs(np.log(a) - np.log(b)).mean()
+    assert metrics.mstft(voice, other, SR) == pytest.approx(total / 3, rel=1e-4)
+
+
 def test_silent_reference_gives_nan_with_warning(voice):
     with pytest.warns(UserWarning, match="silent"):
         m = metrics.all_metrics(np.zeros_like(voice), voice, SR, PRE)
