@@ -124,11 +124,11 @@ def _score(name: str, ref_path: str, pred_path: str, rate: int, pre: Any, baseli
     name and system. ValueError for a reference too short for even one mel frame (no metric is defined); an empty
     prediction scores as silence. A baseline that fails leaves the model's scores alone (its own are NaN)."""
     hop = max(1, round(int(pre["hop_size"]) * rate / int(pre["sample_rate"])))
-    ref = load_audio(ref_path, rate)
+    ref = load_audio(ref_path, rate, keep_level=True)
     need = math.ceil(min_samples(pre) * rate / int(pre["sample_rate"]))
     if len(ref) < need:
         raise ValueError(f"too short ({len(ref)} samples; one mel frame needs {need} at {rate} Hz)")
-    pred = load_audio(pred_path, rate, min_samples=0)
+    pred = load_audio(pred_path, rate, min_samples=0, keep_level=True)
     length_diff = len(pred) - len(ref)
     with _named_warnings(name):
         ref_aligned, pred = align(ref, pred, hop)

@@ -60,13 +60,15 @@ def check_openable(path: str | os.PathLike) -> None:
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1,
-               downmixed: list[str] | None = None) -> np.ndarray:
+               downmixed: list[str] | None = None, keep_level: bool = False) -> np.ndarray:
     """Mono float32 in [-1, 1] at `sample_rate`; raises AudioError naming the file (for an empty one too, unless
     `min_samples` is 0: a vocoder's empty output is still an output to score).
 
     Stereo and multi-channel files are averaged (named in `downmixed`, for the caller to report
     once); a float file peaking above 1.0 is scaled down with a warning (not clipped), since
-    clipping would add distortion the vocoder then learns.
+    clipping would add distortion the vocoder then learns. `keep_level` (for scoring) changes no level: a float file
+    may then peak above 1.0, as may resampling's ringing, where a scaling of one side only would alter what the
+    level-dependent metrics measure.
     """
     check_openable(path)
     audio, rate, channels = _decode(path)
@@ -82,14 +84,14 @@ def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1,
     if not np.all(np.isfinite(audio)):
         raise AudioError(f"{path}: contains NaN or inf samples")
     peak = float(np.abs(audio).max())
-    if peak > 1.0:
+    if peak > 1.0 and not keep_level:
         log.warning("%s: peak %.3f above 1.0, scaled down to 0.999", path, peak)
         audio = audio * (0.999 / peak)
     audio = resample(audio, rate, sample_rate)
     if len(audio) < min_samples:
         raise AudioError(f"{path}: too short ({plural(len(audio), 'sample')} at {sample_rate} Hz, need {min_samples})")
     overshoot = float(np.abs(audio).max())
-    if overshoot > 1.0:  # resampling a near-full-scale file can ring slightly past 1.0
+    if overshoot > 1.0 and not keep_level:  # resampling a near-full-scale file can ring slightly past 1.0
         audio = audio / overshoot
     return np.ascontiguousarray(audio, dtype=np.float32)
 

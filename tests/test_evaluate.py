@@ -288,6 +288,23 @@ def tone_pairs(root: Path, lengths: dict[str, int], sr: int = 8000) -> tuple[Pat
     return root / "gt", root / "pred"
 
 
+def test_files_are_scored_at_their_own_level(tmp_path, voice):
+    """A float prediction 1.2 times the reference, peaking above 1.0, is scored as it is: the loader used to scale it
+    down to a 0.999 peak (and any file resampling made ring past 1.0), which hid most of its level error from the
+    level-dependent metrics (mel L1 0.03 instead of 0.10 here)."""
+    ref = voice / np.abs(voice).max() * 0.95
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    sf.write(gt / "a.wav", ref, SR, subtype="FLOAT")
+    sf.write(pred / "a.wav", 1.2 * ref, SR, subtype="FLOAT")
+    summary = evaluate.evaluate_dirs(gt, pred, tmp_path / "eval", pre=PRE)
+    for metric in ("mel_l1", "mstft", "mcd"):
+        expected = getattr(metrics, metric)(*(x.astype(np.float32) for x in (ref, 1.2 * ref)), SR,
+                                            *((PRE,) if metric != "mstft" else ()))
+        assert summary["means"][metric] == pytest.approx(expected, rel=1e-4), metric
+
+
 def test_short_and_crashing_files_are_listed_and_the_rest_scored(tmp_path, monkeypatch):
     gt, pred = tone_pairs(tmp_path, {"good": 4000, "short": 600, "tiny": 10, "boom": 4000})
     real = evaluate.pitch_track
