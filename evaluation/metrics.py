@@ -269,10 +269,12 @@ def pitch_scores(ref: PitchTrack, pred: PitchTrack) -> dict[str, float]:
         cents = 1200.0 * np.log2(pred.f0[:n][both] / ref.f0[:n][both])
         f0_rmse = float(np.sqrt(np.mean(cents**2)))
     else:
-        warnings.warn("no frame is voiced in both signals: F0 RMSE undefined (NaN)", stacklevel=2)
         f0_rmse = math.nan
     tp, fp, fn = int(both.sum()), int((~rv & pv).sum()), int((rv & ~pv).sum())
     vuv_f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
+    if not both.any():
+        also = " and V/UV F1 (no frame is voiced in either)" if math.isnan(vuv_f1) else ""
+        warnings.warn(f"no frame is voiced in both signals: F0 RMSE{also} undefined (NaN)", stacklevel=2)
     periodicity = float(np.sqrt(np.mean((ref.probability[:n] - pred.probability[:n]) ** 2)))
     return {"f0_rmse_cents": f0_rmse, "vuv_f1": vuv_f1, "periodicity": periodicity}
 

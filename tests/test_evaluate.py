@@ -103,6 +103,13 @@ def test_mstft_is_parallel_wavegans_loss_at_its_resolutions(voice):
     assert metrics.mstft(voice, other, SR) == pytest.approx(total / 3, rel=1e-4)
 
 
+def test_vuv_f1_undefined_without_voiced_frames_is_named_in_the_warning():
+    unvoiced = metrics.PitchTrack(np.full(5, np.nan), np.zeros(5, bool), np.full(5, 0.1), np.arange(5) * 0.01)
+    with pytest.warns(UserWarning, match=r"F0 RMSE and V/UV F1 \(no frame is voiced in either\) undefined"):
+        scores = metrics.pitch_scores(unvoiced, unvoiced)
+    assert math.isnan(scores["f0_rmse_cents"]) and math.isnan(scores["vuv_f1"])
+
+
 def test_silent_reference_gives_nan_with_warning(voice):
     with pytest.warns(UserWarning, match="silent"):
         m = metrics.all_metrics(np.zeros_like(voice), voice, SR, PRE)
