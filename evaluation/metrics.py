@@ -226,7 +226,8 @@ def mcd(ref: np.ndarray, pred: np.ndarray, sample_rate: int, pre: Any) -> float:
 
 
 def si_snr(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float:
-    """Scale-invariant SNR in dB, capped at SI_SNR_CAP_DB so identical signals stay finite."""
+    """Scale-invariant SNR in dB, within +-SI_SNR_CAP_DB: identical signals stay finite, and nothing scores below a
+    silent (or orthogonal) prediction's -SI_SNR_CAP_DB."""
     if _silent(ref):
         return math.nan
     ref64, pred64 = ref.astype(np.float64) - ref.mean(), pred.astype(np.float64) - pred.mean()
@@ -235,7 +236,8 @@ def si_snr(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float:
     noise_energy = float((pred64 - target) @ (pred64 - target))
     if target_energy == 0.0:  # pred orthogonal to (or silent against) the reference
         return -SI_SNR_CAP_DB
-    return 10.0 * math.log10(target_energy / max(noise_energy, target_energy * 10 ** (-SI_SNR_CAP_DB / 10)))
+    ratio = target_energy / max(noise_energy, target_energy * 10 ** (-SI_SNR_CAP_DB / 10))
+    return max(-SI_SNR_CAP_DB, 10.0 * math.log10(ratio))
 
 
 class PitchTrack(NamedTuple):

@@ -63,6 +63,16 @@ def test_si_snr_matches_added_noise(voice, snr_db):
     assert metrics.si_snr(voice, with_noise(voice, snr_db), SR) == pytest.approx(snr_db, abs=0.5)
 
 
+def test_si_snr_of_a_nearly_orthogonal_prediction_is_no_worse_than_silence():
+    """A sine delayed by a quarter period is orthogonal up to rounding: it scored -341 dB, far below the -100 dB a
+    silent prediction gets, so one such utterance weighed more than silence in the mean."""
+    t = np.arange(SR) / SR
+    ref = (0.5 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    quarter = np.roll(ref, SR // 800)
+    assert metrics.si_snr(ref, np.zeros_like(ref), SR) == -metrics.SI_SNR_CAP_DB
+    assert metrics.si_snr(ref, quarter, SR) == -metrics.SI_SNR_CAP_DB
+
+
 def test_more_noise_scores_worse(voice):
     light, heavy = with_noise(voice, 30), with_noise(voice, 5)
     assert metrics.pesq_wb(voice, light, SR) > metrics.pesq_wb(voice, heavy, SR)
