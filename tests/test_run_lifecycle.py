@@ -106,6 +106,19 @@ def test_an_epochs_progress_bar_is_numbered_as_its_summary_line(root: Path, capf
     assert bars == summaries == {"epoch 1", "epoch 2"}, (bars, summaries)
 
 
+def test_a_run_killed_during_its_setup_is_started_again_by_a_resume(root: Path, caplog) -> None:
+    """A run SIGKILLed while it loaded (before args.json) left its folder with the lock file alone: every
+    `--resume_type resume` then stopped with `no complete checkpoint here`, a job that always resumes was stuck."""
+    exp = root / "ckpts" / "killed_in_setup"
+    exp.mkdir(parents=True)
+    (exp / ".train.lock").write_text("12345\n")  # what the killed process left
+    trainer(root / "config.json", "killed_in_setup", "resume").train()
+    assert "no checkpoint yet" in caplog.text and steps(exp) == [1, 2]
+    with pytest.raises(ConfigError, match="no experiment of this name to resume"):  # a name never trained stays refused
+        trainer(root / "config.json", "never_trained", "resume")
+    assert not (root / "ckpts" / "never_trained").exists()
+
+
 def test_runs_that_would_train_nothing_are_refused_before_writing(root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="already at epoch 0 of max_epoch 0"):
         trainer(tiny_training_config(root, "epoch0.json", max_epoch=0), "nothing")

@@ -104,14 +104,15 @@ def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: An
     own = checkpoint is None or Path(checkpoint).resolve() in (experiment.root.resolve(), experiment.checkpoints.resolve())
     finish_interrupted_save(experiment.checkpoints)  # a save killed between its renames hid the newest
     listed = list_checkpoints(experiment.checkpoints)
-    if own and not listed and not experiment.args.is_file() and not any(experiment.checkpoints.glob(f"{ABANDONED_PREFIX}*")):
+    started = experiment.args.is_file() or experiment.stopped_in_setup()
+    aside = sorted(p.name for p in experiment.checkpoints.glob(f"{ABANDONED_PREFIX}*"))
+    if own and not listed and not started and not aside:
         # a --name or --config that names no experiment: "<log_dir>/<name>/checkpoint: no complete checkpoint here" named
         # log_dir as the config wrote it (relative to the repo root, not to where run.sh was started)
         raise ConfigError(f"{experiment.root.resolve()}: no experiment of this name to resume (log_dir "
                           f"'{cfg.log_dir}' from {source_of(cfg, 'log_dir')}); check --name and --config (the one it "
                           "was trained with), or leave out --resume_type to start a new one")
-    if own and experiment.args.is_file() and not listed:
-        aside = sorted(p.name for p in experiment.checkpoints.glob(f"{ABANDONED_PREFIX}*"))
+    if own and started and not listed:
         if aside:  # a rollback was stopped before its first save: its start is not here to go on from
             raise ConfigError(f"{experiment.checkpoints}: no checkpoint to go on from, {plural(len(aside), 'checkpoint')} "
                               f"moved aside by a rollback ({', '.join(aside)}): pass --checkpoint with the one to resume")
