@@ -2,7 +2,8 @@
 
 Gradient accumulation is done here rather than by `accelerator.accumulate`: windows are
 aligned to the epoch (the last one may be shorter), so every checkpoint sits on a window
-boundary and a resumed run takes exactly the steps the uninterrupted run would.
+boundary and a resumed run takes exactly the steps the uninterrupted run would (a resume under another
+accumulation starts its first window at the checkpoint).
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ class DiffusionVocoderTrainer:
         pending: list[str] = []
         losses: list[torch.Tensor] = []
         window_audio, self.tick, inflight = 0.0, time.perf_counter(), None
-        window_start = state.batch_in_epoch - state.batch_in_epoch % self.accum
+        window_start = state.batch_in_epoch  # a checkpoint ends a window (of its own run's accumulation)
         for mel, audio in self.train_batches.rest_of_epoch(state.epoch, state.batch_in_epoch):
             if inflight is not None and state.batch_in_epoch == window_start and self._settle_first():
                 stopping, inflight = self._settle(inflight, epoch, bar, pending), None
