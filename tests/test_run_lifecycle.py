@@ -143,6 +143,20 @@ def test_an_empty_test_split_logs_no_validation_loss_and_names_checkpoints_by_th
     assert "valid/loss" not in scalars(exp)
 
 
+def test_a_rollback_to_a_copy_under_a_name_of_ones_own_sticks_too(root: Path, caplog) -> None:
+    """A copy of step 2 put in checkpoint/ as `best` (how a backup is rolled back to) was placed by its name, which
+    places nothing: steps 3 and 4 stayed, and a plain resume after the new branch's step 3 went on with the old 4."""
+    exp = root / "ckpts" / "rollback_best"
+    trainer(tiny_training_config(root, "best4.json", max_steps=4, keep_last=[3]), "rollback_best").train()
+    before = list_checkpoints(exp / "checkpoint")
+    shutil.copytree(before[0], exp / "checkpoint" / "best")
+    trainer(tiny_training_config(root, "best3.json", max_steps=3, keep_last=[3], max_grad_norm=0.01), "rollback_best",
+            "resume", str(exp / "checkpoint" / "best")).train()
+    # steps 3 and 4, and step 2 too: another checkpoint at the rollback's place, as the rule for rollbacks says
+    assert sorted(p.name for p in (exp / "checkpoint").glob("abandoned-*")) == [f"abandoned-{p.name}" for p in before]
+    assert steps(exp) == [3] and "moved aside" in caplog.text
+
+
 def test_a_rollback_to_an_older_checkpoint_sticks(root: Path, caplog) -> None:
     """Resuming from step 2 of [2, 3, 4] (keep_last 3) moves 3 and 4 aside: the new branch keeps its rollback point,
     and the next plain resume goes on from the new branch, not the abandoned one."""

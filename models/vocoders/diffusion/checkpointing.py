@@ -208,11 +208,11 @@ def abandon_newer(folder: Path, root: Path) -> list[Path]:
     """A resume from `folder` (in `root`, maybe an abandoned one) starts a new branch: the checkpoints after it in
     `root`'s order (step, then epoch), and any other one at its place, move aside as `abandoned-<name>`, newest first,
     so retention counts from the rollback point and a later plain resume stays on the new branch. Symlinked ones are
-    renamed, not followed. Returns where they went."""
+    renamed, not followed. A `folder` whose name does not place it (a copy named `best`) is placed by its state.
+    Returns where they went."""
     found = re.search(r"epoch-(\d+)_step-(\d+)_loss-", folder.name)
-    if found is None:
-        return []
-    at = (int(found.group(2)), int(found.group(1)))
+    state = None if found else read_state(folder)
+    at = (int(found.group(2)), int(found.group(1))) if found else (state["step"], state["epoch"])
     moved = []
     for newer in reversed(list_checkpoints(root)):
         place = tuple(int(n) for n in CHECKPOINT_PATTERN.match(newer.name).group(2, 1))
