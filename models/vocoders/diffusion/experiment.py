@@ -59,12 +59,11 @@ class Experiment:
         self.schedules = self.root / SCHEDULE_FILE
         self.contract = self.root / CONTRACT_FILE
         self.created = False  # by this object's lock(): a refused setup may remove it again
-        self.lock_found: bool | None = None  # whether lock() found an earlier training's lock file (None: not locked here)
+        self.lock_found = (self.root / LOCK_FILE).is_file()  # left by an earlier training (seen before this one locks)
 
     def lock(self) -> None:
         """Hold `.train.lock` until `unlock` or exit: two trainers here would overwrite each other's checkpoints."""
         self.created = not self.root.exists() and not self.root.is_symlink()
-        self.lock_found = (self.root / LOCK_FILE).is_file()
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             file_lock.take(self.root / LOCK_FILE, exclusive=True)
@@ -85,9 +84,8 @@ class Experiment:
 
     def stopped_in_setup(self) -> bool:
         """A training was started here and stopped during its setup, before it wrote args.json: its lock file is all
-        it left (a process that does not lock, another one of the run, looks for the file itself)."""
-        found = self.lock_found if self.lock_found is not None else (self.root / LOCK_FILE).is_file()
-        return found and not self.args.is_file()
+        it left."""
+        return self.lock_found and not self.args.is_file()
 
     def config(self) -> Any:
         if not self.args.is_file():
