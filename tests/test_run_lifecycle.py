@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from models.vocoders.diffusion.experiment import Experiment
 from processors.preprocess import preprocess
@@ -117,6 +118,22 @@ def test_a_run_killed_during_its_setup_is_started_again_by_a_resume(root: Path, 
     with pytest.raises(ConfigError, match="no experiment of this name to resume"):  # a name never trained stays refused
         trainer(root / "config.json", "never_trained", "resume")
     assert not (root / "ckpts" / "never_trained").exists()
+
+
+def test_a_finetune_that_died_before_its_first_checkpoint_is_started_again_from_its_source(root: Path) -> None:
+    """Rerunning such a finetune was refused with `pass --resume_type resume`, and that resume trained the finetune's
+    name from random weights, its source forgotten, with nothing but a `starting it again from step 0` warning."""
+    trainer(root / "config.json", "ft_source").train()
+    source = list_checkpoints(root / "ckpts" / "ft_source" / "checkpoint")[-1]
+    trainer(root / "config.json", "ft_dead", "finetune", str(source))  # set up (args.json written), then killed
+    with pytest.raises(ConfigError, match=f"a finetune of {source} that stopped before its first checkpoint; start it "
+                                          f"again with --resume_type finetune --checkpoint {source}"):
+        trainer(root / "config.json", "ft_dead", "resume")
+    run = trainer(root / "config.json", "ft_dead", "finetune", str(source))  # the finetune itself starts it again
+    weights = load_file(str(source / "model.safetensors"))
+    assert all(bool((run.state.model.state_dict()[k] == v).all()) for k, v in weights.items())
+    run.train()
+    assert steps(root / "ckpts" / "ft_dead") == [1, 2]
 
 
 def test_runs_that_would_train_nothing_are_refused_before_writing(root: Path, tmp_path: Path) -> None:

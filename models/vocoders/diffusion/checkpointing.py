@@ -90,7 +90,9 @@ def refuse_to_mix_runs(exp_dir: Path, resume_type: str | None) -> None:
     if list_checkpoints(experiment.checkpoints):
         raise ConfigError(f"{exp_dir}: an experiment of this name already exists; pass --resume_type resume to "
                           "continue it, or choose another --name")
-    if experiment.args.exists():
+    if experiment.args.exists() and resume_type == "finetune":  # it has nothing to lose: the finetune starts it again
+        log.warning("%s: stopped before its first checkpoint; the finetune starts it again", exp_dir)
+    elif experiment.args.exists():
         raise ConfigError(f"{exp_dir}: an experiment of this name already exists, stopped before its first checkpoint; "
                           "pass --resume_type resume to start it again from step 0, or choose another --name")
 
@@ -116,6 +118,10 @@ def resume_folder(experiment: Experiment, checkpoint: str | Path | None, cfg: An
         if aside:  # a rollback was stopped before its first save: its start is not here to go on from
             raise ConfigError(f"{experiment.checkpoints}: no checkpoint to go on from, {plural(len(aside), 'checkpoint')} "
                               f"moved aside by a rollback ({', '.join(aside)}): pass --checkpoint with the one to resume")
+        source = experiment.finetuned_from()
+        if source is not None:  # step 0 of a finetune is its source's weights, which a resume has not got
+            raise ConfigError(f"{experiment.root}: a finetune of {source} that stopped before its first checkpoint; "
+                              f"start it again with --resume_type finetune --checkpoint {source}")
         log.warning("%s: no checkpoint yet (the run stopped before its first save): starting it again from step 0",
                     experiment.root)
         return None

@@ -104,8 +104,7 @@ class DiffusionVocoderTrainer:
         self.threads = CpuThreads(tcfg, cuda)
         seed_everything(self.seed + self.accelerator.process_index)  # different noise per process
 
-        if resume_type == "finetune":
-            self._finetune(checkpoint)
+        self.finetuned_from = self._finetune(checkpoint) if resume_type == "finetune" else None
         self.compiled = compile_in_place(self.model, mode, self.accum, self.accelerator.device, str(cfg.config_path))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.stepper = Stepper(self.accelerator, self.optimizer, self.ema, tcfg.get("max_grad_norm", 0))
@@ -126,7 +125,7 @@ class DiffusionVocoderTrainer:
         if self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.experiment.write_setup(cfg, folder, self.state.step)
+            self.experiment.write_setup(cfg, folder, self.state.step, self.finetuned_from)
             resumed = resume_type == "resume"  # from step 0 too, where the run stopped before its first save
             self.writer = SummaryWriter(str(self.exp_dir), purge_step=self.state.step + 1 if resumed else None)
         self.eval_logger = EvalLogger(cfg, self.valid_entries, self.writer)
@@ -153,7 +152,7 @@ class DiffusionVocoderTrainer:
             log.info("process group: backend %s, world size %d, rendezvous port %s", torch.distributed.get_backend(),
                      torch.distributed.get_world_size(), os.environ.get("MASTER_PORT"))
 
-    def _finetune(self, checkpoint: str | None) -> None:
+    def _finetune(self, checkpoint: str | None) -> Path:
         if not checkpoint:
             raise ConfigError("--resume_type finetune needs --checkpoint <checkpoint folder or weights file>")
         source = resolve_checkpoint(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint)
@@ -161,6 +160,7 @@ class DiffusionVocoderTrainer:
         self.state.load_weights(source)
         log.info("finetuning from %s: weights%s loaded, optimizer and step start fresh", source,
                  " and EMA" if self.ema is not None else "")
+        return source.resolve()
 
     def _bounds(self) -> tuple[int, int]:
         """(max_steps, max_epoch) as the config says now: 0 and -1 mean no bound."""

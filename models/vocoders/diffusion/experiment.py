@@ -34,6 +34,7 @@ RECORDS_FILE = "ckpts.json"  # inside CHECKPOINT_DIR: which checkpoint each save
 SCHEDULE_FILE = "searched_schedule.json"
 CONTRACT_FILE = "mel_contract.json"
 LOCK_FILE = ".train.lock"
+FINETUNE_FILE = "finetuned_from.json"  # the weights a finetune started from, until its first checkpoint stands
 BETA_MIN, BETA_MAX = 1e-6, 0.9
 # Settings that change the waveform a trained model produces: the mel it was trained on, and its shape.
 RESULT_KEYS = (
@@ -58,6 +59,7 @@ class Experiment:
         self.records = self.checkpoints / RECORDS_FILE
         self.schedules = self.root / SCHEDULE_FILE
         self.contract = self.root / CONTRACT_FILE
+        self.finetune = self.root / FINETUNE_FILE
         self.created = False  # by this object's lock(): a refused setup may remove it again
         self.lock_found = (self.root / LOCK_FILE).is_file()  # left by an earlier training (seen before this one locks)
 
@@ -87,6 +89,14 @@ class Experiment:
         it left."""
         return self.lock_found and not self.args.is_file()
 
+    def finetuned_from(self) -> str | None:
+        """The checkpoint this experiment was finetuned from, where it was a finetune."""
+        try:
+            source = load_json(self.finetune).get("checkpoint") if self.finetune.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            source = "(unreadable record)"
+        return str(source) if source is not None else None
+
     def config(self) -> Any:
         if not self.args.is_file():
             raise ConfigError(f"{self.args}: missing; is '{self.root}' an experiment folder written by stage 2?")
@@ -101,14 +111,18 @@ class Experiment:
             log.warning("%s; compared with %s instead", err, self.args)
             return load_config(self.args) if self.args.is_file() else None
 
-    def write_setup(self, cfg: Any, resumed_from: Path | None = None, resumed_step: int = 0) -> None:
-        """The run's config and the mel contract it trains on, beside its checkpoints.
+    def write_setup(self, cfg: Any, resumed_from: Path | None = None, resumed_step: int = 0,
+                    finetuned_from: Path | None = None) -> None:
+        """The run's config and the mel contract it trains on, beside its checkpoints; a finetune's source first (a
+        finetune stopped before its first checkpoint is started again from it, never resumed from untrained weights).
 
         A resume under another config than its checkpoint's keeps that one as `args.<step>.json`: what trained the
         weights up to there. One kept already stays (a later resume from that step replaces a config that trained
         nothing kept).
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        if finetuned_from is not None:
+            save_json(self.finetune, {"checkpoint": str(finetuned_from)})
         kept = self.root / f"args.{resumed_step}.json"
         trained = self.trained_under(resumed_from) if resumed_from is not None and not kept.exists() else None
         if trained is not None and _settings(trained) != _settings(cfg):
