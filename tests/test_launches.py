@@ -297,3 +297,38 @@ def test_two_nodes_on_one_machine_share_steps_and_one_checkpoint(corpus: Path, t
     assert "2 processes on 2 machines" in outputs[0]
     check_one_experiment(exp, 2, 2)
     assert len(list_checkpoints(exp / "checkpoint")) == 1
+
+
+def test_a_process_whose_launcher_is_killed_outright_stops_as_on_a_sigterm(tmp_path: Path) -> None:
+    """torchrun's agent gives each process a session of its own: a SIGKILL to the launcher (or the OOM killer) left
+    them training on as orphans, holding the experiment's lock. A stand-in launcher sets what launch.py sets."""
+    child = ("import time\nfrom utils.stop_request import StopRequest, stop_when_the_launcher_dies\n"
+             "import os\nassert stop_when_the_launcher_dies(0.05)\nwith StopRequest() as stop:\n"
+             "    print('ready', os.getpid(), flush=True)\n"
+             "    while stop.signum is None:\n        time.sleep(0.01)\nprint('stopped by', stop.signum, flush=True)\n")
+    launcher = ("import os, subprocess, sys, time\nfrom utils.stop_request import LAUNCHER_ENV\n"
+                "os.environ[LAUNCHER_ENV] = str(os.getpid())\n"
+                f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True)\ntime.sleep(60)\n")
+    out = tmp_path / "out"
+    with out.open("w") as handle:
+        stand_in = subprocess.Popen([sys.executable, "-c", launcher], cwd=REPO, stdout=handle,
+                                    env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        for _ in range(600):
+            if "ready" in out.read_text():
+                break
+            time.sleep(0.05)
+        stand_in.kill()
+        stand_in.wait()
+        for _ in range(200):
+            if "stopped by" in out.read_text():
+                break
+            time.sleep(0.05)
+        words = out.read_text().split()
+        assert words[:1] + words[2:] == ["ready", "stopped", "by", str(int(signal.SIGTERM))]
+    finally:
+        stand_in.kill()
+        words = out.read_text().split()
+        if len(words) > 1 and words[1].isdigit():  # an orphan that did not stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(words[1]), signal.SIGKILL)

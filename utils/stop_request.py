@@ -9,6 +9,7 @@ on the Ctrl-C that reached its processes too).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ from types import FrameType, TracebackType
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ECHO_S = 1.0
+LAUNCHER_ENV = "STAGE2_LAUNCHER_PID"  # set by bins/vocoder/launch.py for the processes it starts
 
 
 def wanted_signals() -> tuple[int, ...]:
@@ -67,3 +69,22 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     killed would fail the main process's next batch before it could save); they end with it."""
     for signum in SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def stop_when_the_launcher_dies(interval_s: float = 1.0) -> bool:
+    """In a process that bins/vocoder/launch.py started (torchrun's agent gives each one a session of its own): when
+    the launcher is gone, killed outright (SIGKILL, the OOM killer), send this process a SIGTERM, which stops it at
+    its next step with a checkpoint. The processes trained on as orphans, holding the experiment's lock, so the job
+    looked dead while a new launch was refused. Whether the watch started (only under the launcher that set it)."""
+    launcher = os.environ.get(LAUNCHER_ENV, "")
+    if not launcher.isdigit() or int(launcher) != os.getppid():
+        return False
+
+    def watch() -> None:
+        while os.getppid() == int(launcher):
+            time.sleep(interval_s)
+        log.warning("the launcher (pid %s) is gone: stopping", launcher)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    return True

@@ -18,7 +18,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, as train.py: `python bins/...` works
-from utils.stop_request import SIGNALS, wanted_signals
+from utils.stop_request import LAUNCHER_ENV, SIGNALS, wanted_signals
 
 STOPPED = {128 + s for s in SIGNALS}  # a process's exit status after a stop at a safe point
 
@@ -92,6 +92,7 @@ def main() -> int:
         elastic._terminate_process_handler = Relay(wanted)  # what torchrun's agent installs for SIGINT, SIGTERM, ...
     for signum in wanted:
         signal.signal(signum, to_the_training)
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # each process stops when this one is killed outright
     try:
         launch_command(args)
     except SignalException as stop:

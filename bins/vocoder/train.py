@@ -15,6 +15,7 @@ from utils.checkpoint import CHECKPOINT_DIR, list_checkpoints, resolve_checkpoin
 from utils.cli import add_common_args, run
 from utils.config import ConfigError, load_config
 from utils.config_schema import validate
+from utils.stop_request import stop_when_the_launcher_dies
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def saved_config(args: argparse.Namespace) -> Any:
 
 
 def main(args: argparse.Namespace) -> None:
+    stop_when_the_launcher_dies()
     cfg = load_config(args.config) if args.config else saved_config(args)
     validate(cfg, "train")
     if args.max_steps is not None:
