@@ -494,3 +494,31 @@ def test_a_failed_first_save_says_none_is_kept_and_how_much_room_there_is(tmp_pa
     message = str(err.value)
     assert "MiB free there: disk full?" in message and message.endswith("no checkpoint was saved yet")
     assert "earlier checkpoints are kept" not in message and "\n" not in message
+
+
+def test_a_prune_that_fails_after_its_save_says_the_new_checkpoint_is_complete(tmp_path, monkeypatch):
+    """A disk that filled between the save and ckpts.json's rewrite stopped the run with a bare
+    `[Errno 28] No space left on device`: no file, no word of the checkpoint just saved."""
+    from models.vocoders.diffusion import checkpointing
+    from utils.io import save_json
+
+    policy = CheckpointPolicy(to_attrdict({"train": {"save_checkpoint_stride": [1], "keep_last": [1]}}), tmp_path)
+    train = tiny_train_state(1)
+    train.epoch = 1
+    policy.save(train, 0.5, [rng_state()], ["stride0"])
+    writes = []
+
+    def full_on_the_prune(path, obj):
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_json(path, obj)
+
+    monkeypatch.setattr(checkpointing, "save_json", full_on_the_prune)
+    train.epoch, train.step, train.batch_in_epoch = 2, 2, 0
+    with pytest.raises(OSError) as err:
+        policy.save(train, 0.4, [rng_state()], ["stride0"])
+    new = tmp_path / checkpoint_name(2, 2, 0.4)
+    assert str(err.value).startswith(f"pruning the checkpoints before {new} failed ([Errno 28] No space left on device; ")
+    assert str(err.value).endswith(f"{new.name} is saved and complete, a resume goes on from it")
+    assert list_checkpoints(tmp_path)[-1] == new

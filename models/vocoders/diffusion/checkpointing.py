@@ -250,12 +250,16 @@ def check_room(root: Path, model: torch.nn.Module) -> None:
                       "free some space on that disk or choose another log_dir")
 
 
-def save_failed(folder: Path, err: OSError) -> OSError:
-    """One line for a failed save: the cause, the free space (a full disk reports itself poorly), what is kept."""
+def save_failed(folder: Path, err: OSError, saved: bool = False) -> OSError:
+    """One line for a failed save, or a failed prune after a save (`saved`): the cause, the free space (a full disk
+    reports itself poorly), what is kept."""
     try:
         free = f"; {shutil.disk_usage(folder.parent).free / 2**20:.1f} MiB free there: disk full?"
     except OSError:
         free = ""
+    if saved:
+        return OSError(f"pruning the checkpoints before {folder} failed ({first_line(err)}{free}); {folder.name} is "
+                       "saved and complete, a resume goes on from it")
     kept = list_checkpoints(folder.parent)
     return OSError(f"saving checkpoint {folder} failed ({first_line(err)}{free}); " +
                    (f"earlier checkpoints are kept, the newest {kept[-1].name}" if kept else "no checkpoint was saved yet"))
@@ -340,7 +344,10 @@ class CheckpointPolicy:
         except OSError as err:
             raise save_failed(self.root / name, err) from None
         self.records = records
-        self._prune()
+        try:
+            self._prune()
+        except OSError as err:  # ckpts.json on a disk filled meanwhile: a bare "[Errno 28] No space left on device"
+            raise save_failed(folder, err, saved=True) from None
         log.info("saved %s", folder)
         return folder
 
