@@ -252,6 +252,27 @@ def test_a_half_precision_overflow_then_a_kernel_the_gpu_rejects_ends_on_the_pla
         assert np.array_equal(g, w)
 
 
+def test_an_overflow_redone_in_fp32_leaves_a_fused_kernel_whose_fp32_weights_do_not_fit(model, monkeypatch, caplog):
+    """fp16 at 128 channels fits an RTX 4090's shared memory, fp32 does not (fused.too_wide): the fp32 redo of an
+    overflowed batch launched the fused kernel there anyway, and a chosen `engine: fused` stopped mid-run with its
+    KernelError (the automatic one first compiled every variant, each failing). It now goes to the plain forward."""
+    monkeypatch.setattr(Rejected, "rejects", (torch.float32,))
+    monkeypatch.setattr(fused, "FusedDiffWave", Rejected)
+    monkeypatch.setattr(fused, "too_wide", lambda net, dtype=torch.float32, device=None:
+                        "fp32 does not fit" if dtype == torch.float32 else None)
+    monkeypatch.setattr(inference, "inference_precision", lambda setting, device: "bf16" if setting == "auto" else setting)
+    mels, names = four_mels()
+    want = Vocoder(tiny_cfg(), model, batch_size=2, device="cpu", precision="fp32", engine="plain")(mels, names)
+    vocoder = Vocoder(tiny_cfg(), model, batch_size=2, device="cpu")
+    vocoder.engine, vocoder.chosen["engine"] = "fused", True  # as `inference.engine: fused` would set them on a GPU
+    with caplog.at_level(logging.WARNING):
+        got = vocoder(mels, names)
+    assert (vocoder.precision, vocoder.engine) == ("fp32", "plain")
+    assert "vocoded again in fp32 on the plain forward (fp32 does not fit)" in caplog.text
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g, w)
+
+
 def test_a_batch_that_is_not_finite_in_any_precision_is_no_overflow(model, monkeypatch, caplog):
     """Tried in fp32 and said so, but the run keeps the faster precision (the next batch may be fine)."""
     monkeypatch.setattr(inference, "inference_precision", lambda setting, device: "bf16" if setting == "auto" else setting)

@@ -180,14 +180,18 @@ class Vocoder:
         first, redone = self.precision, not finite and self.dtype is not None and not self.chosen["precision"]
         if redone:
             del audio  # the failed attempt's buffers go before the fp32 one allocates its own
-            half, self.precision, self.dtype, self._built = (self.precision, self.dtype), "fp32", None, None
+            half, self.precision, self.dtype, self._built = (self.precision, self.dtype, self.engine), "fp32", None, None
+            # fp32 doubles the fused kernel's weights: where they no longer fit (fused.too_wide), its launch would fail
+            unfit = fused.too_wide(self.model, torch.float32, self.device) if self.engine == "fused" else None
+            self.engine = "plain" if unfit else self.engine
             audio, finite = self._attempt(padded, exact, shape, names)
             if finite:
                 self.overflowed = True
                 log.warning("%s synthesis overflowed for the batch with %s (non-finite noise predictions): vocoded "
-                            "again in fp32, and the rest of the run stays in fp32", first, names[0])
+                            "again in fp32%s, and the rest of the run stays in fp32", first, names[0],
+                            f" on the plain forward ({unfit})" if unfit else "")
             else:  # not an overflow (a diverged checkpoint, an absurd mel): the faster precision stays
-                (self.precision, self.dtype), self._built = half, None
+                (self.precision, self.dtype, self.engine), self._built = half, None
         if not finite:
             log.warning("non-finite noise predictions in %s for the batch with %s: its audio is noise (the model's "
                         "output is not finite for these mels)", f"{first} and in fp32" if redone else first, names[0])
