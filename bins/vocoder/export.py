@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> None:
     else:
         export_onnx(vocoder, args.output)
     plan = vocoder.plan
-    print(f"{args.format} written to {args.output}: {plan.kind} sampler, {plural(plan.steps, 'step')}")
+    print(f"{args.format} written to {args.output}: {vocoder.sampler} sampler, {plural(plan.steps, 'step')}")
     if args.verify:
         pre = vocoder.cfg.preprocess
         mel = mel_spectrogram(synthetic_voice(args.verify, int(pre.sample_rate), seed=0), pre)
