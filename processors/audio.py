@@ -61,8 +61,8 @@ def check_openable(path: str | os.PathLike) -> None:
 
 def load_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1,
                downmixed: list[str] | None = None, keep_level: bool = False) -> np.ndarray:
-    """Mono float32 in [-1, 1] at `sample_rate`; raises AudioError naming the file (for an empty one too, unless
-    `min_samples` is 0: a vocoder's empty output is still an output to score).
+    """Mono float32 in [-1, 1] (unless `keep_level`) at `sample_rate`; raises AudioError naming the file (for an
+    empty one too, unless `min_samples` is 0: a vocoder's empty output is still an output to score).
 
     Stereo and multi-channel files are averaged (named in `downmixed`, for the caller to report
     once); a float file peaking above 1.0 is scaled down with a warning (not clipped), since
