@@ -213,4 +213,7 @@ def test_the_fused_engine_is_only_picked_where_one_dots_weights_fit_in_a_blocks_
     for channels, fits in ((64, True), (65, False)):  # padded to 128 from 65 on: the docs said from 80
         assert (fused.too_wide(random_model(channels=channels, layers=1), torch.float32, cuda) is None) == fits
     fake_gpus(("Tesla T4", (7, 5)))  # 64 KiB a block: 16 bits at 128 channels do not fit either
-    assert fused.too_wide(wide, torch.float16, cuda) and fused.too_wide(wide, torch.float32, cuda)
+    assert fused.too_wide(wide, torch.float16, cuda).endswith("needs 64 KiB of shared memory a block for one dot's "
+                                                       "weights, all of the 64 KiB Tesla T4 offers")  # no 16-bit hint
+    assert fused.too_wide(wide, torch.float32, cuda).endswith("more than the 64 KiB Tesla T4 offers (16-bit precisions "
+                                                       "take half)")

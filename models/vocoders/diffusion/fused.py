@@ -96,9 +96,11 @@ def too_wide(model: DiffWave, dtype: torch.dtype = torch.float32, device: torch.
     weights = _padded(channels) * 2 * _padded(channels) * dtype.itemsize
     if offered is None or weights < offered:
         return None
+    than = "more than" if weights > offered else "all of"  # the kernel's other tiles need room besides
+    half = " (16-bit precisions take half)" if dtype.itemsize > 2 else ""  # no help where 16 bits do not fit either
     return (f"a model of {channels} residual channels in {str(dtype).removeprefix('torch.')} needs {weights // 1024} KiB "
-            f"of shared memory a block for one dot's weights, more than the {offered // 1024} KiB {properties.name} "
-            "offers (16-bit precisions take half)")
+            f"of shared memory a block for one dot's weights, {than} the {offered // 1024} KiB {properties.name} "
+            f"offers{half}")
 
 
 def family(dtype: torch.dtype, projected: bool) -> str:
