@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from evaluation.metrics import HIGHER_IS_BETTER, PitchTrack, align, all_metrics, log_mel, missing_packages, pitch_track
+from evaluation.metrics import HIGHER_IS_BETTER, PitchTrack, align, all_metrics, log_mel, missing_packages, pesq_band, pitch_track
 from processors.audio import AudioError, list_audio, load_audio, resample
 from processors.mel import min_samples
 from utils.config import REPO_ROOT, load_config
@@ -201,6 +201,10 @@ def format_table(summary: dict) -> str:
     baseline_failures = len(summary.get("baseline", {}).get("failed", {}))
     if baseline_failures:
         notes.append(f"{summary['baseline']['method']} failed on {plural(baseline_failures, 'utterance')} (see the log)")
+    narrow = summary.get("pesq_band", {}).get("nb", 0)
+    if narrow:
+        notes.append(f"PESQ in narrow band (P.862.1 at 8 kHz) for {plural(narrow, 'utterance')} scored below 16 kHz, "
+                     "wide band for the rest")
     notes.append("'-': disabled, undefined or failed")
     if show_n:
         notes.append("n: utterances a mean covers")
@@ -256,6 +260,7 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
     failed: dict[str, str] = {}
     baseline_failed: dict[str, str] = {}
     mismatched: dict[str, int] = {}
+    pesq_bands = {"wb": 0, "nb": 0}  # utterances scored in each PESQ mode (their scoring rate decides)
     for name, ref_path, pred_path in tqdm(pairs, desc="scoring", unit="utt", dynamic_ncols=True):
         log.debug("scoring %s", name)
         rate = sample_rate or _native_rate(ref_path, int(pre["sample_rate"]))
@@ -267,6 +272,7 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
             log.warning("%s: skipped (%s)", name, reason)
             failed[name] = reason
             continue
+        pesq_bands[pesq_band(rate)[0]] += 1
         if mismatch:
             mismatched[name] = scores["pred"]["length_diff"]
         if baseline and "failed" in scores[baseline]:
@@ -295,7 +301,7 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
         "counts": {"scored": scored, "failed": len(failed), "unmatched": len(missing["pred"]) + len(missing["ref"]),
                    "length_mismatch": len(mismatched)},
         "means": means["pred"], "n": n["pred"], "missing": missing, "failed": failed, "length_mismatch": mismatched,
-        "disabled": missing_packages(),
+        "disabled": missing_packages(), "pesq_band": pesq_bands,
     }
     if baseline:
         summary["baseline"] = {"method": baseline, "means": means[baseline], "n": n[baseline], "failed": baseline_failed}

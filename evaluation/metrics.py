@@ -34,8 +34,9 @@ MCD_SCALE = 10.0 / math.log(10.0) * math.sqrt(2.0)
 SI_SNR_CAP_DB = 100.0
 PITCH_KEYS = ("f0_rmse_cents", "vuv_f1", "periodicity")
 OPTIONAL_PACKAGES = {"pesq": "pesq", "stoi": "pystoi"}  # metric -> the package it needs
-# The floor of the MOS-LQO `pesq` returns in wide band: P.862.2 maps raw PESQ x to 0.999 + 4 / (1 + exp(-1.3669 x +
-# 3.8224)), which tends to 0.999 as x falls (x is not clipped at -0.5: garbled audio scores 1.02).
+# The floor of the MOS-LQO `pesq` returns: P.862.2 (wide band) maps raw PESQ x to 0.999 + 4 / (1 + exp(-1.3669 x +
+# 3.8224)), P.862.1 (narrow band) to 0.999 + 4 / (1 + exp(-1.4945 x + 4.6607)); both tend to 0.999 as x falls (x is
+# not clipped at -0.5: garbled audio scores 1.02).
 PESQ_FLOOR = 0.999
 
 # Metric name -> True when higher is better; the order the CSV and table use.
@@ -112,18 +113,26 @@ def align(ref: Any, pred: Any, hop: int) -> tuple[np.ndarray, np.ndarray]:
     return ref[:n], pred[:n]
 
 
-def pesq_wb(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None:
-    """Wide-band PESQ (MOS-LQO, about 1.0-4.64) at 16 kHz."""
+def pesq_band(sample_rate: int) -> tuple[str, int]:
+    """PESQ's mode and rate for audio at `sample_rate`: wide band (P.862.2) at 16 kHz where the audio reaches 8 kHz,
+    narrow band (P.862.1) at 8 kHz below that. Wide band on upsampled 8 kHz audio scored a reference with nothing
+    above 4 kHz, a figure no standard defines."""
+    return ("wb", 16000) if sample_rate >= 16000 else ("nb", 8000)
+
+
+def pesq_mos(ref: np.ndarray, pred: np.ndarray, sample_rate: int) -> float | None:
+    """PESQ (MOS-LQO, about 1.0-4.64 in wide band, 4.55 in narrow band) in `pesq_band`'s mode."""
     module = _optional(OPTIONAL_PACKAGES["pesq"])
     if module is None:
         return None
     if _silent(ref):
         return math.nan
-    silence = _score_of_silence(ref, pred, "pesq", PESQ_FLOOR, lambda: pesq_wb(ref, ref, sample_rate))
+    silence = _score_of_silence(ref, pred, "pesq", PESQ_FLOOR, lambda: pesq_mos(ref, ref, sample_rate))
     if silence is not None:
         return silence
+    mode, rate = pesq_band(sample_rate)
     try:
-        return float(module.pesq(16000, resample(ref, sample_rate, 16000), resample(pred, sample_rate, 16000), "wb"))
+        return float(module.pesq(rate, resample(ref, sample_rate, rate), resample(pred, sample_rate, rate), mode))
     except Exception as err:  # pesq raises on inputs it finds no speech in
         warnings.warn(f"pesq failed ({type(err).__name__}: {err}): NaN", stacklevel=2)
         return math.nan
@@ -298,7 +307,7 @@ def all_metrics(ref: np.ndarray, pred: np.ndarray, sample_rate: int, pre: Any,
     else:
         pitch = dict.fromkeys(PITCH_KEYS, math.nan) if _silent(ref) else pitch_scores(*tracks)
     return {
-        "pesq": pesq_wb(ref, pred, sample_rate),
+        "pesq": pesq_mos(ref, pred, sample_rate),
         "stoi": stoi(ref, pred, sample_rate),
         "mstft": mstft(ref, pred, sample_rate),
         "mel_l1": mel_l1(ref, pred, sample_rate, pre),
@@ -317,7 +326,7 @@ def cheap_metrics(ref: Any, pred: Any, pre: Any) -> dict[str, float]:
     ref, pred = align(ref, pred, int(pre["hop_size"]))
     sample_rate = int(pre["sample_rate"])
     out = {"mel_l1": mel_l1(ref, pred, sample_rate, pre), "mstft": mstft(ref, pred, sample_rate)}
-    score = pesq_wb(ref, pred, sample_rate)
+    score = pesq_mos(ref, pred, sample_rate)
     if score is not None:
         out["pesq"] = score
     return out

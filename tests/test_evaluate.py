@@ -75,7 +75,7 @@ def test_si_snr_of_a_nearly_orthogonal_prediction_is_no_worse_than_silence():
 
 def test_more_noise_scores_worse(voice):
     light, heavy = with_noise(voice, 30), with_noise(voice, 5)
-    assert metrics.pesq_wb(voice, light, SR) > metrics.pesq_wb(voice, heavy, SR)
+    assert metrics.pesq_mos(voice, light, SR) > metrics.pesq_mos(voice, heavy, SR)
     assert metrics.mel_l1(voice, light, SR, PRE) < metrics.mel_l1(voice, heavy, SR, PRE)
     assert metrics.mstft(voice, light, SR) < metrics.mstft(voice, heavy, SR)
 
@@ -152,7 +152,7 @@ def test_silent_prediction_gets_the_worst_pesq_and_stoi(voice):
     with pytest.warns(UserWarning, match="prediction is silent"):
         m = metrics.all_metrics(voice, np.zeros_like(voice), SR, PRE)
     assert m["pesq"] == metrics.PESQ_FLOOR and m["stoi"] == 0
-    assert m["pesq"] <= metrics.pesq_wb(voice, with_noise(voice, -10), SR)  # no better than the worst audio
+    assert m["pesq"] <= metrics.pesq_mos(voice, with_noise(voice, -10), SR)  # no better than the worst audio
 
 
 def test_stoi_and_mstft_are_nan_on_audio_too_short_for_them(voice):
@@ -183,7 +183,7 @@ def test_missing_pesq_disables_metric(voice, monkeypatch):
     metrics._optional.cache_clear()
     try:
         with pytest.warns(UserWarning, match="not installed"):
-            assert metrics.pesq_wb(voice, voice, SR) is None
+            assert metrics.pesq_mos(voice, voice, SR) is None
         assert "pesq" not in metrics.cheap_metrics(voice, voice, PRE)
     finally:
         monkeypatch.undo()
@@ -264,6 +264,26 @@ def test_table_says_why_pesq_and_stoi_are_missing(monkeypatch):
     table = format_table(summary)
     assert "(1 scored, 0 failed, 0 unmatched;" in table and " n " not in table.splitlines()[0]
     assert table.splitlines()[-1] == "disabled: pesq, stoi, as pesq, pystoi are not installed (pip install pesq pystoi)"
+
+
+def test_pesq_below_16_khz_is_narrow_band_and_the_table_says_so(tmp_path, voice):
+    """8 kHz audio was scored in wide band after upsampling to 16 kHz: a reference with nothing above 4 kHz, a figure
+    no standard defines. Below 16 kHz it is now P.862.1 narrow band at 8 kHz, and the table names the utterances."""
+    pesq = pytest.importorskip("pesq")
+    ref, pred = resample(voice, SR, 8000), resample(with_noise(voice, 15), SR, 8000)
+    assert metrics.pesq_mos(ref, pred, 8000) == pytest.approx(pesq.pesq(8000, ref, pred, "nb"))
+    upsampled_wide = pesq.pesq(16000, resample(ref, 8000, SR), resample(pred, 8000, SR), "wb")
+    assert abs(metrics.pesq_mos(ref, pred, 8000) - upsampled_wide) > 0.05
+    assert metrics.pesq_mos(voice, with_noise(voice, 15), SR) == pytest.approx(
+        pesq.pesq(SR, voice, with_noise(voice, 15), "wb"))
+    for folder in ("gt", "pred"):
+        (tmp_path / folder).mkdir()
+    for name, rate, audio in (("low", 8000, ref), ("wide", SR, voice)):
+        sf.write(tmp_path / "gt" / f"{name}.wav", audio, rate)
+        sf.write(tmp_path / "pred" / f"{name}.wav", audio, rate)
+    summary = evaluate.evaluate_dirs(tmp_path / "gt", tmp_path / "pred", tmp_path / "eval", pre=PRE)
+    assert summary["pesq_band"] == {"wb": 1, "nb": 1}
+    assert "PESQ in narrow band (P.862.1 at 8 kHz) for 1 utterance scored below 16 kHz" in format_table(summary)
 
 
 def test_cli_no_matching_files_exits_2(tmp_path, voice, capsys):
