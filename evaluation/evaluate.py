@@ -118,17 +118,18 @@ def _plot(path: Path, name: str, ref: np.ndarray, pred: np.ndarray, rate: int, p
 
 
 def _score(name: str, ref_path: str, pred_path: str, rate: int, pre: Any, baseline: str | None,
-           plot_dir: Path | None) -> tuple[dict[str, dict], bool]:
+           plot_dir: Path | None, downmixed: list[str]) -> tuple[dict[str, dict], bool]:
     """Metrics (and `length_diff`, pred minus ref samples) for one utterance per system, scored over the reference's
     length, and whether the prediction's length is off by more than one hop; warnings are logged once each, with the
     name and system. ValueError for a reference too short for even one mel frame (no metric is defined); an empty
-    prediction scores as silence. A baseline that fails leaves the model's scores alone (its own are NaN)."""
+    prediction scores as silence. A baseline that fails leaves the model's scores alone (its own are NaN). Files of
+    several channels are averaged to mono and listed in `downmixed`."""
     hop = max(1, round(int(pre["hop_size"]) * rate / int(pre["sample_rate"])))
-    ref = load_audio(ref_path, rate, keep_level=True)
+    ref = load_audio(ref_path, rate, keep_level=True, downmixed=downmixed)
     need = math.ceil(min_samples(pre) * rate / int(pre["sample_rate"]))
     if len(ref) < need:
         raise ValueError(f"too short ({len(ref)} samples; one mel frame needs {need} at {rate} Hz)")
-    pred = load_audio(pred_path, rate, min_samples=0, keep_level=True)
+    pred = load_audio(pred_path, rate, min_samples=0, keep_level=True, downmixed=downmixed)
     length_diff = len(pred) - len(ref)
     with _named_warnings(name):
         ref_aligned, pred = align(ref, pred, hop)
@@ -261,11 +262,12 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
     baseline_failed: dict[str, str] = {}
     mismatched: dict[str, int] = {}
     pesq_bands = {"wb": 0, "nb": 0}  # utterances scored in each PESQ mode (their scoring rate decides)
+    downmixed: list[str] = []
     for name, ref_path, pred_path in tqdm(pairs, desc="scoring", unit="utt", dynamic_ncols=True):
         log.debug("scoring %s", name)
         rate = sample_rate or _native_rate(ref_path, int(pre["sample_rate"]))
         try:
-            scores, mismatch = _score(name, ref_path, pred_path, rate, pre, baseline, plot_dir)
+            scores, mismatch = _score(name, ref_path, pred_path, rate, pre, baseline, plot_dir, downmixed)
         except Exception as err:  # one bad utterance is skipped and listed, never the end of the batch
             lines = str(err).strip().splitlines() or [""]
             reason = lines[0] if isinstance(err, (AudioError, ValueError)) else f"{type(err).__name__}: {lines[0]}"
@@ -278,6 +280,9 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
         if baseline and "failed" in scores[baseline]:
             baseline_failed[name] = scores[baseline].pop("failed")
         rows += [{"name": name, "system": system, **scores[system]} for system in systems]
+    if downmixed:  # channels in opposite phase cancel: a stereo file may score as silence
+        log.warning("%s of several channels averaged to mono for scoring: %s%s", plural(len(downmixed), "file"),
+                    ", ".join(downmixed[:5]), ", ..." if len(downmixed) > 5 else "")
     if not rows:
         first = next(iter(failed.items()))
         raise EvaluationError(f"none of the {plural(len(pairs), 'matched utterance')} could be scored "
@@ -301,7 +306,7 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
         "counts": {"scored": scored, "failed": len(failed), "unmatched": len(missing["pred"]) + len(missing["ref"]),
                    "length_mismatch": len(mismatched)},
         "means": means["pred"], "n": n["pred"], "missing": missing, "failed": failed, "length_mismatch": mismatched,
-        "disabled": missing_packages(), "pesq_band": pesq_bands,
+        "disabled": missing_packages(), "pesq_band": pesq_bands, "downmixed": downmixed,
     }
     if baseline:
         summary["baseline"] = {"method": baseline, "means": means[baseline], "n": n[baseline], "failed": baseline_failed}

@@ -286,6 +286,18 @@ def test_pesq_below_16_khz_is_narrow_band_and_the_table_says_so(tmp_path, voice)
     assert "PESQ in narrow band (P.862.1 at 8 kHz) for 1 utterance scored below 16 kHz" in format_table(summary)
 
 
+def test_files_of_several_channels_are_named_as_averaged(tmp_path, voice, caplog):
+    """A stereo file is averaged to mono; channels in opposite phase cancel, so the average is named, not silent."""
+    for folder in ("gt", "pred"):
+        (tmp_path / folder).mkdir()
+    sf.write(tmp_path / "gt" / "a.wav", voice, SR)
+    sf.write(tmp_path / "pred" / "a.wav", np.stack([voice, -voice], axis=1), SR)
+    with caplog.at_level("WARNING"):
+        summary = evaluate.evaluate_dirs(tmp_path / "gt", tmp_path / "pred", tmp_path / "eval", pre=PRE)
+    assert summary["downmixed"] == [f"{tmp_path / 'pred' / 'a.wav'} (2 channels)"]
+    assert "1 file of several channels averaged to mono for scoring" in caplog.text
+
+
 def test_cli_no_matching_files_exits_2(tmp_path, voice, capsys):
     (tmp_path / "gt").mkdir()
     (tmp_path / "pred").mkdir()
