@@ -377,11 +377,14 @@ def test_a_resume_past_the_end_of_a_shorter_epoch_goes_on_with_the_next(corpus: 
 def test_a_mid_epoch_resume_under_another_accumulation_or_batch_size(corpus: Path, tmp_path: Path, caplog) -> None:
     """Saved at batch 1 without accumulation, resumed with 2 micro-batches a step: the first window took the one batch
     left of a window aligned to the epoch's start and divided its loss by 2 (a step at half the gradient). A changed
-    batch size shifts the epoch's position (counted in the saving run's batches) without a word: now warned."""
+    batch size shifts the epoch's position (counted in the saving run's batches), a changed seed its order, without a
+    word: now warned."""
     trainer(config(corpus, tmp_path, batch_size=2, max_steps=4, save_checkpoints_steps=1), "accum").train()
     assert newest(tmp_path / "ckpts" / "accum").name.startswith("epoch-0001_step-0000004")  # batch 1 of epoch 1
-    rest = trainer(config(corpus, tmp_path, batch_size=1, gradient_accumulation_step=2, max_steps=5), "accum", "resume")
+    rest = trainer(config(corpus, tmp_path, batch_size=1, gradient_accumulation_step=2, max_steps=5, random_seed=7),
+                   "accum", "resume")
     assert "saved at batch 1 of its epoch with train.batch_size 2 and is resumed with 1" in caplog.text
+    assert "saved at batch 1 of its epoch with train.random_seed 114514 and is resumed with 7" in caplog.text
     rest.train()
     assert json.loads((newest(tmp_path / "ckpts" / "accum") / "state.json").read_text())["batch_in_epoch"] == 3
 

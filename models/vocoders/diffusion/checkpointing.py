@@ -186,13 +186,8 @@ def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any, proce
                     "counts each process's batches) and the noise differ from the uninterrupted run's; resume with %d "
                     "for the same ones", folder, plural(saved_by, "process", "processes"), processes,
                     train.batch_in_epoch, saved_by)
-    batch, saved_batch = int(tcfg.batch_size), _saved_batch_size(folder)
-    if process_index == 0 and train.batch_in_epoch and saved_batch not in (None, batch):
-        log.warning("%s was saved at batch %d of its epoch with train.batch_size %d and is resumed with %d: the rest of "
-                    "that epoch starts at batch %d of %d (%d utterances in, not %d), so it repeats or skips some; resume "
-                    "with %d until the epoch ends for the same data", folder, train.batch_in_epoch, saved_batch, batch,
-                    train.batch_in_epoch, batch, train.batch_in_epoch * batch, train.batch_in_epoch * saved_batch,
-                    saved_batch)
+    if process_index == 0 and train.batch_in_epoch:
+        _warn_of_another_epoch_order(folder, train.batch_in_epoch, tcfg)
     saved = (train.optimizer.param_groups[0].get("initial_lr"), getattr(train.scheduler, "gamma", None))
     wanted = (float(tcfg.adamw.lr), float(tcfg.exponential_lr.lr_decay))
     if None not in saved and saved != wanted:  # the restored optimizer and scheduler states carry their own
@@ -201,13 +196,19 @@ def resume(train: TrainState, folder: Path, process_index: int, tcfg: Any, proce
                     *wanted, *saved, train.optimizer.param_groups[0]["lr"])
 
 
-def _saved_batch_size(folder: Path) -> int | None:
-    """train.batch_size of the config that trained `folder`, where it is found and usable."""
+def _warn_of_another_epoch_order(folder: Path, at: int, tcfg: Any) -> None:
+    """Mid-epoch, the rest of the epoch goes on from batch `at` of an order that the batch size and the seed make:
+    resumed under others, it repeats or skips some utterances, which went on without a word."""
     try:
         trained = trained_config(folder)
-        return int(trained.train.batch_size) if trained is not None else None
-    except (ConfigError, AttributeError, KeyError, TypeError, ValueError):
-        return None
+        saved = {key: trained.train.get(key) for key in ("batch_size", "random_seed")} if trained is not None else {}
+    except (ConfigError, AttributeError, KeyError, TypeError, ValueError):  # no usable config beside it: no check
+        return
+    for key, value in saved.items():
+        if value is not None and value != tcfg.get(key):
+            log.warning("%s was saved at batch %d of its epoch with train.%s %s and is resumed with %s: the rest of that "
+                        "epoch follows another order, so it repeats or skips some utterances; resume with %s until the "
+                        "epoch ends for the same data", folder, at, key, value, tcfg.get(key), value)
 
 
 def abandon_newer(folder: Path, root: Path) -> list[Path]:
