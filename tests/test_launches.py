@@ -332,3 +332,33 @@ def test_a_process_whose_launcher_is_killed_outright_stops_as_on_a_sigterm(tmp_p
         if len(words) > 1 and words[1].isdigit():  # an orphan that did not stop
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(words[1]), signal.SIGKILL)
+
+
+LATE_RANK_1 = """import os, runpy, sys, time
+sys.path.insert(0, sys.argv[1])
+from models.vocoders.diffusion import experiment
+found = experiment.Experiment.__init__
+def late(self, root):  # process 1 looks at the experiment after the main process has locked (made) it
+    if os.environ.get("RANK") == "1":
+        time.sleep(2)
+    found(self, root)
+experiment.Experiment.__init__ = late
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_resume_into_a_name_never_trained_is_refused_by_every_process(corpus: Path, tmp_path: Path) -> None:
+    """A process that looked after the main one had made the lock file took it for a run stopped in its setup: it
+    warned "starting it again from step 0" and trained on alone into a gloo traceback, as the main process refused."""
+    script = tmp_path / "late_rank_1.py"
+    script.write_text(LATE_RANK_1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, str(REPO / "bins" / "vocoder" / "launch.py"), "--multi_gpu",
+                             "--num_processes", "2", "--main_process_port", str(free_port()), str(script), str(REPO),
+                             str(REPO / "bins" / "vocoder" / "train.py"), "--config", str(config(corpus, tmp_path)),
+                             "--exp_name", "never", "--resume_type", "resume"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1 and "no experiment of this name to resume" in out, out[-3000:]
+    assert "Traceback" not in out and "starting it again" not in out, out[-3000:]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
 from models.vocoders.diffusion import checkpointing as ckpt
@@ -73,6 +73,10 @@ class DiffusionVocoderTrainer:
             set_cuda_math(tcfg)
         self.experiment = Experiment(Path(cfg.log_dir) / name)
         self.exp_dir, self.ckpt_dir = self.experiment.root, self.experiment.checkpoints
+        if self.accelerator.num_processes > 1:  # the main process's view, from before it locks: another process that
+            # looked after the lock was made took it for a run stopped in its setup (a resume into a name never trained
+            # warned "starting it again from step 0" there and trained on alone, while the main process refused)
+            self.experiment.lock_found = broadcast_object_list([self.experiment.lock_found])[0]
         if self.accelerator.is_main_process:  # the only writer
             self.experiment.lock()
         try:
