@@ -389,3 +389,27 @@ def test_running_out_of_gpu_memory_is_one_line_that_says_what_to_lower(monkeypat
     assert stop.value.code == 1 and err.count("\n") == 1, err
     assert err.startswith("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has "
                           "a total capacity of 7.79 GiB of which 1.02 GiB is free); lower train.batch_size"), err
+
+
+def test_an_error_every_process_raised_is_said_once_and_one_of_its_own_names_its_process(monkeypatch):
+    """Stage 2's processes each printed the error they all met (a damaged checkpoint, a refused resume): the user read
+    it once a process. The main process says it; another says only an error of its own, naming itself."""
+    from datetime import timedelta
+
+    from utils.cli import whose
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                       timeout=timedelta(seconds=10))
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert whose("refused", wait_s=0.2) == "process 1"  # no word from the main process in time: its own, named
+    monkeypatch.setenv("RANK", "0")
+    assert whose("refused") == ""
+    monkeypatch.setenv("RANK", "1")
+    assert whose("refused") is None and whose("rng_1.pt: damaged") == "process 1"
+    monkeypatch.setenv("MASTER_PORT", "1")  # no store to meet in: said, named
+    assert whose("refused", wait_s=0.2) == "process 1"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert whose("refused") == ""

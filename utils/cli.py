@@ -7,7 +7,9 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 from tqdm import tqdm
@@ -15,6 +17,7 @@ from tqdm import tqdm
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # gloo's words for a process that ended
 EXPECTED_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError, OSError,
                    MemoryError)  # numpy's "Unable to allocate 58.2 TiB ..." for an absurd length is one line
 
@@ -89,6 +92,39 @@ def out_of_memory(err: BaseException) -> str:
             "and written outputs are kept")
 
 
+def whose(line: str, wait_s: float = 3.0) -> str | None:
+    """With several processes (torchrun's, which set WORLD_SIZE, RANK and the rendezvous store's MASTER_ADDR/PORT): who
+    should say this error line. The main process always says it (""); another one says nothing where the main one
+    raised the same line (a bad checkpoint or a refused resume, which every process meets: the user read it once a
+    process), else names itself ("process N"), whether the main process raised another line, none within `wait_s`, or
+    its store was out of reach. Alone: "". The lines meet in the launcher's store, which outlives the processes."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
+    if world <= 1:
+        return ""
+    try:
+        store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                           timeout=timedelta(seconds=wait_s), wait_for_workers=False)
+        key = f"error-line/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        store.set(f"{key}{rank}", line)
+        if rank == 0:
+            return ""
+        end = time.monotonic() + wait_s
+        while not store.check([f"{key}0"]) and time.monotonic() < end:  # store.wait logs its timeout from C++
+            time.sleep(0.05)
+        same = store.check([f"{key}0"]) and store.get(f"{key}0").decode(errors="replace") == line
+    except (KeyError, ValueError, RuntimeError, OSError):  # no store, or no word from the main process in time
+        return "" if rank == 0 else f"process {rank}"
+    return None if same else f"process {rank}"
+
+
+def say_error(line: str) -> None:
+    """`error: line` on stderr, once for all processes (see whose), in one write: two processes' lines ran together."""
+    who = whose(line)
+    if who is not None:
+        sys.stderr.write(f"error{f' ({who})' if who else ''}: {line}\n")
+        sys.stderr.flush()
+
+
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
     """Parse, run, and turn expected failures into `error: ...` with exit status 1."""
     args = parser.parse_args()
@@ -98,13 +134,19 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     except EXPECTED_ERRORS as err:
         if args.log_level == "debug":
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        say_error(one_line(err))
         sys.exit(1)
     except torch.cuda.OutOfMemoryError as err:
         if args.log_level == "debug":
             raise
-        print(f"error: {out_of_memory(err)}", file=sys.stderr)
+        say_error(out_of_memory(err))
+        sys.exit(1)
+    except RuntimeError as err:  # a collective whose peer had ended: that process's own error (or stop) says why
+        if args.log_level == "debug" or not any(words in str(err) for words in PEER_GONE):
+            raise
+        say_error("another process ended (its own error or stop is above, or the launcher's line below), so this one "
+                  "stopped too")
         sys.exit(1)
     except KeyboardInterrupt as err:  # StopRequested says what it saved, and which signal it was
-        print(f"interrupted{f': {err}' if str(err) else ''}; finished work is kept", file=sys.stderr)
+        sys.stderr.write(f"interrupted{f': {err}' if str(err) else ''}; finished work is kept\n")  # one write (see say_error)
         sys.exit(getattr(err, "exit_code", 130))
