@@ -24,7 +24,9 @@ from processors.audio import resample
 from processors.mel import mel_spectrogram
 
 SILENCE_PEAK = 1e-4  # about -80 dBFS: below this a reference carries no signal to score against
-F0_MIN, F0_MAX = 65.0, 1050.0  # C2..C6: speech and most singing
+# C2 to a soprano's high C (C6, 1046.5 Hz) and its vibrato, with room above: pyin tracks a pitch near or above fmax an
+# octave low (a top of 1050 Hz took every C6 for C5, so a B5 sung as a C6 scored 1100 cents instead of 100)
+F0_MIN, F0_MAX = 65.0, 1400.0
 # (n_fft, hop, win), Hann windows: Parallel WaveGAN's (Yamamoto et al. 2020, table 1), auraloss's defaults, with which
 # BigVGAN and others report M-STFT
 MSTFT_RESOLUTIONS = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))
@@ -259,9 +261,10 @@ class PitchTrack(NamedTuple):
 
 
 def pitch_track(audio: np.ndarray, sample_rate: int, fmin: float = F0_MIN, fmax: float = F0_MAX) -> PitchTrack:
-    """librosa pyin at a 10 ms hop, with a frame long enough for two periods of fmin."""
+    """librosa pyin at a 10 ms hop, with a frame long enough for two periods of fmin; fmax at most the Nyquist frequency."""
     import librosa
 
+    fmax = min(fmax, sample_rate / 2)
     hop = max(1, round(sample_rate * 0.01))
     frame_length = 2 * 2 ** math.ceil(math.log2(2 * sample_rate / fmin + 2))
     audio = audio if len(audio) >= frame_length else np.pad(audio, (0, frame_length - len(audio)))

@@ -86,6 +86,22 @@ def test_pitch_shift_gives_its_rmse_in_cents(voice):
     assert scores["vuv_f1"] > 0.9
 
 
+def test_a_sopranos_high_c_is_tracked_at_its_pitch():
+    """C6 (1046.5 Hz) lay at the top of pyin's 65-1050 Hz range, where pyin takes a pitch for its octave below: a B5
+    against a C6 scored 1100 cents instead of 100."""
+    sr = 16000
+    t = np.arange(sr // 2) / sr
+
+    def note(f0: float) -> np.ndarray:
+        return (0.3 * sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 5))).astype(np.float32)
+
+    track = metrics.pitch_track(note(1046.5), sr)
+    assert np.nanmedian(track.f0[track.voiced]) == pytest.approx(1046.5, rel=0.01)
+    assert metrics.f0_metrics(note(987.8), note(1046.5), sr)["f0_rmse_cents"] == pytest.approx(100, abs=10)
+    low = metrics.pitch_track(note(200.0)[: sr // 4][::6], sr // 6)  # 2.67 kHz audio: fmax kept below its Nyquist
+    assert np.nanmedian(low.f0[low.voiced]) == pytest.approx(200, rel=0.02)
+
+
 def test_mcd_is_the_rms_db_difference_of_the_log_mels_less_their_mean(voice):
     """With every cepstrum kept (20 mels, 19 coefficients), MCD is, by Parseval, the RMS over mel bands of the dB
     difference of the two log mels less its mean, averaged over frames; the constant 10 sqrt(2) / ln 10 assumes that
