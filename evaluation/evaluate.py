@@ -28,7 +28,7 @@ from processors.audio import AudioError, list_audio, load_audio, resample
 from processors.mel import min_samples
 from utils.config import REPO_ROOT, load_config
 from utils.io import atomic_write_bytes, atomic_write_text, load_json, move_aside, probe_writable, save_json
-from utils.text import plural
+from utils.text import first_few, plural
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = REPO_ROOT / "config/vocoder.json"  # the toolkit's mel, which the DiffWave recipe inherits
@@ -281,8 +281,8 @@ def evaluate_dirs(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike, outpu
             baseline_failed[name] = scores[baseline].pop("failed")
         rows += [{"name": name, "system": system, **scores[system]} for system in systems]
     if downmixed:  # channels in opposite phase cancel: a stereo file may score as silence
-        log.warning("%s of several channels averaged to mono for scoring: %s%s", plural(len(downmixed), "file"),
-                    ", ".join(downmixed[:5]), ", ..." if len(downmixed) > 5 else "")
+        log.warning("%s of several channels averaged to mono for scoring: %s", plural(len(downmixed), "file"),
+                    first_few(downmixed))
     if not rows:
         first = next(iter(failed.items()))
         raise EvaluationError(f"none of the {plural(len(pairs), 'matched utterance')} could be scored "

@@ -8,6 +8,11 @@ def plural(count: int, noun: str, plural_form: str | None = None) -> str:
     return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
 
 
+def first_few(items: list[str], shown: int = 5) -> str:
+    """'a, b, c' or 'a, b, c, d, e, ...': a list a log line names without running on."""
+    return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")
+
+
 def byte_size(count: float) -> str:
     """'1.50 GiB', '12.0 MiB', '3.2 KiB', '512 B': a size in the largest binary unit it fills (a budget of a few
     MiB printed in GiB read "0.00 GiB")."""

@@ -70,13 +70,15 @@ def inference_precision(setting: str, device: torch.device) -> str:
     """Stage 3's precision: "auto" is fp16 on CUDA GPUs with tensor cores (compute capability 7.0+; 2.3x faster
     than fp32 on an H200, and closer to the exact result than fp32's TF32 dot products: 1.6e-3 vs 5.7e-3 relative
     error), fp32 elsewhere (older GPUs compute fp16 slowly, if at all; the CPU)."""
-    cuda = device.type == "cuda"
-    index = torch.cuda.current_device() if cuda and device.index is None else device.index
-    if setting == "bf16" and cuda and torch.cuda.get_device_capability(index) < NATIVE_BF16:  # as train.mixed_precision
-        _warn_emulated_bf16(torch.cuda.get_device_name(index), index, torch.cuda.get_device_capability(index))
+    if device.type != "cuda":
+        return "fp32" if setting == "auto" else setting
+    index = torch.cuda.current_device() if device.index is None else device.index
+    capability = torch.cuda.get_device_capability(index)
+    if setting == "bf16" and capability < NATIVE_BF16:  # as train.mixed_precision
+        _warn_emulated_bf16(torch.cuda.get_device_name(index), index, capability)
     if setting != "auto":
         return setting
-    return "fp16" if cuda and torch.cuda.get_device_capability(index) >= TENSOR_CORES else "fp32"
+    return "fp16" if capability >= TENSOR_CORES else "fp32"
 
 
 def channels_last(setting: bool | str, cuda: bool, channels: int, graphed: bool = False) -> bool:

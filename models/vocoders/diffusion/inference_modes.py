@@ -29,7 +29,7 @@ from utils.io import (
     save_wav,
     unique_names,
 )
-from utils.text import plural
+from utils.text import first_few, plural
 
 log = logging.getLogger(__name__)
 MODES = ("infer_from_dataset", "infer_from_feature", "infer_from_audio")
@@ -217,8 +217,7 @@ def audio_items(cfg: Any, folder: Path, skipped: list[str], out: Path) -> list[t
             continue
         items.append((str(Path(path).relative_to(base).with_suffix("")), mel_spectrogram(audio, pre), audio))
     if downmixed:
-        log.info("%s downmixed to mono (channels averaged): %s%s", plural(len(downmixed), "input"),
-                 ", ".join(downmixed[:5]), ", ..." if len(downmixed) > 5 else "")
+        log.info("%s downmixed to mono (channels averaged): %s", plural(len(downmixed), "input"), first_few(downmixed))
     return items
 
 
