@@ -8,7 +8,8 @@
 2. the card's own peaks (bf16 and TF32 matmul, device copy), measured in this run;
 3. the core of stage 3: 1 s and 10 s at batch 1 and 16 in fp16/bf16/fp32 through the default engine
    (fused, CUDA-graphed where it pays) and the plain forward; a 10-minute utterance within 4 GiB;
-4. the core of stage 2: bf16 compiled at batch 32 and 64, the channels-last probe, fp32 eager; each with
+4. the core of stage 2: each convolution's forward and backward alone (cuDNN against a matmul), then bf16
+   compiled at batch 32 and 64, with the 1x1 convolutions left to cuDNN, the channels-last probe, fp32 eager; each with
    the GPU's busy fraction, the kernels that take the most of it and the time spent waiting for
    data, and as a multiple of the original recipe's step at its batch, measured first in the same
    run as a plain fp32 loop (`benchmarks.train.measure_plain_loop`);
@@ -42,7 +43,8 @@ import torch
 from benchmarks.inference import cuda_peaks, cuda_seconds, measure
 from benchmarks.kernel_step import kernel_cases, tuning_key
 from benchmarks.train import measure_plain_loop, measure_training, synthetic_setup
-from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
+from models.vocoders.diffusion.diffwave import diffwave
+from models.vocoders.diffusion.diffwave.diffwave import build_diffwave, pointwise_matmul
 from utils.config import REPO_ROOT, load_config
 
 CONFIG = REPO_ROOT / "egs/vocoder/diffusion/diffwave/exp_config.json"
@@ -220,18 +222,21 @@ def ten_minutes(suite: Suite, line: Callable[[dict], str]) -> None:
 
 
 # (precision, batch, compiled, compile mode, variant). The core: stage 2's default on an H100/H200 (bf16, compiled,
-# compile mode and channels-last `auto`: CUDA graphs and channels-last for one process) at both batches, the default
-# compile mode (what several processes or gradient accumulation get) with and without channels-last, fp32; the
-# extras: one batch replayed from the GPU (no loader), eager bf16, CUDA graphs without channels-last. A variant
-# sets train.channels_last: "channels-last" on, "channels-first" off, else "auto". (cuDNN's algorithm search and
-# max-autotune gained nothing on an H200: no longer measured.)
-CORE_TRAINING = [("bf16", 32, True, "auto", ""), ("bf16", 64, True, "auto", ""), ("bf16", 32, True, "default", ""),
-                 ("bf16", 32, True, "default", "channels-last"), ("no", 32, False, "default", "")]
-EXTRA_TRAINING = [("bf16", 32, True, "default", "replay"),
+# compile mode and channels-last `auto`: CUDA graphs and channels-last for one process) at both batches and with its
+# 1x1 convolutions left to cuDNN, the default compile mode (what several processes or gradient accumulation get)
+# with channels-last, fp32; the extras: the default compile mode without channels-last (as in run 7), one batch
+# replayed from the GPU (no loader), eager bf16, CUDA graphs without channels-last. A variant sets
+# train.channels_last: "channels-last" on, "channels-first" off, else "auto"; "pointwise-conv" runs the 1x1
+# convolutions as cuDNN's (see `diffwave.pointwise_matmul`). (cuDNN's algorithm search and max-autotune gained
+# nothing on an H200: no longer measured.)
+CORE_TRAINING = [("bf16", 32, True, "auto", ""), ("bf16", 32, True, "auto", "pointwise-conv"),
+                 ("bf16", 64, True, "auto", ""), ("bf16", 32, True, "default", "channels-last"),
+                 ("no", 32, False, "default", "")]
+EXTRA_TRAINING = [("bf16", 32, True, "default", ""), ("bf16", 32, True, "default", "replay"),
                   ("bf16", 32, False, "default", ""), ("bf16", 32, False, "default", "channels-last"),
                   ("bf16", 32, True, "reduce-overhead", "channels-first"), ("no", 64, False, "default", "")]
 TRAINING_CASES = CORE_TRAINING + EXTRA_TRAINING
-VARIANTS = ("", "replay", "channels-last", "channels-first")
+VARIANTS = ("", "replay", "channels-last", "channels-first", "pointwise-conv")
 
 
 def case_settings(precision: str, batch: int, compiled: bool, mode: str, variant: str) -> dict[str, Any]:
@@ -277,27 +282,44 @@ class TrainingCases:
                 GradientState._reset_state()
                 self.cfg.train.update(case_settings(*case))
                 self.cfg.train.dataloader.num_worker = 4
-                r = measure_training(self.cfg, steps=10, warmup=3, profile_steps=3,
-                                     name=f"bench_{name.replace(' ', '_')}", replay=case[4] == "replay")
+                matmul_devices = diffwave.POINTWISE_MATMUL_DEVICES
+                diffwave.POINTWISE_MATMUL_DEVICES = set() if case[4] == "pointwise-conv" else matmul_devices
+                try:
+                    r = measure_training(self.cfg, steps=10, warmup=3, profile_steps=3,
+                                         name=f"bench_{name.replace(' ', '_')}", replay=case[4] == "replay")
+                finally:
+                    diffwave.POINTWISE_MATMUL_DEVICES = matmul_devices
                 plain = self.baselines.get(case[1])
                 return {**r, "x_plain_loop": r["audio_s_per_s"] / plain if plain else None}
             # each new graph compiles for 25-30 s on a fresh machine (2-4 s from Inductor's cache on disk)
             self.suite.case(name, fn, self.line, expect_s=35 if compiled else 10)
 
 
-def conditioner_rows(rows: int, batch: int, samples: int, channels_last: bool, device: torch.device,
-                     repeats: int = 10) -> float:
-    """Seconds for the conditioner projections' forward and backward in a bf16 training step (three 1x1
-    convolutions of 1,280 channels from the upsampled mel, as 2-D convolutions of one-row images), with `rows`
-    mel rows: 100 against 112 says whether the rows' alignment is what makes run 7's largest training kernel slow."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    mel = torch.randn(batch, rows, 1, samples, device=device).contiguous(memory_format=layout).requires_grad_(True)
-    weights = [torch.randn(1280, rows, 1, 1, device=device, requires_grad=True) for _ in range(3)]
+# The residual stack's convolutions in the base model's training step: (input channels, output channels, taps,
+# dilation). The conditioner projections run a dilation cycle at a time: 10 layers' 128 channels in one.
+PROBED_CONVOLUTIONS = {"dilated 64->128 k3 d16": (64, 128, 3, 16), "output 64->128": (64, 128, 1, 1),
+                       "conditioner 100->1280": (100, 1280, 1, 1), "skip 64->64": (64, 64, 1, 1)}
+
+
+def convolution_seconds(shape: tuple[int, int, int, int], batch: int, samples: int, matmul: bool,
+                        device: torch.device, repeats: int = 10) -> float:
+    """Seconds for one convolution's forward and backward (input and weight gradients) in bf16 on channels-last
+    one-row images, as cuDNN's convolution or (1x1 only) as `pointwise_matmul`: which kernel run 7's largest
+    training kernel (an implicit-GEMM input gradient, 7.5 ms of a 35.7 ms step) belongs to, and what a matmul saves."""
+    c_in, c_out, taps, dilation = shape
+    x = torch.randn(batch, c_in, 1, samples, device=device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    weight = torch.randn(c_out, c_in, 1, taps, device=device, requires_grad=True)
+    grad = torch.randn(batch, c_out, 1, samples, device=device, dtype=torch.bfloat16)
+    grad = grad.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            total = sum(torch.nn.functional.conv2d(mel, w).float().mean() for w in weights)
-        total.backward()
+            if matmul:
+                y = pointwise_matmul(x, weight.squeeze(2), None)
+            else:
+                y = torch.nn.functional.conv2d(x, weight, padding=(0, dilation * (taps // 2)), dilation=(1, dilation))
+        y.backward(grad.to(y.dtype))
 
     if device.type == "cuda":
         return cuda_seconds(step, repeats)
@@ -308,12 +330,16 @@ def conditioner_rows(rows: int, batch: int, samples: int, channels_last: bool, d
     return (time.perf_counter() - start) / repeats
 
 
-def conditioner_rows_case(suite: Suite) -> None:
+def convolution_probe_case(suite: Suite) -> None:
     def fn() -> dict:
-        return {f"{layout}_{rows}_ms": 1e3 * conditioner_rows(rows, 32, 8192, layout == "nhwc", torch.device("cuda"))
-                for layout in ("nchw", "nhwc") for rows in (100, 112)}
-    suite.case("train probe: conditioner backward, 100 vs 112 mel rows, b32", fn,
-               lambda r: "  ".join(f"{k[:-3]} {v:.2f} ms" for k, v in r.items() if k.endswith("_ms")), expect_s=10)
+        result = {}
+        for name, shape in PROBED_CONVOLUTIONS.items():
+            for matmul in (False, True) if shape[2] == 1 else (False,):
+                seconds = convolution_seconds(shape, 32, 8192, matmul, torch.device("cuda"))
+                result[f"{name} {'matmul' if matmul else 'cudnn'}_ms"] = 1e3 * seconds
+        return result
+    suite.case("train probe: each convolution's forward+backward, bf16 NHWC, b32", fn,
+               lambda r: "  ".join(f"[{k[:-3]}] {v:.2f} ms" for k, v in r.items() if k.endswith("_ms")), expect_s=10)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -342,8 +368,8 @@ def main(argv: list[str] | None = None) -> None:
             inference.core()
         training = TrainingCases(suite, Path(tmp)) if args.only != "infer" else None
         if training:
+            convolution_probe_case(suite)
             training.run(CORE_TRAINING)
-            conditioner_rows_case(suite)
         if inference:
             inference.extras()
         if training:

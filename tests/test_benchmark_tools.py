@@ -18,13 +18,14 @@ from benchmarks import gpu_suite, quality
 from benchmarks.epoch_starts import wait_ms_per_step
 from benchmarks.gpu_suite import (
     CONFIG,
+    PROBED_CONVOLUTIONS,
     TRAINING_CASES,
     VARIANTS,
     InferenceCases,
     Suite,
     TrainingCases,
     case_settings,
-    conditioner_rows,
+    convolution_seconds,
     run_tests,
 )
 from benchmarks.inference import bytes_per_sample, kernel_times, measure
@@ -215,7 +216,7 @@ def test_the_fused_kernels_byte_count_follows_its_conditioner_and_skip_sum() -> 
     assert bytes_per_sample(model, torch.float16, skip=torch.float16) == 30 * ((128 + 112) * 2 + 4 * 64)
 
 
-def test_the_conditioner_rows_probe_times_both_layouts_on_any_device() -> None:
-    times = [conditioner_rows(rows, 1, 64, layout, torch.device("cpu"), repeats=1)
-             for rows in (100, 112) for layout in (False, True)]
-    assert all(0 < t < 60 for t in times)
+def test_the_convolution_probe_times_each_convolution_both_ways_on_any_device() -> None:
+    times = [convolution_seconds(shape, 1, 64, matmul, torch.device("cpu"), repeats=1)
+             for shape in PROBED_CONVOLUTIONS.values() for matmul in ((False, True) if shape[2] == 1 else (False,))]
+    assert len(times) == 7 and all(0 < t < 60 for t in times)

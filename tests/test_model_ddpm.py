@@ -4,6 +4,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from models.vocoders.diffusion import ddpm
 from models.vocoders.diffusion.ddpm import add_noise, alpha_cum, fractional_steps, make_plan, sample, training_betas
+from models.vocoders.diffusion.diffwave import diffwave
 from models.vocoders.diffusion.diffwave.diffwave import SpectrogramUpsampler, build_diffwave
 from tests.tiny_experiment import model_cfg
 from utils.config import ConfigError, load_config
@@ -163,12 +165,17 @@ def test_steps_or_betas_a_sampler_would_ignore_are_config_errors(sampler, steps,
     assert make_plan(model_cfg().model.diffwave, "searched", 2, [0.01, 0.5]).steps == 2
 
 
+@pytest.mark.parametrize("pointwise", ["convolution", "matmul"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_channels_last_computes_the_same_noise_and_gradients(padded, monkeypatch):
+def test_channels_last_computes_the_same_noise_and_gradients(padded, pointwise, monkeypatch, request):
     """`channels_last` (the residual stack as NHWC images) is a way to compute, not another network: on a GPU,
-    cuDNN's NHWC kernels against its NCHW ones (TF32 off, so that both are fp32)."""
+    cuDNN's NHWC kernels against its NCHW ones (TF32 off, so that both are fp32), with the 1x1 convolutions as
+    convolutions or as matmuls over the images' memory (`pointwise_matmul`, CUDA's way)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    request.addfinalizer(partial(torch.set_float32_matmul_precision, torch.get_float32_matmul_precision()))
+    torch.set_float32_matmul_precision("highest")
+    monkeypatch.setattr(diffwave, "POINTWISE_MATMUL_DEVICES", {device.type} if pointwise == "matmul" else set())
     torch.manual_seed(0)
     net = build_diffwave(model_cfg(10, 16, residual_channels=8, residual_layers=6, dilation_cycle_length=3))
     for p in net.parameters():
