@@ -77,8 +77,7 @@ def kernel_cases(suite: Any, cfg: Any, model: torch.nn.Module, peaks: dict[str, 
         _, mel, audio, step = inputs(10, 1)
         times, resources = {}, {}
         for config in fused.TUNED:
-            pinned = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
-                      "maxnreg": config.maxnreg}
+            pinned = fused.pinned(config)
             label = " ".join(f"{k}={v}" for k, v in pinned.items())
             before = set(compiled_kernels())
             net = FusedDiffWave(model, torch.float16, config=pinned)

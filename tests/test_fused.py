@@ -126,6 +126,22 @@ def test_a_projected_conditioner_computes_the_same_layers(dtype, channels, n_mel
         net(audio, step, cond[:, :, :-1], lengths)
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the tuned variants compile for a GPU only")
+@pytest.mark.parametrize("projected", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_tuned_variant_computes_the_base_models_layers(dtype, projected):
+    """Each variant the tuner tries, pinned, at the base model's width (64 channels, 100 mels) over a padded second
+    of audio: two variants that passed every test above at 16 channels made illegal memory accesses there (run 8)."""
+    model = random_model(64, 100)
+    mel, audio, lengths = batch([1500, 900], 100)
+    step = torch.tensor([3.0, 41.25], device=DEVICE)
+    for config in fused.TUNED:
+        net = fused.FusedDiffWave(model, dtype, fused.pinned(config))
+        cond = net.conditioner(mel, lengths // HOP)
+        got = net(audio, step, net.projected(cond) if projected else cond, lengths)
+        within_rounding(got, model, dtype, audio, step, mel, lengths)
+
+
 def test_lengths_are_one_per_item_and_none_reads_past_the_batch():
     model = random_model()
     mel, audio, _ = batch([30, 30], 20)
@@ -357,7 +373,7 @@ def test_triton_before_3_counts_as_absent(tmp_path):
     (stub / "language" / "__init__.py").write_text("")
     probe = ("from models.vocoders.diffusion import fused; import torch\n"
              "print(fused.triton, fused.available(torch.device('cuda')))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["None", "False"], out.stderr[-2000:]
     assert [fused.triton_major(v) for v in ("3.6.0", "2.3.1", "3.0.0+git1a2b", "dev")] == [3, 2, 3, 0]

@@ -50,6 +50,14 @@ def max_diff(a: Path, b: Path) -> float:
     return max(float((left[k] - right[k]).abs().max()) for k in left)
 
 
+def mean_diff(a: Path, b: Path) -> float:
+    """The mean absolute difference over every weight of two weight files."""
+    left, right = load_file(str(a)), load_file(str(b))
+    assert left.keys() == right.keys()
+    total = sum(float((left[k] - right[k]).abs().sum()) for k in left)
+    return total / sum(v.numel() for v in left.values())
+
+
 def scalars(exp: Path) -> dict[str, list]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

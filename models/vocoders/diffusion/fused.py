@@ -150,6 +150,11 @@ if triton is not None:
         return triton.Config({"BLOCK_T": block, "MERGED": merged}, num_warps=warps, num_stages=1,  # no loop to pipeline
                              maxnreg=registers)
 
+    def pinned(config: triton.Config) -> dict:
+        """A tuner's variant as `FusedDiffWave`'s `config`, which runs it without tuning."""
+        return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+                "maxnreg": config.maxnreg}
+
     # Tried in turn on a new shape; MERGED does the gate/filter and residual/skip halves as one N = 2C dot each.
     # `python -m benchmarks.kernel_resources` compiles them for Hopper on any machine: with Triton 3.6, 164-168
     # registers a thread at 64 rows and 4 warps, no spills, 3 programs a multiprocessor (the kernel before the
@@ -157,11 +162,11 @@ if triton is not None:
     # step against 4.64 uncapped); the others lost there but have no spills on sm_80/89, and the split dots (30 ms)
     # stay only as the fallback. (Programs that looped over several row tiles, reusing the weights and pipelining
     # the loads, never won on an H200, and the one wrong result a GPU test showed came from one of them: removed.)
-    # Not yet measured: 128 rows on 4 warps (255 registers, 0-8 spilled bytes in 16 bits with Triton 3.6, up to 56
-    # with 3.9; 2 programs: 256 rows a multiprocessor in flight against 192, each 96 KiB tile of weights read from
-    # L2 once per 128 rows instead of 64).
-    TUNED = [_config(64, True, 4), _config(64, True, 4, 168), _config(64, True, 8, 128), _config(128, True, 8),
-             _config(32, True, 4), _config(128, True, 4)]
+    # Two variants made illegal memory accesses on an H200 (run 8, Triton of torch 2.11) with the mel dots (the
+    # conditioner not projected), each pinned in a process of its own: 128 rows on 4 warps (255 registers) in fp16,
+    # 64 rows on 8 warps capped at 128 registers in fp32. The tuner tries every variant, so either crashed stage 3
+    # wherever the mel dots ran: removed. The four left ran there pinned, with the mel dots, in fp16 and fp32.
+    TUNED = [_config(64, True, 4), _config(64, True, 4, 168), _config(128, True, 8), _config(32, True, 4)]
     # The split-dot variants: what the first GPU measurements ran; kept as the fallback.
     PLAIN = [_config(32, False, 4), _config(64, False, 4), _config(128, False, 4), _config(128, False, 8)]
 
