@@ -57,6 +57,18 @@ GPU_FIRST = ["tests/test_fused.py::test_sampling_a_padded_batch_never_waits_for_
              "tests/test_training.py::test_cuda_graph_training_resumes_exactly_with_ema_clipping_and_evaluation"]
 
 
+class CudaLost(Exception):
+    """A case's fault (an illegal memory access, say) lost the process's CUDA context."""
+
+
+def cuda_alive() -> bool:
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception:  # torch.AcceleratorError after a fault
+        return False
+
+
 class Suite:
     def __init__(self, budget_s: float, out: Path) -> None:
         self.start, self.budget_s, self.out = time.perf_counter(), budget_s, out
@@ -77,9 +89,13 @@ class Suite:
         except Exception as error:  # one failing case must not cost the lease the others
             self.results["failed"].append({"case": name, "error": f"{type(error).__name__}: {error}"})
             print(f"FAILED {name}: {type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}", flush=True)
-            return None
-        finally:
+            if not cuda_alive():  # unless it lost the process's CUDA context, which every later call then fails on
+                self.results["cuda_lost_in"] = name
+                self.save()
+                raise CudaLost(name) from error
             torch.cuda.empty_cache()
+            return None
+        torch.cuda.empty_cache()
         result = {"case": name, **{k: v for k, v in result.items() if k != "audio"}}
         self.results["cases"].append(result)
         print(f"{name:<44} {format_line(result)}", flush=True)
@@ -304,8 +320,8 @@ PROBED_CONVOLUTIONS = {"dilated 64->128 k3 d16": (64, 128, 3, 16), "output 64->1
 def convolution_seconds(shape: tuple[int, int, int, int], batch: int, samples: int, matmul: bool,
                         device: torch.device, repeats: int = 10) -> float:
     """Seconds for one convolution's forward and backward (input and weight gradients) in bf16 on channels-last
-    one-row images, as cuDNN's convolution or (1x1 only) as `pointwise_matmul`: which kernel run 7's largest
-    training kernel (an implicit-GEMM input gradient, 7.5 ms of a 35.7 ms step) belongs to, and what a matmul saves."""
+    one-row images from fp32 ones (autocast's casts included, as in an eager step), as cuDNN's convolution or (1x1
+    only) as `pointwise_matmul`: what each of the step's convolutions costs alone, outside Inductor's fusions."""
     c_in, c_out, taps, dilation = shape
     x = torch.randn(batch, c_in, 1, samples, device=device).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
@@ -362,11 +378,23 @@ def main(argv: list[str] | None = None) -> None:
     suite.results["peaks"] = peaks
     print(f"== {suite.results['device']}: bf16 matmul {peaks['bf16_tflops']:.0f} TFLOP/s, TF32 {peaks['tf32_tflops']:.0f} "
           f"TFLOP/s, device copy {peaks['copy_tbps']:.2f} TB/s", flush=True)
-    with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:  # the core of both stages first, then the extras
-        inference = InferenceCases(suite, peaks) if args.only != "train" else None
+    try:
+        run_cases(suite, args.only)
+    except CudaLost as lost:
+        sys.exit(f"== stopped: case '{lost}' lost the CUDA context, so no later case can run; figures so far in {args.out}")
+    suite.save()
+    print(f"== done in {suite.results['elapsed_s']:.0f} s; skipped {len(suite.results['skipped'])}, failed "
+          f"{len(suite.results['failed'])}; figures in {args.out}", flush=True)
+
+
+def run_cases(suite: Suite, only: str | None) -> None:
+    """The core of both stages first, then the extras."""
+    peaks = suite.results["peaks"]
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
+        inference = InferenceCases(suite, peaks) if only != "train" else None
         if inference:
             inference.core()
-        training = TrainingCases(suite, Path(tmp)) if args.only != "infer" else None
+        training = TrainingCases(suite, Path(tmp)) if only != "infer" else None
         if training:
             convolution_probe_case(suite)
             training.run(CORE_TRAINING)
@@ -374,9 +402,6 @@ def main(argv: list[str] | None = None) -> None:
             inference.extras()
         if training:
             training.run(EXTRA_TRAINING)
-    suite.save()
-    print(f"== done in {suite.results['elapsed_s']:.0f} s; skipped {len(suite.results['skipped'])}, failed "
-          f"{len(suite.results['failed'])}; figures in {args.out}", flush=True)
 
 
 if __name__ == "__main__":
