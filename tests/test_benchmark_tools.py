@@ -16,20 +16,18 @@ from torch.utils.data import DataLoader
 
 from benchmarks import gpu_suite, quality
 from benchmarks.epoch_starts import wait_ms_per_step
-from benchmarks.gpu_suite import (
-    CONFIG,
+from benchmarks.gpu_suite import InferenceCases, run_tests
+from benchmarks.gpu_training import (
     PROBED_CONVOLUTIONS,
     TRAINING_CASES,
     VARIANTS,
-    InferenceCases,
-    Suite,
     TrainingCases,
     case_settings,
     convolution_seconds,
-    run_tests,
 )
 from benchmarks.inference import bytes_per_sample, kernel_times, measure
 from benchmarks.kernel_step import kernel_cases, tuning_key
+from benchmarks.suite import CONFIG, CudaLost, Suite
 from benchmarks.train import measure_plain_loop, measure_training
 from models.vocoders.diffusion.diffusion_vocoder_dataset import CropDataset
 from models.vocoders.diffusion.diffwave.diffwave import build_diffwave
@@ -167,7 +165,7 @@ def test_suite_rates_are_extrapolated_to_the_published_training_budget(tmp_path:
 def test_the_gpu_suite_skips_a_case_that_would_end_past_its_budget(tmp_path: Path, fake_gpus, monkeypatch) -> None:
     fake_gpus(("NVIDIA H200", (9, 0)))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(gpu_suite, "cuda_alive", lambda: True)
+    monkeypatch.setattr("benchmarks.suite.cuda_alive", lambda: True)
     suite = Suite(60.0, tmp_path / "gpu_results.json")
     assert suite.case("quick", lambda: {"ms": 1.0}, str, expect_s=10)["case_s"] >= 0
     suite.start -= 45  # 45 s of the 60 gone
@@ -176,8 +174,8 @@ def test_the_gpu_suite_skips_a_case_that_would_end_past_its_budget(tmp_path: Pat
     saved = json.loads((tmp_path / "gpu_results.json").read_text())
     assert [c["case"] for c in saved["cases"]] == ["quick"] and suite.results["skipped"] == ["compiled"]
     assert suite.results["failed"] == [{"case": "short", "error": "ZeroDivisionError: division by zero"}]
-    monkeypatch.setattr(gpu_suite, "cuda_alive", lambda: False)  # as after an illegal memory access
-    with pytest.raises(gpu_suite.CudaLost, match="faulted"):
+    monkeypatch.setattr("benchmarks.suite.cuda_alive", lambda: False)  # as after an illegal memory access
+    with pytest.raises(CudaLost, match="faulted"):
         suite.case("faulted", lambda: 1 / 0, str, expect_s=10)
     saved = json.loads((tmp_path / "gpu_results.json").read_text())
     assert saved["cuda_lost_in"] == "faulted" and saved["failed"][-1]["case"] == "faulted"
