@@ -8,15 +8,17 @@
 2. the card's own peaks (bf16 and TF32 matmul, device copy), measured in this run;
 3. the core of stage 3: 1 s and 10 s at batch 1 and 16 in fp16/bf16/fp32 through the default engine
    (fused, CUDA-graphed where it pays) and the plain forward; a 10-minute utterance within 4 GiB;
-4. the core of stage 2: each convolution's forward and backward alone (cuDNN against a matmul), then bf16
-   compiled at batch 32 and 64, with the 1x1 convolutions left to cuDNN, the channels-last probe, fp32 eager; each with
-   the GPU's busy fraction, the kernels that take the most of it and the time spent waiting for
-   data, and as a multiple of the original recipe's step at its batch, measured first in the same
-   run as a plain fp32 loop (`benchmarks.train.measure_plain_loop`);
-5. the extras, while time is left: the fused network's step alone with its error against float64,
-   each of the kernel tuner's variants pinned, CUDA graphs forced on and off, the plain forward in
-   more cases and under torch.compile, windows against one window; in training a batch replayed from
-   the GPU (the step without the loader), eager bf16 (also channels-last), CUDA graphs.
+4. the core of stage 2: each convolution's forward and backward alone (cuDNN against a matmul), then
+   stage 2's default (bf16, compiled) at batch 32 and 64 and fp32 eager; each with the GPU's busy
+   fraction, the kernels that take the most of it and the time spent waiting for data, and as a
+   multiple of the original recipe's step at its batch, measured first in the same run as a plain
+   fp32 loop (`benchmarks.train.measure_plain_loop`);
+5. the extras, while time is left: the fused network's step alone with its error against float64
+   (also with a 16-bit skip sum), each of the kernel tuner's variants pinned, CUDA graphs forced on
+   and off, the plain forward in more cases and under torch.compile, windows against one window; in
+   training the 1x1 convolutions as cuDNN's, torch's default compile mode (with and without
+   channels-last), a batch replayed from the GPU (the step without the loader), eager bf16 (also
+   channels-last), CUDA graphs without channels-last, fp32 at batch 64.
 
 Each case prints one line as it finishes; all figures go to `--out` as JSON. `--budget_s` bounds the
 whole run, tests included: a case whose usual time would end past it is skipped and listed, so a
