@@ -43,7 +43,7 @@ def tiny_config(root: Path, dataset: str = "toy", **train) -> Path:
                        "win_size": 256, "n_mel": 40, "fmax": 4000, "cut_mel_frame": 16},
         "model": {"diffwave": {"residual_channels": 16, "residual_layers": 6, "dilation_cycle_length": 3,
                                "upsample_factors": [8, 8]}},
-        "train": {"batch_size": 8, "max_steps": 400, "save_checkpoint_stride": [1000], "ema_decay": 0.999,
+        "train": {"batch_size": 8, "max_steps": 200, "save_checkpoint_stride": [1000], "ema_decay": 0.999,
                   "adamw": {"lr": 2e-3}, "dataloader": {"num_worker": 0}, "compile": False, **train},
         "inference": {"batch_size": 4},
     }
