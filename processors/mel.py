@@ -16,16 +16,18 @@ LOG_FLOOR = 1e-5
 log = logging.getLogger(__name__)
 
 
+# Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz, so 15 mels at 1 kHz), logarithmic above (27 mels per
+# factor 6.4)
+_SLANEY_HZ_PER_MEL, _SLANEY_LOG_STEP = 200.0 / 3, math.log(6.4) / 27.0
+
+
 def _hz_to_slaney(hz: np.ndarray) -> np.ndarray:
-    """Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above (27 mels per factor 6.4)."""
-    log_step = math.log(6.4) / 27.0
-    linear = hz / (200.0 / 3)
-    return np.where(hz >= 1000.0, 15.0 + np.log(np.maximum(hz, 1000.0) / 1000.0) / log_step, linear)
+    logarithmic = 15.0 + np.log(np.maximum(hz, 1000.0) / 1000.0) / _SLANEY_LOG_STEP
+    return np.where(hz >= 1000.0, logarithmic, hz / _SLANEY_HZ_PER_MEL)
 
 
 def _slaney_to_hz(mel: np.ndarray) -> np.ndarray:
-    log_step = math.log(6.4) / 27.0
-    return np.where(mel >= 15.0, 1000.0 * np.exp(log_step * (mel - 15.0)), mel * (200.0 / 3))
+    return np.where(mel >= 15.0, 1000.0 * np.exp(_SLANEY_LOG_STEP * (mel - 15.0)), mel * _SLANEY_HZ_PER_MEL)
 
 
 @lru_cache(maxsize=16)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
@@ -44,18 +45,19 @@ def newest(exp: Path) -> Path:
     return list_checkpoints(exp / "checkpoint")[-1]
 
 
-def max_diff(a: Path, b: Path) -> float:
+def weight_differences(a: Path, b: Path) -> torch.Tensor:
+    """Every weight's absolute difference between two weight files of the same tensors, flattened into one."""
     left, right = load_file(str(a)), load_file(str(b))
     assert left.keys() == right.keys()
-    return max(float((left[k] - right[k]).abs().max()) for k in left)
+    return torch.cat([(left[k] - right[k]).abs().flatten().float() for k in left])
+
+
+def max_diff(a: Path, b: Path) -> float:
+    return float(weight_differences(a, b).max())
 
 
 def mean_diff(a: Path, b: Path) -> float:
-    """The mean absolute difference over every weight of two weight files."""
-    left, right = load_file(str(a)), load_file(str(b))
-    assert left.keys() == right.keys()
-    total = sum(float((left[k] - right[k]).abs().sum()) for k in left)
-    return total / sum(v.numel() for v in left.values())
+    return float(weight_differences(a, b).mean())
 
 
 def scalars(exp: Path) -> dict[str, list]:
